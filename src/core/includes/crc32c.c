@@ -1,0 +1,177 @@
+/* CRC32C with a hardware path chosen at run time; see crc32c.h. */
+#include "crc32c.h"
+
+#include <string.h>
+
+#define PYMQ_CRC32C_POLY 0x82F63B78u
+
+/* Slicing-by-8 tables: table[k][b] is the CRC of byte b followed by k zero
+ * bytes, so eight input bytes cost eight lookups and no carried dependency
+ * between them. */
+static uint32_t crc_table[8][256];
+static int crc_table_ready = 0;
+
+static void build_table(void)
+{
+    uint32_t b, crc;
+    int k;
+
+    for (b = 0; b < 256; b++) {
+        crc = b;
+        for (k = 0; k < 8; k++)
+            crc = (crc >> 1) ^ (PYMQ_CRC32C_POLY & (0u - (crc & 1u)));
+        crc_table[0][b] = crc;
+    }
+    for (b = 0; b < 256; b++) {
+        crc = crc_table[0][b];
+        for (k = 1; k < 8; k++) {
+            crc = crc_table[0][crc & 0xFF] ^ (crc >> 8);
+            crc_table[k][b] = crc;
+        }
+    }
+    crc_table_ready = 1;
+}
+
+uint32_t pymq_crc32c_portable(uint32_t crc, const void *data, size_t length)
+{
+    const unsigned char *p = (const unsigned char *)data;
+    uint64_t word;
+
+    if (!crc_table_ready)
+        build_table();
+    crc = ~crc;
+    while (length && ((uintptr_t)p & 7)) {
+        crc = crc_table[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+        length--;
+    }
+    while (length >= 8) {
+        /* The tables assume little-endian byte order within the word. */
+        word = (uint64_t)p[0] | (uint64_t)p[1] << 8 | (uint64_t)p[2] << 16 |
+               (uint64_t)p[3] << 24 | (uint64_t)p[4] << 32 |
+               (uint64_t)p[5] << 40 | (uint64_t)p[6] << 48 |
+               (uint64_t)p[7] << 56;
+        word ^= crc;
+        crc = crc_table[7][word & 0xFF] ^
+              crc_table[6][(word >> 8) & 0xFF] ^
+              crc_table[5][(word >> 16) & 0xFF] ^
+              crc_table[4][(word >> 24) & 0xFF] ^
+              crc_table[3][(word >> 32) & 0xFF] ^
+              crc_table[2][(word >> 40) & 0xFF] ^
+              crc_table[1][(word >> 48) & 0xFF] ^
+              crc_table[0][(word >> 56) & 0xFF];
+        p += 8;
+        length -= 8;
+    }
+    while (length--)
+        crc = crc_table[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+    return ~crc;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <nmmintrin.h>
+#define PYMQ_CRC32C_HW "sse4.2"
+
+__attribute__((target("sse4.2")))
+static uint32_t crc32c_hw(uint32_t crc, const void *data, size_t length)
+{
+    const unsigned char *p = (const unsigned char *)data;
+    uint64_t crc64, word;
+
+    crc = ~crc;
+    while (length && ((uintptr_t)p & 7)) {
+        crc = _mm_crc32_u8(crc, *p++);
+        length--;
+    }
+    crc64 = crc;
+    while (length >= 8) {
+        memcpy(&word, p, 8);
+        crc64 = _mm_crc32_u64(crc64, word);
+        p += 8;
+        length -= 8;
+    }
+    crc = (uint32_t)crc64;
+    while (length--)
+        crc = _mm_crc32_u8(crc, *p++);
+    return ~crc;
+}
+
+static int hw_available(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("sse4.2");
+}
+
+#elif defined(__aarch64__) && defined(__linux__) && \
+    (defined(__GNUC__) || defined(__clang__))
+#include <arm_acle.h>
+#include <sys/auxv.h>
+#ifndef HWCAP_CRC32
+#define HWCAP_CRC32 (1 << 7)
+#endif
+#define PYMQ_CRC32C_HW "armv8"
+
+__attribute__((target("+crc")))
+static uint32_t crc32c_hw(uint32_t crc, const void *data, size_t length)
+{
+    const unsigned char *p = (const unsigned char *)data;
+    uint64_t word;
+
+    crc = ~crc;
+    while (length && ((uintptr_t)p & 7)) {
+        crc = __crc32cb(crc, *p++);
+        length--;
+    }
+    while (length >= 8) {
+        memcpy(&word, p, 8);
+        crc = __crc32cd(crc, word);
+        p += 8;
+        length -= 8;
+    }
+    while (length--)
+        crc = __crc32cb(crc, *p++);
+    return ~crc;
+}
+
+static int hw_available(void)
+{
+    return (getauxval(AT_HWCAP) & HWCAP_CRC32) != 0;
+}
+
+#else
+#define PYMQ_CRC32C_HW NULL
+#define crc32c_hw pymq_crc32c_portable
+static int hw_available(void) { return 0; }
+#endif
+
+typedef uint32_t (*crc_function)(uint32_t, const void *, size_t);
+
+/* Chosen on first use.  The extension module calls pymq_crc32c_impl() while
+ * it is imported, under the GIL, so later calls from any thread only read. */
+static crc_function crc_selected = NULL;
+static const char *crc_selected_name = "table";
+
+static void select_impl(void)
+{
+    if (PYMQ_CRC32C_HW != NULL && hw_available()) {
+        crc_selected_name = PYMQ_CRC32C_HW;
+        crc_selected = crc32c_hw;
+    } else {
+        build_table();
+        crc_selected_name = "table";
+        crc_selected = pymq_crc32c_portable;
+    }
+}
+
+uint32_t pymq_crc32c(uint32_t crc, const void *data, size_t length)
+{
+    if (crc_selected == NULL)
+        select_impl();
+    return crc_selected(crc, data, length);
+}
+
+const char *pymq_crc32c_impl(void)
+{
+    if (crc_selected == NULL)
+        select_impl();
+    return crc_selected_name;
+}

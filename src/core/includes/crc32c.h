@@ -1,0 +1,21 @@
+/* CRC32C (Castagnoli, reflected polynomial 0x82F63B78), as used by iSCSI,
+ * ext4 and Kafka record batches.  pymq_crc32c(0, "123456789", 9) returns
+ * 0xE3069283.  The hardware path (SSE4.2 on x86-64, the CRC extension on
+ * ARMv8) is chosen once at run time; elsewhere a slicing-by-8 table runs.
+ */
+#ifndef PYMQ_CRC32C_H
+#define PYMQ_CRC32C_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Continue a CRC: pass 0 to start, or the result of an earlier call. */
+uint32_t pymq_crc32c(uint32_t crc, const void *data, size_t length);
+
+/* The portable table path, for tests that compare both implementations. */
+uint32_t pymq_crc32c_portable(uint32_t crc, const void *data, size_t length);
+
+/* Name of the implementation in use: "sse4.2", "armv8" or "table". */
+const char *pymq_crc32c_impl(void);
+
+#endif

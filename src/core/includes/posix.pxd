@@ -1,0 +1,33 @@
+# Extern declarations the Cython packages do not ship.
+
+from libc.stdint cimport int64_t, uint32_t
+
+
+cdef extern from "includes/crc32c.h" nogil:
+    uint32_t pymq_crc32c(uint32_t crc, const void *data, size_t length)
+    uint32_t pymq_crc32c_portable(uint32_t crc, const void *data,
+                                  size_t length)
+    const char *pymq_crc32c_impl()
+
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    enum:
+        CLOCK_REALTIME
+        CLOCK_MONOTONIC
+    int clock_gettime(int clock, timespec *out)
+
+
+cdef inline int64_t realtime_ns() noexcept nogil:
+    cdef timespec now
+    clock_gettime(CLOCK_REALTIME, &now)
+    return <int64_t>now.tv_sec * 1000000000 + now.tv_nsec
+
+
+cdef inline int64_t monotonic_ns() noexcept nogil:
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return <int64_t>now.tv_sec * 1000000000 + now.tv_nsec

@@ -1,0 +1,490 @@
+# Segment bodies; the layouts are in segment.pxd.
+
+from cpython.buffer cimport PyBUF_WRITABLE
+from libc.errno cimport errno
+from libc.string cimport memcpy, memset
+from posix.mman cimport (MAP_FAILED, MAP_SHARED, MS_SYNC, PROT_READ,
+                         PROT_WRITE, mmap, msync, munmap)
+from posix.unistd cimport sysconf, _SC_PAGESIZE
+
+import os
+
+cdef size_t PAGE_SIZE = <size_t>sysconf(_SC_PAGESIZE)
+
+# Records whose body is at least this long are copied and checksummed with
+# the GIL released; below it the release costs more than it saves.
+cdef enum:
+    NOGIL_BODY_BYTES = 16384
+
+
+cdef str segment_name(uint64_t base):
+    return "%020d" % base
+
+
+cdef inline size_t page_floor(size_t position) noexcept nogil:
+    return position - position % PAGE_SIZE
+
+
+cdef uint32_t record_crc(const uint8_t *header, const uint8_t *body,
+                         size_t length) noexcept nogil:
+    cdef uint32_t crc = pymq_crc32c(0, header, REC_OFF_CRC)
+    return pymq_crc32c(crc, body, length)
+
+
+cdef bint valid_record(const uint8_t *data, size_t capacity, size_t pos,
+                       uint64_t min_offset, uint64_t max_offset,
+                       size_t *size) noexcept nogil:
+    """Check the record at pos: magic, bounds, offset range and CRC."""
+    cdef const uint8_t *header = data + pos
+    cdef size_t length
+    cdef uint64_t offset
+
+    if pos > capacity or capacity - pos < REC_HEADER_SIZE:
+        return False
+    if load_u32(header + REC_OFF_MAGIC) != REC_MAGIC:
+        return False
+    length = load_u32(header + REC_OFF_LENGTH)
+    if record_size(length) > capacity - pos:
+        return False
+    offset = load_u64(header + REC_OFF_OFFSET)
+    if offset < min_offset or offset >= max_offset:
+        return False
+    if record_crc(header, header + REC_HEADER_SIZE, length) != load_u32(
+            header + REC_OFF_CRC):
+        return False
+    size[0] = record_size(length)
+    return True
+
+
+cdef size_t find_record(const uint8_t *data, size_t capacity, size_t start,
+                        uint64_t min_offset, uint64_t max_offset,
+                        size_t *nonzero_end) noexcept nogil:
+    """Return the position of the next valid record at or after start.
+
+    Returns capacity when there is none, and then sets nonzero_end to the end
+    of the last 8-byte word that is not zero (0 when all are zero).
+    """
+    cdef size_t pos = start
+    cdef size_t size
+
+    nonzero_end[0] = 0
+    while capacity - pos >= REC_ALIGN:
+        if load_u64(data + pos) != 0:
+            nonzero_end[0] = pos + REC_ALIGN
+            if (load_u32(data + pos) == REC_MAGIC and
+                    valid_record(data, capacity, pos, min_offset,
+                                 max_offset, &size)):
+                return pos
+        pos += REC_ALIGN
+    return capacity
+
+
+@cython.final
+cdef class Segment:
+    """A log file mapped with mmap, and its dense offset index.
+
+    Not thread-safe by itself: SegmentStore serialises every call.
+    """
+
+    def __cinit__(self):
+        self.fd = -1
+        self.index_fd = -1
+        self.data = NULL
+        self.index = NULL
+        self.events = []
+
+    def __dealloc__(self):
+        if self.data != NULL:
+            munmap(self.data, self.capacity)
+        if self.index != NULL:
+            munmap(self.index, self.index_max)
+        if self.fd >= 0:
+            os.close(self.fd)
+        if self.index_fd >= 0:
+            os.close(self.index_fd)
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("segment views are read-only")
+        if self.data == NULL:
+            raise BufferError(f"segment {self.path} is closed")
+        buffer.buf = self.data
+        buffer.len = self.capacity
+        buffer.readonly = 1
+        buffer.itemsize = 1
+        buffer.format = NULL
+        buffer.ndim = 1
+        buffer.shape = NULL
+        buffer.strides = NULL
+        buffer.suboffsets = NULL
+        buffer.internal = NULL
+        buffer.obj = self
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        self.exports -= 1
+        if self.closed and self.exports == 0:
+            self.release()
+
+    @staticmethod
+    cdef Segment create(str directory, uint64_t base, size_t capacity):
+        cdef Segment seg = Segment.__new__(Segment)
+        cdef str name = segment_name(base)
+
+        seg.base = base
+        seg.path = os.path.join(directory, name + ".log")
+        seg.index_path = os.path.join(directory, name + ".idx")
+        seg.capacity = capacity
+        seg.index_max = IDX_HEADER_SIZE + (
+            capacity // REC_HEADER_SIZE) * IDX_ENTRY_SIZE
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            seg.fd = os.open(seg.path, flags, 0o644)
+            os.posix_fallocate(seg.fd, 0, capacity)
+            seg.index_fd = os.open(
+                seg.index_path, flags & ~os.O_EXCL | os.O_TRUNC, 0o644)
+            seg.index_alloc = min(seg.index_max, IDX_GROW_BYTES)
+            os.posix_fallocate(seg.index_fd, 0, seg.index_alloc)
+            seg.map_files()
+        except BaseException:
+            seg.release()
+            for path in (seg.path, seg.index_path):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            raise
+        seg.write_checkpoint(0, 0, 0, False)
+        return seg
+
+    @staticmethod
+    cdef Segment open(str path, uint64_t base, size_t capacity, bint last):
+        """Map an existing segment and recover what lies past its checkpoint.
+
+        A last segment shorter than capacity (created but not yet
+        preallocated) is extended to capacity.
+        """
+        cdef Segment seg = Segment.__new__(Segment)
+        cdef size_t size
+
+        seg.base = base
+        seg.path = path
+        seg.index_path = path[:len(path) - len(".log")] + ".idx"
+        try:
+            seg.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            size = os.fstat(seg.fd).st_size
+            if last and size < capacity:
+                os.posix_fallocate(seg.fd, 0, capacity)
+                size = capacity
+            size = min(size, MAX_SEGMENT_BYTES)
+            seg.capacity = size & ~(<size_t>REC_ALIGN - 1)
+            seg.index_max = IDX_HEADER_SIZE + (
+                seg.capacity // REC_HEADER_SIZE) * IDX_ENTRY_SIZE
+            seg.index_fd = os.open(
+                seg.index_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            seg.index_alloc = os.fstat(seg.index_fd).st_size
+            if seg.index_alloc < IDX_HEADER_SIZE:
+                seg.index_alloc = min(seg.index_max, IDX_GROW_BYTES)
+                os.posix_fallocate(seg.index_fd, 0, seg.index_alloc)
+            seg.index_alloc = min(seg.index_alloc, seg.index_max)
+            if seg.capacity >= REC_HEADER_SIZE:
+                seg.map_files()
+            seg.load_checkpoint()
+        except BaseException:
+            seg.release()
+            raise
+        return seg
+
+    cdef int map_files(self) except -1:
+        cdef void *address
+
+        address = mmap(NULL, self.capacity, PROT_READ | PROT_WRITE,
+                       MAP_SHARED, self.fd, 0)
+        if address == MAP_FAILED:
+            raise OSError(errno, f"mmap of {self.path} failed: "
+                                 f"{os.strerror(errno)}")
+        self.data = <uint8_t *>address
+
+        # The index is mapped at its full size, but only the first
+        # index_alloc bytes exist in the file: ensure_index() grows the file
+        # before any entry past it is touched, so no access faults.
+        address = mmap(NULL, self.index_max, PROT_READ | PROT_WRITE,
+                       MAP_SHARED, self.index_fd, 0)
+        if address == MAP_FAILED:
+            raise OSError(errno, f"mmap of {self.index_path} failed: "
+                                 f"{os.strerror(errno)}")
+        self.index = <uint8_t *>address
+        return 0
+
+    cdef int ensure_index(self, uint64_t entries) except -1:
+        """Reserve disk space for the first entries index slots."""
+        cdef size_t needed = IDX_HEADER_SIZE + entries * IDX_ENTRY_SIZE
+        cdef size_t grown
+
+        if needed <= self.index_alloc:
+            return 0
+        if needed > self.index_max:
+            raise AssertionError(
+                f"segment {self.path}: index entry {entries} is past the "
+                f"maximum {(self.index_max - IDX_HEADER_SIZE) // 4}")
+        grown = max(needed, self.index_alloc * 2, IDX_GROW_BYTES)
+        grown = min(grown, self.index_max)
+        os.posix_fallocate(self.index_fd, 0, grown)
+        self.index_alloc = grown
+        return 0
+
+    cdef int load_checkpoint(self) except -1:
+        """Trust the index up to its checkpoint and recover the rest."""
+        cdef const uint8_t *header = self.index
+        cdef uint64_t count
+        cdef size_t length
+        cdef bint valid
+        cdef size_t size
+        cdef uint32_t pos
+
+        if self.data == NULL:
+            return 0
+        valid = (self.index_alloc >= IDX_HEADER_SIZE and
+                 load_u32(header + IDX_OFF_MAGIC) == IDX_MAGIC and
+                 load_u32(header + IDX_OFF_VERSION) == IDX_VERSION and
+                 pymq_crc32c(0, header, IDX_OFF_CRC) ==
+                 load_u32(header + IDX_OFF_CRC) and
+                 load_u64(header + IDX_OFF_BASE) == self.base and
+                 load_u32(header + IDX_OFF_CAPACITY) == self.capacity)
+        if valid:
+            count = load_u64(header + IDX_OFF_COUNT)
+            length = load_u64(header + IDX_OFF_LENGTH)
+            valid = (length <= self.capacity and
+                     count <= self.capacity // REC_HEADER_SIZE and
+                     IDX_HEADER_SIZE + count * IDX_ENTRY_SIZE <=
+                     self.index_alloc)
+        if valid and count > 0:
+            # A cheap check that the index and the log belong together: the
+            # last checkpointed record must be where the index says.
+            pos = self.position(self.base + count - 1)
+            valid = pos == IDX_MISSING or valid_record(
+                self.data, length, pos, self.base + count - 1,
+                self.base + count, &size)
+        if not valid:
+            return self.rebuild_index()
+
+        self.checkpoint_count = self.synced_count = count
+        self.checkpoint_length = self.synced_length = length
+        self.checkpoint_flags = load_u32(header + IDX_OFF_FLAGS)
+        if self.checkpoint_flags & (IDX_SEALED | IDX_CLEAN):
+            # Nothing was appended past the checkpoint: no scan needed.
+            self.sealed = (self.checkpoint_flags & IDX_SEALED) != 0
+            self.length = length
+            self.count = count
+            return 0
+        return self.recover(length, count)
+
+    cdef int rebuild_index(self) except -1:
+        """Index the whole log again; offsets once covered stay covered."""
+        cdef uint64_t covered = self.count
+        cdef uint64_t offset
+
+        self.events.append(
+            f"segment {os.path.basename(self.path)}: index missing or "
+            f"damaged; rebuilding it from the log")
+        self.checkpoint_count = self.synced_count = 0
+        self.checkpoint_length = self.synced_length = 0
+        self.checkpoint_flags = 0
+        self.sealed = False
+        self.ensure_index(0)
+        self.recover(0, 0)
+        if self.count < covered:
+            # Records that were readable before are gone: count them as
+            # lost rather than let the next offset go back.
+            self.ensure_index(covered)
+            for offset in range(self.base + self.count, self.base + covered):
+                store_u32(self.index_entry(offset), IDX_MISSING)
+            self.damaged += covered - self.count
+            self.count = covered
+        return 0
+
+    cdef int recover(self, size_t start, uint64_t start_count) except -1:
+        """Scan the log from start and index every valid record.
+
+        A damaged stretch followed by valid records is skipped and its
+        offsets counted as lost. Bytes past the last valid record (a torn
+        tail) are zeroed, so the next append lands right after it.
+        """
+        cdef size_t pos = start
+        cdef size_t size, found, nonzero_end
+        cdef uint64_t expect = self.base + start_count
+        cdef uint64_t max_offset = self.base + self.capacity // REC_HEADER_SIZE
+        cdef uint64_t offset, lost
+        cdef str name = os.path.basename(self.path)
+
+        while True:
+            if valid_record(self.data, self.capacity, pos, expect,
+                            max_offset, &size):
+                offset = load_u64(self.data + pos + REC_OFF_OFFSET)
+                self.ensure_index(offset - self.base + 1)
+                if offset > expect:
+                    lost = offset - expect
+                    self.damaged += lost
+                    self.events.append(
+                        f"segment {name}: {lost} records lost to damage "
+                        f"before byte {pos} (offsets {expect} to "
+                        f"{offset - 1})")
+                    while expect < offset:
+                        store_u32(self.index_entry(expect), IDX_MISSING)
+                        expect += 1
+                store_u32(self.index_entry(offset), <uint32_t>pos)
+                expect = offset + 1
+                pos += size
+                continue
+
+            with nogil:
+                found = find_record(self.data, self.capacity,
+                                    pos + REC_ALIGN, expect, max_offset,
+                                    &nonzero_end)
+            if found < self.capacity:
+                self.events.append(
+                    f"segment {name}: damaged bytes {pos} to {found} "
+                    f"skipped")
+                pos = found
+                continue
+            if pos < self.capacity and (
+                    nonzero_end > 0 or load_u64(self.data + pos) != 0):
+                nonzero_end = max(nonzero_end, pos + REC_ALIGN)
+                nonzero_end = min(nonzero_end, self.capacity)
+                memset(self.data + pos, 0, nonzero_end - pos)
+                self.events.append(
+                    f"segment {name}: cut torn tail at byte {pos} "
+                    f"({nonzero_end - pos} bytes zeroed)")
+            break
+
+        self.length = pos
+        self.count = expect - self.base
+        return 0
+
+    cdef uint8_t *index_entry(self, uint64_t offset) noexcept:
+        return self.index + IDX_HEADER_SIZE + (
+            offset - self.base) * IDX_ENTRY_SIZE
+
+    cdef uint32_t position(self, uint64_t offset) noexcept:
+        return load_u32(self.index_entry(offset))
+
+    cdef int check_at(self, uint64_t offset, uint32_t pos) except -1:
+        """Return 0 when a valid record for offset starts at pos, else 1."""
+        cdef size_t size
+
+        if valid_record(self.data, self.length, pos, offset, offset + 1,
+                        &size):
+            return 0
+        return 1
+
+    cdef int mark_damaged(self, uint64_t offset, uint32_t pos,
+                          str reason) except -1:
+        store_u32(self.index_entry(offset), IDX_MISSING)
+        self.damaged += 1
+        self.events.append(
+            f"segment {os.path.basename(self.path)}: {reason} at byte {pos} "
+            f"(offset {offset}); record skipped")
+        return 0
+
+    cdef int write_record(self, const uint8_t *body, size_t length,
+                          int64_t timestamp, uint32_t flags) except -1:
+        """Append one record; the caller has checked that it fits."""
+        cdef uint8_t *header = self.data + self.length
+        cdef size_t size = record_size(length)
+        cdef uint64_t offset = self.base + self.count
+
+        store_u32(header + REC_OFF_MAGIC, REC_MAGIC)
+        store_u32(header + REC_OFF_LENGTH, <uint32_t>length)
+        store_u64(header + REC_OFF_OFFSET, offset)
+        store_u64(header + REC_OFF_TIMESTAMP, <uint64_t>timestamp)
+        store_u32(header + REC_OFF_FLAGS, flags)
+        if length >= NOGIL_BODY_BYTES:
+            with nogil:
+                memcpy(header + REC_HEADER_SIZE, body, length)
+                store_u32(header + REC_OFF_CRC,
+                          record_crc(header, body, length))
+        else:
+            memcpy(header + REC_HEADER_SIZE, body, length)
+            store_u32(header + REC_OFF_CRC, record_crc(header, body, length))
+        memset(header + REC_HEADER_SIZE + length, 0,
+               size - REC_HEADER_SIZE - length)
+        store_u32(self.index_entry(offset), <uint32_t>self.length)
+        self.length += size
+        self.count += 1
+        return 0
+
+    cdef int sync_range(self, size_t start, size_t stop) except -1:
+        """Write bytes start to stop of the log to stable storage."""
+        cdef size_t first = page_floor(start)
+        cdef int rc
+
+        if stop <= start or self.data == NULL:
+            return 0
+        with nogil:
+            rc = msync(self.data + first, stop - first, MS_SYNC)
+        if rc != 0:
+            raise OSError(errno, f"msync of {self.path} failed: "
+                                 f"{os.strerror(errno)}")
+        return 0
+
+    cdef int write_checkpoint(self, size_t length, uint64_t count,
+                              uint32_t flags, bint sync) except -1:
+        """Store length and count in the index header.
+
+        The caller has synced the log up to length. With sync, entries are
+        synced before the header that covers them, so a crash between the
+        two leaves the older checkpoint.
+        """
+        cdef uint8_t *header = self.index
+        cdef size_t first, stop
+        cdef int rc = 0
+
+        if self.index == NULL:
+            return 0
+        first = page_floor(IDX_HEADER_SIZE +
+                           self.checkpoint_count * IDX_ENTRY_SIZE)
+        stop = IDX_HEADER_SIZE + count * IDX_ENTRY_SIZE
+        if sync and stop > first:
+            with nogil:
+                rc = msync(self.index + first, stop - first, MS_SYNC)
+        if rc == 0:
+            store_u32(header + IDX_OFF_MAGIC, IDX_MAGIC)
+            store_u32(header + IDX_OFF_VERSION, IDX_VERSION)
+            store_u64(header + IDX_OFF_BASE, self.base)
+            store_u64(header + IDX_OFF_COUNT, count)
+            store_u64(header + IDX_OFF_LENGTH, length)
+            store_u32(header + IDX_OFF_FLAGS, flags)
+            store_u32(header + IDX_OFF_CAPACITY, <uint32_t>self.capacity)
+            memset(header + IDX_OFF_CAPACITY + 4, 0,
+                   IDX_OFF_CRC - IDX_OFF_CAPACITY - 4)
+            store_u32(header + IDX_OFF_CRC,
+                      pymq_crc32c(0, header, IDX_OFF_CRC))
+            if sync:
+                with nogil:
+                    rc = msync(self.index, PAGE_SIZE, MS_SYNC)
+        if rc != 0:
+            raise OSError(errno, f"msync of {self.index_path} failed: "
+                                 f"{os.strerror(errno)}")
+        self.checkpoint_length = length
+        self.checkpoint_count = count
+        self.checkpoint_flags = flags
+        return 0
+
+    cdef int release(self) except -1:
+        """Close the files; unmap now, or when the last view is released."""
+        self.closed = True
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.index_fd >= 0:
+            os.close(self.index_fd)
+            self.index_fd = -1
+        if self.exports > 0:
+            return 0
+        if self.data != NULL:
+            munmap(self.data, self.capacity)
+            self.data = NULL
+        if self.index != NULL:
+            munmap(self.index, self.index_max)
+            self.index = NULL
+        return 0

@@ -1,0 +1,84 @@
+# SegmentStore: a log of segments in one folder, with fsync policies.
+
+from cpython.pythread cimport PyThread_type_lock
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+
+
+cdef enum FsyncPolicy:
+    FSYNC_NEVER = 0
+    FSYNC_INTERVAL = 1
+    FSYNC_ALWAYS = 2
+
+
+cdef enum LookupStatus:
+    FOUND = 0
+    OUT_OF_RANGE = 1      # below the first offset or at/after the next one
+    NO_RECORD = 2         # inside the log, but lost to damage or a gap
+    DAMAGED = 3           # the record failed its check just now
+
+
+cdef struct BodyRef:
+    const uint8_t *data
+    size_t length
+
+
+cdef class DirectoryLock:
+    cdef readonly str path           # the lock file
+    cdef int fd                      # holds the flock; -1 once released
+
+    cpdef release(self)
+
+
+cdef class SegmentStore:
+    cdef readonly str path           # the folder of this log
+    cdef list segments               # Segment objects in offset order
+    cdef Segment active              # the last segment, taking appends
+    cdef Segment last_read           # where the previous lookup ended
+    cdef list pending                # sealed segments not yet checkpointed
+    cdef readonly size_t segment_bytes
+    cdef readonly size_t max_message_bytes
+    cdef FsyncPolicy policy
+    # Lock order: sync_lock before lock. lock guards the segment list and
+    # every length and counter; sync_lock lets one thread sync at a time
+    # and keeps segments mapped while it syncs them.
+    cdef PyThread_type_lock lock
+    cdef PyThread_type_lock sync_lock
+    cdef uint64_t written_bytes      # bytes appended since open
+    cdef uint64_t synced_bytes       # of those, bytes known to be synced
+    cdef bint directory_dirty        # a file was created or renamed
+    cdef bint events_pending         # a segment has damage to report
+    cdef uint64_t deleted_damaged    # damage counted in deleted segments
+    cdef readonly uint64_t gap_offsets  # offsets skipped, never written
+    cdef DirectoryLock owner_lock
+    cdef object on_damage            # callable(str) for damage messages
+    cdef readonly bint closed
+    cdef object __weakref__
+
+    cdef int acquire(self) except -1
+    cdef int acquire_raw(self) except -1
+    cdef void release(self) noexcept
+    cdef int acquire_sync(self) except -1
+    cdef int check_size(self, size_t length) except -1
+    cdef int open_segments(self, uint64_t min_next_offset) except -1
+    cdef Segment find(self, uint64_t offset)
+    cdef report_events(self, Segment seg)
+    cdef int install(self, Segment seg) except -1
+    cdef int skip_to(self, uint64_t offset) except -1
+    cdef int reserve(self, const BodyRef *bodies, Py_ssize_t count,
+                     list fresh) except -1
+    cdef int append_locked(self, const BodyRef *bodies, Py_ssize_t count,
+                           int64_t timestamp, uint32_t flags,
+                           uint64_t *first) except -1
+    cdef int append_refs(self, const BodyRef *bodies, Py_ssize_t count,
+                         int64_t timestamp, uint32_t flags,
+                         uint64_t *first) except -1
+    cdef int sync_to(self, uint64_t written) except -1
+    cdef int sync_segments(self, bint include_active,
+                           bint checkpoint) except -1
+    cdef int locate(self, uint64_t offset, uint32_t *pos) except -1
+    cdef object lookup_error(self, int status, uint64_t offset)
+    cdef object make_item(self, Segment seg, uint32_t pos, uint64_t offset,
+                          int kind, object view)
+    cdef object read_one(self, uint64_t offset, int kind)
+    cdef list collect(self, uint64_t start, uint64_t stop, int kind)
+    cdef int report(self) except -1

@@ -1,0 +1,1040 @@
+# SegmentStore bodies: open and recovery, append, read, sync, delete.
+
+from cpython.buffer cimport (PyBUF_ANY_CONTIGUOUS, PyBUF_FORMAT,
+                             PyBUF_SIMPLE, PyBuffer_Release,
+                             PyObject_GetBuffer)
+from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize,
+                            PyBytes_GET_SIZE)
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
+                               PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_release_lock)
+from libc.string cimport memcpy
+
+import fcntl
+import re
+
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+MIN_SEGMENT_BYTES = 64
+
+cdef dict FSYNC_POLICIES = {
+    "never": FSYNC_NEVER,
+    "interval": FSYNC_INTERVAL,
+    "always": FSYNC_ALWAYS,
+}
+cdef object SEGMENT_FILE = re.compile(r"^[0-9]{20}\.log$")
+
+cdef enum CollectKind:
+    COLLECT_BODIES = 0
+    COLLECT_RECORDS = 1
+    COLLECT_VIEWS = 2
+
+
+cdef long long read_length(Py_buffer *sizes, Py_ssize_t i,
+                           bint signed) except? -1:
+    """Return lengths[i]; -1 for an unsigned value too large to be one."""
+    cdef const char *item = <const char *>sizes.buf + i * sizes.itemsize
+
+    if sizes.itemsize == 4:
+        if signed:
+            return (<const int *>item)[0]
+        return (<const unsigned int *>item)[0]
+    if sizes.itemsize == 8:
+        if signed:
+            return (<const long long *>item)[0]
+        if (<const unsigned long long *>item)[0] > (
+                <unsigned long long>1 << 62):
+            return -1
+        return (<const unsigned long long *>item)[0]
+    raise TypeError(f"lengths items must be 4 or 8 bytes, not "
+                    f"{sizes.itemsize}")
+
+
+cdef check_integer(str name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+
+
+@cython.final
+cdef class DirectoryLock:
+    """An exclusive flock on a file in a folder, held until release().
+
+    A second lock of the same folder fails in any process, this one
+    included, because flock locks belong to each open of the file.
+    """
+
+    def __cinit__(self, str directory, str name="LOCK"):
+        cdef int fd
+
+        self.fd = -1
+        self.path = os.path.join(directory, name)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            pid = int(text) if text.isdigit() else None
+            raise BrokerLockedError(directory, pid) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"%d\n" % os.getpid(), 0)
+        self.fd = fd
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+
+    cpdef release(self):
+        """Release the lock; calling it again does nothing."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@cython.final
+cdef class SegmentStore:
+    """An append-only log of records in a folder of segment files.
+
+    Every method is thread-safe. Offsets start at 0 and grow by one per
+    record; they never go back, and after damage or ensure_next_offset()
+    some of them have no record (a gap).
+
+    Durability by fsync policy: "always" returns from append after the
+    record is on stable storage (concurrent appenders share one sync);
+    "interval" leaves syncing to flush(), which pymq.storage calls on a
+    timer; "never" leaves it to the operating system. A record is in the
+    shared mapping when append returns, so it survives a crash of the
+    process under every policy. close() flushes.
+    """
+
+    def __cinit__(self):
+        self.lock = PyThread_allocate_lock()
+        self.sync_lock = PyThread_allocate_lock()
+        if self.lock == NULL or self.sync_lock == NULL:
+            raise MemoryError()
+        self.segments = []
+        self.pending = []
+        self.closed = True
+
+    def __init__(self, path, *, segment_bytes=DEFAULT_SEGMENT_BYTES,
+                 max_message_bytes=None, fsync="interval",
+                 uint64_t min_next_offset=0, on_damage=None):
+        cdef size_t largest
+
+        check_integer("segment_bytes", segment_bytes)
+        if max_message_bytes is not None:
+            check_integer("max_message_bytes", max_message_bytes)
+        if not MIN_SEGMENT_BYTES <= segment_bytes <= MAX_SEGMENT_BYTES:
+            raise ConfigError(
+                f"segment_bytes is {segment_bytes}; it must be from "
+                f"{MIN_SEGMENT_BYTES} to {MAX_SEGMENT_BYTES}")
+        if segment_bytes % REC_ALIGN:
+            raise ConfigError(
+                f"segment_bytes is {segment_bytes}; it must be a multiple "
+                f"of {REC_ALIGN}")
+        largest = segment_bytes - REC_HEADER_SIZE
+        if max_message_bytes is None:
+            max_message_bytes = min(DEFAULT_MAX_MESSAGE_BYTES, largest)
+        if not 0 <= max_message_bytes <= largest:
+            raise ConfigError(
+                f"max_message_bytes is {max_message_bytes}; it must be from "
+                f"0 to {largest} (segment_bytes minus the "
+                f"{REC_HEADER_SIZE}-byte record header)")
+        if not isinstance(fsync, str) or fsync not in FSYNC_POLICIES:
+            raise ConfigError(
+                f"fsync is {fsync!r}; it must be one of "
+                f"{', '.join(map(repr, FSYNC_POLICIES))}")
+        if on_damage is not None and not callable(on_damage):
+            raise TypeError("on_damage must be callable or None")
+
+        self.path = os.path.abspath(os.fspath(path))
+        self.segment_bytes = segment_bytes
+        self.max_message_bytes = max_message_bytes
+        self.policy = FSYNC_POLICIES[fsync]
+        self.on_damage = on_damage
+        os.makedirs(self.path, exist_ok=True)
+        self.owner_lock = DirectoryLock(self.path)
+        try:
+            self.open_segments(min_next_offset)
+        except BaseException:
+            for seg in self.segments:
+                (<Segment>seg).release()
+            self.segments = []
+            self.owner_lock.release()
+            raise
+        self.closed = False
+        self.report()
+
+    def __dealloc__(self):
+        if self.lock != NULL:
+            PyThread_free_lock(self.lock)
+        if self.sync_lock != NULL:
+            PyThread_free_lock(self.sync_lock)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self.closed else "open"
+        return f"<SegmentStore {self.path!r} {state}>"
+
+    # Locking -------------------------------------------------------------
+
+    cdef int acquire(self) except -1:
+        """Take lock, waiting without the GIL; raise if the store closed."""
+        self.acquire_raw()
+        if self.closed:
+            PyThread_release_lock(self.lock)
+            raise ClosedError(f"segment store {self.path} is closed")
+        return 0
+
+    cdef int acquire_raw(self) except -1:
+        """Take lock, waiting without the GIL, whether closed or not."""
+        if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self.lock, WAIT_LOCK)
+        return 0
+
+    cdef void release(self) noexcept:
+        PyThread_release_lock(self.lock)
+
+    cdef int acquire_sync(self) except -1:
+        if not PyThread_acquire_lock(self.sync_lock, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self.sync_lock, WAIT_LOCK)
+        return 0
+
+    cdef int check_size(self, size_t length) except -1:
+        if length > self.max_message_bytes:
+            raise MessageTooLargeError(length, self.max_message_bytes)
+        return 0
+
+    # Opening -------------------------------------------------------------
+
+    cdef int open_segments(self, uint64_t min_next_offset) except -1:
+        cdef Segment seg, previous = None
+        cdef uint64_t previous_end
+
+        names = sorted(name for name in os.listdir(self.path)
+                       if SEGMENT_FILE.match(name))
+        for i, name in enumerate(names):
+            seg = Segment.open(os.path.join(self.path, name), int(name[:20]),
+                               self.segment_bytes, i == len(names) - 1)
+            if seg.data == NULL:
+                seg.events.append(
+                    f"segment {name}: empty file removed")
+                seg.release()
+                os.unlink(seg.path)
+                if os.path.exists(seg.index_path):
+                    os.unlink(seg.index_path)
+                self.report_events(seg)
+                continue
+            if previous is not None:
+                previous_end = previous.base + previous.count
+                if seg.base < previous_end:
+                    seg.events.append(
+                        f"segment {name}: starts at offset {seg.base}, "
+                        f"inside the previous segment (which ends at "
+                        f"{previous_end}); ignored")
+                    seg.release()
+                    self.report_events(seg)
+                    continue
+            self.segments.append(seg)
+            previous = seg
+        self.active = None
+
+        if not self.segments:
+            self.install(Segment.create(self.path, min_next_offset,
+                                        self.segment_bytes))
+        else:
+            last = len(self.segments) - 1
+            for seg in self.segments[:last]:
+                seg.sealed = True
+                if not seg.checkpoint_flags & IDX_SEALED:
+                    self.pending.append(seg)
+            self.active = self.segments[last]
+            seg = self.active
+            if seg.checkpoint_flags:
+                # Appends resume in the last segment: its header must stop
+                # saying sealed or clean before a record lands past it.
+                seg.sealed = False
+                seg.write_checkpoint(seg.checkpoint_length,
+                                     seg.checkpoint_count, 0, True)
+        self.directory_dirty = False
+        self.events_pending = True
+        if min_next_offset > self.active.base + self.active.count:
+            self.skip_to(min_next_offset)
+        return 0
+
+    cdef report_events(self, Segment seg):
+        if self.on_damage is not None:
+            for message in seg.events:
+                self.on_damage(message)
+        seg.events.clear()
+
+    # Appending -----------------------------------------------------------
+
+    def append(self, body, *, int64_t timestamp=0, uint32_t flags=0):
+        """Append one record and return its offset.
+
+        body is bytes or any contiguous buffer, and may be empty. A body
+        larger than max_message_bytes raises MessageTooLargeError before
+        anything is written. timestamp is in ns since the epoch (0: now).
+        """
+        cdef BodyRef ref
+        cdef Py_buffer view
+        cdef uint64_t first
+
+        if type(body) is bytes:
+            ref.data = <const uint8_t *>PyBytes_AS_STRING(body)
+            ref.length = PyBytes_GET_SIZE(body)
+            self.append_refs(&ref, 1, timestamp, flags, &first)
+            return first
+        PyObject_GetBuffer(body, &view, PyBUF_SIMPLE | PyBUF_ANY_CONTIGUOUS)
+        try:
+            ref.data = <const uint8_t *>view.buf
+            ref.length = view.len
+            self.append_refs(&ref, 1, timestamp, flags, &first)
+        finally:
+            PyBuffer_Release(&view)
+        return first
+
+    def append_many(self, bodies, *, int64_t timestamp=0, uint32_t flags=0):
+        """Append every body in order and return the first offset.
+
+        The records take consecutive offsets. Either all are written or,
+        when a check or a reservation of disk space fails, none.
+        """
+        cdef list items = bodies if type(bodies) is list else list(bodies)
+        cdef Py_ssize_t count = PyList_GET_SIZE(items)
+        cdef Py_ssize_t i
+        cdef BodyRef *refs
+        cdef list views = None
+        cdef uint64_t first
+        cdef object item
+        cdef const uint8_t[::1] buffer
+
+        if count == 0:
+            return self.next_offset
+        refs = <BodyRef *>PyMem_Malloc(count * sizeof(BodyRef))
+        if refs == NULL:
+            raise MemoryError()
+        try:
+            for i in range(count):
+                item = <object>PyList_GET_ITEM(items, i)
+                if type(item) is bytes:
+                    refs[i].data = <const uint8_t *>PyBytes_AS_STRING(item)
+                    refs[i].length = PyBytes_GET_SIZE(item)
+                else:
+                    buffer = memoryview(item).cast("B")
+                    if views is None:
+                        views = []
+                    views.append(buffer)
+                    refs[i].data = &buffer[0] if buffer.shape[0] else NULL
+                    refs[i].length = buffer.shape[0]
+            self.append_refs(refs, count, timestamp, flags, &first)
+        finally:
+            PyMem_Free(refs)
+        return first
+
+    def append_buffer(self, buffer, lengths, *, int64_t timestamp=0,
+                      uint32_t flags=0):
+        """Append the bodies packed in one buffer and return the first offset.
+
+        lengths is a 1-D array of integers (numpy int32, int64, uint32 or
+        uint64, or array.array) whose sum is the size of buffer. The
+        buffer is copied into the log; nothing keeps a reference to it.
+        """
+        cdef Py_buffer data, sizes
+        cdef BodyRef *refs = NULL
+        cdef Py_ssize_t count, i
+        cdef size_t position = 0
+        cdef long long length
+        cdef uint64_t first
+        cdef bint signed
+
+        PyObject_GetBuffer(buffer, &data, PyBUF_SIMPLE | PyBUF_ANY_CONTIGUOUS)
+        try:
+            PyObject_GetBuffer(lengths, &sizes,
+                               PyBUF_FORMAT | PyBUF_ANY_CONTIGUOUS)
+            try:
+                fmt = (sizes.format or b"B").lstrip(b"@=<")
+                if sizes.ndim != 1 or fmt not in (b"i", b"I", b"l", b"L",
+                                                  b"q", b"Q"):
+                    raise TypeError(
+                        f"lengths must be a 1-D array of 32- or 64-bit "
+                        f"integers, not format {fmt.decode()!r} with "
+                        f"{sizes.ndim} dimensions")
+                signed = fmt in (b"i", b"l", b"q")
+                count = sizes.shape[0]
+                if count == 0:
+                    if data.len:
+                        raise ValueError(
+                            f"lengths is empty but buffer has {data.len} "
+                            f"bytes")
+                    return self.next_offset
+                refs = <BodyRef *>PyMem_Malloc(count * sizeof(BodyRef))
+                if refs == NULL:
+                    raise MemoryError()
+                for i in range(count):
+                    length = read_length(&sizes, i, signed)
+                    if length < 0:
+                        raise ValueError(
+                            f"lengths[{i}] is {length}; lengths must not "
+                            f"be negative")
+                    if <size_t>length > <size_t>data.len - position:
+                        raise ValueError(
+                            f"lengths add up past the end of buffer "
+                            f"({data.len} bytes) at lengths[{i}]")
+                    refs[i].data = <const uint8_t *>data.buf + position
+                    refs[i].length = <size_t>length
+                    position += <size_t>length
+                if position != <size_t>data.len:
+                    raise ValueError(
+                        f"lengths add up to {position} bytes but buffer has "
+                        f"{data.len}")
+                self.append_refs(refs, count, timestamp, flags, &first)
+            finally:
+                PyBuffer_Release(&sizes)
+        finally:
+            PyMem_Free(refs)
+            PyBuffer_Release(&data)
+        return first
+
+    cdef int append_refs(self, const BodyRef *bodies, Py_ssize_t count,
+                         int64_t timestamp, uint32_t flags,
+                         uint64_t *first) except -1:
+        cdef Py_ssize_t i
+        cdef uint64_t written
+
+        for i in range(count):
+            self.check_size(bodies[i].length)
+        if timestamp == 0:
+            timestamp = realtime_ns()
+        self.acquire()
+        try:
+            self.append_locked(bodies, count, timestamp, flags, first)
+            written = self.written_bytes
+        finally:
+            self.release()
+        if self.policy == FSYNC_ALWAYS:
+            self.sync_to(written)
+        return 0
+
+    cdef int append_locked(self, const BodyRef *bodies, Py_ssize_t count,
+                           int64_t timestamp, uint32_t flags,
+                           uint64_t *first) except -1:
+        cdef Segment seg = self.active
+        cdef Py_ssize_t i, used = 0
+        cdef size_t size
+        cdef list fresh
+
+        first[0] = seg.base + seg.count
+        if count == 1 and record_size(bodies[0].length) <= (
+                seg.capacity - seg.length):
+            seg.ensure_index(seg.count + 1)
+            seg.write_record(bodies[0].data, bodies[0].length, timestamp,
+                             flags)
+            self.written_bytes += record_size(bodies[0].length)
+            return 0
+
+        fresh = []
+        self.reserve(bodies, count, fresh)
+        for i in range(count):
+            size = record_size(bodies[i].length)
+            if size > seg.capacity - seg.length:
+                seg = <Segment>fresh[used]
+                used += 1
+                self.install(seg)
+            seg.write_record(bodies[i].data, bodies[i].length, timestamp,
+                             flags)
+            self.written_bytes += size
+        return 0
+
+    cdef int reserve(self, const BodyRef *bodies, Py_ssize_t count,
+                     list fresh) except -1:
+        """Create the segments and index space a batch needs, or none.
+
+        Every new segment is preallocated here, so a full disk raises
+        before the first record of the batch is written.
+        """
+        cdef Segment seg = self.active
+        cdef size_t used = seg.length, capacity = seg.capacity, size
+        cdef uint64_t entries = seg.count, base = seg.base
+        cdef Py_ssize_t i
+
+        try:
+            for i in range(count):
+                size = record_size(bodies[i].length)
+                if size > capacity - used:
+                    seg.ensure_index(entries)
+                    base += entries
+                    seg = Segment.create(self.path, base, self.segment_bytes)
+                    fresh.append(seg)
+                    used = 0
+                    capacity = seg.capacity
+                    entries = 0
+                used += size
+                entries += 1
+            seg.ensure_index(entries)
+        except BaseException:
+            for seg in fresh:
+                seg.release()
+                os.unlink(seg.path)
+                os.unlink(seg.index_path)
+            fresh.clear()
+            raise
+        return 0
+
+    cdef int install(self, Segment seg) except -1:
+        """Make seg the active segment; the previous one is sealed."""
+        if self.active is not None:
+            self.active.sealed = True
+            self.pending.append(self.active)
+        self.segments.append(seg)
+        self.active = seg
+        self.directory_dirty = True
+        return 0
+
+    cdef int skip_to(self, uint64_t offset) except -1:
+        """Move the next offset up to offset, leaving a gap below it."""
+        cdef Segment seg = self.active
+        cdef uint64_t skipped = offset - (seg.base + seg.count)
+
+        if seg.count == 0:
+            # An empty active segment is renamed rather than left behind.
+            name = segment_name(offset)
+            path = os.path.join(self.path, name + ".log")
+            index_path = os.path.join(self.path, name + ".idx")
+            os.rename(seg.path, path)
+            os.rename(seg.index_path, index_path)
+            seg.base = offset
+            seg.path = path
+            seg.index_path = index_path
+            seg.write_checkpoint(0, 0, 0, False)
+            self.directory_dirty = True
+        else:
+            self.install(Segment.create(self.path, offset,
+                                        self.segment_bytes))
+        self.gap_offsets += skipped
+        return 0
+
+    def ensure_next_offset(self, uint64_t offset):
+        """Make the next append take at least offset; return offsets skipped.
+
+        The broker calls this on open with the highest offset its groups
+        have seen, so offsets lost with a cut tail are never reused.
+        """
+        cdef uint64_t skipped = 0
+
+        self.acquire()
+        try:
+            if offset > self.active.base + self.active.count:
+                skipped = offset - (self.active.base + self.active.count)
+                self.skip_to(offset)
+        finally:
+            self.release()
+        return skipped
+
+    # Syncing -------------------------------------------------------------
+
+    cdef int sync_to(self, uint64_t written) except -1:
+        """Return once the first written bytes of this session are synced.
+
+        Group commit: a thread that finds a sync under way waits for
+        sync_lock, and usually finds its bytes covered by that sync.
+        """
+        if self.synced_bytes >= written:
+            return 0
+        self.acquire_sync()
+        try:
+            # A store closed meanwhile was synced by close().
+            if self.synced_bytes < written and not self.closed:
+                self.sync_segments(True, False)
+        finally:
+            PyThread_release_lock(self.sync_lock)
+        return 0
+
+    cdef int sync_segments(self, bint include_active,
+                           bint checkpoint) except -1:
+        """Sync the pending segments (and the active one) outside lock.
+
+        The caller holds sync_lock, so no segment in the snapshot is
+        deleted or unmapped while its bytes are synced.
+        """
+        cdef Segment seg
+        cdef list work = []
+        cdef uint64_t target
+        cdef bint directory_dirty
+
+        self.acquire_raw()
+        try:
+            target = self.written_bytes
+            segments = list(self.pending)
+            if include_active:
+                segments.append(self.active)
+            for seg in segments:
+                work.append((seg, seg.synced_length, seg.length, seg.count))
+            directory_dirty = self.directory_dirty
+            self.directory_dirty = False
+        finally:
+            self.release()
+
+        try:
+            for seg, start, stop, count in work:
+                seg.sync_range(start, stop)
+            if directory_dirty:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except BaseException:
+            self.directory_dirty = self.directory_dirty or directory_dirty
+            raise
+
+        for seg, start, stop, count in work:
+            if stop > seg.synced_length:
+                seg.synced_length = stop
+                seg.synced_count = count
+        if include_active and target > self.synced_bytes:
+            self.synced_bytes = target
+        if not checkpoint:
+            return 0
+
+        for seg, start, stop, count in work:
+            flags = IDX_SEALED if (
+                seg.sealed and seg.synced_length == seg.length) else 0
+            if (seg.checkpoint_length != seg.synced_length or
+                    seg.checkpoint_flags != flags):
+                seg.write_checkpoint(seg.synced_length, seg.synced_count,
+                                     flags, True)
+        self.acquire_raw()
+        try:
+            self.pending = [seg for seg in self.pending
+                            if not seg.checkpoint_flags & IDX_SEALED]
+        finally:
+            self.release()
+        return 0
+
+    def flush(self):
+        """Sync every record appended so far and write checkpoints.
+
+        Reopening verifies only what lies past the last checkpoint.
+        """
+        self.acquire_sync()
+        try:
+            if self.closed:
+                raise ClosedError(f"segment store {self.path} is closed")
+            self.sync_segments(True, True)
+        finally:
+            PyThread_release_lock(self.sync_lock)
+
+    def background_flush(self):
+        """Do the periodic work of the fsync policy.
+
+        "interval" and "always" flush everything; "never" syncs and
+        checkpoints only sealed segments, so that reopening stays fast.
+        """
+        self.acquire_sync()
+        try:
+            if self.closed:
+                return
+            self.sync_segments(self.policy != FSYNC_NEVER, True)
+        finally:
+            PyThread_release_lock(self.sync_lock)
+
+    def synced_lengths(self):
+        """Return {segment path: bytes known to be on stable storage}."""
+        self.acquire()
+        try:
+            return {seg.path: (<Segment>seg).synced_length
+                    for seg in self.segments}
+        finally:
+            self.release()
+
+    # Reading -------------------------------------------------------------
+
+    cdef Segment find(self, uint64_t offset):
+        cdef Segment seg = self.last_read
+        cdef Py_ssize_t low, high, middle
+
+        if (seg is not None and seg.base <= offset and
+                offset - seg.base < seg.count):
+            return seg
+        seg = self.active
+        if offset < seg.base:
+            low = 0
+            high = len(self.segments) - 1
+            while low < high:
+                middle = (low + high + 1) // 2
+                if (<Segment>self.segments[middle]).base <= offset:
+                    low = middle
+                else:
+                    high = middle - 1
+            seg = <Segment>self.segments[low]
+        if offset < seg.base or offset - seg.base >= seg.count:
+            return None
+        self.last_read = seg
+        return seg
+
+    cdef int locate(self, uint64_t offset, uint32_t *pos) except -1:
+        """Find offset's record; set last_read and pos when FOUND."""
+        cdef Segment seg = self.find(offset)
+        cdef uint32_t position
+        cdef size_t size
+
+        if seg is None:
+            first = (<Segment>self.segments[0]).base
+            if first <= offset < self.active.base + self.active.count:
+                return NO_RECORD
+            return OUT_OF_RANGE
+        position = seg.position(offset)
+        if position == IDX_MISSING:
+            return NO_RECORD
+        if seg.check_at(offset, position) == 0:
+            pos[0] = position
+            return FOUND
+
+        self.events_pending = True
+        if valid_record(seg.data, seg.length, position, seg.base,
+                        seg.base + seg.count, &size):
+            # A sound record for another offset: the index is wrong.
+            seg.rebuild_index()
+            if seg is not self.active:
+                seg.sealed = True
+                self.pending.append(seg)
+            return self.locate(offset, pos)
+        seg.mark_damaged(offset, position, "checksum mismatch")
+        return DAMAGED
+
+    cdef object lookup_error(self, int status, uint64_t offset):
+        """Return the exception for a lookup that did not find a record."""
+        cdef uint64_t first = (<Segment>self.segments[0]).base
+        cdef uint64_t end = self.active.base + self.active.count
+
+        if status == DAMAGED:
+            return CorruptSegmentError(
+                f"segment {os.path.basename(self.last_read.path)}: record "
+                f"at offset {offset} failed its checksum",
+                path=self.last_read.path, offset=offset)
+        if status == NO_RECORD:
+            return OffsetNotFoundError(
+                f"offset {offset} in {self.path} has no record: it was "
+                f"lost to damage or skipped", offset, first, end)
+        if first == end:
+            where = "the log is empty"
+        else:
+            where = f"the log has offsets {first} to {end - 1}"
+        return OffsetNotFoundError(
+            f"offset {offset} is not in {self.path}: {where}",
+            offset, first, end)
+
+    cdef object make_item(self, Segment seg, uint32_t pos, uint64_t offset,
+                          int kind, object view):
+        """Build the body, record tuple or view of the record at pos."""
+        cdef const uint8_t *header = seg.data + pos
+        cdef size_t length = load_u32(header + REC_OFF_LENGTH)
+        cdef bytes body
+        cdef char *target
+
+        if kind == COLLECT_VIEWS:
+            return view[pos + REC_HEADER_SIZE:pos + REC_HEADER_SIZE + length]
+        body = PyBytes_FromStringAndSize(NULL, length)
+        target = PyBytes_AS_STRING(body)
+        if length >= NOGIL_BODY_BYTES:
+            with nogil:
+                memcpy(target, header + REC_HEADER_SIZE, length)
+        else:
+            memcpy(target, header + REC_HEADER_SIZE, length)
+        if kind == COLLECT_BODIES:
+            return body
+        return (offset, <int64_t>load_u64(header + REC_OFF_TIMESTAMP),
+                load_u32(header + REC_OFF_FLAGS), body)
+
+    cdef object read_one(self, uint64_t offset, int kind):
+        cdef uint32_t pos
+        cdef int status
+        cdef object result = None
+
+        self.acquire()
+        try:
+            status = self.locate(offset, &pos)
+            if status == FOUND:
+                view = None
+                if kind == COLLECT_VIEWS:
+                    view = memoryview(self.last_read)
+                result = self.make_item(self.last_read, pos, offset, kind,
+                                        view)
+            else:
+                result = self.lookup_error(status, offset)
+        finally:
+            self.release()
+        if self.events_pending:
+            self.report()
+        if status != FOUND:
+            raise result
+        return result
+
+    def read(self, uint64_t offset):
+        """Return the body of the record at offset, as bytes.
+
+        Raises OffsetNotFoundError for an offset with no record, and
+        CorruptSegmentError when the record fails its checksum (it is then
+        counted in damaged and skipped by later reads).
+        """
+        return self.read_one(offset, COLLECT_BODIES)
+
+    def read_record(self, uint64_t offset):
+        """Return (offset, timestamp, flags, body) of the record at offset."""
+        return self.read_one(offset, COLLECT_RECORDS)
+
+    def read_view(self, uint64_t offset):
+        """Return a read-only memoryview of the body at offset, without a copy.
+
+        The view keeps its segment mapped: it stays valid after the
+        segment is deleted or the store is closed.
+        """
+        return self.read_one(offset, COLLECT_VIEWS)
+
+    def read_range(self, uint64_t start, uint64_t stop):
+        """Return the bodies of offsets start to stop - 1, as bytes.
+
+        Offsets with no record, and records that fail their checksum, are
+        left out; read_records() shows which offsets are returned.
+        """
+        return self.collect(start, stop, COLLECT_BODIES)
+
+    def read_records(self, uint64_t start, uint64_t stop):
+        """Return (offset, timestamp, flags, body) for start to stop - 1."""
+        return self.collect(start, stop, COLLECT_RECORDS)
+
+    def read_views(self, uint64_t start, uint64_t stop):
+        """Return memoryviews of the bodies of offsets start to stop - 1.
+
+        Like read_range(), without copies; see read_view().
+        """
+        return self.collect(start, stop, COLLECT_VIEWS)
+
+    cdef list collect(self, uint64_t start, uint64_t stop, int kind):
+        cdef list result = []
+        cdef uint64_t offset, end
+        cdef uint32_t pos
+        cdef Segment view_segment = None
+        cdef object view = None
+
+        self.acquire()
+        try:
+            offset = max(start, (<Segment>self.segments[0]).base)
+            end = min(stop, self.active.base + self.active.count)
+            while offset < end:
+                if self.locate(offset, &pos) == FOUND:
+                    if kind == COLLECT_VIEWS and (
+                            self.last_read is not view_segment):
+                        view_segment = self.last_read
+                        view = memoryview(view_segment)
+                    result.append(self.make_item(self.last_read, pos, offset,
+                                                 kind, view))
+                offset += 1
+        finally:
+            self.release()
+        if self.events_pending:
+            self.report()
+        return result
+
+    # Deleting and closing ------------------------------------------------
+
+    def delete_below(self, uint64_t offset):
+        """Delete every whole segment whose records are all below offset.
+
+        The active segment is kept, so the next offset survives a restart.
+        Views of deleted segments stay valid. Returns segments deleted.
+        """
+        cdef Segment seg
+        cdef int deleted = 0
+
+        self.acquire_sync()
+        try:
+            self.acquire()
+            try:
+                while len(self.segments) > 1:
+                    seg = <Segment>self.segments[0]
+                    if seg.base + seg.count > offset:
+                        break
+                    del self.segments[0]
+                    if seg in self.pending:
+                        self.pending.remove(seg)
+                    self.deleted_damaged += seg.damaged
+                    seg.release()
+                    os.unlink(seg.path)
+                    os.unlink(seg.index_path)
+                    deleted += 1
+                if deleted:
+                    self.last_read = None
+                    self.directory_dirty = True
+            finally:
+                self.release()
+        finally:
+            PyThread_release_lock(self.sync_lock)
+        return deleted
+
+    def close(self):
+        """Flush, unmap every segment and release the folder's lock.
+
+        Views handed out stay valid until they are released. Calling close
+        again does nothing. A failed flush is raised after the store is
+        closed; records appended before it are still in the files.
+        """
+        cdef Segment seg
+
+        error = None
+        self.acquire_sync()
+        try:
+            if self.closed:
+                return
+            self.acquire()
+            self.closed = True
+            self.release()
+            try:
+                self.sync_segments(True, True)
+                seg = self.active
+                if seg.synced_length == seg.length:
+                    # Tells the next open that no scan past length is needed.
+                    seg.write_checkpoint(seg.length, seg.count, IDX_CLEAN,
+                                         True)
+            except OSError as exc:
+                error = exc
+            self.acquire_raw()
+            try:
+                for seg in self.segments:
+                    seg.release()
+                self.segments = []
+                self.pending = []
+                self.last_read = None
+            finally:
+                self.release()
+        finally:
+            PyThread_release_lock(self.sync_lock)
+        self.owner_lock.release()
+        if error is not None:
+            raise error
+
+    # Reporting -----------------------------------------------------------
+
+    cdef int report(self) except -1:
+        """Pass damage messages to on_damage, outside the lock."""
+        cdef Segment seg
+        cdef list messages = []
+
+        self.acquire()
+        try:
+            self.events_pending = False
+            for seg in self.segments:
+                if seg.events:
+                    messages.extend(seg.events)
+                    seg.events.clear()
+        finally:
+            self.release()
+        if self.on_damage is not None:
+            for message in messages:
+                self.on_damage(message)
+        return 0
+
+    @property
+    def first_offset(self):
+        """The offset of the first segment's first record."""
+        self.acquire()
+        try:
+            return (<Segment>self.segments[0]).base
+        finally:
+            self.release()
+
+    @property
+    def next_offset(self):
+        """The offset the next append will take."""
+        self.acquire()
+        try:
+            return self.active.base + self.active.count
+        finally:
+            self.release()
+
+    @property
+    def fsync(self):
+        """The fsync policy: "never", "interval" or "always"."""
+        return ("never", "interval", "always")[self.policy]
+
+    @property
+    def damaged(self):
+        """Records lost to damage or failing their checksum, since open."""
+        cdef Segment seg
+        cdef uint64_t total = self.deleted_damaged
+
+        self.acquire()
+        try:
+            for seg in self.segments:
+                total += seg.damaged
+        finally:
+            self.release()
+        return total
+
+    def stats(self):
+        """Return a dict of counts: segments, bytes, offsets, damage."""
+        cdef Segment seg
+        cdef uint64_t used = 0, damaged = self.deleted_damaged
+
+        self.acquire()
+        try:
+            for seg in self.segments:
+                used += seg.length
+                damaged += seg.damaged
+            return {
+                "segments": len(self.segments),
+                "bytes": used,
+                "first_offset": (<Segment>self.segments[0]).base,
+                "next_offset": self.active.base + self.active.count,
+                "damaged": damaged,
+                "gap_offsets": self.gap_offsets,
+                "written_bytes": self.written_bytes,
+                "synced_bytes": self.synced_bytes,
+            }
+        finally:
+            self.release()
+
+    def verify(self):
+        """Check every record's checksum; return a dict of what was found.
+
+        Keys: "records" (sound records), "missing" (offsets without a
+        record) and "damaged" (a list of (segment path, offset) that failed
+        now; they are counted and skipped from then on).
+        """
+        cdef Segment seg
+        cdef uint64_t offset
+        cdef uint32_t pos
+        cdef int status
+        cdef uint64_t records = 0, missing = 0
+        cdef list damaged = []
+
+        self.acquire()
+        try:
+            for seg in list(self.segments):
+                for offset in range(seg.base, seg.base + seg.count):
+                    status = self.locate(offset, &pos)
+                    if status == FOUND:
+                        records += 1
+                    elif status == DAMAGED:
+                        damaged.append((seg.path, offset))
+                    else:
+                        missing += 1
+        finally:
+            self.release()
+        if self.events_pending:
+            self.report()
+        return {"records": records, "missing": missing, "damaged": damaged}

@@ -1,0 +1,150 @@
+"""Exceptions raised by pymq, embedded and over the network alike."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerLockedError",
+    "ClosedError",
+    "ConfigError",
+    "CorruptSegmentError",
+    "InvalidNameError",
+    "MessageTooLargeError",
+    "OffsetNotFoundError",
+    "ProtocolError",
+    "PymqError",
+    "QueueEmpty",
+    "QueueFull",
+    "QueueNotFound",
+    "ServerError",
+    "StaleReceiptError",
+]
+
+
+class PymqError(Exception):
+    """Base class of every error pymq raises on purpose."""
+
+
+class ConfigError(PymqError, ValueError):
+    """An option has an invalid value; the message names it and its range."""
+
+
+class InvalidNameError(PymqError, ValueError):
+    """A stream, queue or group name breaks the naming rules."""
+
+
+class MessageTooLargeError(PymqError, ValueError):
+    """A message body is larger than max_message_bytes.
+
+    Raised before anything is written. ``size`` and ``limit`` are in bytes.
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"message is {size} bytes; maximum is {limit} (max_message_bytes)"
+        )
+        self.size = size
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[type, tuple[int, int]]:
+        return (type(self), (self.size, self.limit))
+
+
+class QueueEmpty(PymqError):
+    """A non-blocking get found no message available."""
+
+
+class QueueFull(PymqError):
+    """A put would pass max_length or max_bytes with overflow="reject"."""
+
+
+class QueueNotFound(PymqError, LookupError):
+    """A lookup that must not create named a queue that does not exist."""
+
+
+class StaleReceiptError(PymqError):
+    """A receipt names a delivery that expired or was already settled."""
+
+
+class BrokerLockedError(PymqError):
+    """Another open broker or store owns the data directory.
+
+    ``pid`` is the owner's process id as it wrote it in the lock file, or
+    None when the file does not say.
+    """
+
+    def __init__(self, path: str, pid: int | None) -> None:
+        owner = f"process {pid}" if pid is not None else "another process"
+        super().__init__(
+            f"data directory {path} is locked by {owner}; close that broker "
+            f"or connect to its server instead"
+        )
+        self.path = path
+        self.pid = pid
+
+    def __reduce__(self) -> tuple[type, tuple[str, int | None]]:
+        return (type(self), (self.path, self.pid))
+
+
+class ClosedError(PymqError):
+    """The broker, store or connection was closed."""
+
+
+class ProtocolError(PymqError):
+    """A peer sent bytes that break the wire protocol."""
+
+
+class CorruptSegmentError(PymqError):
+    """A record on disk failed its checksum.
+
+    ``path`` is the segment file and ``offset`` the record's offset. The
+    record is counted as damaged and skipped by later reads.
+    """
+
+    def __init__(self, message: str, *, path: str, offset: int) -> None:
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_corrupt_segment_error, (str(self), self.path, self.offset))
+
+
+def _corrupt_segment_error(message: str, path: str, offset: int) -> CorruptSegmentError:
+    return CorruptSegmentError(message, path=path, offset=offset)
+
+
+class OffsetNotFoundError(PymqError, LookupError):
+    """An offset has no record: outside the log, or lost to damage or a gap.
+
+    ``first_offset`` and ``next_offset`` bound the log at the time of the
+    lookup.
+    """
+
+    def __init__(
+        self, message: str, offset: int, first_offset: int, next_offset: int
+    ) -> None:
+        super().__init__(message)
+        self.offset = offset
+        self.first_offset = first_offset
+        self.next_offset = next_offset
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, int, int]]:
+        return (
+            type(self),
+            (str(self), self.offset, self.first_offset, self.next_offset),
+        )
+
+
+class ServerError(PymqError):
+    """An error frame from the server, with its numeric code.
+
+    ``retriable`` tells whether the same request may succeed later.
+    """
+
+    code: int = -1
+    retriable: bool = False
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
