@@ -13,11 +13,11 @@ from setuptools import Extension, setup
 DEBUG = os.environ.get("PYMQ_DEBUG") == "1"
 SANITIZE = os.environ.get("PYMQ_SANITIZE") == "1"
 
-compile_args = ["-O3", "-std=c11", "-fno-strict-aliasing"]
-link_args = []
+compile_args = ["-O3", "-std=gnu11", "-fno-strict-aliasing", "-pthread"]
+link_args = ["-pthread"]
 macros = []
 if DEBUG:
-    compile_args = ["-O0", "-g", "-std=c11"]
+    compile_args = ["-O0", "-g", "-std=gnu11", "-pthread"]
     macros.append(("CYTHON_TRACE_NOGIL", "1"))
 if SANITIZE:
     flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
@@ -37,7 +37,11 @@ directives = {
 extensions = [
     Extension(
         "pymq._core",
-        ["src/core/_core.pyx", "src/core/includes/crc32c.c"],
+        [
+            "src/core/_core.pyx",
+            "src/core/includes/crc32c.c",
+            "src/core/includes/prefault.c",
+        ],
         include_dirs=["src/core"],
         define_macros=macros,
         extra_compile_args=compile_args,

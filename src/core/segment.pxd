@@ -113,13 +113,17 @@ cdef class Segment:
     cdef Py_ssize_t exports          # buffers handed out over the mapping
     cdef bint closed                 # files closed; unmapped once exports is 0
     cdef list events                 # damage messages not yet reported
+    cdef pymq_prefault prefault      # thread touching pages ahead of writes
 
     @staticmethod
-    cdef Segment create(str directory, uint64_t base, size_t capacity)
+    cdef Segment create(str directory, str name, uint64_t base,
+                        size_t capacity)
     @staticmethod
     cdef Segment open(str path, uint64_t base, size_t capacity, bint last)
 
     cdef int map_files(self) except -1
+    cdef int rename_to(self, str directory, uint64_t base) except -1
+    cdef int start_prefault(self, size_t start) except -1
     cdef int ensure_index(self, uint64_t entries) except -1
     cdef int load_checkpoint(self) except -1
     cdef int recover(self, size_t start, uint64_t start_count) except -1

@@ -15,6 +15,9 @@ cdef size_t PAGE_SIZE = <size_t>sysconf(_SC_PAGESIZE)
 # the GIL released; below it the release costs more than it saves.
 cdef enum:
     NOGIL_BODY_BYTES = 16384
+    # Segments with less than this left to write are not prefaulted: a
+    # thread costs more than the faults it would save.
+    PREFAULT_MIN_BYTES = 1024 * 1024
 
 
 cdef str segment_name(uint64_t base):
@@ -94,6 +97,8 @@ cdef class Segment:
         self.events = []
 
     def __dealloc__(self):
+        with nogil:
+            pymq_prefault_stop(&self.prefault)
         if self.data != NULL:
             munmap(self.data, self.capacity)
         if self.index != NULL:
@@ -127,9 +132,10 @@ cdef class Segment:
             self.release()
 
     @staticmethod
-    cdef Segment create(str directory, uint64_t base, size_t capacity):
+    cdef Segment create(str directory, str name, uint64_t base,
+                        size_t capacity):
+        """Create, preallocate and map name.log and name.idx."""
         cdef Segment seg = Segment.__new__(Segment)
-        cdef str name = segment_name(base)
 
         seg.base = base
         seg.path = os.path.join(directory, name + ".log")
@@ -146,6 +152,7 @@ cdef class Segment:
             seg.index_alloc = min(seg.index_max, IDX_GROW_BYTES)
             os.posix_fallocate(seg.index_fd, 0, seg.index_alloc)
             seg.map_files()
+            seg.start_prefault(0)
         except BaseException:
             seg.release()
             for path in (seg.path, seg.index_path):
@@ -214,6 +221,31 @@ cdef class Segment:
             raise OSError(errno, f"mmap of {self.index_path} failed: "
                                  f"{os.strerror(errno)}")
         self.index = <uint8_t *>address
+        return 0
+
+    cdef int rename_to(self, str directory, uint64_t base) except -1:
+        """Give an empty segment a new first offset, renaming its files."""
+        cdef str name = segment_name(base)
+        cdef str path = os.path.join(directory, name + ".log")
+        cdef str index_path = os.path.join(directory, name + ".idx")
+
+        os.rename(self.path, path)
+        os.rename(self.index_path, index_path)
+        self.base = base
+        self.path = path
+        self.index_path = index_path
+        self.write_checkpoint(0, 0, 0, False)
+        return 0
+
+    cdef int start_prefault(self, size_t start) except -1:
+        """Touch the pages from start to the end in a background thread."""
+        cdef size_t first = page_floor(start + PAGE_SIZE - 1)
+
+        if self.data == NULL or self.capacity < first + PREFAULT_MIN_BYTES:
+            return 0
+        # A thread that cannot start only means the writer takes the faults.
+        pymq_prefault_start(&self.prefault, self.data + first,
+                            self.capacity - first, PAGE_SIZE)
         return 0
 
     cdef int ensure_index(self, uint64_t entries) except -1:
@@ -472,6 +504,8 @@ cdef class Segment:
 
     cdef int release(self) except -1:
         """Close the files; unmap now, or when the last view is released."""
+        with nogil:
+            pymq_prefault_stop(&self.prefault)
         self.closed = True
         if self.fd >= 0:
             os.close(self.fd)

@@ -35,6 +35,8 @@ cdef class SegmentStore:
     cdef Segment active              # the last segment, taking appends
     cdef Segment last_read           # where the previous lookup ended
     cdef list pending                # sealed segments not yet checkpointed
+    cdef Segment spare               # prefaulted, takes the next roll
+    cdef bint spare_failed           # creating a spare failed since the roll
     cdef readonly size_t segment_bytes
     cdef readonly size_t max_message_bytes
     cdef FsyncPolicy policy
@@ -62,6 +64,8 @@ cdef class SegmentStore:
     cdef int open_segments(self, uint64_t min_next_offset) except -1
     cdef Segment find(self, uint64_t offset)
     cdef report_events(self, Segment seg)
+    cdef Segment new_segment(self, uint64_t base)
+    cdef int make_spare(self) except -1
     cdef int install(self, Segment seg) except -1
     cdef int skip_to(self, uint64_t offset) except -1
     cdef int reserve(self, const BodyRef *bodies, Py_ssize_t count,

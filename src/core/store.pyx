@@ -25,6 +25,8 @@ cdef dict FSYNC_POLICIES = {
     "always": FSYNC_ALWAYS,
 }
 cdef object SEGMENT_FILE = re.compile(r"^[0-9]{20}\.log$")
+# The spare segment's files, renamed to a segment's name when it rolls.
+cdef str SPARE_NAME = "spare"
 
 cdef enum CollectKind:
     COLLECT_BODIES = 0
@@ -223,6 +225,11 @@ cdef class SegmentStore:
         cdef Segment seg, previous = None
         cdef uint64_t previous_end
 
+        for suffix in (".log", ".idx"):
+            try:
+                os.unlink(os.path.join(self.path, SPARE_NAME + suffix))
+            except FileNotFoundError:
+                pass
         names = sorted(name for name in os.listdir(self.path)
                        if SEGMENT_FILE.match(name))
         for i, name in enumerate(names):
@@ -252,8 +259,7 @@ cdef class SegmentStore:
         self.active = None
 
         if not self.segments:
-            self.install(Segment.create(self.path, min_next_offset,
-                                        self.segment_bytes))
+            self.install(self.new_segment(min_next_offset))
         else:
             last = len(self.segments) - 1
             for seg in self.segments[:last]:
@@ -270,6 +276,7 @@ cdef class SegmentStore:
                                      seg.checkpoint_count, 0, True)
         self.directory_dirty = False
         self.events_pending = True
+        self.active.start_prefault(self.active.length)
         if min_next_offset > self.active.base + self.active.count:
             self.skip_to(min_next_offset)
         return 0
@@ -444,6 +451,10 @@ cdef class SegmentStore:
             seg.write_record(bodies[0].data, bodies[0].length, timestamp,
                              flags)
             self.written_bytes += record_size(bodies[0].length)
+            if self.spare is None and seg.length > seg.capacity // 2:
+                if (self.segment_bytes >= PREFAULT_MIN_BYTES and
+                        not self.spare_failed):
+                    self.make_spare()
             return 0
 
         fresh = []
@@ -457,6 +468,10 @@ cdef class SegmentStore:
             seg.write_record(bodies[i].data, bodies[i].length, timestamp,
                              flags)
             self.written_bytes += size
+        if (self.spare is None and seg.length > seg.capacity // 2 and
+                self.segment_bytes >= PREFAULT_MIN_BYTES and
+                not self.spare_failed):
+            self.make_spare()
         return 0
 
     cdef int reserve(self, const BodyRef *bodies, Py_ssize_t count,
@@ -477,7 +492,7 @@ cdef class SegmentStore:
                 if size > capacity - used:
                     seg.ensure_index(entries)
                     base += entries
-                    seg = Segment.create(self.path, base, self.segment_bytes)
+                    seg = self.new_segment(base)
                     fresh.append(seg)
                     used = 0
                     capacity = seg.capacity
@@ -494,8 +509,35 @@ cdef class SegmentStore:
             raise
         return 0
 
+    cdef Segment new_segment(self, uint64_t base):
+        """Return an empty segment for base: the spare, or a new one."""
+        cdef Segment seg = self.spare
+
+        if seg is None:
+            return Segment.create(self.path, segment_name(base), base,
+                                  self.segment_bytes)
+        self.spare = None
+        try:
+            seg.rename_to(self.path, base)
+        except BaseException:
+            seg.release()
+            raise
+        return seg
+
+    cdef int make_spare(self) except -1:
+        """Create the next segment early, so its pages fault in meanwhile."""
+        try:
+            self.spare = Segment.create(self.path, SPARE_NAME, 0,
+                                        self.segment_bytes)
+        except OSError:
+            # A full disk, say: the next roll creates its segment itself
+            # and raises there if it still fails.
+            self.spare_failed = True
+        return 0
+
     cdef int install(self, Segment seg) except -1:
         """Make seg the active segment; the previous one is sealed."""
+        self.spare_failed = False
         if self.active is not None:
             self.active.sealed = True
             self.pending.append(self.active)
@@ -511,19 +553,10 @@ cdef class SegmentStore:
 
         if seg.count == 0:
             # An empty active segment is renamed rather than left behind.
-            name = segment_name(offset)
-            path = os.path.join(self.path, name + ".log")
-            index_path = os.path.join(self.path, name + ".idx")
-            os.rename(seg.path, path)
-            os.rename(seg.index_path, index_path)
-            seg.base = offset
-            seg.path = path
-            seg.index_path = index_path
-            seg.write_checkpoint(0, 0, 0, False)
+            seg.rename_to(self.path, offset)
             self.directory_dirty = True
         else:
-            self.install(Segment.create(self.path, offset,
-                                        self.segment_bytes))
+            self.install(self.new_segment(offset))
         self.gap_offsets += skipped
         return 0
 
@@ -914,6 +947,11 @@ cdef class SegmentStore:
                 error = exc
             self.acquire_raw()
             try:
+                if self.spare is not None:
+                    self.spare.release()
+                    os.unlink(self.spare.path)
+                    os.unlink(self.spare.index_path)
+                    self.spare = None
                 for seg in self.segments:
                     seg.release()
                 self.segments = []

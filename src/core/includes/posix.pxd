@@ -31,3 +31,11 @@ cdef inline int64_t monotonic_ns() noexcept nogil:
     cdef timespec now
     clock_gettime(CLOCK_MONOTONIC, &now)
     return <int64_t>now.tv_sec * 1000000000 + now.tv_nsec
+
+
+cdef extern from "includes/prefault.h" nogil:
+    ctypedef struct pymq_prefault:
+        int running
+    int pymq_prefault_start(pymq_prefault *job, void *start, size_t length,
+                            size_t page_size)
+    void pymq_prefault_stop(pymq_prefault *job)

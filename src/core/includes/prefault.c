@@ -1,0 +1,42 @@
+/* Background prefaulting of a shared file mapping; see prefault.h. */
+#include "prefault.h"
+
+#include <stdint.h>
+
+static void *prefault_run(void *argument)
+{
+    pymq_prefault *job = (pymq_prefault *)argument;
+    size_t pos;
+
+    for (pos = 0; pos < job->length; pos += job->page_size) {
+        if (__atomic_load_n(&job->stop, __ATOMIC_RELAXED))
+            break;
+        __atomic_fetch_or((uint64_t *)(job->start + pos), 0,
+                          __ATOMIC_RELAXED);
+    }
+    return NULL;
+}
+
+int pymq_prefault_start(pymq_prefault *job, void *start, size_t length,
+                        size_t page_size)
+{
+    int rc;
+
+    pymq_prefault_stop(job);
+    job->start = (unsigned char *)start;
+    job->length = length;
+    job->page_size = page_size;
+    __atomic_store_n(&job->stop, 0, __ATOMIC_RELAXED);
+    rc = pthread_create(&job->thread, NULL, prefault_run, job);
+    job->running = rc == 0;
+    return rc;
+}
+
+void pymq_prefault_stop(pymq_prefault *job)
+{
+    if (!job->running)
+        return;
+    __atomic_store_n(&job->stop, 1, __ATOMIC_RELAXED);
+    pthread_join(job->thread, NULL);
+    job->running = 0;
+}
