@@ -4,3 +4,4 @@
 include "includes/posix.pxd"
 include "segment.pxd"
 include "store.pxd"
+include "ring.pxd"

@@ -5,10 +5,11 @@ cimport cython
 
 from pymq.errors import (BrokerLockedError, ClosedError, ConfigError,
                          CorruptSegmentError, MessageTooLargeError,
-                         OffsetNotFoundError)
+                         OffsetNotFoundError, StaleReceiptError)
 
 include "segment.pyx"
 include "store.pyx"
+include "ring.pyx"
 
 # Picks the CRC32C implementation now, while the import holds the GIL.
 CRC32C_IMPLEMENTATION = pymq_crc32c_impl().decode("ascii")

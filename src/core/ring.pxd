@@ -1,0 +1,87 @@
+# RingBuffer: the in-flight window of one consumer group.
+#
+# The window covers offsets from low (the lowest offset not yet settled) to
+# cursor (the next offset never delivered). Slot i of the circular array
+# holds offset low + i. Settling the offset at low advances low past every
+# settled slot, so acks cost O(1) amortised.
+#
+# Slot states:
+#   SLOT_AVAILABLE  waiting for a delivery; not before slot.time (ns)
+#   SLOT_DELIVERED  handed out; redelivered once slot.time (ns) passes
+#   SLOT_SETTLED    acked or dead-lettered
+#
+# A receipt is (offset << RECEIPT_ATTEMPT_BITS) | (attempt & mask): each
+# delivery of an offset has a new attempt number, so a receipt names one
+# hand-out and a stale one no longer matches its slot.
+
+cimport cython
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+
+
+cdef enum:
+    SLOT_AVAILABLE = 0
+    SLOT_DELIVERED = 1
+    SLOT_SETTLED = 2
+
+cdef enum:
+    RECEIPT_ATTEMPT_BITS = 16
+    RECEIPT_ATTEMPT_MASK = (1 << RECEIPT_ATTEMPT_BITS) - 1
+
+
+cdef struct Slot:
+    uint8_t state
+    uint32_t attempt       # deliveries so far, this one included
+    int64_t time           # deadline or not-before, monotonic ns
+
+
+cdef struct TimedEntry:
+    int64_t time           # when the entry is due, monotonic ns
+    uint64_t offset
+    uint32_t attempt       # the slot's attempt when the entry was pushed
+
+
+cdef struct TimedHeap:
+    TimedEntry *entries    # binary min-heap ordered by time, then offset
+    size_t size
+    size_t capacity
+
+
+cdef struct OffsetHeap:
+    uint64_t *entries      # binary min-heap of offsets
+    size_t size
+    size_t capacity
+
+
+cdef inline uint64_t make_receipt(uint64_t offset,
+                                  uint32_t attempt) noexcept nogil:
+    return (offset << RECEIPT_ATTEMPT_BITS) | (attempt & RECEIPT_ATTEMPT_MASK)
+
+
+@cython.final
+cdef class RingBuffer:
+    cdef Slot *slots                 # circular, capacity entries
+    cdef size_t capacity             # a power of two
+    cdef readonly uint64_t low       # lowest offset not settled
+    cdef readonly uint64_t cursor    # next offset never delivered
+    cdef readonly size_t delivered   # slots in SLOT_DELIVERED
+    cdef readonly size_t waiting     # slots in SLOT_AVAILABLE
+    cdef TimedHeap deadlines         # deliveries by deadline (lazy)
+    cdef TimedHeap delayed           # available slots by not-before (lazy)
+    cdef OffsetHeap ready            # available slots due now (lazy)
+
+    cdef inline Slot *slot(self, uint64_t offset) noexcept:
+        return &self.slots[offset & (self.capacity - 1)]
+
+    cdef int grow(self) except -1
+    cdef int advance_low(self) except -1
+    cdef int promote(self, int64_t now) except -1
+    cdef int take(self, int64_t now, uint64_t end, int64_t deadline,
+                  uint64_t *offset, uint32_t *attempt) except -1
+    cdef int lookup(self, uint64_t receipt, uint64_t *offset) except -1
+    cdef int settle(self, uint64_t offset) except -1
+    cdef int make_available(self, uint64_t offset, int64_t not_before) except -1
+    cdef int set_deadline(self, uint64_t offset, int64_t deadline) except -1
+    cdef int pop_expired(self, int64_t now, uint64_t *offset) except -1
+    cdef int restore(self, uint64_t offset, uint32_t attempt,
+                     bint settled) except -1
+    cdef uint64_t checked(self, uint64_t receipt) except? 0

@@ -1,0 +1,403 @@
+# RingBuffer bodies; the model is described in ring.pxd.
+
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memset
+
+cdef enum:
+    RING_INITIAL_SLOTS = 1024
+    HEAP_INITIAL_ENTRIES = 64
+
+
+cdef int timed_push(TimedHeap *heap, int64_t time, uint64_t offset,
+                    uint32_t attempt) except -1:
+    cdef size_t i, parent
+    cdef TimedEntry *grown
+    cdef TimedEntry entry
+
+    if heap.size == heap.capacity:
+        heap.capacity = max(heap.capacity * 2, HEAP_INITIAL_ENTRIES)
+        grown = <TimedEntry *>realloc(heap.entries,
+                                      heap.capacity * sizeof(TimedEntry))
+        if grown == NULL:
+            heap.capacity = heap.size
+            raise MemoryError()
+        heap.entries = grown
+    entry.time = time
+    entry.offset = offset
+    entry.attempt = attempt
+    i = heap.size
+    heap.size += 1
+    while i > 0:
+        parent = (i - 1) // 2
+        if not timed_before(&entry, &heap.entries[parent]):
+            break
+        heap.entries[i] = heap.entries[parent]
+        i = parent
+    heap.entries[i] = entry
+    return 0
+
+
+cdef inline bint timed_before(const TimedEntry *a,
+                              const TimedEntry *b) noexcept nogil:
+    return a.time < b.time or (a.time == b.time and a.offset < b.offset)
+
+
+cdef void timed_pop(TimedHeap *heap) noexcept nogil:
+    cdef size_t i = 0, child
+    cdef TimedEntry last
+
+    heap.size -= 1
+    if heap.size == 0:
+        return
+    last = heap.entries[heap.size]
+    while True:
+        child = 2 * i + 1
+        if child >= heap.size:
+            break
+        if (child + 1 < heap.size and
+                timed_before(&heap.entries[child + 1], &heap.entries[child])):
+            child += 1
+        if not timed_before(&heap.entries[child], &last):
+            break
+        heap.entries[i] = heap.entries[child]
+        i = child
+    heap.entries[i] = last
+
+
+cdef int offset_push(OffsetHeap *heap, uint64_t offset) except -1:
+    cdef size_t i, parent
+    cdef uint64_t *grown
+
+    if heap.size == heap.capacity:
+        heap.capacity = max(heap.capacity * 2, HEAP_INITIAL_ENTRIES)
+        grown = <uint64_t *>realloc(heap.entries,
+                                    heap.capacity * sizeof(uint64_t))
+        if grown == NULL:
+            heap.capacity = heap.size
+            raise MemoryError()
+        heap.entries = grown
+    i = heap.size
+    heap.size += 1
+    while i > 0:
+        parent = (i - 1) // 2
+        if heap.entries[parent] <= offset:
+            break
+        heap.entries[i] = heap.entries[parent]
+        i = parent
+    heap.entries[i] = offset
+    return 0
+
+
+cdef void offset_pop(OffsetHeap *heap) noexcept nogil:
+    cdef size_t i = 0, child
+    cdef uint64_t last
+
+    heap.size -= 1
+    if heap.size == 0:
+        return
+    last = heap.entries[heap.size]
+    while True:
+        child = 2 * i + 1
+        if child >= heap.size:
+            break
+        if (child + 1 < heap.size and
+                heap.entries[child + 1] < heap.entries[child]):
+            child += 1
+        if heap.entries[child] >= last:
+            break
+        heap.entries[i] = heap.entries[child]
+        i = child
+    heap.entries[i] = last
+
+
+@cython.final
+cdef class RingBuffer:
+    """The in-flight window of a consumer group: slot states, attempts and
+    deadlines, with the lowest available offset delivered first.
+
+    Not thread-safe: the group that owns it serialises calls. Times are
+    monotonic nanoseconds, passed in by the caller, so tests can move the
+    clock.
+    """
+
+    def __cinit__(self, uint64_t low=0, size_t capacity=RING_INITIAL_SLOTS):
+        cdef size_t size = RING_INITIAL_SLOTS
+
+        while size < capacity:
+            size *= 2
+        self.slots = <Slot *>malloc(size * sizeof(Slot))
+        if self.slots == NULL:
+            raise MemoryError()
+        self.capacity = size
+        self.low = self.cursor = low
+
+    def __dealloc__(self):
+        free(self.slots)
+        free(self.deadlines.entries)
+        free(self.delayed.entries)
+        free(self.ready.entries)
+
+    cdef int grow(self) except -1:
+        """Double the slots, keeping each offset at its new index."""
+        cdef size_t capacity = self.capacity * 2
+        cdef Slot *slots = <Slot *>malloc(capacity * sizeof(Slot))
+        cdef uint64_t offset
+
+        if slots == NULL:
+            raise MemoryError()
+        for offset in range(self.low, self.cursor):
+            slots[offset & (capacity - 1)] = self.slot(offset)[0]
+        free(self.slots)
+        self.slots = slots
+        self.capacity = capacity
+        return 0
+
+    cdef int advance_low(self) except -1:
+        while self.low < self.cursor and (
+                self.slot(self.low).state == SLOT_SETTLED):
+            self.low += 1
+        return 0
+
+    cdef int promote(self, int64_t now) except -1:
+        """Move delayed slots whose not-before time has come to ready."""
+        cdef TimedEntry *top
+        cdef Slot *slot
+
+        while self.delayed.size and self.delayed.entries[0].time <= now:
+            top = &self.delayed.entries[0]
+            if top.offset >= self.low:
+                slot = self.slot(top.offset)
+                if (slot.state == SLOT_AVAILABLE and
+                        slot.attempt == top.attempt and slot.time == top.time):
+                    offset_push(&self.ready, top.offset)
+            timed_pop(&self.delayed)
+        return 0
+
+    cdef int take(self, int64_t now, uint64_t end, int64_t deadline,
+                  uint64_t *offset, uint32_t *attempt) except -1:
+        """Deliver the lowest available offset below end; 1 if one was.
+
+        Sets offset and attempt; the slot's deadline becomes deadline.
+        """
+        cdef Slot *slot
+        cdef uint64_t candidate
+
+        self.promote(now)
+        while self.ready.size:
+            candidate = self.ready.entries[0]
+            offset_pop(&self.ready)
+            if candidate < self.low:
+                continue
+            slot = self.slot(candidate)
+            if slot.state != SLOT_AVAILABLE:
+                continue
+            if slot.time > now:
+                # Made available again with a delay after it was queued.
+                continue
+            self.waiting -= 1
+            break
+        else:
+            if self.cursor >= end:
+                return 0
+            if self.cursor - self.low == self.capacity:
+                self.grow()
+            candidate = self.cursor
+            slot = self.slot(candidate)
+            slot.attempt = 0
+            self.cursor += 1
+
+        slot.state = SLOT_DELIVERED
+        slot.attempt += 1
+        slot.time = deadline
+        self.delivered += 1
+        timed_push(&self.deadlines, deadline, candidate, slot.attempt)
+        offset[0] = candidate
+        attempt[0] = slot.attempt
+        return 1
+
+    cdef int lookup(self, uint64_t receipt, uint64_t *offset) except -1:
+        """Set offset for a receipt of a delivery in flight; else return 1."""
+        cdef uint64_t candidate = receipt >> RECEIPT_ATTEMPT_BITS
+        cdef Slot *slot
+
+        if candidate < self.low or candidate >= self.cursor:
+            return 1
+        slot = self.slot(candidate)
+        if slot.state != SLOT_DELIVERED or (
+                slot.attempt & RECEIPT_ATTEMPT_MASK) != (
+                receipt & RECEIPT_ATTEMPT_MASK):
+            return 1
+        offset[0] = candidate
+        return 0
+
+    cdef int settle(self, uint64_t offset) except -1:
+        """Mark a delivered or available offset acked or dead-lettered."""
+        cdef Slot *slot = self.slot(offset)
+
+        if slot.state == SLOT_DELIVERED:
+            self.delivered -= 1
+        elif slot.state == SLOT_AVAILABLE:
+            self.waiting -= 1
+        slot.state = SLOT_SETTLED
+        if offset == self.low:
+            self.advance_low()
+        return 0
+
+    cdef int make_available(self, uint64_t offset,
+                            int64_t not_before) except -1:
+        """Return a delivered offset to the window, due at not_before."""
+        cdef Slot *slot = self.slot(offset)
+
+        if slot.state == SLOT_DELIVERED:
+            self.delivered -= 1
+        slot.state = SLOT_AVAILABLE
+        slot.time = not_before
+        self.waiting += 1
+        timed_push(&self.delayed, not_before, offset, slot.attempt)
+        return 0
+
+    cdef int set_deadline(self, uint64_t offset, int64_t deadline) except -1:
+        cdef Slot *slot = self.slot(offset)
+
+        slot.time = deadline
+        timed_push(&self.deadlines, deadline, offset, slot.attempt)
+        return 0
+
+    cdef int pop_expired(self, int64_t now, uint64_t *offset) except -1:
+        """Find a delivery whose deadline passed; 1 if one was found.
+
+        The slot stays delivered: the caller makes it available or
+        settles it (after a move to the dead-letter queue).
+        """
+        cdef TimedEntry entry
+        cdef Slot *slot
+
+        while self.deadlines.size and self.deadlines.entries[0].time <= now:
+            entry = self.deadlines.entries[0]
+            timed_pop(&self.deadlines)
+            if entry.offset < self.low or entry.offset >= self.cursor:
+                continue
+            slot = self.slot(entry.offset)
+            if (slot.state == SLOT_DELIVERED and
+                    slot.attempt == entry.attempt and
+                    slot.time == entry.time):
+                offset[0] = entry.offset
+                return 1
+        return 0
+
+    cdef int restore(self, uint64_t offset, uint32_t attempt,
+                     bint settled) except -1:
+        """Rebuild the window from saved state, one offset at a time.
+
+        Offsets arrive in increasing order from cursor on; an unsettled one
+        is available at once, with its attempts counted.
+        """
+        cdef Slot *slot
+
+        if offset < self.cursor:
+            raise ValueError(
+                f"offset {offset} is below the ring's cursor {self.cursor}")
+        while self.cursor <= offset:
+            while self.cursor - self.low >= self.capacity:
+                self.grow()
+            slot = self.slot(self.cursor)
+            slot.state = SLOT_AVAILABLE
+            slot.attempt = 0
+            slot.time = 0
+            self.waiting += 1
+            offset_push(&self.ready, self.cursor)
+            self.cursor += 1
+        slot = self.slot(offset)
+        slot.attempt = attempt
+        if settled:
+            self.settle(offset)
+        return 0
+
+    # Python access, for the broker's Python layer and for tests ----------
+
+    def take_next(self, int64_t now, uint64_t end, int64_t deadline):
+        """Deliver the lowest available offset below end.
+
+        Returns (offset, attempt, receipt), or None when nothing is due.
+        """
+        cdef uint64_t offset
+        cdef uint32_t attempt
+
+        if not self.take(now, end, deadline, &offset, &attempt):
+            return None
+        return offset, attempt, make_receipt(offset, attempt)
+
+    cdef uint64_t checked(self, uint64_t receipt) except? 0:
+        cdef uint64_t offset
+
+        if self.lookup(receipt, &offset):
+            raise StaleReceiptError(
+                f"receipt {receipt} names a delivery that expired or was "
+                f"already settled")
+        return offset
+
+    def ack(self, uint64_t receipt):
+        """Settle the delivery named by receipt; return its offset."""
+        cdef uint64_t offset = self.checked(receipt)
+
+        self.settle(offset)
+        return offset
+
+    def nack(self, uint64_t receipt, int64_t not_before):
+        """Make the delivery's offset available again from not_before."""
+        cdef uint64_t offset = self.checked(receipt)
+
+        self.make_available(offset, not_before)
+        return offset
+
+    def extend(self, uint64_t receipt, int64_t deadline):
+        """Move the deadline of the delivery named by receipt."""
+        cdef uint64_t offset = self.checked(receipt)
+
+        self.set_deadline(offset, deadline)
+        return offset
+
+    def expire(self, int64_t now):
+        """Make every delivery past its deadline available; return them.
+
+        Returns a list of (offset, attempt).
+        """
+        cdef uint64_t offset
+        cdef list expired = []
+
+        while self.pop_expired(now, &offset):
+            expired.append((offset, self.slot(offset).attempt))
+            self.make_available(offset, now)
+        return expired
+
+    def settle_offset(self, uint64_t offset):
+        """Settle an offset in the window, whatever its state."""
+        if offset < self.low or offset >= self.cursor:
+            raise IndexError(
+                f"offset {offset} is outside the window {self.low} to "
+                f"{self.cursor}")
+        self.settle(offset)
+
+    def restore_offset(self, uint64_t offset, uint32_t attempt, bint settled):
+        """Add saved state of offset; see restore()."""
+        self.restore(offset, attempt, settled)
+
+    def state(self, uint64_t offset):
+        """Return "available", "delivered" or "settled" for offset."""
+        if offset < self.low:
+            return "settled"
+        if offset >= self.cursor:
+            return "available"
+        return ("available", "delivered", "settled")[
+            self.slot(offset).state]
+
+    def attempts(self, uint64_t offset):
+        """Return the deliveries of offset so far (0 outside the window)."""
+        if offset < self.low or offset >= self.cursor:
+            return 0
+        return self.slot(offset).attempt
+
+    @property
+    def slots_allocated(self):
+        """The number of slots in the circular array."""
+        return self.capacity
