@@ -13,6 +13,8 @@
 # A receipt is (offset << RECEIPT_ATTEMPT_BITS) | (attempt & mask): each
 # delivery of an offset has a new attempt number, so a receipt names one
 # hand-out and a stale one no longer matches its slot.
+# NOTE: only 16 bits of the attempt are kept, so a receipt from 65,536
+# deliveries earlier of the same offset would match again.
 
 cimport cython
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
@@ -73,6 +75,7 @@ cdef class RingBuffer:
         return &self.slots[offset & (self.capacity - 1)]
 
     cdef int grow(self) except -1
+    cdef int compact(self) except -1
     cdef int advance_low(self) except -1
     cdef int promote(self, int64_t now) except -1
     cdef int take(self, int64_t now, uint64_t end, int64_t deadline,
@@ -85,3 +88,4 @@ cdef class RingBuffer:
     cdef int restore(self, uint64_t offset, uint32_t attempt,
                      bint settled) except -1
     cdef uint64_t checked(self, uint64_t receipt) except? 0
+    cdef int64_t next_due(self) noexcept

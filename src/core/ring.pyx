@@ -42,6 +42,24 @@ cdef inline bint timed_before(const TimedEntry *a,
     return a.time < b.time or (a.time == b.time and a.offset < b.offset)
 
 
+cdef void timed_sift_down(TimedHeap *heap, size_t i) noexcept nogil:
+    cdef size_t child
+    cdef TimedEntry item = heap.entries[i]
+
+    while True:
+        child = 2 * i + 1
+        if child >= heap.size:
+            break
+        if (child + 1 < heap.size and
+                timed_before(&heap.entries[child + 1], &heap.entries[child])):
+            child += 1
+        if not timed_before(&heap.entries[child], &item):
+            break
+        heap.entries[i] = heap.entries[child]
+        i = child
+    heap.entries[i] = item
+
+
 cdef void timed_pop(TimedHeap *heap) noexcept nogil:
     cdef size_t i = 0, child
     cdef TimedEntry last
@@ -124,6 +142,10 @@ cdef class RingBuffer:
         cdef size_t size = RING_INITIAL_SLOTS
 
         while size < capacity:
+            # A larger array would overflow size * sizeof(Slot).
+            if size > <size_t>-1 // (2 * sizeof(Slot)):
+                raise MemoryError(
+                    f"a ring of {capacity} slots is too large to allocate")
             size *= 2
         self.slots = <Slot *>malloc(size * sizeof(Slot))
         if self.slots == NULL:
@@ -150,6 +172,35 @@ cdef class RingBuffer:
         free(self.slots)
         self.slots = slots
         self.capacity = capacity
+        return 0
+
+    cdef int compact(self) except -1:
+        """Drop stale deadline entries once they outnumber live ones.
+
+        Acked deliveries leave their entries behind; rebuilding the heap
+        when it is twice the live count keeps it O(in flight) in size, at
+        O(1) amortised cost per delivery.
+        """
+        cdef TimedHeap *heap = &self.deadlines
+        cdef size_t kept = 0, i
+        cdef TimedEntry *entry
+        cdef Slot *slot
+
+        for i in range(heap.size):
+            entry = &heap.entries[i]
+            if entry.offset < self.low or entry.offset >= self.cursor:
+                continue
+            slot = self.slot(entry.offset)
+            if (slot.state == SLOT_DELIVERED and
+                    slot.attempt == entry.attempt and
+                    slot.time == entry.time):
+                heap.entries[kept] = entry[0]
+                kept += 1
+        heap.size = kept
+        i = kept // 2
+        while i > 0:
+            i -= 1
+            timed_sift_down(heap, i)
         return 0
 
     cdef int advance_low(self) except -1:
@@ -185,6 +236,9 @@ cdef class RingBuffer:
         self.promote(now)
         while self.ready.size:
             candidate = self.ready.entries[0]
+            if candidate >= end:
+                # The lowest ready offset is past end, so every other is too.
+                return 0
             offset_pop(&self.ready)
             if candidate < self.low:
                 continue
@@ -192,7 +246,9 @@ cdef class RingBuffer:
             if slot.state != SLOT_AVAILABLE:
                 continue
             if slot.time > now:
-                # Made available again with a delay after it was queued.
+                # Not due yet (the clock passed in went back): wait in the
+                # delayed heap rather than be dropped.
+                timed_push(&self.delayed, slot.time, candidate, slot.attempt)
                 continue
             self.waiting -= 1
             break
@@ -210,6 +266,8 @@ cdef class RingBuffer:
         slot.attempt += 1
         slot.time = deadline
         self.delivered += 1
+        if self.deadlines.size >= 2 * self.delivered + HEAP_INITIAL_ENTRIES:
+            self.compact()
         timed_push(&self.deadlines, deadline, candidate, slot.attempt)
         offset[0] = candidate
         attempt[0] = slot.attempt
@@ -312,6 +370,21 @@ cdef class RingBuffer:
         if settled:
             self.settle(offset)
         return 0
+
+    cdef int64_t next_due(self) noexcept:
+        """Return the earliest deadline or not-before time queued, or -1.
+
+        Entries made stale by an ack or extend still count, so a waiter
+        may wake early and find nothing due.
+        """
+        cdef int64_t due = -1
+
+        if self.deadlines.size:
+            due = self.deadlines.entries[0].time
+        if self.delayed.size and (
+                due < 0 or self.delayed.entries[0].time < due):
+            due = self.delayed.entries[0].time
+        return due
 
     # Python access, for the broker's Python layer and for tests ----------
 
