@@ -10,6 +10,7 @@ from pymq.errors import (BrokerLockedError, ClosedError, ConfigError,
 include "segment.pyx"
 include "store.pyx"
 include "ring.pyx"
+include "group.pyx"
 
 # Picks the CRC32C implementation now, while the import holds the GIL.
 CRC32C_IMPLEMENTATION = pymq_crc32c_impl().decode("ascii")

@@ -71,7 +71,9 @@ cdef size_t find_record(const uint8_t *data, size_t capacity, size_t start,
     cdef size_t size
 
     nonzero_end[0] = 0
-    while capacity - pos >= REC_ALIGN:
+    # pos may start past capacity (recover passes the end of a full
+    # segment plus REC_ALIGN), so compare without subtracting.
+    while pos + REC_ALIGN <= capacity:
         if load_u64(data + pos) != 0:
             nonzero_end[0] = pos + REC_ALIGN
             if (load_u32(data + pos) == REC_MAGIC and
@@ -221,6 +223,14 @@ cdef class Segment:
             raise OSError(errno, f"mmap of {self.index_path} failed: "
                                  f"{os.strerror(errno)}")
         self.index = <uint8_t *>address
+
+        # The mappings keep the files open, so the descriptors are closed
+        # now: a log of many segments would otherwise run out of them.
+        # ensure_index() opens the index file again when it grows it.
+        os.close(self.fd)
+        self.fd = -1
+        os.close(self.index_fd)
+        self.index_fd = -1
         return 0
 
     cdef int rename_to(self, str directory, uint64_t base) except -1:
@@ -261,7 +271,11 @@ cdef class Segment:
                 f"maximum {(self.index_max - IDX_HEADER_SIZE) // 4}")
         grown = max(needed, self.index_alloc * 2, IDX_GROW_BYTES)
         grown = min(grown, self.index_max)
-        os.posix_fallocate(self.index_fd, 0, grown)
+        fd = os.open(self.index_path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.posix_fallocate(fd, 0, grown)
+        finally:
+            os.close(fd)
         self.index_alloc = grown
         return 0
 
@@ -297,6 +311,13 @@ cdef class Segment:
             valid = pos == IDX_MISSING or valid_record(
                 self.data, length, pos, self.base + count - 1,
                 self.base + count, &size)
+            if not valid:
+                # The rebuild's own message does not say where the log
+                # stopped matching its checkpoint.
+                self.events.append(
+                    f"segment {os.path.basename(self.path)}: checkpointed "
+                    f"record at byte {pos} (offset {self.base + count - 1}) "
+                    f"is missing or damaged")
         if not valid:
             return self.rebuild_index()
 

@@ -18,6 +18,9 @@ import re
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 MIN_SEGMENT_BYTES = 64
+# Largest next offset that ensure_next_offset() and min_next_offset accept.
+# It leaves 2**63 offsets before a uint64 offset could wrap around to 0.
+MAX_NEXT_OFFSET = 2**63 - 1
 
 cdef dict FSYNC_POLICIES = {
     "never": FSYNC_NEVER,
@@ -36,7 +39,7 @@ cdef enum CollectKind:
 
 cdef long long read_length(Py_buffer *sizes, Py_ssize_t i,
                            bint signed) except? -1:
-    """Return lengths[i]; -1 for an unsigned value too large to be one."""
+    """Return lengths[i]; unsigned values above 2**62 return 2**62."""
     cdef const char *item = <const char *>sizes.buf + i * sizes.itemsize
 
     if sizes.itemsize == 4:
@@ -48,7 +51,9 @@ cdef long long read_length(Py_buffer *sizes, Py_ssize_t i,
             return (<const long long *>item)[0]
         if (<const unsigned long long *>item)[0] > (
                 <unsigned long long>1 << 62):
-            return -1
+            # No buffer is this large, so the caller reports the length as
+            # past the end of buffer.
+            return <long long>1 << 62
         return (<const unsigned long long *>item)[0]
     raise TypeError(f"lengths items must be 4 or 8 bytes, not "
                     f"{sizes.itemsize}")
@@ -153,8 +158,12 @@ cdef class SegmentStore:
                 f"{', '.join(map(repr, FSYNC_POLICIES))}")
         if on_damage is not None and not callable(on_damage):
             raise TypeError("on_damage must be callable or None")
+        if min_next_offset > MAX_NEXT_OFFSET:
+            raise ConfigError(
+                f"min_next_offset is {min_next_offset}; it must be at most "
+                f"{MAX_NEXT_OFFSET}")
 
-        self.path = os.path.abspath(os.fspath(path))
+        self.path = os.path.abspath(os.fsdecode(path))
         self.segment_bytes = segment_bytes
         self.max_message_bytes = max_message_bytes
         self.policy = FSYNC_POLICIES[fsync]
@@ -568,6 +577,9 @@ cdef class SegmentStore:
         """
         cdef uint64_t skipped = 0
 
+        if offset > MAX_NEXT_OFFSET:
+            raise ValueError(
+                f"offset is {offset}; it must be at most {MAX_NEXT_OFFSET}")
         self.acquire()
         try:
             if offset > self.active.base + self.active.count:

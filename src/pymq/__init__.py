@@ -1,6 +1,8 @@
 """pymq: a durable message broker for Python, around a compiled storage core."""
 
+from pymq._core import Message
 from pymq._version import __version__
+from pymq.broker import Broker, open
 from pymq.errors import (
     BrokerLockedError,
     ClosedError,
@@ -17,24 +19,33 @@ from pymq.errors import (
     ServerError,
     StaleReceiptError,
 )
+from pymq.queue import Group, Queue, Stream
 from pymq.storage import SegmentStore, open_store
+from pymq.types import QueueStats
 
 __all__ = [
+    "Broker",
     "BrokerLockedError",
     "ClosedError",
     "ConfigError",
     "CorruptSegmentError",
+    "Group",
     "InvalidNameError",
+    "Message",
     "MessageTooLargeError",
     "OffsetNotFoundError",
     "ProtocolError",
     "PymqError",
+    "Queue",
     "QueueEmpty",
     "QueueFull",
     "QueueNotFound",
+    "QueueStats",
     "SegmentStore",
     "ServerError",
     "StaleReceiptError",
+    "Stream",
     "__version__",
+    "open",
     "open_store",
 ]

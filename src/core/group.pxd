@@ -1,0 +1,88 @@
+# Messages, streams and consumer groups: the per-message path of the broker.
+#
+# A message with headers is stored with REC_FLAG_HEADERS set and its body
+# prefixed by a header block (little-endian):
+#
+#   u16 count, then per header: u16 key length, key (UTF-8),
+#                               u32 value length, value (UTF-8)
+#
+# Group journal records (little-endian), one SegmentStore per group:
+#
+#   JOURNAL_DELIVER     u8 op, u32 count, count x (u64 offset, u32 attempt)
+#   JOURNAL_ACK         u8 op, u32 count, count x u64 offset
+#   JOURNAL_DEAD        u8 op, u32 count, count x u64 offset
+#   JOURNAL_CHECKPOINT  u8 op, u64 low, u64 cursor, u32 count,
+#                       count x (u64 offset, u32 attempt, u8 settled)
+#
+# A delivery is journaled before the message is handed out, so attempt
+# counts survive a crash of the consumer or of the broker.
+
+from cpython.pythread cimport PyThread_type_lock
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+
+
+cdef enum:
+    REC_FLAG_HEADERS = 1
+
+cdef enum:
+    JOURNAL_DELIVER = 1
+    JOURNAL_ACK = 2
+    JOURNAL_DEAD = 3
+    JOURNAL_CHECKPOINT = 4
+
+
+@cython.final
+cdef class Message:
+    cdef readonly bytes body         # the payload
+    cdef readonly uint64_t offset    # position in the stream
+    cdef readonly int64_t timestamp  # ns since the epoch, set by put
+    cdef readonly uint32_t attempt   # 1 for the first delivery
+    cdef readonly uint64_t receipt   # names this delivery
+    cdef object header_map           # dict, or None when there are none
+    cdef GroupBase group             # settles the delivery
+
+    @staticmethod
+    cdef Message new(GroupBase group, const uint8_t *header, uint64_t offset,
+                     uint32_t attempt)
+
+
+cdef class StreamBase:
+    cdef readonly SegmentStore store  # the stream's records
+    cdef readonly str name
+    cdef public int waiters           # consumers blocked in get()
+    cdef public object wake           # callable() run after a put with waiters
+
+    cdef int published(self) except -1
+
+
+cdef class GroupBase:
+    cdef readonly StreamBase stream
+    cdef SegmentStore journal         # this group's journal
+    cdef RingBuffer ring
+    cdef PyThread_type_lock lock      # ring and counters; before store locks
+    cdef int64_t visibility_ns
+    cdef public uint32_t max_deliveries
+    cdef public size_t max_in_flight
+    cdef public object on_dead        # callable(group, offset, attempt, reason)
+    cdef public bint deletes_acked    # a queue: delete segments once acked
+    cdef uint64_t delete_mark         # check for deletable segments from here
+    cdef readonly uint64_t acked      # acks since open
+    cdef readonly uint64_t dead_lettered
+    cdef readonly uint64_t skipped    # offsets with no readable record
+    cdef list dead_due                # (offset, attempt, reason) to move
+    cdef uint64_t journal_written     # journal bytes to sync before returning
+    cdef readonly bint closed
+
+    cdef int acquire(self) except -1
+    cdef void release(self) noexcept
+    cdef int write_journal(self, uint8_t op, const uint64_t *offsets,
+                           const uint32_t *attempts, Py_ssize_t count) except -1
+    cdef int finish(self) except -1
+    cdef int expire(self, int64_t now) except -1
+    cdef Message take_one(self, int64_t now)
+    cdef int fail(self, uint64_t offset, int64_t not_before, str reason,
+                  bint dead_now) except -1
+    cdef uint64_t check_receipt(self, uint64_t receipt) except? 0
+    cdef int retain(self) except -1
+    cdef int replay(self, uint64_t start) except -1
+    cdef int write_checkpoint(self) except -1

@@ -1,0 +1,739 @@
+# Message, StreamBase and GroupBase bodies; layouts are in group.pxd.
+
+from cpython.dict cimport PyDict_New, PyDict_SetItem
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.string cimport memcpy
+
+import time
+
+cdef int64_t NS_PER_SECOND = 1000000000
+cdef int64_t FOREVER = 0x7FFFFFFFFFFFFFFF
+cdef enum:
+    MAX_HEADER_KEY_BYTES = 0xFFFF
+    DELIVER_ENTRY_BYTES = 12
+    CHECKPOINT_ENTRY_BYTES = 13
+
+
+cdef bytes encode_headers(dict headers):
+    """Return the header block for headers (str keys and values)."""
+    cdef list parts = [len(headers).to_bytes(2, "little")]
+
+    if len(headers) > 0xFFFF:
+        raise ValueError(f"{len(headers)} headers; the maximum is 65535")
+    for key, value in headers.items():
+        if type(key) is not str or type(value) is not str:
+            raise TypeError(
+                f"header names and values must be str, not "
+                f"{type(key).__name__}: {type(value).__name__}")
+        raw_key = (<str>key).encode("utf-8")
+        raw_value = (<str>value).encode("utf-8")
+        if len(raw_key) > MAX_HEADER_KEY_BYTES:
+            raise ValueError(
+                f"header name is {len(raw_key)} bytes; the maximum is "
+                f"{MAX_HEADER_KEY_BYTES}")
+        parts.append(len(raw_key).to_bytes(2, "little"))
+        parts.append(raw_key)
+        parts.append(len(raw_value).to_bytes(4, "little"))
+        parts.append(raw_value)
+    return b"".join(parts)
+
+
+cdef dict decode_headers(const uint8_t *data, size_t length, size_t *used):
+    """Parse a header block; set used to its size in bytes."""
+    cdef size_t pos = 2, key_length, value_length
+    cdef Py_ssize_t count, i
+    cdef dict headers = {}
+
+    if length < 2:
+        raise ValueError("header block is truncated")
+    count = data[0] | (<size_t>data[1] << 8)
+    for i in range(count):
+        if length - pos < 2:
+            raise ValueError("header block is truncated")
+        key_length = data[pos] | (<size_t>data[pos + 1] << 8)
+        pos += 2
+        if length - pos < key_length + 4:
+            raise ValueError("header block is truncated")
+        key = PyUnicode_DecodeUTF8(<const char *>data + pos, key_length,
+                                   NULL)
+        pos += key_length
+        value_length = load_u32(data + pos)
+        pos += 4
+        if length - pos < value_length:
+            raise ValueError("header block is truncated")
+        headers[key] = PyUnicode_DecodeUTF8(<const char *>data + pos,
+                                            value_length, NULL)
+        pos += value_length
+    used[0] = pos
+    return headers
+
+
+@cython.final
+cdef class Message:
+    """One delivery of a message: its body, headers and position.
+
+    Settle it once with ack(), nack(), reject(), or keep it longer with
+    extend(). Settling a delivery that expired raises StaleReceiptError.
+    """
+
+    @staticmethod
+    cdef Message new(GroupBase group, const uint8_t *header, uint64_t offset,
+                     uint32_t attempt):
+        cdef Message message = Message.__new__(Message)
+        cdef size_t length = load_u32(header + REC_OFF_LENGTH)
+        cdef const uint8_t *body = header + REC_HEADER_SIZE
+        cdef size_t used = 0
+
+        if load_u32(header + REC_OFF_FLAGS) & REC_FLAG_HEADERS:
+            message.header_map = decode_headers(body, length, &used)
+        message.body = PyBytes_FromStringAndSize(<const char *>body + used,
+                                                 length - used)
+        message.offset = offset
+        message.timestamp = <int64_t>load_u64(header + REC_OFF_TIMESTAMP)
+        message.attempt = attempt
+        message.receipt = make_receipt(offset, attempt)
+        message.group = group
+        return message
+
+    @property
+    def headers(self):
+        """The message's headers, a dict of str to str."""
+        if self.header_map is None:
+            self.header_map = {}
+        return self.header_map
+
+    def ack(self):
+        """Settle this delivery: the message is done."""
+        self.group.ack(self.receipt)
+
+    def nack(self, double delay=0.0):
+        """Give the message back, for redelivery after delay seconds."""
+        self.group.nack(self.receipt, delay)
+
+    def extend(self, double seconds):
+        """Set this delivery's deadline to now plus seconds."""
+        self.group.extend(self.receipt, seconds)
+
+    def reject(self, str reason="rejected"):
+        """Move the message to the dead-letter queue now, with reason."""
+        self.group.reject(self.receipt, reason)
+
+    def __repr__(self):
+        return (f"<Message offset={self.offset} attempt={self.attempt} "
+                f"{len(self.body)} bytes>")
+
+
+cdef int check_delay(str name, double seconds) except -1:
+    if not seconds >= 0 or seconds > 1e9:
+        raise ConfigError(f"{name} is {seconds} seconds; it must be from 0 "
+                          f"to 1e9")
+    return 0
+
+
+cdef class StreamBase:
+    """The publishing side of a stream: compiled put and put_many."""
+
+    def __cinit__(self, SegmentStore store not None, str name not None):
+        self.store = store
+        self.name = name
+
+    cdef int published(self) except -1:
+        if self.waiters > 0 and self.wake is not None:
+            self.wake()
+        return 0
+
+    def put(self, body, *, dict headers=None):
+        """Append one message and return its offset.
+
+        Raises MessageTooLargeError, before writing, for a body (with its
+        headers) larger than max_message_bytes.
+        """
+        cdef BodyRef ref
+        cdef uint64_t first
+        cdef bytes block
+
+        if headers:
+            block = encode_headers(headers)
+            body = block + bytes(body)
+            first = self.store.append(body, flags=REC_FLAG_HEADERS)
+        elif type(body) is bytes:
+            ref.data = <const uint8_t *>PyBytes_AS_STRING(body)
+            ref.length = PyBytes_GET_SIZE(body)
+            self.store.append_refs(&ref, 1, 0, 0, &first)
+        else:
+            first = self.store.append(body)
+        self.published()
+        return first
+
+    def put_many(self, bodies, *, dict headers=None):
+        """Append messages in order; return their offsets as a range."""
+        cdef uint64_t first
+        cdef list items = bodies if type(bodies) is list else list(bodies)
+
+        if headers:
+            block = encode_headers(headers)
+            items = [block + bytes(body) for body in items]
+            first = self.store.append_many(items, flags=REC_FLAG_HEADERS)
+        else:
+            first = self.store.append_many(items)
+        self.published()
+        return range(first, first + len(items))
+
+
+cdef class GroupBase:
+    """A consumer group's deliveries: get, ack, nack, extend, reject.
+
+    Thread-safe. Every delivery and settlement is written to the group's
+    journal before the call returns (synced first under fsync="always").
+    """
+
+    def __cinit__(self):
+        self.lock = PyThread_allocate_lock()
+        if self.lock == NULL:
+            raise MemoryError()
+        self.dead_due = []
+
+    def __init__(self, StreamBase stream not None,
+                 SegmentStore journal not None, *, uint64_t start=0,
+                 double visibility_timeout=30.0, uint32_t max_deliveries=5,
+                 size_t max_in_flight=10000):
+        check_delay("visibility_timeout", visibility_timeout)
+        self.stream = stream
+        self.journal = journal
+        self.visibility_ns = <int64_t>(visibility_timeout * NS_PER_SECOND)
+        self.max_deliveries = max_deliveries
+        self.max_in_flight = max_in_flight
+        self.replay(start)
+
+    def __dealloc__(self):
+        if self.lock != NULL:
+            PyThread_free_lock(self.lock)
+
+    cdef int acquire(self) except -1:
+        if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+            with nogil:
+                PyThread_acquire_lock(self.lock, WAIT_LOCK)
+        if self.closed:
+            PyThread_release_lock(self.lock)
+            raise ClosedError(f"group of stream {self.stream.name} is closed")
+        return 0
+
+    cdef void release(self) noexcept:
+        PyThread_release_lock(self.lock)
+
+    @property
+    def visibility_timeout(self):
+        """Seconds a delivery may stay unsettled before it is redelivered."""
+        return self.visibility_ns / NS_PER_SECOND
+
+    @visibility_timeout.setter
+    def visibility_timeout(self, double seconds):
+        check_delay("visibility_timeout", seconds)
+        self.visibility_ns = <int64_t>(seconds * NS_PER_SECOND)
+
+    # Journal -------------------------------------------------------------
+
+    cdef int write_journal(self, uint8_t op, const uint64_t *offsets,
+                           const uint32_t *attempts,
+                           Py_ssize_t count) except -1:
+        """Append one journal record; the caller holds the group lock."""
+        cdef size_t entry = DELIVER_ENTRY_BYTES if attempts != NULL else 8
+        cdef size_t size = 5 + count * entry
+        cdef uint8_t small[64]
+        cdef bytes record = None
+        cdef uint8_t *out = small
+        cdef Py_ssize_t i
+        cdef BodyRef ref
+        cdef uint64_t first
+        cdef uint32_t entries = <uint32_t>count
+
+        if size > sizeof(small):
+            record = PyBytes_FromStringAndSize(NULL, size)
+            out = <uint8_t *>PyBytes_AS_STRING(record)
+        ref.data = out
+        ref.length = size
+        out[0] = op
+        memcpy(out + 1, &entries, 4)
+        out += 5
+        for i in range(count):
+            memcpy(out, &offsets[i], 8)
+            if attempts != NULL:
+                memcpy(out + 8, &attempts[i], 4)
+            out += entry
+        self.journal.check_size(ref.length)
+        self.journal.acquire()
+        try:
+            self.journal.append_locked(&ref, 1, realtime_ns(), 0, &first)
+            self.journal_written = self.journal.written_bytes
+        finally:
+            self.journal.release()
+        return 0
+
+    cdef int write_checkpoint(self) except -1:
+        """Append the whole window, then drop journal segments before it."""
+        cdef RingBuffer ring = self.ring
+        cdef uint64_t window = ring.cursor - ring.low
+        cdef bytes record
+        cdef uint8_t *out
+        cdef uint64_t offset, first
+        cdef uint32_t entries = <uint32_t>window
+        cdef Slot *slot
+        cdef BodyRef ref
+
+        if 21 + window * CHECKPOINT_ENTRY_BYTES > self.journal.max_message_bytes:
+            # NOTE: a window this large is not checkpointed, so the journal
+            # keeps growing until the window shrinks.
+            return 0
+        record = PyBytes_FromStringAndSize(
+            NULL, 21 + window * CHECKPOINT_ENTRY_BYTES)
+        out = <uint8_t *>PyBytes_AS_STRING(record)
+        out[0] = JOURNAL_CHECKPOINT
+        memcpy(out + 1, &ring.low, 8)
+        memcpy(out + 9, &ring.cursor, 8)
+        memcpy(out + 17, &entries, 4)
+        out += 21
+        for offset in range(ring.low, ring.cursor):
+            slot = ring.slot(offset)
+            memcpy(out, &offset, 8)
+            memcpy(out + 8, &slot.attempt, 4)
+            out[12] = slot.state == SLOT_SETTLED
+            out += CHECKPOINT_ENTRY_BYTES
+        ref.data = <const uint8_t *>PyBytes_AS_STRING(record)
+        ref.length = PyBytes_GET_SIZE(record)
+        self.journal.acquire()
+        try:
+            self.journal.append_locked(&ref, 1, realtime_ns(), 0, &first)
+            self.journal_written = self.journal.written_bytes
+        finally:
+            self.journal.release()
+        self.journal.delete_below(first)
+        return 0
+
+    cdef int replay(self, uint64_t start) except -1:
+        """Rebuild the ring from the journal; a new group starts at start."""
+        cdef uint64_t low = start, cursor = start, offset
+        cdef uint32_t count, attempt, i
+        cdef dict attempts = {}
+        cdef set settled = set()
+        cdef const uint8_t *data
+        cdef bytes body
+
+        for body in self.journal.read_range(self.journal.first_offset,
+                                            self.journal.next_offset):
+            data = <const uint8_t *>PyBytes_AS_STRING(body)
+            if len(body) < 5:
+                continue
+            if data[0] == JOURNAL_CHECKPOINT and len(body) >= 21:
+                low = load_u64(data + 1)
+                cursor = load_u64(data + 9)
+                count = load_u32(data + 17)
+                attempts = {}
+                settled = set()
+                for i in range(min(count, (len(body) - 21) // 13)):
+                    offset = load_u64(data + 21 + 13 * i)
+                    attempts[offset] = load_u32(data + 29 + 13 * i)
+                    if data[33 + 13 * i]:
+                        settled.add(offset)
+                continue
+            count = load_u32(data + 1)
+            if data[0] == JOURNAL_DELIVER:
+                for i in range(min(count, (len(body) - 5) // 12)):
+                    offset = load_u64(data + 5 + 12 * i)
+                    attempt = load_u32(data + 13 + 12 * i)
+                    if attempt > attempts.get(offset, 0):
+                        attempts[offset] = attempt
+                    cursor = max(cursor, offset + 1)
+            elif data[0] == JOURNAL_ACK or data[0] == JOURNAL_DEAD:
+                for i in range(min(count, (len(body) - 5) // 8)):
+                    offset = load_u64(data + 5 + 8 * i)
+                    settled.add(offset)
+                    cursor = max(cursor, offset + 1)
+
+        self.ring = RingBuffer(low)
+        for offset in sorted(attempts.keys() | settled):
+            if offset >= low:
+                self.ring.restore(offset, attempts.get(offset, 0),
+                                  offset in settled)
+        # Offsets this group saw are never handed to a new message, even if
+        # the stream lost its tail.
+        self.stream.store.ensure_next_offset(self.ring.cursor)
+        self.acquire()
+        try:
+            self.write_checkpoint()
+        finally:
+            self.release()
+        self.journal.sync_to(self.journal_written)
+        return 0
+
+    # Delivering ----------------------------------------------------------
+
+    cdef int expire(self, int64_t now) except -1:
+        cdef uint64_t offset
+
+        while self.ring.pop_expired(now, &offset):
+            self.fail(offset, now, "visibility timeout", False)
+        return 0
+
+    cdef int fail(self, uint64_t offset, int64_t not_before, str reason,
+                  bint dead_now) except -1:
+        """Redeliver a failed delivery, or queue it for the DLQ.
+
+        Without on_dead (the group of a dead-letter queue) the message is
+        always redelivered, so it never leaves its DLQ.
+        """
+        cdef Slot *slot = self.ring.slot(offset)
+
+        if dead_now or (
+                self.max_deliveries and slot.attempt >= self.max_deliveries):
+            if self.on_dead is not None:
+                if not dead_now:
+                    reason = f"{reason}; max_deliveries reached"
+                # Until the move is done the slot stays delivered, and
+                # never expires.
+                self.ring.set_deadline(offset, FOREVER)
+                self.dead_due.append((offset, slot.attempt, reason))
+                return 0
+        self.ring.make_available(offset, not_before)
+        return 0
+
+    cdef Message take_one(self, int64_t now):
+        """Deliver the next message, or return None; lock held."""
+        cdef RingBuffer ring = self.ring
+        cdef SegmentStore store = self.stream.store
+        cdef uint64_t offset, end
+        cdef uint32_t attempt, pos
+        cdef int status
+        cdef Message message
+
+        while ring.delivered < self.max_in_flight:
+            end = store.active.base + store.active.count
+            if not ring.take(now, end, now + self.visibility_ns, &offset,
+                             &attempt):
+                return None
+            if self.max_deliveries and attempt > self.max_deliveries:
+                # Delivered max_deliveries times already, each time lost
+                # with its consumer (a crash): dead-letter it now.
+                ring.slot(offset).attempt = attempt - 1
+                self.fail(offset, now, "consumer lost", False)
+                continue
+            store.acquire()
+            try:
+                status = store.locate(offset, &pos)
+                if status == FOUND:
+                    message = Message.new(self, store.last_read.data + pos,
+                                          offset, attempt)
+            finally:
+                store.release()
+            if store.events_pending:
+                store.report()
+            if status == FOUND:
+                return message
+            # No record at this offset (a gap, or damage): skip it for good.
+            self.write_journal(JOURNAL_ACK, &offset, NULL, 1)
+            ring.settle(offset)
+            self.skipped += 1
+        return None
+
+    cdef int finish(self) except -1:
+        """Sync the journal, move dead letters, delete acked segments."""
+        cdef list due
+        cdef uint64_t offset
+        cdef int64_t now
+
+        if self.stream.waiters > 0:
+            # A settled delivery frees room under max_in_flight, and a
+            # nacked one is available again.
+            self.stream.published()
+        if self.journal.policy == FSYNC_ALWAYS:
+            self.journal.sync_to(self.journal_written)
+        if self.dead_due:
+            self.acquire()
+            due = self.dead_due
+            self.dead_due = []
+            self.release()
+            for i, (offset, attempt, reason) in enumerate(due):
+                try:
+                    self.on_dead(self, offset, attempt, reason)
+                except BaseException:
+                    now = monotonic_ns()
+                    self.acquire()
+                    try:
+                        for item in due[i:]:
+                            self.ring.make_available(item[0], now)
+                    finally:
+                        self.release()
+                    raise
+                self.acquire()
+                try:
+                    self.write_journal(JOURNAL_DEAD, &offset, NULL, 1)
+                    self.ring.settle(offset)
+                    self.dead_lettered += 1
+                finally:
+                    self.release()
+            if self.journal.policy == FSYNC_ALWAYS:
+                self.journal.sync_to(self.journal_written)
+        if self.deletes_acked and self.ring.low >= self.delete_mark:
+            self.retain()
+        if len(self.journal.segments) > 1:
+            self.acquire()
+            try:
+                self.write_checkpoint()
+            finally:
+                self.release()
+        return 0
+
+    cdef int retain(self) except -1:
+        """Delete the segments below low; set where to check next."""
+        cdef SegmentStore store = self.stream.store
+        cdef Segment first
+
+        if len(store.segments) > 1:
+            store.delete_below(self.ring.low)
+        store.acquire()
+        try:
+            first = <Segment>store.segments[0]
+            if len(store.segments) > 1:
+                self.delete_mark = first.base + first.count
+            else:
+                # The only segment is the active one, which is never
+                # deleted: check again once low passes what it can hold.
+                self.delete_mark = first.base + (
+                    first.capacity // REC_HEADER_SIZE)
+        finally:
+            store.release()
+        return 0
+
+    def get_nowait(self):
+        """Deliver the lowest available message, or return None."""
+        cdef int64_t now = monotonic_ns()
+        cdef Message message
+
+        self.acquire()
+        try:
+            self.expire(now)
+            message = self.take_one(now)
+            if message is not None:
+                self.write_journal(JOURNAL_DELIVER, &message.offset,
+                                   &message.attempt, 1)
+        finally:
+            self.release()
+        self.finish()
+        return message
+
+    def get_many_nowait(self, Py_ssize_t count):
+        """Deliver up to count available messages, lowest offsets first."""
+        cdef int64_t now = monotonic_ns()
+        cdef list messages = []
+        cdef Message message
+        cdef uint64_t *offsets
+        cdef uint32_t *attempts
+        cdef Py_ssize_t i
+
+        if count <= 0:
+            return messages
+        self.acquire()
+        try:
+            self.expire(now)
+            while len(messages) < count:
+                message = self.take_one(now)
+                if message is None:
+                    break
+                messages.append(message)
+            if messages:
+                offsets = <uint64_t *>PyMem_Malloc(len(messages) * 8)
+                attempts = <uint32_t *>PyMem_Malloc(len(messages) * 4)
+                try:
+                    if offsets == NULL or attempts == NULL:
+                        raise MemoryError()
+                    for i in range(len(messages)):
+                        offsets[i] = (<Message>messages[i]).offset
+                        attempts[i] = (<Message>messages[i]).attempt
+                    self.write_journal(JOURNAL_DELIVER, offsets, attempts,
+                                       len(messages))
+                finally:
+                    PyMem_Free(offsets)
+                    PyMem_Free(attempts)
+        finally:
+            self.release()
+        self.finish()
+        return messages
+
+    def next_due(self):
+        """Return seconds until a delivery expires or a delay ends, or None."""
+        cdef int64_t due
+
+        self.acquire()
+        try:
+            due = self.ring.next_due()
+        finally:
+            self.release()
+        if due < 0 or due == FOREVER:
+            return None
+        return max(0.0, (due - monotonic_ns()) / NS_PER_SECOND)
+
+    # Settling ------------------------------------------------------------
+
+    cdef uint64_t check_receipt(self, uint64_t receipt) except? 0:
+        cdef uint64_t offset
+
+        if self.ring.lookup(receipt, &offset):
+            raise StaleReceiptError(
+                f"receipt {receipt} of stream {self.stream.name} names a "
+                f"delivery that expired or was already settled")
+        return offset
+
+    def ack(self, uint64_t receipt):
+        """Settle the delivery named by receipt."""
+        cdef uint64_t offset
+
+        self.acquire()
+        try:
+            # A delivery past its deadline is stale even when no get has
+            # run since to notice it.
+            self.expire(monotonic_ns())
+            offset = self.check_receipt(receipt)
+            self.write_journal(JOURNAL_ACK, &offset, NULL, 1)
+            self.ring.settle(offset)
+            self.acked += 1
+        finally:
+            self.release()
+        self.finish()
+
+    def ack_many(self, items):
+        """Settle many deliveries: Messages or receipts, all or none.
+
+        Raises StaleReceiptError, settling nothing, if any receipt is stale
+        or appears twice.
+        """
+        cdef list receipts = [
+            (<Message>item).receipt if type(item) is Message else item
+            for item in items]
+        cdef Py_ssize_t count = len(receipts), i
+        cdef uint64_t *offsets
+
+        if count == 0:
+            return
+        if len(set(receipts)) != count:
+            raise StaleReceiptError("the same receipt appears twice")
+        offsets = <uint64_t *>PyMem_Malloc(count * 8)
+        if offsets == NULL:
+            raise MemoryError()
+        try:
+            self.acquire()
+            try:
+                self.expire(monotonic_ns())
+                for i in range(count):
+                    offsets[i] = self.check_receipt(receipts[i])
+                self.write_journal(JOURNAL_ACK, offsets, NULL, count)
+                for i in range(count):
+                    self.ring.settle(offsets[i])
+                self.acked += count
+            finally:
+                self.release()
+        finally:
+            PyMem_Free(offsets)
+        self.finish()
+
+    def nack(self, uint64_t receipt, double delay=0.0):
+        """Give a delivery back, for redelivery after delay seconds.
+
+        A delivery whose attempt reached max_deliveries goes to the
+        dead-letter queue instead. A nack's delay is not journaled: after
+        a restart the message is available at once.
+        """
+        cdef uint64_t offset
+        cdef int64_t now = monotonic_ns()
+
+        check_delay("delay", delay)
+        self.acquire()
+        try:
+            self.expire(now)
+            offset = self.check_receipt(receipt)
+            self.fail(offset, now + <int64_t>(delay * NS_PER_SECOND), "nack",
+                      False)
+        finally:
+            self.release()
+        self.finish()
+
+    def extend(self, uint64_t receipt, double seconds):
+        """Set the deadline of a delivery to now plus seconds."""
+        cdef uint64_t offset
+        cdef int64_t now = monotonic_ns()
+
+        check_delay("seconds", seconds)
+        self.acquire()
+        try:
+            self.expire(now)
+            offset = self.check_receipt(receipt)
+            self.ring.set_deadline(
+                offset, now + <int64_t>(seconds * NS_PER_SECOND))
+        finally:
+            self.release()
+        # expire() may have queued dead letters for finish() to move.
+        self.finish()
+
+    def reject(self, uint64_t receipt, str reason="rejected"):
+        """Move a delivery's message to the dead-letter queue now."""
+        cdef uint64_t offset
+        cdef int64_t now = monotonic_ns()
+
+        self.acquire()
+        try:
+            self.expire(now)
+            offset = self.check_receipt(receipt)
+            self.fail(offset, now, reason, True)
+        finally:
+            self.release()
+        self.finish()
+
+    # State ---------------------------------------------------------------
+
+    def counts(self):
+        """Return a dict: in_flight, waiting, backlog, acked, and more."""
+        cdef SegmentStore store = self.stream.store
+        cdef uint64_t end
+
+        self.acquire()
+        try:
+            self.expire(monotonic_ns())
+            end = store.active.base + store.active.count
+            return {
+                "low": self.ring.low,
+                "cursor": self.ring.cursor,
+                "in_flight": self.ring.delivered,
+                "waiting": self.ring.waiting,
+                "backlog": end - self.ring.cursor if end > self.ring.cursor
+                else 0,
+                "acked": self.acked,
+                "dead_lettered": self.dead_lettered,
+                "skipped": self.skipped,
+            }
+        finally:
+            self.release()
+
+    def close(self):
+        """Checkpoint the journal and close it. Calling it again does nothing.
+
+        Deliveries still in flight are available again, with their attempt
+        counted, when the group is opened next.
+        """
+        if self.closed:
+            return
+        self.acquire()
+        try:
+            self.write_checkpoint()
+            self.closed = True
+        finally:
+            PyThread_release_lock(self.lock)
+        self.journal.close()
+
+
+def split_body(uint32_t flags, bytes body):
+    """Return (headers, payload) of a stored record body and its flags."""
+    cdef size_t used = 0
+    cdef dict headers = {}
+
+    if flags & REC_FLAG_HEADERS:
+        headers = decode_headers(<const uint8_t *>PyBytes_AS_STRING(body),
+                                 len(body), &used)
+    return headers, body[used:]

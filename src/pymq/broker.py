@@ -1,0 +1,426 @@
+"""The embedded broker: a data directory of streams, queues and groups."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from pymq._core import DirectoryLock, GroupBase, StreamBase, split_body
+from pymq.errors import (
+    ClosedError,
+    ConfigError,
+    CorruptSegmentError,
+    OffsetNotFoundError,
+    PymqError,
+    QueueNotFound,
+)
+from pymq.names import check_name
+from pymq.queue import Group, Queue, Stream
+from pymq.storage import DEFAULT_FLUSH_INTERVAL, DEFAULT_SEGMENT_BYTES, open_store
+
+__all__ = ["Broker", "open"]
+
+logger = logging.getLogger(__name__)
+
+# Journals hold small records; compaction runs when one rolls over.
+JOURNAL_SEGMENT_BYTES: Final = 4 * 1024 * 1024
+QUEUE_GROUP: Final = ".queue"
+DEAD_LETTER_HEADERS: Final = (
+    "x-source",
+    "x-group",
+    "x-offset",
+    "x-attempts",
+    "x-reason",
+    "x-dead-at",
+)
+GROUP_DEFAULTS: Final[dict[str, Any]] = {
+    "visibility_timeout": 30.0,
+    "max_deliveries": 5,
+    "max_in_flight": 10_000,
+}
+
+
+def _check_options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(options) - set(GROUP_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
+    checked = {}
+    for key, value in options.items():
+        if key == "visibility_timeout":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"visibility_timeout must be a number, not {value!r}")
+            if not 0 <= value <= 1e9:
+                raise ConfigError(
+                    f"visibility_timeout is {value} seconds; it must be from 0 to 1e9"
+                )
+            value = float(value)
+        else:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{key} must be an int, not {value!r}")
+            low, high = (0, 65_535) if key == "max_deliveries" else (1, 1 << 31)
+            if not low <= value <= high:
+                raise ConfigError(f"{key} is {value}; it must be from {low} to {high}")
+        checked[key] = value
+    return checked
+
+
+class _Declared:
+    """Options stored beside a queue or group, in options.json."""
+
+    def __init__(self, folder: Path, label: str) -> None:
+        self.path = folder / "options.json"
+        self.label = label
+
+    def merge(self, kind: str, explicit: dict[str, Any]) -> dict[str, Any]:
+        stored: dict[str, Any] = {}
+        if self.path.exists():
+            stored = json.loads(self.path.read_text())
+            if stored.get("kind", kind) != kind:
+                raise ConfigError(
+                    f"{self.label} was declared as a {stored['kind']}, not a {kind}"
+                )
+        options = {**GROUP_DEFAULTS, **stored.get("options", {})}
+        changed = {
+            key: value for key, value in explicit.items() if options.get(key) != value
+        }
+        for key, value in changed.items():
+            if self.path.exists():
+                logger.info(
+                    "%s: %s changed from %r to %r", self.label, key, options[key], value
+                )
+            options[key] = value
+        if changed or not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            scratch = self.path.with_suffix(".tmp")
+            scratch.write_text(json.dumps({"kind": kind, "options": options}))
+            os.replace(scratch, self.path)
+        return options
+
+
+class Broker:
+    """Streams, queues and groups in one data directory, owned by this process.
+
+    Thread-safe. Use pymq.open() to create one; close it, or use it as a
+    context manager.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        fsync: str = "interval",
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        max_message_bytes: int | None = None,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+    ) -> None:
+        self._temporary = path is None
+        if path is None:
+            shm = "/dev/shm"
+            parent = shm if os.access(shm, os.W_OK) else None
+            path = tempfile.mkdtemp(prefix="pymq-memory-", dir=parent)
+            fsync = "never"
+        self.path = Path(path).absolute()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = DirectoryLock(str(self.path))
+        self._store_options: dict[str, Any] = {
+            "fsync": fsync,
+            "segment_bytes": segment_bytes,
+            "max_message_bytes": max_message_bytes,
+            "flush_interval": flush_interval,
+        }
+        self._mutex = threading.RLock()
+        self._streams: dict[str, tuple[StreamBase, threading.Condition, str]] = {}
+        self._queues: dict[str, Queue] = {}
+        self._groups: dict[tuple[str, str], Group] = {}
+        self._closed = False
+        logger.info("opened broker in %s (fsync=%s)", self.path, fsync)
+
+    # Declaring -----------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"broker {self.path} is closed")
+
+    def _open_stream(
+        self, name: str, kind: str
+    ) -> tuple[StreamBase, threading.Condition]:
+        entry = self._streams.get(name)
+        if entry is not None:
+            if entry[2] != kind:
+                raise ConfigError(f"{name} is a {entry[2]}, not a {kind}")
+            return entry[0], entry[1]
+        folder = self.path / "streams" / name
+        marker = folder / "kind"
+        if marker.exists() and marker.read_text() != kind:
+            raise ConfigError(f"{name} is a {marker.read_text()}, not a {kind}")
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(kind)
+        store = open_store(folder / "log", **self._store_options)
+        core = StreamBase(store, name)
+        ready = threading.Condition()
+
+        def wake() -> None:
+            with ready:
+                ready.notify_all()
+
+        core.wake = wake
+        self._streams[name] = (core, ready, kind)
+        return core, ready
+
+    def _open_journal(self, stream: str, group: str) -> Any:
+        options = dict(self._store_options)
+        options["segment_bytes"] = JOURNAL_SEGMENT_BYTES
+        options["max_message_bytes"] = None
+        return open_store(self.path / "streams" / stream / "groups" / group, **options)
+
+    def queue(self, name: str, **options: Any) -> Queue:
+        """Open the queue name, creating it if it is missing.
+
+        Options (stored with the queue; an explicit different value updates
+        the stored one): visibility_timeout (seconds, default 30),
+        max_deliveries (default 5; 0 never dead-letters), max_in_flight
+        (default 10,000).
+        """
+        check_name("queue", name)
+        options = _check_options(options)
+        with self._mutex:
+            self._check_open()
+            folder = self.path / "streams" / name / "groups" / QUEUE_GROUP
+            queue = self._queues.get(name)
+            if queue is not None:
+                if options:
+                    # Store the new values too, so a restart keeps them.
+                    _Declared(folder, f"queue {name}").merge("queue", options)
+                    self._apply(queue, name, options)
+                return queue
+            stream, ready = self._open_stream(name, "queue")
+            merged = _Declared(folder, f"queue {name}").merge("queue", options)
+            journal = self._open_journal(name, QUEUE_GROUP)
+            try:
+                queue = Queue(self, name, stream, journal, ready, **merged)
+            except BaseException:
+                journal.close()
+                raise
+            if not name.endswith(".dlq"):
+                queue.on_dead = self._dead_letter_function(name, None, queue)
+            self._queues[name] = queue
+            logger.info("opened queue %s", name)
+            return queue
+
+    def _apply(self, consumer: GroupBase, label: str, options: dict[str, Any]) -> None:
+        for key, value in options.items():
+            if getattr(consumer, key) != value:
+                logger.info(
+                    "%s: %s changed from %r to %r",
+                    label,
+                    key,
+                    getattr(consumer, key),
+                    value,
+                )
+                setattr(consumer, key, value)
+
+    def stream(self, name: str) -> Stream:
+        """Open the stream name, creating it if it is missing."""
+        check_name("stream", name)
+        with self._mutex:
+            self._check_open()
+            core, ready = self._open_stream(name, "stream")
+            return Stream(self, name, core, ready)
+
+    def _open_group(
+        self, stream: Stream, name: str, start: str | int, options: dict[str, Any]
+    ) -> Group:
+        check_name("group", name)
+        options = _check_options(options)
+        with self._mutex:
+            self._check_open()
+            key = (stream.name, name)
+            folder = self.path / "streams" / stream.name / "groups" / name
+            label = f"group {name} of {stream.name}"
+            group = self._groups.get(key)
+            if group is not None:
+                if options:
+                    # Store the new values too, so a restart keeps them.
+                    _Declared(folder, label).merge("group", options)
+                    self._apply(group, label, options)
+                return group
+            core, ready = self._open_stream(stream.name, "stream")
+            store = core.store
+            if start == "earliest":
+                offset = store.first_offset
+            elif start == "latest":
+                offset = store.next_offset
+            elif isinstance(start, int) and not isinstance(start, bool) and start >= 0:
+                offset = start
+            else:
+                raise ConfigError(
+                    f"start is {start!r}; it must be 'earliest', 'latest' or an "
+                    f"offset (an int of 0 or more)"
+                )
+            merged = _Declared(folder, label).merge("group", options)
+            journal = self._open_journal(stream.name, name)
+            try:
+                group = Group(
+                    self, stream.name, name, core, journal, ready, offset, **merged
+                )
+            except BaseException:
+                journal.close()
+                raise
+            group.on_dead = self._dead_letter_function(stream.name, name, group)
+            self._groups[key] = group
+            logger.info("opened %s", label)
+            return group
+
+    # Dead letters ----------------------------------------------------------
+
+    def _dead_letter_function(
+        self, source: str, group_name: str | None, consumer: Queue | Group
+    ) -> Any:
+        dlq_name = consumer.dlq_name
+        store = consumer.stream.store
+
+        def dead_letter(
+            core: GroupBase, offset: int, attempt: int, reason: str
+        ) -> None:
+            try:
+                _, _, flags, body = store.read_record(offset)
+            except (OffsetNotFoundError, CorruptSegmentError) as exc:
+                logger.warning(
+                    "message %d of %s has no readable record; not moved to %s: %s",
+                    offset,
+                    source,
+                    dlq_name,
+                    exc,
+                )
+                return
+            headers, payload = split_body(flags, body)
+            headers.update(
+                {
+                    "x-source": source,
+                    "x-group": group_name or "",
+                    "x-offset": str(offset),
+                    "x-attempts": str(attempt),
+                    "x-reason": reason,
+                    "x-dead-at": str(time.time_ns()),
+                }
+            )
+            self.queue(dlq_name).put(payload, headers=headers)
+            logger.warning(
+                "message %d of %s moved to %s after %d attempts: %s",
+                offset,
+                source,
+                dlq_name,
+                attempt,
+                reason,
+            )
+
+        return dead_letter
+
+    def redrive(self, dlq_name: str, to: str | None = None) -> int:
+        """Move every message now in a dead-letter queue back, in order, once.
+
+        A queue's DLQ (``<queue>.dlq``) goes back to its queue; to= names
+        another queue instead. Returns the number of messages moved. The
+        x- headers added by the dead-letter move are removed.
+        """
+        check_name("queue", dlq_name)
+        if to is None:
+            if not dlq_name.endswith(".dlq"):
+                raise ConfigError(f"{dlq_name} is not a dead-letter queue")
+            to = dlq_name[: -len(".dlq")]
+            if ("queue", to) != self._kind_of(to):
+                # TODO: redrive a group's DLQ to that group only; it needs a
+                # per-group redelivery log, so for now pass to= a queue.
+                raise PymqError(
+                    f"{dlq_name} is not the DLQ of a queue; pass to= a queue name"
+                )
+        if not (self.path / "streams" / dlq_name).exists():
+            raise QueueNotFound(f"queue {dlq_name} does not exist")
+        source = self.queue(dlq_name)
+        target = self.queue(to)
+        moved = 0
+        end = source.stream.store.next_offset
+        while True:
+            batch = [m for m in source.get_many_nowait(1000) if m.offset < end]
+            if not batch:
+                break
+            for message in batch:
+                headers = {
+                    key: value
+                    for key, value in message.headers.items()
+                    if key not in DEAD_LETTER_HEADERS
+                }
+                target.put(message.body, headers=headers or None)
+            source.ack_many(batch)
+            moved += len(batch)
+        logger.info("redrove %d messages from %s to %s", moved, dlq_name, to)
+        return moved
+
+    def _kind_of(self, name: str) -> tuple[str, str]:
+        marker = self.path / "streams" / name / "kind"
+        return (marker.read_text() if marker.exists() else "", name)
+
+    # Closing ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every queue, group and stream, and release the directory.
+
+        Deliveries in flight become available again when the broker is next
+        opened, with their attempt counted. Calling close again does nothing.
+        """
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            consumers: list[GroupBase] = [
+                *self._queues.values(),
+                *self._groups.values(),
+            ]
+            for consumer in consumers:
+                consumer.close()
+            for core, _, _ in self._streams.values():
+                core.store.close()
+            self._lock.release()
+            if self._temporary:
+                shutil.rmtree(self.path, ignore_errors=True)
+            logger.info("closed broker in %s", self.path)
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Broker {str(self.path)!r}>"
+
+
+def open(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    fsync: str = "interval",
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    max_message_bytes: int | None = None,
+    flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+) -> Broker:
+    """Open the broker in path, creating the directory if it is missing.
+
+    With no path the broker lives in a temporary folder in memory (/dev/shm
+    where it exists) that close() deletes. fsync is "always", "interval"
+    (default) or "never"; see pymq.open_store for what each survives.
+    Raises BrokerLockedError when another broker owns the directory.
+    """
+    return Broker(
+        path,
+        fsync=fsync,
+        segment_bytes=segment_bytes,
+        max_message_bytes=max_message_bytes,
+        flush_interval=flush_interval,
+    )

@@ -1,0 +1,225 @@
+"""Queues, streams and consumer groups of the embedded broker.
+
+The per-message calls (put, get_nowait, ack, nack, extend, reject) are
+methods of the compiled core; this module adds blocking waits, statistics
+and dead-letter queues.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from pymq._core import GroupBase, Message, SegmentStore, StreamBase
+from pymq.types import QueueStats
+
+if TYPE_CHECKING:
+    from pymq.broker import Broker
+
+__all__ = ["Group", "Message", "Queue", "Stream"]
+
+
+class _Consumer(GroupBase):
+    """Blocking get and get_many, on top of the core's non-blocking forms."""
+
+    name: str
+    _broker: Broker
+    _ready: threading.Condition
+
+    def get(self, timeout: float | None = None) -> Message | None:
+        """Deliver the lowest available message, waiting up to timeout seconds.
+
+        Returns None when the timeout passes first; timeout=None waits until a
+        message arrives. Thread-safe: each message goes to one caller at a time.
+        """
+        message = self.get_nowait()
+        if message is not None or timeout == 0:
+            return message
+        found = self._wait(timeout, lambda: self.get_nowait())
+        return found if isinstance(found, Message) else None
+
+    def get_many(self, count: int, timeout: float | None = None) -> list[Message]:
+        """Deliver up to count messages; wait up to timeout for the first one."""
+        messages = self.get_many_nowait(count)
+        if messages or timeout == 0:
+            return messages
+        found = self._wait(timeout, lambda: self.get_many_nowait(count) or None)
+        return found if isinstance(found, list) else []
+
+    def _wait(self, timeout: float | None, attempt: Any) -> Any:
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout is {timeout} seconds; it must not be negative")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        stream = self.stream
+        with self._ready:
+            stream.waiters += 1
+            try:
+                while True:
+                    found = attempt()
+                    if found is not None:
+                        return found
+                    wait = self.next_due()
+                    if deadline is not None:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            return None
+                        wait = remaining if wait is None else min(wait, remaining)
+                    # A message that appears between the attempt and the wait
+                    # is not missed: put's wake-up needs this lock first.
+                    self._ready.wait(wait)
+            finally:
+                stream.waiters -= 1
+
+    def __iter__(self) -> Iterator[Message]:
+        """Yield messages as they arrive, forever; settle each one."""
+        while True:
+            message = self.get()
+            if message is not None:
+                yield message
+
+    def stats(self) -> QueueStats:
+        """Return the counts of this queue or group; see QueueStats."""
+        counts = self.counts()
+        store: SegmentStore = self.stream.store
+        low = counts["low"]
+        age = None
+        if low < store.next_offset:
+            try:
+                timestamp = store.read_record(low)[1]
+            except LookupError:
+                age = None
+            else:
+                age = max(0.0, (time.time_ns() - timestamp) / 1e9)
+        depth = counts["in_flight"] + counts["waiting"] + counts["backlog"]
+        return QueueStats(
+            name=self.name,
+            depth=depth,
+            in_flight=counts["in_flight"],
+            waiting=counts["waiting"],
+            acked=counts["acked"],
+            dead_lettered=counts["dead_lettered"],
+            oldest_unacked_age=age,
+            damaged=store.damaged,
+            skipped=counts["skipped"],
+        )
+
+    @property
+    def dlq(self) -> Queue:
+        """The dead-letter queue of this queue or group (created on first use)."""
+        return self._broker.queue(self.dlq_name)
+
+    @property
+    def dlq_name(self) -> str:
+        """The name of the dead-letter queue."""
+        raise NotImplementedError
+
+
+class Queue(_Consumer):
+    """A stream with one group, whose segments are deleted once acked.
+
+    put and put_many append to the queue; get, get_many, ack, ack_many, nack,
+    extend and reject consume it. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        name: str,
+        stream: StreamBase,
+        journal: SegmentStore,
+        ready: threading.Condition,
+        **options: Any,
+    ) -> None:
+        super().__init__(stream, journal, start=stream.store.first_offset, **options)
+        self.name = name
+        self._broker = broker
+        self._ready = ready
+        self.deletes_acked = True
+        # Bound methods of the core, so a put is one call into compiled code.
+        self.put = stream.put
+        self.put_many = stream.put_many
+
+    @property
+    def dlq_name(self) -> str:
+        """The name of the dead-letter queue: ``<queue>.dlq``."""
+        return f"{self.name}.dlq"
+
+    def __enter__(self) -> Queue:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Queue {self.name!r}>"
+
+
+class Group(_Consumer):
+    """A consumer group of a stream: its own cursor and deliveries.
+
+    Every group sees every message of its stream; consumers of one group
+    compete for them. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        stream_name: str,
+        name: str,
+        stream: StreamBase,
+        journal: SegmentStore,
+        ready: threading.Condition,
+        start: int,
+        **options: Any,
+    ) -> None:
+        super().__init__(stream, journal, start=start, **options)
+        self.name = name
+        self.stream_name = stream_name
+        self._broker = broker
+        self._ready = ready
+
+    @property
+    def dlq_name(self) -> str:
+        """The name of the dead-letter queue: ``<stream>.<group>.dlq``."""
+        return f"{self.stream_name}.{self.name}.dlq"
+
+    def __repr__(self) -> str:
+        return f"<Group {self.name!r} of stream {self.stream_name!r}>"
+
+
+class Stream:
+    """An append-only log with any number of consumer groups. Thread-safe."""
+
+    def __init__(
+        self, broker: Broker, name: str, core: StreamBase, ready: threading.Condition
+    ) -> None:
+        self.name = name
+        self._broker = broker
+        self._core = core
+        self._ready = ready
+        self.put = core.put
+        self.put_many = core.put_many
+
+    def group(
+        self,
+        name: str,
+        *,
+        start: str | int = "earliest",
+        **options: Any,
+    ) -> Group:
+        """Open the group name, creating it if it is missing.
+
+        start is where a new group begins: "earliest" (the oldest message
+        kept), "latest" (only messages put from now on) or an offset.
+        """
+        return self._broker._open_group(self, name, start, options)
+
+    @property
+    def store(self) -> SegmentStore:
+        """The segment store that holds this stream's records."""
+        return self._core.store
+
+    def __repr__(self) -> str:
+        return f"<Stream {self.name!r}>"
