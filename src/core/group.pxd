@@ -83,6 +83,7 @@ cdef class GroupBase:
     cdef int fail(self, uint64_t offset, int64_t not_before, str reason,
                   bint dead_now) except -1
     cdef uint64_t check_receipt(self, uint64_t receipt) except? 0
+    cdef int ack_receipt(self, uint64_t receipt) except -1
     cdef int retain(self) except -1
     cdef int replay(self, uint64_t start) except -1
     cdef int write_checkpoint(self) except -1

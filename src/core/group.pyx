@@ -104,7 +104,7 @@ cdef class Message:
 
     def ack(self):
         """Settle this delivery: the message is done."""
-        self.group.ack(self.receipt)
+        self.group.ack_receipt(self.receipt)
 
     def nack(self, double delay=0.0):
         """Give the message back, for redelivery after delay seconds."""
@@ -224,7 +224,7 @@ cdef class GroupBase:
     @property
     def visibility_timeout(self):
         """Seconds a delivery may stay unsettled before it is redelivered."""
-        return self.visibility_ns / NS_PER_SECOND
+        return self.visibility_ns / <double>NS_PER_SECOND
 
     @visibility_timeout.setter
     def visibility_timeout(self, double seconds):
@@ -263,7 +263,7 @@ cdef class GroupBase:
         self.journal.check_size(ref.length)
         self.journal.acquire()
         try:
-            self.journal.append_locked(&ref, 1, realtime_ns(), 0, &first)
+            self.journal.append_locked(&ref, 1, coarse_realtime_ns(), 0, &first)
             self.journal_written = self.journal.written_bytes
         finally:
             self.journal.release()
@@ -302,7 +302,7 @@ cdef class GroupBase:
         ref.length = PyBytes_GET_SIZE(record)
         self.journal.acquire()
         try:
-            self.journal.append_locked(&ref, 1, realtime_ns(), 0, &first)
+            self.journal.append_locked(&ref, 1, coarse_realtime_ns(), 0, &first)
             self.journal_written = self.journal.written_bytes
         finally:
             self.journal.release()
@@ -410,9 +410,13 @@ cdef class GroupBase:
             if not ring.take(now, end, now + self.visibility_ns, &offset,
                              &attempt):
                 return None
-            if self.max_deliveries and attempt > self.max_deliveries:
+            if (self.max_deliveries and attempt > self.max_deliveries and
+                    self.on_dead is not None):
                 # Delivered max_deliveries times already, each time lost
-                # with its consumer (a crash): dead-letter it now.
+                # with its consumer (a crash): dead-letter it now. A group
+                # without on_dead (a DLQ's) delivers it again instead, because
+                # fail() would only make it available and this loop would
+                # take it forever.
                 ring.slot(offset).attempt = attempt - 1
                 self.fail(offset, now, "consumer lost", False)
                 continue
@@ -455,7 +459,7 @@ cdef class GroupBase:
                 try:
                     self.on_dead(self, offset, attempt, reason)
                 except BaseException:
-                    now = monotonic_ns()
+                    now = coarse_monotonic_ns()
                     self.acquire()
                     try:
                         for item in due[i:]:
@@ -505,7 +509,7 @@ cdef class GroupBase:
 
     def get_nowait(self):
         """Deliver the lowest available message, or return None."""
-        cdef int64_t now = monotonic_ns()
+        cdef int64_t now = coarse_monotonic_ns()
         cdef Message message
 
         self.acquire()
@@ -522,7 +526,7 @@ cdef class GroupBase:
 
     def get_many_nowait(self, Py_ssize_t count):
         """Deliver up to count available messages, lowest offsets first."""
-        cdef int64_t now = monotonic_ns()
+        cdef int64_t now = coarse_monotonic_ns()
         cdef list messages = []
         cdef Message message
         cdef uint64_t *offsets
@@ -569,7 +573,7 @@ cdef class GroupBase:
             self.release()
         if due < 0 or due == FOREVER:
             return None
-        return max(0.0, (due - monotonic_ns()) / NS_PER_SECOND)
+        return max(0.0, (due - coarse_monotonic_ns()) / <double>NS_PER_SECOND)
 
     # Settling ------------------------------------------------------------
 
@@ -584,13 +588,16 @@ cdef class GroupBase:
 
     def ack(self, uint64_t receipt):
         """Settle the delivery named by receipt."""
+        self.ack_receipt(receipt)
+
+    cdef int ack_receipt(self, uint64_t receipt) except -1:
         cdef uint64_t offset
 
         self.acquire()
         try:
             # A delivery past its deadline is stale even when no get has
             # run since to notice it.
-            self.expire(monotonic_ns())
+            self.expire(coarse_monotonic_ns())
             offset = self.check_receipt(receipt)
             self.write_journal(JOURNAL_ACK, &offset, NULL, 1)
             self.ring.settle(offset)
@@ -598,6 +605,7 @@ cdef class GroupBase:
         finally:
             self.release()
         self.finish()
+        return 0
 
     def ack_many(self, items):
         """Settle many deliveries: Messages or receipts, all or none.
@@ -621,7 +629,7 @@ cdef class GroupBase:
         try:
             self.acquire()
             try:
-                self.expire(monotonic_ns())
+                self.expire(coarse_monotonic_ns())
                 for i in range(count):
                     offsets[i] = self.check_receipt(receipts[i])
                 self.write_journal(JOURNAL_ACK, offsets, NULL, count)
@@ -642,7 +650,7 @@ cdef class GroupBase:
         a restart the message is available at once.
         """
         cdef uint64_t offset
-        cdef int64_t now = monotonic_ns()
+        cdef int64_t now = coarse_monotonic_ns()
 
         check_delay("delay", delay)
         self.acquire()
@@ -658,7 +666,7 @@ cdef class GroupBase:
     def extend(self, uint64_t receipt, double seconds):
         """Set the deadline of a delivery to now plus seconds."""
         cdef uint64_t offset
-        cdef int64_t now = monotonic_ns()
+        cdef int64_t now = coarse_monotonic_ns()
 
         check_delay("seconds", seconds)
         self.acquire()
@@ -675,7 +683,7 @@ cdef class GroupBase:
     def reject(self, uint64_t receipt, str reason="rejected"):
         """Move a delivery's message to the dead-letter queue now."""
         cdef uint64_t offset
-        cdef int64_t now = monotonic_ns()
+        cdef int64_t now = coarse_monotonic_ns()
 
         self.acquire()
         try:
@@ -695,7 +703,7 @@ cdef class GroupBase:
 
         self.acquire()
         try:
-            self.expire(monotonic_ns())
+            self.expire(coarse_monotonic_ns())
             end = store.active.base + store.active.count
             return {
                 "low": self.ring.low,

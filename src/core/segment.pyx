@@ -318,6 +318,9 @@ cdef class Segment:
                     f"segment {os.path.basename(self.path)}: checkpointed "
                     f"record at byte {pos} (offset {self.base + count - 1}) "
                     f"is missing or damaged")
+                # The header itself is sound, so its count is: offsets it
+                # covers stay covered, and lost ones are counted as damaged.
+                self.count = count
         if not valid:
             return self.rebuild_index()
 

@@ -50,7 +50,6 @@ cdef class SegmentStore:
     cdef bint directory_dirty        # a file was created or renamed
     cdef bint events_pending         # a segment has damage to report
     cdef uint64_t deleted_damaged    # damage counted in deleted segments
-    cdef readonly uint64_t gap_offsets  # offsets skipped, never written
     cdef DirectoryLock owner_lock
     cdef object on_damage            # callable(str) for damage messages
     cdef readonly bint closed
@@ -86,3 +85,4 @@ cdef class SegmentStore:
     cdef object read_one(self, uint64_t offset, int kind)
     cdef list collect(self, uint64_t start, uint64_t stop, int kind)
     cdef int report(self) except -1
+    cdef uint64_t count_gaps(self)

@@ -566,7 +566,6 @@ cdef class SegmentStore:
             self.directory_dirty = True
         else:
             self.install(self.new_segment(offset))
-        self.gap_offsets += skipped
         return 0
 
     def ensure_next_offset(self, uint64_t offset):
@@ -735,7 +734,7 @@ cdef class SegmentStore:
         """Find offset's record; set last_read and pos when FOUND."""
         cdef Segment seg = self.find(offset)
         cdef uint32_t position
-        cdef size_t size
+        cdef size_t size, found
 
         if seg is None:
             first = (<Segment>self.segments[0]).base
@@ -750,14 +749,18 @@ cdef class SegmentStore:
             return FOUND
 
         self.events_pending = True
-        if valid_record(seg.data, seg.length, position, seg.base,
-                        seg.base + seg.count, &size):
-            # A sound record for another offset: the index is wrong.
-            seg.rebuild_index()
-            if seg is not self.active:
-                seg.sealed = True
-                self.pending.append(seg)
-            return self.locate(offset, pos)
+        # Before calling the record damaged, look for it elsewhere in the
+        # segment: a wrong index entry must not hide a sound record.
+        with nogil:
+            found = find_record(seg.data, seg.length, 0, offset, offset + 1,
+                                &size)
+        if found < seg.length:
+            store_u32(seg.index_entry(offset), <uint32_t>found)
+            seg.events.append(
+                f"segment {os.path.basename(seg.path)}: index entry of offset "
+                f"{offset} pointed to byte {position}, not {found}; fixed")
+            pos[0] = <uint32_t>found
+            return FOUND
         seg.mark_damaged(offset, position, "checksum mismatch")
         return DAMAGED
 
@@ -1016,6 +1019,29 @@ cdef class SegmentStore:
         finally:
             self.release()
 
+    cdef uint64_t count_gaps(self):
+        """Count offsets between segments: skipped, never written."""
+        cdef uint64_t gaps = 0
+        cdef Segment seg, previous = None
+
+        for seg in self.segments:
+            if previous is not None:
+                gaps += seg.base - (previous.base + previous.count)
+            previous = seg
+        return gaps
+
+    @property
+    def gap_offsets(self):
+        """Offsets from first_offset to next_offset that lie between segments.
+
+        They were skipped by ensure_next_offset() and never written.
+        """
+        self.acquire()
+        try:
+            return self.count_gaps()
+        finally:
+            self.release()
+
     @property
     def fsync(self):
         """The fsync policy: "never", "interval" or "always"."""
@@ -1051,7 +1077,7 @@ cdef class SegmentStore:
                 "first_offset": (<Segment>self.segments[0]).base,
                 "next_offset": self.active.base + self.active.count,
                 "damaged": damaged,
-                "gap_offsets": self.gap_offsets,
+                "gap_offsets": self.count_gaps(),
                 "written_bytes": self.written_bytes,
                 "synced_bytes": self.synced_bytes,
             }

@@ -385,7 +385,11 @@ class Broker:
             ]
             for consumer in consumers:
                 consumer.close()
-            for core, _, _ in self._streams.values():
+            for core, ready, _ in self._streams.values():
+                # Wake threads blocked in get(), so they raise ClosedError now
+                # rather than at their timeout (or never, with timeout=None).
+                with ready:
+                    ready.notify_all()
                 core.store.close()
             self._lock.release()
             if self._temporary:
