@@ -15,7 +15,8 @@
 #                       count x (u64 offset, u32 attempt, u8 settled)
 #
 # A delivery is journaled before the message is handed out, so attempt
-# counts survive a crash of the consumer or of the broker.
+# counts survive a crash of the consumer or of the broker. Journal records
+# carry timestamp 0: replay does not need the time.
 
 from cpython.pythread cimport PyThread_type_lock
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
@@ -32,6 +33,7 @@ cdef enum:
 
 
 @cython.final
+@cython.no_gc
 cdef class Message:
     cdef readonly bytes body         # the payload
     cdef readonly uint64_t offset    # position in the stream

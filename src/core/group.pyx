@@ -69,6 +69,7 @@ cdef dict decode_headers(const uint8_t *data, size_t length, size_t *used):
 
 
 @cython.final
+@cython.no_gc
 cdef class Message:
     """One delivery of a message: its body, headers and position.
 
@@ -263,7 +264,7 @@ cdef class GroupBase:
         self.journal.check_size(ref.length)
         self.journal.acquire()
         try:
-            self.journal.append_locked(&ref, 1, coarse_realtime_ns(), 0, &first)
+            self.journal.append_locked(&ref, 1, 0, 0, &first)
             self.journal_written = self.journal.written_bytes
         finally:
             self.journal.release()
@@ -302,7 +303,7 @@ cdef class GroupBase:
         ref.length = PyBytes_GET_SIZE(record)
         self.journal.acquire()
         try:
-            self.journal.append_locked(&ref, 1, coarse_realtime_ns(), 0, &first)
+            self.journal.append_locked(&ref, 1, 0, 0, &first)
             self.journal_written = self.journal.written_bytes
         finally:
             self.journal.release()

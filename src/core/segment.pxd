@@ -123,7 +123,7 @@ cdef class Segment:
 
     cdef int map_files(self) except -1
     cdef int rename_to(self, str directory, uint64_t base) except -1
-    cdef int start_prefault(self, size_t start) except -1
+    cdef int start_prefault(self, size_t start, size_t length) except -1
     cdef int ensure_index(self, uint64_t entries) except -1
     cdef int load_checkpoint(self) except -1
     cdef int recover(self, size_t start, uint64_t start_count) except -1

@@ -154,7 +154,6 @@ cdef class Segment:
             seg.index_alloc = min(seg.index_max, IDX_GROW_BYTES)
             os.posix_fallocate(seg.index_fd, 0, seg.index_alloc)
             seg.map_files()
-            seg.start_prefault(0)
         except BaseException:
             seg.release()
             for path in (seg.path, seg.index_path):
@@ -247,15 +246,17 @@ cdef class Segment:
         self.write_checkpoint(0, 0, 0, False)
         return 0
 
-    cdef int start_prefault(self, size_t start) except -1:
-        """Touch the pages from start to the end in a background thread."""
+    cdef int start_prefault(self, size_t start, size_t length) except -1:
+        """Touch up to length bytes of pages from start, in a background thread.
+        """
         cdef size_t first = page_floor(start + PAGE_SIZE - 1)
 
         if self.data == NULL or self.capacity < first + PREFAULT_MIN_BYTES:
             return 0
+        length = min(length, self.capacity - first)
         # A thread that cannot start only means the writer takes the faults.
-        pymq_prefault_start(&self.prefault, self.data + first,
-                            self.capacity - first, PAGE_SIZE)
+        pymq_prefault_start(&self.prefault, self.data + first, length,
+                            PAGE_SIZE)
         return 0
 
     cdef int ensure_index(self, uint64_t entries) except -1:

@@ -18,6 +18,8 @@ import re
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 MIN_SEGMENT_BYTES = 64
+# Bytes of the active segment prefaulted when a store opens.
+cdef size_t OPEN_PREFAULT_BYTES = 4 * 1024 * 1024
 # Largest next offset that ensure_next_offset() and min_next_offset accept.
 # It leaves 2**63 offsets before a uint64 offset could wrap around to 0.
 MAX_NEXT_OFFSET = 2**63 - 1
@@ -285,7 +287,9 @@ cdef class SegmentStore:
                                      seg.checkpoint_count, 0, True)
         self.directory_dirty = False
         self.events_pending = True
-        self.active.start_prefault(self.active.length)
+        # Only the next few MiB: a store that is opened and barely used
+        # should not fault in a whole segment.
+        self.active.start_prefault(self.active.length, OPEN_PREFAULT_BYTES)
         if min_next_offset > self.active.base + self.active.count:
             self.skip_to(min_next_offset)
         return 0
@@ -538,6 +542,7 @@ cdef class SegmentStore:
         try:
             self.spare = Segment.create(self.path, SPARE_NAME, 0,
                                         self.segment_bytes)
+            self.spare.start_prefault(0, self.segment_bytes)
         except OSError:
             # A full disk, say: the next roll creates its segment itself
             # and raises there if it still fails.

@@ -348,7 +348,13 @@ class Broker:
         moved = 0
         end = source.stream.store.next_offset
         while True:
-            batch = [m for m in source.get_many_nowait(1000) if m.offset < end]
+            batch = []
+            for message in source.get_many_nowait(1000):
+                if message.offset < end:
+                    batch.append(message)
+                else:
+                    # Put in the DLQ while this redrive runs: it stays there.
+                    message.nack()
             if not batch:
                 break
             for message in batch:

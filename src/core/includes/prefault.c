@@ -2,6 +2,7 @@
 #include "prefault.h"
 
 #include <stdint.h>
+#include <unistd.h>
 
 static void *prefault_run(void *argument)
 {
@@ -29,6 +30,7 @@ int pymq_prefault_start(pymq_prefault *job, void *start, size_t length,
     __atomic_store_n(&job->stop, 0, __ATOMIC_RELAXED);
     rc = pthread_create(&job->thread, NULL, prefault_run, job);
     job->running = rc == 0;
+    job->owner = getpid();
     return rc;
 }
 
@@ -36,6 +38,10 @@ void pymq_prefault_stop(pymq_prefault *job)
 {
     if (!job->running)
         return;
+    if (job->owner != getpid()) {
+        job->running = 0;
+        return;
+    }
     __atomic_store_n(&job->stop, 1, __ATOMIC_RELAXED);
     pthread_join(job->thread, NULL);
     job->running = 0;

@@ -11,6 +11,7 @@
 
 #include <pthread.h>
 #include <stddef.h>
+#include <sys/types.h>
 
 typedef struct {
     unsigned char *start;   /* first page to touch */
@@ -18,6 +19,8 @@ typedef struct {
     size_t page_size;
     int stop;               /* set by pymq_prefault_stop, read atomically */
     int running;            /* a thread was started and not yet joined */
+    pid_t owner;            /* process that started it; a forked child
+                               has no such thread and must not join it */
     pthread_t thread;
 } pymq_prefault;
 

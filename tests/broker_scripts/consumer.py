@@ -1,0 +1,57 @@
+"""A consumer process for the restart tests, killed by the test or by itself.
+
+Usage: consumer.py DATA_DIR MODE
+
+MODE "hold": take the first 5 messages of queue jobs, ack the first 3, print
+a JSON line {"acked": [...], "held": [...]}, then sleep until killed.
+
+MODE "once": take one message of queue jobs. A body of b"poison" makes the
+process SIGKILL itself while the delivery is in flight; any other body is
+acked and printed as a JSON line {"body": ..., "attempt": ...}. Prints
+{"body": null} when the queue has nothing to deliver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import pymq
+
+
+def hold(broker: pymq.Broker) -> None:
+    q = broker.queue("jobs")
+    messages = q.get_many(5, timeout=5.0)
+    q.ack_many(messages[:3])
+    report = {
+        "acked": [m.offset for m in messages[:3]],
+        "held": [[m.offset, m.attempt] for m in messages[3:]],
+    }
+    print(json.dumps(report), flush=True)
+    # The test kills this process by its pid; the bound only ends an orphan.
+    time.sleep(60)
+
+
+def once(broker: pymq.Broker) -> None:
+    q = broker.queue("jobs")
+    msg = q.get(timeout=0.5)
+    if msg is None:
+        print(json.dumps({"body": None}), flush=True)
+        return
+    if msg.body == b"poison":
+        os.kill(os.getpid(), signal.SIGKILL)
+    msg.ack()
+    print(json.dumps({"body": msg.body.decode(), "attempt": msg.attempt}), flush=True)
+
+
+def main() -> None:
+    data, mode = sys.argv[1], sys.argv[2]
+    with pymq.open(data) as broker:
+        {"hold": hold, "once": once}[mode](broker)
+
+
+if __name__ == "__main__":
+    main()

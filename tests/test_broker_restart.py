@@ -1,0 +1,189 @@
+"""State that survives closing the broker, and a SIGKILL of its process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pymq
+
+CONSUMER = Path(__file__).parent / "broker_scripts" / "consumer.py"
+PROCESS_TIMEOUT = 20.0
+
+
+def start_consumer(data: Path, mode: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(CONSUMER), str(data), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run_consumer(data: Path, mode: str) -> tuple[int, dict | None, str]:
+    """Run the consumer until it exits, and return its exit code, report and stderr."""
+    proc = start_consumer(data, mode)
+    try:
+        out, err = proc.communicate(timeout=PROCESS_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    lines = out.strip().splitlines()
+    return proc.returncode, json.loads(lines[-1]) if lines else None, err
+
+
+def kill_when_ready(proc: subprocess.Popen) -> dict:
+    """Read the consumer's report line, then SIGKILL it by its pid."""
+    try:
+        line = proc.stdout.readline()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=PROCESS_TIMEOUT)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert line, "consumer exited before it reported"
+    return json.loads(line)
+
+
+# Close and reopen -------------------------------------------------------
+
+
+def test_restart_keeps_acks(tmp_path):
+    data = tmp_path / "data"
+    with pymq.open(data) as broker:
+        q = broker.queue("jobs")
+        q.put_many([b"a", b"b", b"c"])
+        q.get(timeout=0).ack()
+    with pymq.open(data) as broker:
+        q = broker.queue("jobs")
+        messages = q.get_many(10, timeout=0)
+        assert [m.body for m in messages] == [b"b", b"c"]
+        assert [m.attempt for m in messages] == [1, 1]
+
+
+def test_restart_in_flight_available_with_attempt(tmp_path):
+    data = tmp_path / "data"
+    with pymq.open(data) as broker:
+        q = broker.queue("jobs", visibility_timeout=600.0)
+        q.put_many([b"a", b"b"])
+        q.get(timeout=0)
+    with pymq.open(data) as broker:
+        q = broker.queue("jobs")
+        msg = q.get(timeout=0)
+        assert msg.body == b"a"
+        assert msg.attempt == 2
+        assert q.get(timeout=0).attempt == 1
+
+
+def test_restart_offsets_continue(tmp_path):
+    data = tmp_path / "data"
+    with pymq.open(data) as broker:
+        broker.queue("jobs").put_many([b"a", b"b"])
+    with pymq.open(data) as broker:
+        assert broker.queue("jobs").put(b"c") == 2
+
+
+def test_restart_dead_letter_not_redelivered(tmp_path):
+    data = tmp_path / "data"
+    with pymq.open(data) as broker:
+        q = broker.queue("jobs")
+        q.put_many([b"bad", b"good"])
+        q.get(timeout=0).reject("bad")
+    with pymq.open(data) as broker:
+        q = broker.queue("jobs")
+        assert q.get(timeout=0).body == b"good"
+        assert q.dlq.get(timeout=0).body == b"bad"
+
+
+def test_restart_after_many_acks_keeps_position(tmp_path):
+    data = tmp_path / "data"
+    with pymq.open(data, segment_bytes=4096) as broker:
+        q = broker.queue("jobs")
+        q.put_many([b"%d" % i for i in range(3000)])
+        for _ in range(30):
+            q.ack_many(q.get_many(100, timeout=0)[:99])
+    with pymq.open(data, segment_bytes=4096) as broker:
+        q = broker.queue("jobs")
+        redelivered = q.get_many(30, timeout=0)
+        assert [m.offset for m in redelivered] == [99 + 100 * i for i in range(30)]
+        assert {m.attempt for m in redelivered} == {2}
+        assert q.stats().depth == 30
+
+
+# SIGKILL ----------------------------------------------------------------
+
+
+def test_sigkill_keeps_acks_and_attempts(tmp_path):
+    data = tmp_path / "data"
+    with pymq.open(data) as broker:
+        broker.queue("jobs", visibility_timeout=600.0).put_many(
+            [b"m%d" % i for i in range(8)]
+        )
+    report = kill_when_ready(start_consumer(data, "hold"))
+    assert report["acked"] == [0, 1, 2]
+    assert report["held"] == [[3, 1], [4, 1]]
+    with pymq.open(data) as broker:
+        q = broker.queue("jobs")
+        messages = q.get_many(10, timeout=0)
+        assert [m.offset for m in messages] == [3, 4, 5, 6, 7]
+        assert [m.attempt for m in messages] == [2, 2, 1, 1, 1]
+
+
+def test_sigkill_attempts_add_up_across_crashes(tmp_path):
+    data = tmp_path / "data"
+    with pymq.open(data) as broker:
+        broker.queue("jobs", max_deliveries=10).put_many([b"m%d" % i for i in range(5)])
+    first = kill_when_ready(start_consumer(data, "hold"))
+    second = kill_when_ready(start_consumer(data, "hold"))
+    assert first["held"] == [[3, 1], [4, 1]]
+    assert second["acked"] == [3, 4]
+    with pymq.open(data) as broker:
+        q = broker.queue("jobs")
+        assert q.get(timeout=0) is None
+        assert q.stats().depth == 0
+
+
+def test_sigkill_releases_directory_lock(tmp_path):
+    data = tmp_path / "data"
+    with pymq.open(data) as broker:
+        broker.queue("jobs").put_many([b"a", b"b", b"c", b"d"])
+    kill_when_ready(start_consumer(data, "hold"))
+    with pymq.open(data) as broker:
+        msg = broker.queue("jobs").get(timeout=0)
+        assert msg.offset == 3
+        assert msg.attempt == 2
+
+
+def test_sigkill_poison_reaches_dlq_after_max_deliveries(tmp_path):
+    data = tmp_path / "data"
+    max_deliveries = 3
+    with pymq.open(data) as broker:
+        q = broker.queue("jobs", max_deliveries=max_deliveries)
+        q.put(b"poison", headers={"kind": "demo"})
+        q.put_many([b"after1", b"after2"])
+    killed = 0
+    delivered = []
+    for _ in range(max_deliveries + 5):
+        code, report, err = run_consumer(data, "once")
+        if code == -signal.SIGKILL:
+            killed += 1
+            continue
+        assert code == 0, err
+        if report["body"] is None:
+            break
+        delivered.append(report["body"])
+    assert killed == max_deliveries
+    assert delivered == ["after1", "after2"]
+    with pymq.open(data) as broker:
+        dead = broker.queue("jobs.dlq").get(timeout=0)
+        assert dead.body == b"poison"
+        assert dead.headers["kind"] == "demo"
+        assert dead.headers["x-attempts"] == str(max_deliveries)
+        assert dead.headers["x-offset"] == "0"
+        assert "max_deliveries reached" in dead.headers["x-reason"]
+        assert broker.queue("jobs").stats().depth == 0

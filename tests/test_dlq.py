@@ -1,0 +1,210 @@
+"""Dead-letter queues: moves after max_deliveries, reject, and redrive."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+import pymq
+from pymq import ConfigError, QueueNotFound
+
+X_HEADERS = {"x-source", "x-group", "x-offset", "x-attempts", "x-reason", "x-dead-at"}
+
+
+@pytest.fixture
+def broker(tmp_path: Path):
+    with pymq.open(tmp_path / "data") as opened:
+        yield opened
+
+
+def fail_until_dead(q, times: int) -> None:
+    for _ in range(times):
+        q.get(timeout=0).nack()
+
+
+def test_dlq_name_and_property(broker):
+    q = broker.queue("jobs")
+    assert q.dlq_name == "jobs.dlq"
+    assert q.dlq is broker.queue("jobs.dlq")
+
+
+def test_dlq_nack_at_limit_moves_with_headers(broker):
+    q = broker.queue("jobs", max_deliveries=3)
+    q.put(b"poison", headers={"kind": "demo"})
+    before = time.time_ns()
+    fail_until_dead(q, 3)
+    after = time.time_ns()
+    dead = q.dlq.get(timeout=0)
+    assert dead.body == b"poison"
+    assert dead.headers["kind"] == "demo"
+    assert dead.headers["x-source"] == "jobs"
+    assert dead.headers["x-group"] == ""
+    assert dead.headers["x-offset"] == "0"
+    assert dead.headers["x-attempts"] == "3"
+    assert "nack" in dead.headers["x-reason"]
+    assert before <= int(dead.headers["x-dead-at"]) <= after
+    assert set(dead.headers) == X_HEADERS | {"kind"}
+
+
+def test_dlq_not_moved_before_limit(broker):
+    q = broker.queue("jobs", max_deliveries=3)
+    q.put(b"poison")
+    fail_until_dead(q, 2)
+    assert q.get(timeout=0).attempt == 3
+    assert q.dlq.stats().depth == 0
+
+
+def test_dlq_visibility_timeout_at_limit_moves(broker):
+    q = broker.queue("jobs", max_deliveries=2, visibility_timeout=0.1)
+    q.put(b"slow")
+    assert q.get(timeout=0).attempt == 1
+    assert q.get(timeout=2.0).attempt == 2
+    time.sleep(0.15)
+    assert q.get(timeout=0) is None
+    dead = q.dlq.get(timeout=0)
+    assert dead.body == b"slow"
+    assert dead.headers["x-attempts"] == "2"
+    assert "visibility timeout" in dead.headers["x-reason"]
+    assert q.stats().dead_lettered == 1
+
+
+def test_dlq_reject_moves_at_once_with_reason(broker):
+    q = broker.queue("jobs", max_deliveries=5)
+    q.put(b"bad")
+    q.get(timeout=0).reject("schema mismatch")
+    dead = q.dlq.get(timeout=0)
+    assert dead.body == b"bad"
+    assert dead.headers["x-reason"] == "schema mismatch"
+    assert dead.headers["x-attempts"] == "1"
+    stats = q.stats()
+    assert stats.dead_lettered == 1
+    assert stats.depth == 0
+
+
+def test_dlq_messages_behind_are_delivered(broker):
+    q = broker.queue("jobs", max_deliveries=1)
+    q.put_many([b"poison", b"next", b"last"])
+    q.get(timeout=0).nack()
+    assert q.get(timeout=0).body == b"next"
+    assert q.get(timeout=0).body == b"last"
+    assert q.dlq.stats().depth == 1
+
+
+def test_dlq_keeps_failed_order(broker):
+    q = broker.queue("jobs", max_deliveries=1)
+    q.put_many([b"a", b"b", b"c"])
+    for msg in q.get_many(3, timeout=0):
+        msg.reject("bad")
+    dead = q.dlq.get_many(3, timeout=0)
+    assert [m.body for m in dead] == [b"a", b"b", b"c"]
+    assert [m.headers["x-offset"] for m in dead] == ["0", "1", "2"]
+
+
+def test_dlq_message_failing_again_stays_in_dlq(broker):
+    q = broker.queue("jobs", max_deliveries=1)
+    q.put(b"poison")
+    q.get(timeout=0).reject("bad")
+    dlq = broker.queue("jobs.dlq", max_deliveries=1)
+    dlq.get(timeout=0).nack()
+    again = dlq.get(timeout=0)
+    assert again.body == b"poison"
+    assert again.attempt == 2
+    again.reject("still bad")
+    assert dlq.get(timeout=0).attempt == 3
+    assert not (broker.path / "streams" / "jobs.dlq.dlq").exists()
+
+
+def test_dlq_max_deliveries_zero_never_dead_letters(broker):
+    q = broker.queue("jobs", max_deliveries=0)
+    q.put(b"retry forever")
+    for attempt in range(1, 8):
+        msg = q.get(timeout=0)
+        assert msg.attempt == attempt
+        msg.nack()
+    assert q.stats().dead_lettered == 0
+    assert not (broker.path / "streams" / "jobs.dlq").exists()
+
+
+# Redrive ----------------------------------------------------------------
+
+
+def test_redrive_moves_back_in_order(broker):
+    q = broker.queue("jobs", max_deliveries=1)
+    q.put_many([b"a", b"b", b"c"])
+    for msg in q.get_many(3, timeout=0):
+        msg.reject("bad")
+    moved = broker.redrive("jobs.dlq")
+    assert moved == 3
+    back = q.get_many(10, timeout=0)
+    assert [m.body for m in back] == [b"a", b"b", b"c"]
+    assert [m.attempt for m in back] == [1, 1, 1]
+    assert q.dlq.stats().depth == 0
+
+
+def test_redrive_removes_dead_letter_headers(broker):
+    q = broker.queue("jobs", max_deliveries=1)
+    q.put(b"a", headers={"kind": "demo"})
+    q.put(b"b")
+    for msg in q.get_many(2, timeout=0):
+        msg.reject("bad")
+    broker.redrive("jobs.dlq")
+    first, second = q.get_many(2, timeout=0)
+    assert first.headers == {"kind": "demo"}
+    assert second.headers == {}
+
+
+def test_redrive_moves_each_message_once(broker):
+    q = broker.queue("jobs", max_deliveries=1)
+    q.put_many([b"a", b"b"])
+    for msg in q.get_many(2, timeout=0):
+        msg.reject("bad")
+    assert broker.redrive("jobs.dlq") == 2
+    assert broker.redrive("jobs.dlq") == 0
+    assert len(q.get_many(10, timeout=0)) == 2
+    assert q.stats().depth == 2
+
+
+def test_redrive_leaves_in_flight_dlq_message(broker):
+    q = broker.queue("jobs", max_deliveries=1)
+    q.put_many([b"a", b"b"])
+    for msg in q.get_many(2, timeout=0):
+        msg.reject("bad")
+    held = q.dlq.get(timeout=0)
+    assert broker.redrive("jobs.dlq") == 1
+    assert q.get(timeout=0).body == b"b"
+    held.ack()
+    assert q.dlq.stats().depth == 0
+
+
+def test_redrive_to_another_queue(broker):
+    q = broker.queue("jobs", max_deliveries=1)
+    q.put(b"a", headers={"kind": "demo"})
+    q.get(timeout=0).reject("bad")
+    assert broker.redrive("jobs.dlq", to="retry") == 1
+    msg = broker.queue("retry").get(timeout=0)
+    assert msg.body == b"a"
+    assert msg.headers == {"kind": "demo"}
+    assert q.get(timeout=0) is None
+
+
+def test_redrive_group_dlq_to_queue(broker):
+    s = broker.stream("events")
+    g = s.group("billing")
+    s.put(b"e")
+    g.get(timeout=0).reject("bad")
+    assert broker.redrive("events.billing.dlq", to="retry") == 1
+    assert broker.queue("retry").get(timeout=0).body == b"e"
+
+
+def test_redrive_missing_dlq_raises_not_found(broker):
+    broker.queue("jobs")
+    with pytest.raises(QueueNotFound, match="does not exist"):
+        broker.redrive("jobs.dlq")
+
+
+def test_redrive_non_dlq_name_raises(broker):
+    broker.queue("jobs")
+    with pytest.raises(ConfigError, match="is not a dead-letter queue"):
+        broker.redrive("jobs")
