@@ -66,6 +66,7 @@ cdef class GroupBase:
     cdef public uint32_t max_deliveries
     cdef public size_t max_in_flight
     cdef public object on_dead        # callable(group, offset, attempt, reason)
+    cdef public object clock          # callable() -> ns for tests, or None
     cdef public bint deletes_acked    # a queue: delete segments once acked
     cdef uint64_t delete_mark         # check for deletable segments from here
     cdef readonly uint64_t acked      # acks since open
@@ -77,6 +78,7 @@ cdef class GroupBase:
 
     cdef int acquire(self) except -1
     cdef void release(self) noexcept
+    cdef int64_t now(self) except? -1
     cdef int write_journal(self, uint8_t op, const uint64_t *offsets,
                            const uint32_t *attempts, Py_ssize_t count) except -1
     cdef int finish(self) except -1

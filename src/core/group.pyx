@@ -222,6 +222,12 @@ cdef class GroupBase:
     cdef void release(self) noexcept:
         PyThread_release_lock(self.lock)
 
+    cdef int64_t now(self) except? -1:
+        """Return the group's clock: monotonic ns, or clock() when it is set."""
+        if self.clock is None:
+            return coarse_monotonic_ns()
+        return self.clock()
+
     @property
     def visibility_timeout(self):
         """Seconds a delivery may stay unsettled before it is redelivered."""
@@ -460,7 +466,7 @@ cdef class GroupBase:
                 try:
                     self.on_dead(self, offset, attempt, reason)
                 except BaseException:
-                    now = coarse_monotonic_ns()
+                    now = self.now()
                     self.acquire()
                     try:
                         for item in due[i:]:
@@ -510,7 +516,7 @@ cdef class GroupBase:
 
     def get_nowait(self):
         """Deliver the lowest available message, or return None."""
-        cdef int64_t now = coarse_monotonic_ns()
+        cdef int64_t now = self.now()
         cdef Message message
 
         self.acquire()
@@ -527,7 +533,7 @@ cdef class GroupBase:
 
     def get_many_nowait(self, Py_ssize_t count):
         """Deliver up to count available messages, lowest offsets first."""
-        cdef int64_t now = coarse_monotonic_ns()
+        cdef int64_t now = self.now()
         cdef list messages = []
         cdef Message message
         cdef uint64_t *offsets
@@ -574,7 +580,7 @@ cdef class GroupBase:
             self.release()
         if due < 0 or due == FOREVER:
             return None
-        return max(0.0, (due - coarse_monotonic_ns()) / <double>NS_PER_SECOND)
+        return max(0.0, (due - self.now()) / <double>NS_PER_SECOND)
 
     # Settling ------------------------------------------------------------
 
@@ -598,7 +604,7 @@ cdef class GroupBase:
         try:
             # A delivery past its deadline is stale even when no get has
             # run since to notice it.
-            self.expire(coarse_monotonic_ns())
+            self.expire(self.now())
             offset = self.check_receipt(receipt)
             self.write_journal(JOURNAL_ACK, &offset, NULL, 1)
             self.ring.settle(offset)
@@ -630,7 +636,7 @@ cdef class GroupBase:
         try:
             self.acquire()
             try:
-                self.expire(coarse_monotonic_ns())
+                self.expire(self.now())
                 for i in range(count):
                     offsets[i] = self.check_receipt(receipts[i])
                 self.write_journal(JOURNAL_ACK, offsets, NULL, count)
@@ -651,7 +657,7 @@ cdef class GroupBase:
         a restart the message is available at once.
         """
         cdef uint64_t offset
-        cdef int64_t now = coarse_monotonic_ns()
+        cdef int64_t now = self.now()
 
         check_delay("delay", delay)
         self.acquire()
@@ -667,7 +673,7 @@ cdef class GroupBase:
     def extend(self, uint64_t receipt, double seconds):
         """Set the deadline of a delivery to now plus seconds."""
         cdef uint64_t offset
-        cdef int64_t now = coarse_monotonic_ns()
+        cdef int64_t now = self.now()
 
         check_delay("seconds", seconds)
         self.acquire()
@@ -684,7 +690,7 @@ cdef class GroupBase:
     def reject(self, uint64_t receipt, str reason="rejected"):
         """Move a delivery's message to the dead-letter queue now."""
         cdef uint64_t offset
-        cdef int64_t now = coarse_monotonic_ns()
+        cdef int64_t now = self.now()
 
         self.acquire()
         try:
@@ -704,7 +710,7 @@ cdef class GroupBase:
 
         self.acquire()
         try:
-            self.expire(coarse_monotonic_ns())
+            self.expire(self.now())
             end = store.active.base + store.active.count
             return {
                 "low": self.ring.low,

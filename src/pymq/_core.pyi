@@ -127,6 +127,7 @@ class GroupBase:
     max_in_flight: int
     visibility_timeout: float
     on_dead: Callable[[GroupBase, int, int, str], object] | None
+    clock: Callable[[], int] | None
     deletes_acked: bool
     acked: Final[int]
     dead_lettered: Final[int]
