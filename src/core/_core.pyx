@@ -5,7 +5,7 @@ cimport cython
 
 from pymq.errors import (BrokerLockedError, ClosedError, ConfigError,
                          CorruptSegmentError, MessageTooLargeError,
-                         OffsetNotFoundError, StaleReceiptError)
+                         OffsetNotFoundError, QueueFull, StaleReceiptError)
 
 include "segment.pyx"
 include "store.pyx"

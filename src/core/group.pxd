@@ -51,10 +51,19 @@ cdef class Message:
 cdef class StreamBase:
     cdef readonly SegmentStore store  # the stream's records
     cdef readonly str name
-    cdef public int waiters           # consumers blocked in get()
+    cdef public int waiters           # callers blocked in get() or put()
     cdef public object wake           # callable() run after a put with waiters
+    cdef public GroupBase queue_group # a queue's group, whose depth is bounded
+    cdef public int64_t max_length    # messages not yet acked; -1: no limit
+    cdef public int64_t max_bytes     # bytes of records on disk; -1: no limit
+    cdef public bint overflow_block   # at a limit: wait (True) or raise
+    cdef public object wait_room      # callable(seconds or None) -> bool
+    cdef PyThread_type_lock put_lock  # makes check and append one step
 
     cdef int published(self) except -1
+    cdef bint has_room(self, Py_ssize_t count, size_t size) except -1
+    cdef int reserve_room(self, Py_ssize_t count, size_t size,
+                          object timeout) except -1
 
 
 cdef class GroupBase:

@@ -132,51 +132,150 @@ cdef int check_delay(str name, double seconds) except -1:
 
 
 cdef class StreamBase:
-    """The publishing side of a stream: compiled put and put_many."""
+    """The publishing side of a stream: compiled put and put_many.
+
+    With max_length or max_bytes set, a put that would pass the limit
+    raises QueueFull, or with overflow_block waits for room (calling
+    wait_room) until its timeout. Nothing is dropped.
+    """
 
     def __cinit__(self, SegmentStore store not None, str name not None):
         self.store = store
         self.name = name
+        self.max_length = -1
+        self.max_bytes = -1
+        self.put_lock = PyThread_allocate_lock()
+        if self.put_lock == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        if self.put_lock != NULL:
+            PyThread_free_lock(self.put_lock)
 
     cdef int published(self) except -1:
         if self.waiters > 0 and self.wake is not None:
             self.wake()
         return 0
 
-    def put(self, body, *, dict headers=None):
+    cdef bint has_room(self, Py_ssize_t count, size_t size) except -1:
+        cdef GroupBase group = self.queue_group
+        cdef RingBuffer ring
+        cdef uint64_t end, depth
+
+        if self.max_length >= 0 and group is not None:
+            ring = group.ring
+            end = self.store.active.base + self.store.active.count
+            depth = ring.delivered + ring.waiting + (
+                end - ring.cursor if end > ring.cursor else 0)
+            if depth + count > <uint64_t>self.max_length:
+                return False
+        if self.max_bytes >= 0 and (
+                self.store.stored_bytes + size > <uint64_t>self.max_bytes):
+            return False
+        return True
+
+    cdef int reserve_room(self, Py_ssize_t count, size_t size,
+                          object timeout) except -1:
+        """Return once count records of size bytes in all fit the limits.
+
+        The caller holds put_lock, which is released while it waits.
+        """
+        cdef str what
+        cdef object deadline = None
+
+        if self.max_bytes >= 0 and size > <uint64_t>self.max_bytes:
+            raise QueueFull(
+                f"queue {self.name}: {size} bytes of records can never fit "
+                f"max_bytes {self.max_bytes}")
+        while not self.has_room(count, size):
+            if self.max_length >= 0 and not self.has_room(count, 0):
+                what = f"max_length {self.max_length} messages"
+            else:
+                what = f"max_bytes {self.max_bytes}"
+            if not self.overflow_block or self.wait_room is None:
+                raise QueueFull(f"queue {self.name} is full: {what}")
+            if timeout is not None and deadline is None:
+                deadline = time.monotonic() + timeout
+            PyThread_release_lock(self.put_lock)
+            try:
+                room = self.wait_room(
+                    None if deadline is None else deadline - time.monotonic())
+            finally:
+                if not PyThread_acquire_lock(self.put_lock, NOWAIT_LOCK):
+                    with nogil:
+                        PyThread_acquire_lock(self.put_lock, WAIT_LOCK)
+            if not room:
+                raise QueueFull(
+                    f"queue {self.name} is full ({what}) and put timed out "
+                    f"after {timeout} seconds")
+        return 0
+
+    def put(self, body, *, dict headers=None, timeout=None):
         """Append one message and return its offset.
 
         Raises MessageTooLargeError, before writing, for a body (with its
-        headers) larger than max_message_bytes.
+        headers) larger than max_message_bytes; QueueFull at a limit with
+        overflow "reject", or once timeout seconds pass with "block".
         """
         cdef BodyRef ref
         cdef uint64_t first
         cdef bytes block
+        cdef bint limited = self.max_length >= 0 or self.max_bytes >= 0
 
         if headers:
             block = encode_headers(headers)
             body = block + bytes(body)
-            first = self.store.append(body, flags=REC_FLAG_HEADERS)
-        elif type(body) is bytes:
-            ref.data = <const uint8_t *>PyBytes_AS_STRING(body)
-            ref.length = PyBytes_GET_SIZE(body)
-            self.store.append_refs(&ref, 1, 0, 0, &first)
-        else:
-            first = self.store.append(body)
+        if limited:
+            if not PyThread_acquire_lock(self.put_lock, NOWAIT_LOCK):
+                with nogil:
+                    PyThread_acquire_lock(self.put_lock, WAIT_LOCK)
+        try:
+            if limited:
+                self.reserve_room(1, record_size(len(body)), timeout)
+            if headers:
+                first = self.store.append(body, flags=REC_FLAG_HEADERS)
+            elif type(body) is bytes:
+                ref.data = <const uint8_t *>PyBytes_AS_STRING(body)
+                ref.length = PyBytes_GET_SIZE(body)
+                self.store.append_refs(&ref, 1, 0, 0, &first)
+            else:
+                first = self.store.append(body)
+        finally:
+            if limited:
+                PyThread_release_lock(self.put_lock)
         self.published()
         return first
 
-    def put_many(self, bodies, *, dict headers=None):
-        """Append messages in order; return their offsets as a range."""
+    def put_many(self, bodies, *, dict headers=None, timeout=None):
+        """Append messages in order; return their offsets as a range.
+
+        With a limit, the batch waits for (or raises without) room for all
+        of it: either every message is written or none.
+        """
         cdef uint64_t first
         cdef list items = bodies if type(bodies) is list else list(bodies)
+        cdef bint limited = self.max_length >= 0 or self.max_bytes >= 0
+        cdef size_t size = 0
 
         if headers:
             block = encode_headers(headers)
             items = [block + bytes(body) for body in items]
-            first = self.store.append_many(items, flags=REC_FLAG_HEADERS)
-        else:
-            first = self.store.append_many(items)
+        if limited:
+            for item in items:
+                size += record_size(len(item))
+            if not PyThread_acquire_lock(self.put_lock, NOWAIT_LOCK):
+                with nogil:
+                    PyThread_acquire_lock(self.put_lock, WAIT_LOCK)
+        try:
+            if limited:
+                self.reserve_room(len(items), size, timeout)
+            if headers:
+                first = self.store.append_many(items, flags=REC_FLAG_HEADERS)
+            else:
+                first = self.store.append_many(items)
+        finally:
+            if limited:
+                PyThread_release_lock(self.put_lock)
         self.published()
         return range(first, first + len(items))
 

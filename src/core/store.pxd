@@ -46,6 +46,7 @@ cdef class SegmentStore:
     cdef PyThread_type_lock lock
     cdef PyThread_type_lock sync_lock
     cdef uint64_t written_bytes      # bytes appended since open
+    cdef readonly uint64_t stored_bytes  # bytes of records in the segments
     cdef uint64_t synced_bytes       # of those, bytes known to be synced
     cdef bint directory_dirty        # a file was created or renamed
     cdef bint events_pending         # a segment has damage to report

@@ -266,6 +266,7 @@ cdef class SegmentStore:
                     self.report_events(seg)
                     continue
             self.segments.append(seg)
+            self.stored_bytes += seg.length
             previous = seg
         self.active = None
 
@@ -464,6 +465,7 @@ cdef class SegmentStore:
             seg.write_record(bodies[0].data, bodies[0].length, timestamp,
                              flags)
             self.written_bytes += record_size(bodies[0].length)
+            self.stored_bytes += record_size(bodies[0].length)
             if self.spare is None and seg.length > seg.capacity // 2:
                 if (self.segment_bytes >= PREFAULT_MIN_BYTES and
                         not self.spare_failed):
@@ -481,6 +483,7 @@ cdef class SegmentStore:
             seg.write_record(bodies[i].data, bodies[i].length, timestamp,
                              flags)
             self.written_bytes += size
+            self.stored_bytes += size
         if (self.spare is None and seg.length > seg.capacity // 2 and
                 self.segment_bytes >= PREFAULT_MIN_BYTES and
                 not self.spare_failed):
@@ -926,6 +929,7 @@ cdef class SegmentStore:
                     if seg in self.pending:
                         self.pending.remove(seg)
                     self.deleted_damaged += seg.damaged
+                    self.stored_bytes -= seg.length
                     seg.release()
                     os.unlink(seg.path)
                     os.unlink(seg.index_path)

@@ -27,6 +27,7 @@ class SegmentStore:
     segment_bytes: Final[int]
     max_message_bytes: Final[int]
     gap_offsets: Final[int]
+    stored_bytes: Final[int]
     closed: Final[bool]
     def __init__(
         self,
@@ -115,10 +116,25 @@ class StreamBase:
     name: Final[str]
     waiters: int
     wake: Callable[[], object] | None
+    queue_group: GroupBase | None
+    max_length: int
+    max_bytes: int
+    overflow_block: bool
+    wait_room: Callable[[float | None], bool] | None
     def __init__(self, store: SegmentStore, name: str) -> None: ...
-    def put(self, body: Buffer, *, headers: dict[str, str] | None = None) -> int: ...
+    def put(
+        self,
+        body: Buffer,
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> int: ...
     def put_many(
-        self, bodies: Iterable[Buffer], *, headers: dict[str, str] | None = None
+        self,
+        bodies: Iterable[Buffer],
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
     ) -> range: ...
 
 class GroupBase:

@@ -45,15 +45,35 @@ GROUP_DEFAULTS: Final[dict[str, Any]] = {
     "max_deliveries": 5,
     "max_in_flight": 10_000,
 }
+QUEUE_DEFAULTS: Final[dict[str, Any]] = {
+    **GROUP_DEFAULTS,
+    "max_length": None,
+    "max_bytes": None,
+    "overflow": "reject",
+}
 
 
-def _check_options(options: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(options) - set(GROUP_DEFAULTS)
+def _check_options(
+    options: dict[str, Any], defaults: dict[str, Any] = GROUP_DEFAULTS
+) -> dict[str, Any]:
+    unknown = set(options) - set(defaults)
     if unknown:
         raise TypeError(f"unknown options: {', '.join(sorted(unknown))}")
     checked = {}
     for key, value in options.items():
-        if key == "visibility_timeout":
+        if key == "overflow":
+            if value not in ("reject", "block"):
+                raise ConfigError(
+                    f"overflow is {value!r}; it must be 'reject' or 'block'"
+                )
+        elif key in ("max_length", "max_bytes") and value is None:
+            pass
+        elif key in ("max_length", "max_bytes"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{key} must be an int or None, not {value!r}")
+            if not 1 <= value <= 1 << 62:
+                raise ConfigError(f"{key} is {value}; it must be from 1 to 2**62")
+        elif key == "visibility_timeout":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"visibility_timeout must be a number, not {value!r}")
             if not 0 <= value <= 1e9:
@@ -78,7 +98,12 @@ class _Declared:
         self.path = folder / "options.json"
         self.label = label
 
-    def merge(self, kind: str, explicit: dict[str, Any]) -> dict[str, Any]:
+    def merge(
+        self,
+        kind: str,
+        explicit: dict[str, Any],
+        defaults: dict[str, Any] = GROUP_DEFAULTS,
+    ) -> dict[str, Any]:
         stored: dict[str, Any] = {}
         if self.path.exists():
             stored = json.loads(self.path.read_text())
@@ -86,7 +111,7 @@ class _Declared:
                 raise ConfigError(
                     f"{self.label} was declared as a {stored['kind']}, not a {kind}"
                 )
-        options = {**GROUP_DEFAULTS, **stored.get("options", {})}
+        options = {**defaults, **stored.get("options", {})}
         changed = {
             key: value for key, value in explicit.items() if options.get(key) != value
         }
@@ -186,10 +211,12 @@ class Broker:
         Options (stored with the queue; an explicit different value updates
         the stored one): visibility_timeout (seconds, default 30),
         max_deliveries (default 5; 0 never dead-letters), max_in_flight
-        (default 10,000).
+        (default 10,000), max_length (messages not yet acked) and max_bytes
+        (bytes of records on disk), both unlimited by default, and overflow
+        ("reject" raises QueueFull at a limit, "block" waits for room).
         """
         check_name("queue", name)
-        options = _check_options(options)
+        options = _check_options(options, QUEUE_DEFAULTS)
         with self._mutex:
             self._check_open()
             folder = self.path / "streams" / name / "groups" / QUEUE_GROUP
@@ -197,11 +224,13 @@ class Broker:
             if queue is not None:
                 if options:
                     # Store the new values too, so a restart keeps them.
-                    _Declared(folder, f"queue {name}").merge("queue", options)
+                    label = f"queue {name}"
+                    _Declared(folder, label).merge("queue", options, QUEUE_DEFAULTS)
                     self._apply(queue, name, options)
                 return queue
             stream, ready = self._open_stream(name, "queue")
-            merged = _Declared(folder, f"queue {name}").merge("queue", options)
+            label = f"queue {name}"
+            merged = _Declared(folder, label).merge("queue", options, QUEUE_DEFAULTS)
             journal = self._open_journal(name, QUEUE_GROUP)
             try:
                 queue = Queue(self, name, stream, journal, ready, **merged)

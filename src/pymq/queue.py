@@ -130,6 +130,10 @@ class Queue(_Consumer):
         stream: StreamBase,
         journal: SegmentStore,
         ready: threading.Condition,
+        *,
+        max_length: int | None = None,
+        max_bytes: int | None = None,
+        overflow: str = "reject",
         **options: Any,
     ) -> None:
         super().__init__(stream, journal, start=stream.store.first_offset, **options)
@@ -137,9 +141,60 @@ class Queue(_Consumer):
         self._broker = broker
         self._ready = ready
         self.deletes_acked = True
+        stream.queue_group = self
+        stream.wait_room = self._wait_room
+        self.max_length = max_length
+        self.max_bytes = max_bytes
+        self.overflow = overflow
         # Bound methods of the core, so a put is one call into compiled code.
         self.put = stream.put
         self.put_many = stream.put_many
+
+    @property
+    def max_length(self) -> int | None:
+        """Messages not yet acked that the queue holds at most, or None."""
+        value = self.stream.max_length
+        return None if value < 0 else value
+
+    @max_length.setter
+    def max_length(self, value: int | None) -> None:
+        self.stream.max_length = -1 if value is None else value
+
+    @property
+    def max_bytes(self) -> int | None:
+        """Bytes of records on disk the queue holds at most, or None.
+
+        Acked records count until their segment is deleted.
+        """
+        value = self.stream.max_bytes
+        return None if value < 0 else value
+
+    @max_bytes.setter
+    def max_bytes(self, value: int | None) -> None:
+        self.stream.max_bytes = -1 if value is None else value
+
+    @property
+    def overflow(self) -> str:
+        """At a limit, "reject" raises QueueFull and "block" waits for room."""
+        return "block" if self.stream.overflow_block else "reject"
+
+    @overflow.setter
+    def overflow(self, value: str) -> None:
+        self.stream.overflow_block = value == "block"
+
+    def _wait_room(self, timeout: float | None) -> bool:
+        """Wait for an ack or a timeout; return False once timeout passed."""
+        if timeout is not None and timeout <= 0:
+            return False
+        with self._ready:
+            self.stream.waiters += 1
+            try:
+                # Short waits: an ack between the put's check and this wait
+                # would otherwise be missed until the timeout.
+                self._ready.wait(0.05 if timeout is None else min(timeout, 0.05))
+            finally:
+                self.stream.waiters -= 1
+        return True
 
     @property
     def dlq_name(self) -> str:

@@ -1,0 +1,133 @@
+"""max_length, max_bytes and overflow of queues: nothing is dropped."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import pymq
+
+
+@pytest.fixture
+def broker(tmp_path: Path):
+    with pymq.open(tmp_path / "data") as opened:
+        yield opened
+
+
+def test_max_length_reject_raises_queue_full(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs", max_length=2)
+    jobs.put(b"1")
+    jobs.put(b"2")
+    with pytest.raises(pymq.QueueFull, match="jobs is full: max_length 2"):
+        jobs.put(b"3")
+    assert jobs.stream.store.next_offset == 2
+
+
+def test_max_length_counts_unacked_not_delivered(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs", max_length=1)
+    jobs.put(b"1")
+    message = jobs.get_nowait()
+    assert message is not None
+    with pytest.raises(pymq.QueueFull):
+        jobs.put(b"2")
+    message.ack()
+    assert jobs.put(b"2") == 1
+
+
+def test_max_length_put_many_all_or_none(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs", max_length=3)
+    jobs.put(b"1")
+    with pytest.raises(pymq.QueueFull):
+        jobs.put_many([b"2", b"3", b"4"])
+    assert jobs.stream.store.next_offset == 1
+    assert jobs.put_many([b"2", b"3"]) == range(1, 3)
+
+
+def test_max_bytes_reject_counts_record_bytes(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs", max_bytes=200)
+    jobs.put(b"x" * 100)  # 32-byte header + 104 bytes of body and padding
+    with pytest.raises(pymq.QueueFull, match="max_bytes 200"):
+        jobs.put(b"y" * 100)
+    assert jobs.put(b"z" * 24) == 1
+
+
+def test_max_bytes_record_never_fits(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs", max_bytes=64, overflow="block")
+    with pytest.raises(pymq.QueueFull, match="can never fit max_bytes 64"):
+        jobs.put(b"x" * 100, timeout=5)
+
+
+def test_block_put_waits_for_ack(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs", max_length=1, overflow="block")
+    jobs.put(b"first")
+
+    def consume() -> None:
+        time.sleep(0.2)
+        message = jobs.get(timeout=5)
+        assert message is not None
+        message.ack()
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    started = time.monotonic()
+    offset = jobs.put(b"second", timeout=5)
+    waited = time.monotonic() - started
+    consumer.join(timeout=10)
+    assert offset == 1
+    assert waited >= 0.15
+    assert waited < 4
+
+
+def test_block_put_times_out_with_queue_full(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs", max_length=1, overflow="block")
+    jobs.put(b"first")
+    started = time.monotonic()
+    with pytest.raises(pymq.QueueFull, match=r"timed out after 0\.3 seconds"):
+        jobs.put(b"second", timeout=0.3)
+    assert time.monotonic() - started >= 0.3
+    assert jobs.stream.store.next_offset == 1
+
+
+def test_limits_stored_with_queue(tmp_path: Path) -> None:
+    with pymq.open(tmp_path / "data") as broker:
+        broker.queue("jobs", max_length=5, max_bytes=4096, overflow="block")
+    with pymq.open(tmp_path / "data") as broker:
+        jobs = broker.queue("jobs")
+        assert jobs.max_length == 5
+        assert jobs.max_bytes == 4096
+        assert jobs.overflow == "block"
+
+
+def test_limits_default_unlimited(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs")
+    assert jobs.max_length is None
+    assert jobs.max_bytes is None
+    assert jobs.overflow == "reject"
+    assert jobs.put_many([b"x"] * 1000) == range(1000)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"max_length": 0}, pymq.ConfigError, "max_length is 0"),
+        ({"max_bytes": -1}, pymq.ConfigError, "max_bytes is -1"),
+        ({"max_length": 1.5}, TypeError, "max_length must be an int"),
+        ({"max_length": True}, TypeError, "max_length must be an int"),
+        ({"overflow": "drop"}, pymq.ConfigError, "overflow is 'drop'"),
+    ],
+)
+def test_limits_invalid_values_raise(
+    broker: pymq.Broker, options: dict[str, object], error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        broker.queue("jobs", **options)
+    assert not (broker.path / "streams" / "jobs").exists()
+
+
+def test_limits_not_options_of_groups(broker: pymq.Broker) -> None:
+    events = broker.stream("events")
+    with pytest.raises(TypeError, match="unknown options: max_length"):
+        events.group("billing", max_length=5)
