@@ -505,6 +505,9 @@ def test_queue_defaults_are_stored(tmp_path):
         "visibility_timeout": 30.0,
         "max_deliveries": 5,
         "max_in_flight": 10_000,
+        "max_length": None,
+        "max_bytes": None,
+        "overflow": "reject",
     }
 
 
