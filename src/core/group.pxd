@@ -74,7 +74,8 @@ cdef class GroupBase:
     cdef int64_t visibility_ns
     cdef public uint32_t max_deliveries
     cdef public size_t max_in_flight
-    cdef public object on_dead        # callable(group, offset, attempt, reason)
+    cdef public object on_dead        # callable(group, offset, attempt,
+                                      # reason) -> True once moved
     cdef public object clock          # callable() -> ns for tests, or None
     cdef public bint deletes_acked    # a queue: delete segments once acked
     cdef uint64_t delete_mark         # check for deletable segments from here
@@ -82,6 +83,7 @@ cdef class GroupBase:
     cdef readonly uint64_t dead_lettered
     cdef readonly uint64_t skipped    # offsets with no readable record
     cdef list dead_due                # (offset, attempt, reason) to move
+    cdef size_t dead_pending          # slots queued for or being moved to the DLQ
     cdef uint64_t journal_written     # journal bytes to sync before returning
     cdef readonly bint closed
 
@@ -97,6 +99,7 @@ cdef class GroupBase:
                   bint dead_now) except -1
     cdef uint64_t check_receipt(self, uint64_t receipt) except? 0
     cdef int ack_receipt(self, uint64_t receipt) except -1
+    cdef int restore_due(self, list items) except -1
     cdef int retain(self) except -1
     cdef int replay(self, uint64_t start) except -1
     cdef int write_checkpoint(self) except -1

@@ -16,15 +16,20 @@ cdef enum:
 
 cdef bytes encode_headers(dict headers):
     """Return the header block for headers (str keys and values)."""
-    cdef list parts = [len(headers).to_bytes(2, "little")]
+    cdef list parts
 
     if len(headers) > 0xFFFF:
         raise ValueError(f"{len(headers)} headers; the maximum is 65535")
+    parts = [len(headers).to_bytes(2, "little")]
     for key, value in headers.items():
-        if type(key) is not str or type(value) is not str:
+        if type(key) is not str:
             raise TypeError(
-                f"header names and values must be str, not "
-                f"{type(key).__name__}: {type(value).__name__}")
+                f"header names must be str, not {type(key).__name__} "
+                f"({key!r})")
+        if type(value) is not str:
+            raise TypeError(
+                f"value of header {key!r} must be str, not "
+                f"{type(value).__name__}")
         raw_key = (<str>key).encode("utf-8")
         raw_value = (<str>value).encode("utf-8")
         if len(raw_key) > MAX_HEADER_KEY_BYTES:
@@ -115,7 +120,7 @@ cdef class Message:
         """Set this delivery's deadline to now plus seconds."""
         self.group.extend(self.receipt, seconds)
 
-    def reject(self, str reason="rejected"):
+    def reject(self, str reason not None="rejected"):
         """Move the message to the dead-letter queue now, with reason."""
         self.group.reject(self.receipt, reason)
 
@@ -224,7 +229,7 @@ cdef class StreamBase:
 
         if headers:
             block = encode_headers(headers)
-            body = block + bytes(body)
+            body = block + memoryview(body).tobytes()
         if limited:
             if not PyThread_acquire_lock(self.put_lock, NOWAIT_LOCK):
                 with nogil:
@@ -259,7 +264,7 @@ cdef class StreamBase:
 
         if headers:
             block = encode_headers(headers)
-            items = [block + bytes(body) for body in items]
+            items = [block + memoryview(body).tobytes() for body in items]
         if limited:
             for item in items:
                 size += record_size(len(item))
@@ -498,6 +503,7 @@ cdef class GroupBase:
                 # never expires.
                 self.ring.set_deadline(offset, FOREVER)
                 self.dead_due.append((offset, slot.attempt, reason))
+                self.dead_pending += 1
                 return 0
         self.ring.make_available(offset, not_before)
         return 0
@@ -511,7 +517,9 @@ cdef class GroupBase:
         cdef int status
         cdef Message message
 
-        while ring.delivered < self.max_in_flight:
+        # Slots on their way to the DLQ are still delivered in the ring, but
+        # no consumer holds them, so they do not count against max_in_flight.
+        while ring.delivered - self.dead_pending < self.max_in_flight:
             end = store.active.base + store.active.count
             if not ring.take(now, end, now + self.visibility_ns, &offset,
                              &attempt):
@@ -563,21 +571,21 @@ cdef class GroupBase:
             self.release()
             for i, (offset, attempt, reason) in enumerate(due):
                 try:
-                    self.on_dead(self, offset, attempt, reason)
+                    moved = self.on_dead(self, offset, attempt, reason)
                 except BaseException:
-                    now = self.now()
-                    self.acquire()
-                    try:
-                        for item in due[i:]:
-                            self.ring.make_available(item[0], now)
-                    finally:
-                        self.release()
+                    self.restore_due(due[i:])
                     raise
+                if not moved:
+                    # The move failed (and was logged): the message stays
+                    # here and is tried again at its next delivery.
+                    self.restore_due(due[i:i + 1])
+                    continue
                 self.acquire()
                 try:
                     self.write_journal(JOURNAL_DEAD, &offset, NULL, 1)
                     self.ring.settle(offset)
                     self.dead_lettered += 1
+                    self.dead_pending -= 1
                 finally:
                     self.release()
             if self.journal.policy == FSYNC_ALWAYS:
@@ -590,6 +598,19 @@ cdef class GroupBase:
                 self.write_checkpoint()
             finally:
                 self.release()
+        return 0
+
+    cdef int restore_due(self, list items) except -1:
+        """Make dead-letter moves that did not happen available again."""
+        cdef int64_t now = self.now()
+
+        self.acquire()
+        try:
+            for item in items:
+                self.ring.make_available(item[0], now)
+            self.dead_pending -= len(items)
+        finally:
+            self.release()
         return 0
 
     cdef int retain(self) except -1:
@@ -640,7 +661,11 @@ cdef class GroupBase:
         cdef Py_ssize_t i
 
         if count <= 0:
-            return messages
+            raise ValueError(f"count is {count}; it must be 1 or more")
+        # One journal record holds the whole batch, so a batch is at most
+        # what fits in one record.
+        count = min(count, (self.journal.max_message_bytes - 5) //
+                    DELIVER_ENTRY_BYTES)
         self.acquire()
         try:
             self.expire(now)
@@ -719,9 +744,18 @@ cdef class GroupBase:
         Raises StaleReceiptError, settling nothing, if any receipt is stale
         or appears twice.
         """
-        cdef list receipts = [
-            (<Message>item).receipt if type(item) is Message else item
-            for item in items]
+        cdef list receipts = []
+
+        for item in items:
+            if type(item) is Message:
+                if (<Message>item).group is not self:
+                    raise StaleReceiptError(
+                        f"message at offset {(<Message>item).offset} was "
+                        f"delivered by another queue or group, not by this "
+                        f"one of stream {self.stream.name}")
+                receipts.append((<Message>item).receipt)
+            else:
+                receipts.append(item)
         cdef Py_ssize_t count = len(receipts), i
         cdef uint64_t *offsets
 
@@ -786,7 +820,7 @@ cdef class GroupBase:
         # expire() may have queued dead letters for finish() to move.
         self.finish()
 
-    def reject(self, uint64_t receipt, str reason="rejected"):
+    def reject(self, uint64_t receipt, str reason not None="rejected"):
         """Move a delivery's message to the dead-letter queue now."""
         cdef uint64_t offset
         cdef int64_t now = self.now()
@@ -810,11 +844,18 @@ cdef class GroupBase:
         self.acquire()
         try:
             self.expire(self.now())
+        finally:
+            self.release()
+        # expire() may have queued dead letters: move them before counting,
+        # so a message past its last attempt is counted in the DLQ.
+        self.finish()
+        self.acquire()
+        try:
             end = store.active.base + store.active.count
             return {
                 "low": self.ring.low,
                 "cursor": self.ring.cursor,
-                "in_flight": self.ring.delivered,
+                "in_flight": self.ring.delivered - self.dead_pending,
                 "waiting": self.ring.waiting,
                 "backlog": end - self.ring.cursor if end > self.ring.cursor
                 else 0,

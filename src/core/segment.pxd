@@ -1,6 +1,7 @@
 # One segment of a log: a preallocated file mapped with mmap, and its index.
 #
-# Record layout (little-endian, every record starts 8-byte aligned):
+# Record layout (little-endian, every record starts 8-byte aligned; fields
+# are loaded and stored in host order, so the build refuses big-endian hosts):
 #
 #   byte  size  field
 #   0     4     magic       REC_MAGIC, the bytes "PMQR"
@@ -61,6 +62,9 @@ cdef enum:
 
 cdef extern from *:
     """
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+    #error "pymq stores integers in host order and its files are little-endian"
+    #endif
     #define PYMQ_IDX_MISSING 0xFFFFFFFFu
     #define PYMQ_MAX_SEGMENT_BYTES ((size_t)1 << 31)
     """

@@ -455,14 +455,18 @@ cdef class Segment:
         store_u64(header + REC_OFF_OFFSET, offset)
         store_u64(header + REC_OFF_TIMESTAMP, <uint64_t>timestamp)
         store_u32(header + REC_OFF_FLAGS, flags)
+        # The CRC is computed over the copy in the file: a caller's buffer
+        # may change while the GIL is released, and what is stored must
+        # match its checksum.
         if length >= NOGIL_BODY_BYTES:
             with nogil:
                 memcpy(header + REC_HEADER_SIZE, body, length)
-                store_u32(header + REC_OFF_CRC,
-                          record_crc(header, body, length))
+                store_u32(header + REC_OFF_CRC, record_crc(
+                    header, header + REC_HEADER_SIZE, length))
         else:
             memcpy(header + REC_HEADER_SIZE, body, length)
-            store_u32(header + REC_OFF_CRC, record_crc(header, body, length))
+            store_u32(header + REC_OFF_CRC, record_crc(
+                header, header + REC_HEADER_SIZE, length))
         memset(header + REC_HEADER_SIZE + length, 0,
                size - REC_HEADER_SIZE - length)
         store_u32(self.index_entry(offset), <uint32_t>self.length)

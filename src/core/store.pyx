@@ -61,6 +61,67 @@ cdef long long read_length(Py_buffer *sizes, Py_ssize_t i,
                     f"{sizes.itemsize}")
 
 
+def make_directories(path):
+    """Create path and its missing parents, syncing each new entry.
+
+    A folder that was created but whose entry in its parent was never
+    synced can vanish in a power loss, and the records in it with it.
+    """
+    path = os.path.abspath(os.fsdecode(path))
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            if not os.path.isdir(path):
+                raise
+        fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def check_store_options(segment_bytes, max_message_bytes, fsync):
+    """Check store options; return max_message_bytes with its default applied.
+
+    Raises ConfigError (a ValueError) naming the option, its value and its
+    range, or TypeError for a value of the wrong type.
+    """
+    cdef size_t largest
+
+    check_integer("segment_bytes", segment_bytes)
+    if max_message_bytes is not None:
+        check_integer("max_message_bytes", max_message_bytes)
+    if not MIN_SEGMENT_BYTES <= segment_bytes <= MAX_SEGMENT_BYTES:
+        raise ConfigError(
+            f"segment_bytes is {segment_bytes}; it must be from "
+            f"{MIN_SEGMENT_BYTES} to {MAX_SEGMENT_BYTES}")
+    if segment_bytes % REC_ALIGN:
+        raise ConfigError(
+            f"segment_bytes is {segment_bytes}; it must be a multiple "
+            f"of {REC_ALIGN}")
+    largest = segment_bytes - REC_HEADER_SIZE
+    if max_message_bytes is None:
+        max_message_bytes = min(DEFAULT_MAX_MESSAGE_BYTES, largest)
+    if not 0 <= max_message_bytes <= largest:
+        raise ConfigError(
+            f"max_message_bytes is {max_message_bytes}; it must be from "
+            f"0 to {largest} (segment_bytes minus the "
+            f"{REC_HEADER_SIZE}-byte record header)")
+    if not isinstance(fsync, str) or fsync not in FSYNC_POLICIES:
+        raise ConfigError(
+            f"fsync is {fsync!r}; it must be one of "
+            f"{', '.join(map(repr, FSYNC_POLICIES))}")
+    return max_message_bytes
+
+
 cdef check_integer(str name, value):
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
@@ -133,31 +194,8 @@ cdef class SegmentStore:
     def __init__(self, path, *, segment_bytes=DEFAULT_SEGMENT_BYTES,
                  max_message_bytes=None, fsync="interval",
                  uint64_t min_next_offset=0, on_damage=None):
-        cdef size_t largest
-
-        check_integer("segment_bytes", segment_bytes)
-        if max_message_bytes is not None:
-            check_integer("max_message_bytes", max_message_bytes)
-        if not MIN_SEGMENT_BYTES <= segment_bytes <= MAX_SEGMENT_BYTES:
-            raise ConfigError(
-                f"segment_bytes is {segment_bytes}; it must be from "
-                f"{MIN_SEGMENT_BYTES} to {MAX_SEGMENT_BYTES}")
-        if segment_bytes % REC_ALIGN:
-            raise ConfigError(
-                f"segment_bytes is {segment_bytes}; it must be a multiple "
-                f"of {REC_ALIGN}")
-        largest = segment_bytes - REC_HEADER_SIZE
-        if max_message_bytes is None:
-            max_message_bytes = min(DEFAULT_MAX_MESSAGE_BYTES, largest)
-        if not 0 <= max_message_bytes <= largest:
-            raise ConfigError(
-                f"max_message_bytes is {max_message_bytes}; it must be from "
-                f"0 to {largest} (segment_bytes minus the "
-                f"{REC_HEADER_SIZE}-byte record header)")
-        if not isinstance(fsync, str) or fsync not in FSYNC_POLICIES:
-            raise ConfigError(
-                f"fsync is {fsync!r}; it must be one of "
-                f"{', '.join(map(repr, FSYNC_POLICIES))}")
+        max_message_bytes = check_store_options(segment_bytes,
+                                                max_message_bytes, fsync)
         if on_damage is not None and not callable(on_damage):
             raise TypeError("on_damage must be callable or None")
         if min_next_offset > MAX_NEXT_OFFSET:
@@ -170,7 +208,7 @@ cdef class SegmentStore:
         self.max_message_bytes = max_message_bytes
         self.policy = FSYNC_POLICIES[fsync]
         self.on_damage = on_damage
-        os.makedirs(self.path, exist_ok=True)
+        make_directories(self.path)
         self.owner_lock = DirectoryLock(self.path)
         try:
             self.open_segments(min_next_offset)
@@ -286,7 +324,8 @@ cdef class SegmentStore:
                 seg.sealed = False
                 seg.write_checkpoint(seg.checkpoint_length,
                                      seg.checkpoint_count, 0, True)
-        self.directory_dirty = False
+        # Left as it is: files created while opening are made durable by the
+        # first sync, with the folder that lists them.
         self.events_pending = True
         # Only the next few MiB: a store that is opened and barely used
         # should not fault in a whole segment.

@@ -15,6 +15,9 @@ FsyncPolicy = Literal["never", "interval", "always"]
 Record = tuple[int, int, int, bytes]
 
 def crc32c(data: Buffer, crc: int = 0) -> int: ...
+def check_store_options(
+    segment_bytes: int, max_message_bytes: int | None, fsync: str
+) -> int: ...
 def crc32c_portable(data: Buffer, crc: int = 0) -> int: ...
 
 class DirectoryLock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -23,14 +24,23 @@ from pymq.errors import (
 )
 from pymq.names import check_name
 from pymq.queue import Group, Queue, Stream
-from pymq.storage import DEFAULT_FLUSH_INTERVAL, DEFAULT_SEGMENT_BYTES, open_store
+from pymq.storage import (
+    DEFAULT_FLUSH_INTERVAL,
+    DEFAULT_SEGMENT_BYTES,
+    check_options,
+    open_store,
+)
 
 __all__ = ["Broker", "open"]
 
 logger = logging.getLogger(__name__)
 
+# A failing dead-letter move logs at most one error per this many seconds.
+_ERROR_LOG_SECONDS: Final = 10.0
 # Journals hold small records; compaction runs when one rolls over.
 JOURNAL_SEGMENT_BYTES: Final = 4 * 1024 * 1024
+# Segments of a broker without a path, which live in memory.
+MEMORY_SEGMENT_BYTES: Final = 1024 * 1024
 QUEUE_GROUP: Final = ".queue"
 DEAD_LETTER_HEADERS: Final = (
     "x-source",
@@ -76,9 +86,10 @@ def _check_options(
         elif key == "visibility_timeout":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"visibility_timeout must be a number, not {value!r}")
-            if not 0 <= value <= 1e9:
+            if not 0 < value <= 1e9:
                 raise ConfigError(
-                    f"visibility_timeout is {value} seconds; it must be from 0 to 1e9"
+                    f"visibility_timeout is {value} seconds; it must be more than "
+                    f"0 and at most 1e9"
                 )
             value = float(value)
         else:
@@ -140,17 +151,33 @@ class Broker:
         self,
         path: str | os.PathLike[str] | None = None,
         *,
-        fsync: str = "interval",
-        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        fsync: str | None = None,
+        segment_bytes: int | None = None,
         max_message_bytes: int | None = None,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
     ) -> None:
         self._temporary = path is None
         if path is None:
+            if fsync not in (None, "never"):
+                raise ConfigError(
+                    f"fsync is {fsync!r}, but a broker without a path keeps its "
+                    f"data in memory and cannot sync it; give a path"
+                )
+            fsync = "never"
+            if segment_bytes is None:
+                segment_bytes = MEMORY_SEGMENT_BYTES
+        fsync = "interval" if fsync is None else fsync
+        segment_bytes = (
+            DEFAULT_SEGMENT_BYTES if segment_bytes is None else segment_bytes
+        )
+        # Every option is checked before a file is created.
+        check_options(segment_bytes, max_message_bytes, fsync, flush_interval)
+        if path is None:
             shm = "/dev/shm"
             parent = shm if os.access(shm, os.W_OK) else None
             path = tempfile.mkdtemp(prefix="pymq-memory-", dir=parent)
-            fsync = "never"
+            # Removed at exit too, if close() was never called.
+            atexit.register(shutil.rmtree, path, True)
         self.path = Path(path).absolute()
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = DirectoryLock(str(self.path))
@@ -160,6 +187,11 @@ class Broker:
             "max_message_bytes": max_message_bytes,
             "flush_interval": flush_interval,
         }
+        self._journal_bytes = (
+            JOURNAL_SEGMENT_BYTES
+            if segment_bytes >= JOURNAL_SEGMENT_BYTES
+            else MEMORY_SEGMENT_BYTES
+        )
         self._mutex = threading.RLock()
         self._streams: dict[str, tuple[StreamBase, threading.Condition, str]] = {}
         self._queues: dict[str, Queue] = {}
@@ -201,7 +233,7 @@ class Broker:
 
     def _open_journal(self, stream: str, group: str) -> Any:
         options = dict(self._store_options)
-        options["segment_bytes"] = JOURNAL_SEGMENT_BYTES
+        options["segment_bytes"] = self._journal_bytes
         options["max_message_bytes"] = None
         return open_store(self.path / "streams" / stream / "groups" / group, **options)
 
@@ -216,6 +248,9 @@ class Broker:
         ("reject" raises QueueFull at a limit, "block" waits for room).
         """
         check_name("queue", name)
+        return self._open_queue(name, options)
+
+    def _open_queue(self, name: str, options: dict[str, Any]) -> Queue:
         options = _check_options(options, QUEUE_DEFAULTS)
         with self._mutex:
             self._check_open()
@@ -238,10 +273,22 @@ class Broker:
                 journal.close()
                 raise
             if not name.endswith(".dlq"):
+                self._check_dlq_name(queue.dlq_name)
                 queue.on_dead = self._dead_letter_function(name, None, queue)
             self._queues[name] = queue
             logger.info("opened queue %s", name)
             return queue
+
+    def _close_queue(self, queue: Queue) -> None:
+        with self._mutex:
+            if self._queues.get(queue.name) is not queue:
+                return
+            del self._queues[queue.name]
+            core, ready, _ = self._streams.pop(queue.name)
+        GroupBase.close(queue)
+        with ready:
+            ready.notify_all()
+        core.store.close()
 
     def _apply(self, consumer: GroupBase, label: str, options: dict[str, Any]) -> None:
         for key, value in options.items():
@@ -293,15 +340,29 @@ class Broker:
                     f"start is {start!r}; it must be 'earliest', 'latest' or an "
                     f"offset (an int of 0 or more)"
                 )
-            merged = _Declared(folder, label).merge("group", options)
-            journal = self._open_journal(stream.name, name)
-            try:
-                group = Group(
-                    self, stream.name, name, core, journal, ready, offset, **merged
+            is_new = not folder.exists()
+            if is_new and offset > store.next_offset:
+                # A start past the end would move the stream's next offset
+                # for every group, leaving a gap of never-written offsets.
+                raise ConfigError(
+                    f"start offset {offset} is past the end of stream "
+                    f"{stream.name} (its next offset is {store.next_offset})"
                 )
+            try:
+                merged = _Declared(folder, label).merge("group", options)
+                journal = self._open_journal(stream.name, name)
+                try:
+                    group = Group(
+                        self, stream.name, name, core, journal, ready, offset, **merged
+                    )
+                except BaseException:
+                    journal.close()
+                    raise
             except BaseException:
-                journal.close()
+                if is_new:
+                    shutil.rmtree(folder, ignore_errors=True)
                 raise
+            self._check_dlq_name(group.dlq_name)
             group.on_dead = self._dead_letter_function(stream.name, name, group)
             self._groups[key] = group
             logger.info("opened %s", label)
@@ -309,15 +370,45 @@ class Broker:
 
     # Dead letters ----------------------------------------------------------
 
+    def _check_dlq_name(self, dlq_name: str) -> None:
+        check_name("dead-letter queue", dlq_name, derived=True)
+        kind = self._kind_of(dlq_name)[0]
+        if kind not in ("", "queue"):
+            raise ConfigError(
+                f"dead-letter queue {dlq_name} cannot be created: a {kind} of "
+                f"that name exists"
+            )
+
     def _dead_letter_function(
         self, source: str, group_name: str | None, consumer: Queue | Group
     ) -> Any:
         dlq_name = consumer.dlq_name
         store = consumer.stream.store
 
+        last_error = [-_ERROR_LOG_SECONDS]
+
         def dead_letter(
             core: GroupBase, offset: int, attempt: int, reason: str
-        ) -> None:
+        ) -> bool:
+            try:
+                move(offset, attempt, reason)
+            except Exception as exc:
+                # The message stays where it is, and the move is tried again
+                # at its next delivery; say so, at most every few seconds.
+                now = time.monotonic()
+                if now - last_error[0] >= _ERROR_LOG_SECONDS:
+                    last_error[0] = now
+                    logger.error(
+                        "moving message %d of %s to %s failed: %s",
+                        offset,
+                        source,
+                        dlq_name,
+                        exc,
+                    )
+                return False
+            return True
+
+        def move(offset: int, attempt: int, reason: str) -> None:
             try:
                 _, _, flags, body = store.read_record(offset)
             except (OffsetNotFoundError, CorruptSegmentError) as exc:
@@ -340,7 +431,7 @@ class Broker:
                     "x-dead-at": str(time.time_ns()),
                 }
             )
-            self.queue(dlq_name).put(payload, headers=headers)
+            self._open_queue(dlq_name, {}).put(payload, headers=headers)
             logger.warning(
                 "message %d of %s moved to %s after %d attempts: %s",
                 offset,
@@ -359,7 +450,9 @@ class Broker:
         another queue instead. Returns the number of messages moved. The
         x- headers added by the dead-letter move are removed.
         """
-        check_name("queue", dlq_name)
+        check_name("queue", dlq_name, derived=True)
+        if self._kind_of(dlq_name)[0] != "queue":
+            raise QueueNotFound(f"queue {dlq_name} does not exist")
         if to is None:
             if not dlq_name.endswith(".dlq"):
                 raise ConfigError(f"{dlq_name} is not a dead-letter queue")
@@ -370,9 +463,7 @@ class Broker:
                 raise PymqError(
                     f"{dlq_name} is not the DLQ of a queue; pass to= a queue name"
                 )
-        if not (self.path / "streams" / dlq_name).exists():
-            raise QueueNotFound(f"queue {dlq_name} does not exist")
-        source = self.queue(dlq_name)
+        source = self._open_queue(dlq_name, {})
         target = self.queue(to)
         moved = 0
         end = source.stream.store.next_offset
@@ -409,6 +500,7 @@ class Broker:
 
         Deliveries in flight become available again when the broker is next
         opened, with their attempt counted. Calling close again does nothing.
+        Every part is closed even if one fails; the first error is raised.
         """
         with self._mutex:
             if self._closed:
@@ -418,18 +510,32 @@ class Broker:
                 *self._queues.values(),
                 *self._groups.values(),
             ]
-            for consumer in consumers:
+            streams = list(self._streams.values())
+        # Outside _mutex: a get() moving a message to a DLQ holds its stream's
+        # condition and then asks for _mutex, so the order must not invert.
+        errors: list[BaseException] = []
+        for consumer in consumers:
+            try:
                 consumer.close()
-            for core, ready, _ in self._streams.values():
-                # Wake threads blocked in get(), so they raise ClosedError now
-                # rather than at their timeout (or never, with timeout=None).
-                with ready:
-                    ready.notify_all()
+            except Exception as exc:
+                logger.error("closing %r failed: %s", consumer, exc)
+                errors.append(exc)
+        for core, ready, _ in streams:
+            # Wake threads blocked in get(), so they raise ClosedError now
+            # rather than at their timeout (or never, with timeout=None).
+            with ready:
+                ready.notify_all()
+            try:
                 core.store.close()
-            self._lock.release()
-            if self._temporary:
-                shutil.rmtree(self.path, ignore_errors=True)
-            logger.info("closed broker in %s", self.path)
+            except Exception as exc:
+                logger.error("closing stream %s failed: %s", core.name, exc)
+                errors.append(exc)
+        self._lock.release()
+        if self._temporary:
+            shutil.rmtree(self.path, ignore_errors=True)
+        logger.info("closed broker in %s", self.path)
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> Broker:
         return self
@@ -444,16 +550,19 @@ class Broker:
 def open(
     path: str | os.PathLike[str] | None = None,
     *,
-    fsync: str = "interval",
-    segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    fsync: str | None = None,
+    segment_bytes: int | None = None,
     max_message_bytes: int | None = None,
     flush_interval: float = DEFAULT_FLUSH_INTERVAL,
 ) -> Broker:
     """Open the broker in path, creating the directory if it is missing.
 
+    fsync is "interval" (the default), "always" or "never"; see
+    pymq.open_store for what each survives. segment_bytes defaults to 64 MiB.
+
     With no path the broker lives in a temporary folder in memory (/dev/shm
-    where it exists) that close() deletes. fsync is "always", "interval"
-    (default) or "never"; see pymq.open_store for what each survives.
+    where it exists), removed by close() or at exit; its segments default to
+    1 MiB and it cannot sync (fsync other than "never" raises ConfigError).
     Raises BrokerLockedError when another broker owns the directory.
     """
     return Broker(

@@ -76,7 +76,7 @@ class BrokerLockedError(PymqError):
         owner = f"process {pid}" if pid is not None else "another process"
         super().__init__(
             f"data directory {path} is locked by {owner}; close that broker "
-            f"or connect to its server instead"
+            f"or store first"
         )
         self.path = path
         self.pid = pid

@@ -49,8 +49,11 @@ class _Consumer(GroupBase):
         return found if isinstance(found, list) else []
 
     def _wait(self, timeout: float | None, attempt: Any) -> Any:
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"timeout is {timeout} seconds; it must not be negative")
+        if timeout is not None and not 0 <= timeout < 1e9:
+            raise ValueError(
+                f"timeout is {timeout} seconds; it must be from 0 to 1e9, or None "
+                f"to wait without a limit"
+            )
         deadline = None if timeout is None else time.monotonic() + timeout
         stream = self.stream
         with self._ready:
@@ -108,7 +111,7 @@ class _Consumer(GroupBase):
     @property
     def dlq(self) -> Queue:
         """The dead-letter queue of this queue or group (created on first use)."""
-        return self._broker.queue(self.dlq_name)
+        return self._broker._open_queue(self.dlq_name, {})
 
     @property
     def dlq_name(self) -> str:
@@ -200,6 +203,14 @@ class Queue(_Consumer):
     def dlq_name(self) -> str:
         """The name of the dead-letter queue: ``<queue>.dlq``."""
         return f"{self.name}.dlq"
+
+    def close(self) -> None:
+        """Close this queue: its journal and its records' store.
+
+        Deliveries in flight are available again when the queue is opened
+        next, with their attempt counted; broker.queue(name) reopens it.
+        """
+        self._broker._close_queue(self)
 
     def __enter__(self) -> Queue:
         return self

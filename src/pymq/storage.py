@@ -10,7 +10,12 @@ import time
 import weakref
 from typing import Final
 
-from pymq._core import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_SEGMENT_BYTES, SegmentStore
+from pymq._core import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_SEGMENT_BYTES,
+    SegmentStore,
+    check_store_options,
+)
 from pymq.errors import ClosedError, ConfigError
 
 __all__ = [
@@ -19,6 +24,7 @@ __all__ = [
     "DEFAULT_SEGMENT_BYTES",
     "Flusher",
     "SegmentStore",
+    "check_options",
     "open_store",
 ]
 
@@ -138,14 +144,7 @@ def open_store(
     ``pymq.storage`` logger. Raises BrokerLockedError when another open
     store owns the folder.
     """
-    if isinstance(flush_interval, bool) or not isinstance(flush_interval, (int, float)):
-        raise TypeError(
-            f"flush_interval must be a number, not {type(flush_interval).__name__}"
-        )
-    if not 0.001 <= flush_interval <= 3600:
-        raise ConfigError(
-            f"flush_interval is {flush_interval} seconds; it must be from 0.001 to 3600"
-        )
+    check_options(segment_bytes, max_message_bytes, fsync, flush_interval)
     store = SegmentStore(
         path,
         segment_bytes=segment_bytes,
@@ -155,6 +154,24 @@ def open_store(
     )
     _flusher.add(store, float(flush_interval))
     return store
+
+
+def check_options(
+    segment_bytes: int,
+    max_message_bytes: int | None,
+    fsync: str,
+    flush_interval: float,
+) -> None:
+    """Raise ConfigError or TypeError for invalid options of open_store."""
+    check_store_options(segment_bytes, max_message_bytes, fsync)
+    if isinstance(flush_interval, bool) or not isinstance(flush_interval, (int, float)):
+        raise TypeError(
+            f"flush_interval must be a number, not {type(flush_interval).__name__}"
+        )
+    if not 0.001 <= flush_interval <= 3600:
+        raise ConfigError(
+            f"flush_interval is {flush_interval} seconds; it must be from 0.001 to 3600"
+        )
 
 
 def _log_damage(message: str) -> None:

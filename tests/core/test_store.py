@@ -1283,7 +1283,7 @@ def test_second_open_in_process_raises_locked(segment_dir: Path) -> None:
     with SegmentStore(segment_dir):
         message = (
             f"data directory {segment_dir} is locked by process {os.getpid()}; "
-            "close that broker or connect to its server instead"
+            "close that broker or store first"
         )
         with pytest.raises(BrokerLockedError, match=re.escape(message)) as caught:
             SegmentStore(segment_dir)

@@ -5,6 +5,9 @@
  * touches every page of a new segment ahead of the writer, on another core.
  * It touches a page with an atomic OR of zero: the page contents never
  * change, even when the writer stores to the same word at the same time.
+ * NOTE: a touched page is dirty, so a segment filled more slowly than the
+ * kernel's writeback delay has its zero pages written out once before the
+ * records that replace them. A read touch avoids that but saves no time.
  */
 #ifndef PYMQ_PREFAULT_H
 #define PYMQ_PREFAULT_H
