@@ -1,0 +1,1 @@
+"""asv benchmarks of pymq; run them from benchmarks/ with asv."""
