@@ -208,3 +208,37 @@ def test_redrive_non_dlq_name_raises(broker):
     broker.queue("jobs")
     with pytest.raises(ConfigError, match="is not a dead-letter queue"):
         broker.redrive("jobs")
+
+
+def test_redrive_group_dlq_reaches_that_group_only(broker):
+    events = broker.stream("events")
+    billing = events.group("billing", max_deliveries=1)
+    audit = events.group("audit")
+    events.put(b"invoice", headers={"kind": "bill"})
+    failed = billing.get_nowait()
+    failed.reject("bad")
+    audit.get_nowait().ack()
+
+    assert broker.redrive("events.billing.dlq") == 1
+
+    again = billing.get_nowait()
+    assert again.body == b"invoice"
+    assert again.headers == {"kind": "bill", "x-for-group": "billing"}
+    assert again.attempt == 1
+    assert audit.get_nowait() is None
+    assert audit.stats().depth == 0
+    assert billing.dlq.stats().depth == 0
+
+
+def test_redrive_group_dlq_twice_keeps_one_target(broker):
+    events = broker.stream("events")
+    billing = events.group("billing", max_deliveries=1)
+    events.put(b"invoice")
+    billing.get_nowait().reject("first")
+    broker.redrive("events.billing.dlq")
+    billing.get_nowait().reject("second")
+    broker.redrive("events.billing.dlq")
+
+    again = billing.get_nowait()
+    assert again.body == b"invoice"
+    assert again.headers == {"x-for-group": "billing"}

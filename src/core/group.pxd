@@ -24,6 +24,9 @@ from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 cdef enum:
     REC_FLAG_HEADERS = 1
+    # For one group only, named by the header x-for-group; the stream's
+    # other groups pass over it. Redrive of a group's DLQ writes these.
+    REC_FLAG_TARGETED = 2
 
 cdef enum:
     JOURNAL_DELIVER = 1
@@ -77,6 +80,7 @@ cdef class GroupBase:
     cdef public object on_dead        # callable(group, offset, attempt,
                                       # reason) -> True once moved
     cdef public object clock          # callable() -> ns for tests, or None
+    cdef public str group_name        # a stream group's name; None for queues
     cdef public bint deletes_acked    # a queue: delete segments once acked
     cdef uint64_t delete_mark         # check for deletable segments from here
     cdef readonly uint64_t acked      # acks since open

@@ -251,6 +251,20 @@ cdef class StreamBase:
         self.published()
         return first
 
+    def put_for_group(self, body, dict headers not None, str group not None):
+        """Append a message that only the named group of this stream gets.
+
+        The other groups pass over it. Returns its offset.
+        """
+        cdef uint64_t first
+
+        headers = dict(headers)
+        headers["x-for-group"] = group
+        body = encode_headers(headers) + memoryview(body).tobytes()
+        first = self.store.append(body, flags=REC_FLAG_HEADERS | REC_FLAG_TARGETED)
+        self.published()
+        return first
+
     def put_many(self, bodies, *, dict headers=None, timeout=None):
         """Append messages in order; return their offsets as a range.
 
@@ -516,6 +530,7 @@ cdef class GroupBase:
         cdef uint32_t attempt, pos
         cdef int status
         cdef Message message
+        cdef bint targeted = False
 
         # Slots on their way to the DLQ are still delivered in the ring, but
         # no consumer holds them, so they do not count against max_in_flight.
@@ -540,12 +555,22 @@ cdef class GroupBase:
                 if status == FOUND:
                     message = Message.new(self, store.last_read.data + pos,
                                           offset, attempt)
+                    targeted = (load_u32(store.last_read.data + pos +
+                                         REC_OFF_FLAGS) & REC_FLAG_TARGETED)
             finally:
                 store.release()
             if store.events_pending:
                 store.report()
-            if status == FOUND:
+            if status == FOUND and not (
+                    targeted and
+                    message.header_map.get("x-for-group") != self.group_name):
                 return message
+            if status == FOUND:
+                # Redriven for another group of this stream: pass over it.
+                ring.slot(offset).attempt = attempt - 1
+                self.write_journal(JOURNAL_ACK, &offset, NULL, 1)
+                ring.settle(offset)
+                continue
             # No record at this offset (a gap, or damage): skip it for good.
             self.write_journal(JOURNAL_ACK, &offset, NULL, 1)
             ring.settle(offset)

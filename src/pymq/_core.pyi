@@ -139,6 +139,9 @@ class StreamBase:
         headers: dict[str, str] | None = None,
         timeout: float | None = None,
     ) -> range: ...
+    def put_for_group(
+        self, body: Buffer, headers: dict[str, str], group: str
+    ) -> int: ...
 
 class GroupBase:
     stream: Final[StreamBase]
@@ -147,6 +150,7 @@ class GroupBase:
     visibility_timeout: float
     on_dead: Callable[[GroupBase, int, int, str], object] | None
     clock: Callable[[], int] | None
+    group_name: str | None
     deletes_acked: bool
     acked: Final[int]
     dead_lettered: Final[int]

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-from pymq._core import DirectoryLock, GroupBase, StreamBase, split_body
+from pymq._core import DirectoryLock, GroupBase, Message, StreamBase, split_body
 from pymq.errors import (
     ClosedError,
     ConfigError,
@@ -43,6 +43,7 @@ JOURNAL_SEGMENT_BYTES: Final = 4 * 1024 * 1024
 MEMORY_SEGMENT_BYTES: Final = 1024 * 1024
 QUEUE_GROUP: Final = ".queue"
 DEAD_LETTER_HEADERS: Final = (
+    "x-for-group",
     "x-source",
     "x-group",
     "x-offset",
@@ -446,25 +447,18 @@ class Broker:
     def redrive(self, dlq_name: str, to: str | None = None) -> int:
         """Move every message now in a dead-letter queue back, in order, once.
 
-        A queue's DLQ (``<queue>.dlq``) goes back to its queue; to= names
-        another queue instead. Returns the number of messages moved. The
-        x- headers added by the dead-letter move are removed.
+        Each message goes back where it failed: to its queue, or, for a
+        group's DLQ, to that group only (the stream's other groups pass over
+        it). to= names a queue to move them all to instead. The x- headers
+        of the dead-letter move are removed. Returns the number moved.
         """
         check_name("queue", dlq_name, derived=True)
         if self._kind_of(dlq_name)[0] != "queue":
             raise QueueNotFound(f"queue {dlq_name} does not exist")
-        if to is None:
-            if not dlq_name.endswith(".dlq"):
-                raise ConfigError(f"{dlq_name} is not a dead-letter queue")
-            to = dlq_name[: -len(".dlq")]
-            if ("queue", to) != self._kind_of(to):
-                # TODO: redrive a group's DLQ to that group only; it needs a
-                # per-group redelivery log, so for now pass to= a queue.
-                raise PymqError(
-                    f"{dlq_name} is not the DLQ of a queue; pass to= a queue name"
-                )
+        if to is None and not dlq_name.endswith(".dlq"):
+            raise ConfigError(f"{dlq_name} is not a dead-letter queue; pass to=")
         source = self._open_queue(dlq_name, {})
-        target = self.queue(to)
+        target = None if to is None else self.queue(to)
         moved = 0
         end = source.stream.store.next_offset
         while True:
@@ -478,16 +472,36 @@ class Broker:
             if not batch:
                 break
             for message in batch:
-                headers = {
-                    key: value
-                    for key, value in message.headers.items()
-                    if key not in DEAD_LETTER_HEADERS
-                }
-                target.put(message.body, headers=headers or None)
+                self._put_back(message, target)
             source.ack_many(batch)
             moved += len(batch)
-        logger.info("redrove %d messages from %s to %s", moved, dlq_name, to)
+        logger.info(
+            "redrove %d messages from %s to %s", moved, dlq_name, to or "their sources"
+        )
         return moved
+
+    def _put_back(self, message: Message, target: Queue | None) -> None:
+        headers = {
+            key: value
+            for key, value in message.headers.items()
+            if key not in DEAD_LETTER_HEADERS
+        }
+        if target is not None:
+            target.put(message.body, headers=headers or None)
+            return
+        source = message.headers.get("x-source", "")
+        group = message.headers.get("x-group", "")
+        kind = self._kind_of(source)[0]
+        if kind == "queue" and not group:
+            self.queue(source).put(message.body, headers=headers or None)
+        elif kind == "stream" and group:
+            stream, _ = self._open_stream(source, "stream")
+            stream.put_for_group(message.body, headers, group)
+        else:
+            raise PymqError(
+                f"message {message.offset} names no queue or group to go back to "
+                f"(x-source {source!r}, x-group {group!r}); pass to= a queue"
+            )
 
     def _kind_of(self, name: str) -> tuple[str, str]:
         marker = self.path / "streams" / name / "kind"

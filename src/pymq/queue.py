@@ -242,6 +242,7 @@ class Group(_Consumer):
     ) -> None:
         super().__init__(stream, journal, start=start, **options)
         self.name = name
+        self.group_name = name
         self.stream_name = stream_name
         self._broker = broker
         self._ready = ready
