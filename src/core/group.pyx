@@ -534,6 +534,11 @@ cdef class GroupBase:
 
         # Slots on their way to the DLQ are still delivered in the ring, but
         # no consumer holds them, so they do not count against max_in_flight.
+        if ring.low < (<Segment>store.segments[0]).base:
+            # Retention deleted records this group had not settled: resume
+            # at the oldest kept one, and count what was passed over.
+            self.skipped += ring.skip_to((<Segment>store.segments[0]).base)
+            self.write_checkpoint()
         while ring.delivered - self.dead_pending < self.max_in_flight:
             end = store.active.base + store.active.count
             if not ring.take(now, end, now + self.visibility_ns, &offset,

@@ -89,3 +89,4 @@ cdef class RingBuffer:
                      bint settled) except -1
     cdef uint64_t checked(self, uint64_t receipt) except? 0
     cdef int64_t next_due(self) noexcept
+    cdef uint64_t skip_to(self, uint64_t offset) except? 0

@@ -386,6 +386,33 @@ cdef class RingBuffer:
             due = self.delayed.entries[0].time
         return due
 
+    cdef uint64_t skip_to(self, uint64_t offset) except? 0:
+        """Settle every offset below offset; return how many were not settled.
+
+        For a group that fell behind retention: deliveries in flight below
+        offset are dropped, so their receipts become stale.
+        """
+        cdef uint64_t skipped = 0, end = min(self.cursor, offset), current
+        cdef Slot *slot
+
+        for current in range(self.low, end):
+            slot = self.slot(current)
+            if slot.state == SLOT_SETTLED:
+                continue
+            if slot.state == SLOT_DELIVERED:
+                self.delivered -= 1
+            else:
+                self.waiting -= 1
+            slot.state = SLOT_SETTLED
+            skipped += 1
+        if self.cursor < offset:
+            skipped += offset - self.cursor
+            self.low = self.cursor = offset
+        else:
+            self.low = max(self.low, end)
+            self.advance_low()
+        return skipped
+
     # Python access, for the broker's Python layer and for tests ----------
 
     def take_next(self, int64_t now, uint64_t end, int64_t deadline):
@@ -450,6 +477,10 @@ cdef class RingBuffer:
                 f"offset {offset} is outside the window {self.low} to "
                 f"{self.cursor}")
         self.settle(offset)
+
+    def skip_below(self, uint64_t offset):
+        """Settle every offset below offset; see skip_to()."""
+        return self.skip_to(offset)
 
     def restore_offset(self, uint64_t offset, uint32_t attempt, bint settled):
         """Add saved state of offset; see restore()."""

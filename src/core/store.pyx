@@ -743,6 +743,16 @@ cdef class SegmentStore:
         finally:
             PyThread_release_lock(self.sync_lock)
 
+    def segment_ranges(self):
+        """Return (first offset, offsets covered, bytes used) per segment."""
+        cdef Segment seg
+
+        self.acquire()
+        try:
+            return [(seg.base, seg.count, seg.length) for seg in self.segments]
+        finally:
+            self.release()
+
     def synced_lengths(self):
         """Return {segment path: bytes known to be on stable storage}."""
         self.acquire()

@@ -56,6 +56,9 @@ GROUP_DEFAULTS: Final[dict[str, Any]] = {
     "max_deliveries": 5,
     "max_in_flight": 10_000,
 }
+STREAM_DEFAULTS: Final[dict[str, Any]] = {"max_age": None, "max_bytes": None}
+# Seconds between two retention passes over the streams.
+RETENTION_INTERVAL: Final = 1.0
 QUEUE_DEFAULTS: Final[dict[str, Any]] = {
     **GROUP_DEFAULTS,
     "max_length": None,
@@ -77,8 +80,17 @@ def _check_options(
                 raise ConfigError(
                     f"overflow is {value!r}; it must be 'reject' or 'block'"
                 )
-        elif key in ("max_length", "max_bytes") and value is None:
+        elif key in ("max_length", "max_bytes", "max_age") and value is None:
             pass
+        elif key == "max_age":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"max_age must be a number or None, not {value!r}")
+            if not 0 < value <= 1e10:
+                raise ConfigError(
+                    f"max_age is {value} seconds; it must be more than 0 and at "
+                    f"most 1e10"
+                )
+            value = float(value)
         elif key in ("max_length", "max_bytes"):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{key} must be an int or None, not {value!r}")
@@ -197,6 +209,9 @@ class Broker:
         self._streams: dict[str, tuple[StreamBase, threading.Condition, str]] = {}
         self._queues: dict[str, Queue] = {}
         self._groups: dict[tuple[str, str], Group] = {}
+        self._retention: dict[str, tuple[float | None, int | None]] = {}
+        self._retention_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._closed = False
         logger.info("opened broker in %s (fsync=%s)", self.path, fsync)
 
@@ -303,13 +318,99 @@ class Broker:
                 )
                 setattr(consumer, key, value)
 
-    def stream(self, name: str) -> Stream:
-        """Open the stream name, creating it if it is missing."""
+    def stream(self, name: str, **options: Any) -> Stream:
+        """Open the stream name, creating it if it is missing.
+
+        Retention options (stored with the stream): max_age (seconds) and
+        max_bytes (bytes of records on disk), both unlimited by default.
+        Whole segments past either are deleted, about once a second; a group
+        that had not read them resumes at the oldest kept message, and its
+        stats() count what it passed over as skipped.
+        """
         check_name("stream", name)
+        options = _check_options(options, STREAM_DEFAULTS)
         with self._mutex:
             self._check_open()
             core, ready = self._open_stream(name, "stream")
+            folder = self.path / "streams" / name
+            merged = _Declared(folder, f"stream {name}").merge(
+                "stream", options, STREAM_DEFAULTS
+            )
+            if merged["max_age"] is not None or merged["max_bytes"] is not None:
+                self._retention[name] = (merged["max_age"], merged["max_bytes"])
+                self._start_retention()
+            else:
+                self._retention.pop(name, None)
             return Stream(self, name, core, ready)
+
+    # Retention -------------------------------------------------------------
+
+    def _start_retention(self) -> None:
+        if self._retention_thread is None:
+            self._retention_thread = threading.Thread(
+                target=self._retention_loop, name="pymq-retention", daemon=True
+            )
+            self._retention_thread.start()
+
+    def _retention_loop(self) -> None:
+        while not self._stopping.wait(RETENTION_INTERVAL):
+            try:
+                self.apply_retention()
+            except ClosedError:
+                return
+            except Exception as exc:
+                logger.error("retention of %s failed: %s", self.path, exc)
+
+    def apply_retention(self) -> int:
+        """Delete the segments of streams past their max_age or max_bytes now.
+
+        A background thread does this about once a second. Returns the
+        number of segments deleted.
+        """
+        with self._mutex:
+            self._check_open()
+            work = [
+                (name, self._streams[name][0].store, limits)
+                for name, limits in self._retention.items()
+                if name in self._streams
+            ]
+        deleted = 0
+        for name, store, (max_age, max_bytes) in work:
+            deleted += self._trim(name, store, max_age, max_bytes)
+        return deleted
+
+    def _trim(
+        self, name: str, store: Any, max_age: float | None, max_bytes: int | None
+    ) -> int:
+        ranges = store.segment_ranges()
+        total = sum(length for _, _, length in ranges)
+        now = time.time_ns()
+        keep = 0
+        # The active (last) segment is never deleted.
+        for base, count, length in ranges[:-1]:
+            expired = False
+            if max_bytes is not None and total > max_bytes:
+                expired = True
+            elif max_age is not None and count:
+                try:
+                    newest = store.read_record(base + count - 1)[1]
+                except (OffsetNotFoundError, CorruptSegmentError):
+                    newest = None
+                expired = newest is not None and now - newest > max_age * 1e9
+            if not expired:
+                break
+            total -= length
+            keep += 1
+        if not keep:
+            return 0
+        deleted: int = store.delete_below(ranges[keep][0])
+        logger.info(
+            "retention deleted %d segments of stream %s (offsets below %d)",
+            deleted,
+            name,
+            ranges[keep][0],
+        )
+        return deleted
 
     def _open_group(
         self, stream: Stream, name: str, start: str | int, options: dict[str, Any]
@@ -520,6 +621,7 @@ class Broker:
             if self._closed:
                 return
             self._closed = True
+            self._stopping.set()
             consumers: list[GroupBase] = [
                 *self._queues.values(),
                 *self._groups.values(),
