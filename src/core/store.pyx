@@ -37,6 +37,7 @@ cdef enum CollectKind:
     COLLECT_BODIES = 0
     COLLECT_RECORDS = 1
     COLLECT_VIEWS = 2
+    COLLECT_TIMESTAMP = 3
 
 
 cdef long long read_length(Py_buffer *sizes, Py_ssize_t i,
@@ -853,6 +854,8 @@ cdef class SegmentStore:
 
         if kind == COLLECT_VIEWS:
             return view[pos + REC_HEADER_SIZE:pos + REC_HEADER_SIZE + length]
+        if kind == COLLECT_TIMESTAMP:
+            return <int64_t>load_u64(header + REC_OFF_TIMESTAMP)
         body = PyBytes_FromStringAndSize(NULL, length)
         target = PyBytes_AS_STRING(body)
         if length >= NOGIL_BODY_BYTES:
@@ -901,6 +904,10 @@ cdef class SegmentStore:
     def read_record(self, uint64_t offset):
         """Return (offset, timestamp, flags, body) of the record at offset."""
         return self.read_one(offset, COLLECT_RECORDS)
+
+    def read_timestamp(self, uint64_t offset):
+        """Return the timestamp (ns) of the record at offset, without its body."""
+        return self.read_one(offset, COLLECT_TIMESTAMP)
 
     def read_view(self, uint64_t offset):
         """Return a read-only memoryview of the body at offset, without a copy.

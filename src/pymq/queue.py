@@ -90,7 +90,7 @@ class _Consumer(GroupBase):
         age = None
         if low < store.next_offset:
             try:
-                timestamp = store.read_record(low)[1]
+                timestamp = store.read_timestamp(low)
             except LookupError:
                 age = None
             else:

@@ -1554,3 +1554,10 @@ def test_background_flush_after_close_does_nothing(segment_dir: Path) -> None:
     store.close()
     assert store.background_flush() is None
     assert store.closed is True
+
+
+def test_read_timestamp_matches_record(segment_dir: Path) -> None:
+    with SegmentStore(segment_dir, segment_bytes=4096) as store:
+        offset = store.append(b"body", timestamp=123_456_789)
+        assert store.read_timestamp(offset) == 123_456_789
+        assert store.read_timestamp(offset) == store.read_record(offset)[1]
