@@ -256,12 +256,16 @@ class Broker:
     def queue(self, name: str, **options: Any) -> Queue:
         """Open the queue name, creating it if it is missing.
 
-        Options (stored with the queue; an explicit different value updates
-        the stored one): visibility_timeout (seconds, default 30),
-        max_deliveries (default 5; 0 never dead-letters), max_in_flight
-        (default 10,000), max_length (messages not yet acked) and max_bytes
-        (bytes of records on disk), both unlimited by default, and overflow
-        ("reject" raises QueueFull at a limit, "block" waits for room).
+        Options are stored with the queue, and an explicit different value
+        updates the stored one:
+
+        - visibility_timeout: seconds, default 30.
+        - max_deliveries: default 5; 0 never dead-letters.
+        - max_in_flight: default 10,000.
+        - max_length (messages not yet acked) and max_bytes (bytes of
+          records on disk): unlimited by default.
+        - overflow: "reject" (default) raises QueueFull at a limit, "block"
+          waits for room.
         """
         check_name("queue", name)
         return self._open_queue(name, options)
@@ -323,7 +327,7 @@ class Broker:
 
         Retention options (stored with the stream): max_age (seconds) and
         max_bytes (bytes of records on disk), both unlimited by default.
-        Whole segments past either are deleted, about once a second; a group
+        Whole segments past either are deleted about once a second. A group
         that had not read them resumes at the oldest kept message, and its
         stats() count what it passed over as skipped.
         """
@@ -495,8 +499,9 @@ class Broker:
             try:
                 move(offset, attempt, reason)
             except Exception as exc:
-                # The message stays where it is, and the move is tried again
-                # at its next delivery; say so, at most every few seconds.
+                # The message stays where it is and the move is tried again
+                # at its next delivery. The error is logged at most every
+                # _ERROR_LOG_SECONDS.
                 now = time.monotonic()
                 if now - last_error[0] >= _ERROR_LOG_SECONDS:
                     last_error[0] = now
@@ -628,7 +633,7 @@ class Broker:
             ]
             streams = list(self._streams.values())
         # Outside _mutex: a get() moving a message to a DLQ holds its stream's
-        # condition and then asks for _mutex, so the order must not invert.
+        # condition and then acquires _mutex, so the order must not invert.
         errors: list[BaseException] = []
         for consumer in consumers:
             try:
