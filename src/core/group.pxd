@@ -51,6 +51,20 @@ cdef class Message:
                      uint32_t attempt)
 
 
+@cython.final
+cdef class MessageBatch:
+    cdef readonly bytes data            # the bodies back to back
+    cdef bytes offset_bytes             # u64 per message, little-endian
+    cdef bytes receipt_bytes            # u64 per message
+    cdef bytes attempt_bytes            # u32 per message
+    cdef bytes timestamp_bytes          # i64 per message
+    cdef bytes length_bytes             # u64 per message
+    cdef readonly list headers          # dict or None per message
+    cdef GroupBase group                # settles the batch
+
+    cdef object column(self, bytes raw, str dtype)
+
+
 cdef class StreamBase:
     cdef readonly SegmentStore store  # the stream's records
     cdef readonly str name

@@ -1,6 +1,6 @@
 """pymq: a durable message broker for Python, around a compiled storage core."""
 
-from pymq._core import Message
+from pymq._core import Message, MessageBatch
 from pymq._version import __version__
 from pymq.broker import Broker, open
 from pymq.errors import (
@@ -32,6 +32,7 @@ __all__ = [
     "Group",
     "InvalidNameError",
     "Message",
+    "MessageBatch",
     "MessageTooLargeError",
     "OffsetNotFoundError",
     "ProtocolError",

@@ -12,13 +12,13 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from pymq._core import GroupBase, Message, SegmentStore, StreamBase
+from pymq._core import GroupBase, Message, MessageBatch, SegmentStore, StreamBase
 from pymq.types import QueueStats
 
 if TYPE_CHECKING:
     from pymq.broker import Broker
 
-__all__ = ["Group", "Message", "Queue", "Stream"]
+__all__ = ["Group", "Message", "MessageBatch", "Queue", "Stream"]
 
 
 class _Consumer(GroupBase):
@@ -47,6 +47,23 @@ class _Consumer(GroupBase):
             return messages
         found = self._wait(timeout, lambda: self.get_many_nowait(count) or None)
         return found if isinstance(found, list) else []
+
+    def get_batch(self, count: int, timeout: float | None = None) -> MessageBatch:
+        """Deliver up to count messages as one MessageBatch of numpy columns.
+
+        Waits up to timeout for the first message, like get_many; settle the
+        batch with ack_many(batch).
+        """
+        batch = self.get_batch_nowait(count)
+        if len(batch) or timeout == 0:
+            return batch
+
+        def attempt() -> MessageBatch | None:
+            found = self.get_batch_nowait(count)
+            return found if len(found) else None
+
+        waited = self._wait(timeout, attempt)
+        return waited if isinstance(waited, MessageBatch) else batch
 
     def _wait(self, timeout: float | None, attempt: Any) -> Any:
         if timeout is not None and not 0 <= timeout < 1e9:

@@ -1,0 +1,74 @@
+"""get_batch: deliveries as numpy columns and one buffer of bodies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pymq
+
+
+@pytest.fixture
+def broker(tmp_path: Path):
+    with pymq.open(tmp_path / "data") as opened:
+        yield opened
+
+
+def test_batch_columns_match_messages(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs")
+    bodies = [b"a", b"", b"ccc", b"dddd"]
+    jobs.put_many(bodies)
+    batch = jobs.get_batch(10, timeout=0)
+    assert len(batch) == 4
+    assert batch.offsets.tolist() == [0, 1, 2, 3]
+    assert batch.attempts.tolist() == [1, 1, 1, 1]
+    assert batch.lengths.tolist() == [1, 0, 3, 4]
+    assert batch.starts.tolist() == [0, 1, 1, 4]
+    assert batch.data == b"acccdddd"
+    assert [bytes(batch.body(index)) for index in range(4)] == bodies
+    assert batch.offsets.dtype == np.dtype("<u8")
+
+
+def test_batch_receipts_ack_many_settles_all(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs")
+    jobs.put_many([b"x"] * 50)
+    batch = jobs.get_batch(50, timeout=0)
+    assert jobs.stats().in_flight == 50
+    jobs.ack_many(batch)
+    assert jobs.stats().in_flight == 0
+    assert jobs.stats().acked == 50
+
+
+def test_batch_of_other_queue_raises(broker: pymq.Broker) -> None:
+    first = broker.queue("first")
+    second = broker.queue("second")
+    first.put(b"a")
+    batch = first.get_batch(1, timeout=0)
+    with pytest.raises(pymq.StaleReceiptError, match="another queue or group"):
+        second.ack_many(batch)
+
+
+def test_batch_empty_after_timeout(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs")
+    batch = jobs.get_batch(10, timeout=0.05)
+    assert len(batch) == 0
+    assert batch.offsets.tolist() == []
+
+
+def test_batch_keeps_headers(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs")
+    jobs.put(b"with", headers={"kind": "demo"})
+    jobs.put(b"without")
+    batch = jobs.get_batch(2, timeout=0)
+    assert batch.headers == [{"kind": "demo"}, None]
+    assert batch.data == b"withwithout"
+
+
+def test_batch_body_index_out_of_range_raises(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs")
+    jobs.put(b"one")
+    batch = jobs.get_batch(1, timeout=0)
+    with pytest.raises(IndexError, match="index 1 is outside the batch of 1"):
+        batch.body(1)
