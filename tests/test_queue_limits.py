@@ -13,7 +13,7 @@ import pymq
 
 @pytest.fixture
 def broker(tmp_path: Path):
-    with pymq.open(tmp_path / "data") as opened:
+    with pymq.open(tmp_path / "data", segment_bytes=4096) as opened:
         yield opened
 
 
@@ -47,17 +47,65 @@ def test_max_length_put_many_all_or_none(broker: pymq.Broker) -> None:
 
 
 def test_max_bytes_reject_counts_record_bytes(broker: pymq.Broker) -> None:
-    jobs = broker.queue("jobs", max_bytes=200)
-    jobs.put(b"x" * 100)  # 32-byte header + 104 bytes of body and padding
-    with pytest.raises(pymq.QueueFull, match="max_bytes 200"):
+    jobs = broker.queue("jobs", max_bytes=8192)
+    jobs.put_many([b"x" * 96] * 63)  # 128 bytes a record: 8064 bytes
+    with pytest.raises(pymq.QueueFull, match="max_bytes 8192"):
         jobs.put(b"y" * 100)
-    assert jobs.put(b"z" * 24) == 1
+    assert jobs.put(b"z" * 64) == 63
 
 
-def test_max_bytes_record_never_fits(broker: pymq.Broker) -> None:
-    jobs = broker.queue("jobs", max_bytes=64, overflow="block")
-    with pytest.raises(pymq.QueueFull, match="can never fit max_bytes 64"):
-        jobs.put(b"x" * 100, timeout=5)
+def test_max_bytes_below_two_segments_raises(broker: pymq.Broker) -> None:
+    with pytest.raises(pymq.ConfigError, match="must be at least 8192"):
+        broker.queue("jobs", max_bytes=8191)
+
+
+def test_max_bytes_drained_queue_takes_puts(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs", max_bytes=8192)
+    for _ in range(500):
+        jobs.put(b"x" * 96)
+        message = jobs.get_nowait()
+        assert message is not None
+        message.ack()
+    assert jobs.stats().acked == 500
+
+
+def test_max_length_batch_never_fits(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs", max_length=3, overflow="block")
+    with pytest.raises(pymq.QueueFull, match="batch of 5 messages can never fit"):
+        jobs.put_many([b"a"] * 5, timeout=5)
+
+
+def test_blocked_put_raises_closed_on_close(tmp_path: Path) -> None:
+    broker = pymq.open(tmp_path / "data")
+    jobs = broker.queue("jobs", max_length=1, overflow="block")
+    jobs.put(b"first")
+    outcome: list[BaseException] = []
+
+    def put_second() -> None:
+        try:
+            jobs.put(b"second")
+        except BaseException as exc:
+            outcome.append(exc)
+
+    producer = threading.Thread(target=put_second)
+    producer.start()
+    time.sleep(0.2)
+    broker.close()
+    producer.join(timeout=5)
+    assert not producer.is_alive()
+    assert isinstance(outcome[0], pymq.ClosedError)
+
+
+def test_full_dlq_with_block_does_not_stall_source(broker: pymq.Broker) -> None:
+    broker.queue("jobs.dlq", max_length=1, overflow="block")
+    jobs = broker.queue("jobs", max_deliveries=1)
+    jobs.put_many([b"1", b"2"])
+    jobs.get_nowait().reject("first")
+    started = time.monotonic()
+    jobs.get_nowait().reject("second")
+    assert time.monotonic() - started < 2
+    assert jobs.dlq.stats().depth == 1
+    assert jobs.stats().waiting == 1
 
 
 def test_block_put_waits_for_ack(broker: pymq.Broker) -> None:
@@ -92,12 +140,12 @@ def test_block_put_times_out_with_queue_full(broker: pymq.Broker) -> None:
 
 
 def test_limits_stored_with_queue(tmp_path: Path) -> None:
-    with pymq.open(tmp_path / "data") as broker:
-        broker.queue("jobs", max_length=5, max_bytes=4096, overflow="block")
-    with pymq.open(tmp_path / "data") as broker:
+    with pymq.open(tmp_path / "data", segment_bytes=4096) as broker:
+        broker.queue("jobs", max_length=5, max_bytes=8192, overflow="block")
+    with pymq.open(tmp_path / "data", segment_bytes=4096) as broker:
         jobs = broker.queue("jobs")
         assert jobs.max_length == 5
-        assert jobs.max_bytes == 4096
+        assert jobs.max_bytes == 8192
         assert jobs.overflow == "block"
 
 

@@ -117,6 +117,7 @@ cdef class GroupBase:
                   bint dead_now) except -1
     cdef uint64_t check_receipt(self, uint64_t receipt) except? 0
     cdef int ack_receipt(self, uint64_t receipt) except -1
+    cdef int skip_below(self, uint64_t offset) except -1
     cdef int restore_due(self, list items) except -1
     cdef int retain(self) except -1
     cdef int replay(self, uint64_t start) except -1

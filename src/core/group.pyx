@@ -288,7 +288,16 @@ cdef class StreamBase:
             raise QueueFull(
                 f"queue {self.name}: {size} bytes of records can never fit "
                 f"max_bytes {self.max_bytes}")
-        while not self.has_room(count, size):
+        if self.max_length >= 0 and count > self.max_length:
+            raise QueueFull(
+                f"queue {self.name}: a batch of {count} messages can never "
+                f"fit max_length {self.max_length}")
+        while True:
+            if self.store.closed or (
+                    self.queue_group is not None and self.queue_group.closed):
+                raise ClosedError(f"queue {self.name} is closed")
+            if self.has_room(count, size):
+                break
             if self.max_length >= 0 and not self.has_room(count, 0):
                 what = f"max_length {self.max_length} messages"
             else:
@@ -631,8 +640,7 @@ cdef class GroupBase:
         if ring.low < (<Segment>store.segments[0]).base:
             # Retention deleted records this group had not settled: resume
             # at the oldest kept one, and count what was passed over.
-            self.skipped += ring.skip_to((<Segment>store.segments[0]).base)
-            self.write_checkpoint()
+            self.skip_below((<Segment>store.segments[0]).base)
         # Slots on their way to the DLQ are still delivered in the ring, but
         # no consumer holds them, so they do not count against max_in_flight.
         while ring.delivered - self.dead_pending < self.max_in_flight:
@@ -665,6 +673,9 @@ cdef class GroupBase:
             if status == FOUND and not (
                     targeted and
                     message.header_map.get("x-for-group") != self.group_name):
+                if targeted:
+                    # The routing header is pymq's own, not the message's.
+                    del message.header_map["x-for-group"]
                 return message
             if status == FOUND:
                 # Redriven for another group of this stream: pass over it.
@@ -726,6 +737,20 @@ cdef class GroupBase:
                 self.release()
         return 0
 
+    cdef int skip_below(self, uint64_t offset) except -1:
+        """Settle everything below offset, pending dead-letter moves too."""
+        cdef list kept = []
+
+        for item in self.dead_due:
+            if item[0] < offset:
+                self.dead_pending -= 1
+            else:
+                kept.append(item)
+        self.dead_due = kept
+        self.skipped += self.ring.skip_to(offset)
+        self.write_checkpoint()
+        return 0
+
     cdef int restore_due(self, list items) except -1:
         """Make dead-letter moves that did not happen available again."""
         cdef int64_t now = self.now()
@@ -740,7 +765,11 @@ cdef class GroupBase:
         return 0
 
     cdef int retain(self) except -1:
-        """Delete the segments below low; set where to check next."""
+        """Delete the segments below low; set where to check next.
+
+        The next check comes once low passes the end of the first segment
+        as it is now, so a drained queue frees its sealed segments at once.
+        """
         cdef SegmentStore store = self.stream.store
         cdef Segment first
 
@@ -749,13 +778,7 @@ cdef class GroupBase:
         store.acquire()
         try:
             first = <Segment>store.segments[0]
-            if len(store.segments) > 1:
-                self.delete_mark = first.base + first.count
-            else:
-                # The only segment is the active one, which is never
-                # deleted: check again once low passes what it can hold.
-                self.delete_mark = first.base + (
-                    first.capacity // REC_HEADER_SIZE)
+            self.delete_mark = first.base + first.count
         finally:
             store.release()
         return 0

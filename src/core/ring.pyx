@@ -289,9 +289,16 @@ cdef class RingBuffer:
         return 0
 
     cdef int settle(self, uint64_t offset) except -1:
-        """Mark a delivered or available offset acked or dead-lettered."""
-        cdef Slot *slot = self.slot(offset)
+        """Mark a delivered or available offset acked or dead-lettered.
 
+        An offset outside the window (settled already, by skip_to say) is
+        left alone: its slot may hold another offset by now.
+        """
+        cdef Slot *slot
+
+        if offset < self.low or offset >= self.cursor:
+            return 0
+        slot = self.slot(offset)
         if slot.state == SLOT_DELIVERED:
             self.delivered -= 1
         elif slot.state == SLOT_AVAILABLE:
@@ -303,9 +310,17 @@ cdef class RingBuffer:
 
     cdef int make_available(self, uint64_t offset,
                             int64_t not_before) except -1:
-        """Return a delivered offset to the window, due at not_before."""
-        cdef Slot *slot = self.slot(offset)
+        """Return a delivered offset to the window, due at not_before.
 
+        An offset outside the window is left alone, as in settle().
+        """
+        cdef Slot *slot
+
+        if offset < self.low or offset >= self.cursor:
+            return 0
+        slot = self.slot(offset)
+        if slot.state == SLOT_AVAILABLE:
+            return 0
         if slot.state == SLOT_DELIVERED:
             self.delivered -= 1
         slot.state = SLOT_AVAILABLE

@@ -282,6 +282,12 @@ cdef class SegmentStore:
                 pass
         names = sorted(name for name in os.listdir(self.path)
                        if SEGMENT_FILE.match(name))
+        for name in os.listdir(self.path):
+            # An index whose log is gone: deletion unlinks the log first, and
+            # a crash can come between the two.
+            if (name.endswith(".idx") and len(name) == 24 and
+                    name[:20] + ".log" not in names and name[:20].isdigit()):
+                os.unlink(os.path.join(self.path, name))
         for i, name in enumerate(names):
             seg = Segment.open(os.path.join(self.path, name), int(name[:20]),
                                self.segment_bytes, i == len(names) - 1)

@@ -115,6 +115,16 @@ def _check_options(
     return checked
 
 
+# Folders of brokers without a path that are still open.
+_TEMPORARY_FOLDERS: set[str] = set()
+
+
+@atexit.register
+def _remove_temporary_folders() -> None:
+    for path in list(_TEMPORARY_FOLDERS):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class _Declared:
     """Options stored beside a queue or group, in options.json."""
 
@@ -189,8 +199,9 @@ class Broker:
             shm = "/dev/shm"
             parent = shm if os.access(shm, os.W_OK) else None
             path = tempfile.mkdtemp(prefix="pymq-memory-", dir=parent)
-            # Removed at exit too, if close() was never called.
-            atexit.register(shutil.rmtree, path, True)
+            # Removed at exit too, if close() was never called. NOTE: a
+            # process killed by a signal leaves the folder behind.
+            _TEMPORARY_FOLDERS.add(path)
         self.path = Path(path).absolute()
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = DirectoryLock(str(self.path))
@@ -285,6 +296,7 @@ class Broker:
                 return queue
             stream, ready = self._open_stream(name, "queue")
             label = f"queue {name}"
+            self._check_queue_bytes(name, options.get("max_bytes"))
             merged = _Declared(folder, label).merge("queue", options, QUEUE_DEFAULTS)
             journal = self._open_journal(name, QUEUE_GROUP)
             try:
@@ -298,6 +310,18 @@ class Broker:
             self._queues[name] = queue
             logger.info("opened queue %s", name)
             return queue
+
+    def _check_queue_bytes(self, name: str, max_bytes: int | None) -> None:
+        # Acked records count until their segment is deleted, and the segment
+        # being written never is: below two segments a drained queue could
+        # stay full.
+        least = 2 * self._store_options["segment_bytes"]
+        if max_bytes is not None and max_bytes < least:
+            raise ConfigError(
+                f"max_bytes of queue {name} is {max_bytes}; it must be at least "
+                f"{least} (twice segment_bytes), because acked records count "
+                f"until their segment is deleted"
+            )
 
     def _close_queue(self, queue: Queue) -> None:
         with self._mutex:
@@ -538,7 +562,9 @@ class Broker:
                     "x-dead-at": str(time.time_ns()),
                 }
             )
-            self._open_queue(dlq_name, {}).put(payload, headers=headers)
+            # Never wait here: a full DLQ with overflow="block" would stall
+            # the get that moves the message. The move is retried instead.
+            self._open_queue(dlq_name, {}).put(payload, headers=headers, timeout=0)
             logger.warning(
                 "message %d of %s moved to %s after %d attempts: %s",
                 offset,
@@ -577,10 +603,18 @@ class Broker:
                     message.nack()
             if not batch:
                 break
-            for message in batch:
-                self._put_back(message, target)
-            source.ack_many(batch)
-            moved += len(batch)
+            for index, message in enumerate(batch):
+                try:
+                    self._put_back(message, target)
+                except BaseException:
+                    # This message and the rest of the batch stay in the DLQ.
+                    for rest in batch[index:]:
+                        rest.nack()
+                    raise
+                # Acked one by one, so a failure later in the batch does not
+                # leave a message both put back and still in the DLQ.
+                message.ack()
+                moved += 1
         logger.info(
             "redrove %d messages from %s to %s", moved, dlq_name, to or "their sources"
         )
@@ -654,6 +688,7 @@ class Broker:
         self._lock.release()
         if self._temporary:
             shutil.rmtree(self.path, ignore_errors=True)
+            _TEMPORARY_FOLDERS.discard(str(self.path))
         logger.info("closed broker in %s", self.path)
         if errors:
             raise errors[0]

@@ -191,6 +191,7 @@ class Queue(_Consumer):
 
     @max_bytes.setter
     def max_bytes(self, value: int | None) -> None:
+        self._broker._check_queue_bytes(self.name, value)
         self.stream.max_bytes = -1 if value is None else value
 
     @property
