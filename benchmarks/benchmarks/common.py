@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -222,3 +223,322 @@ def call_batches(call: Callable[[], object], calls: int, deadline: float) -> int
         if time.perf_counter() > deadline:
             return done
     return calls
+
+
+# Embedded broker --------------------------------------------------------
+
+BROKER_PAYLOAD_SIZES = (100, 1024, 65536)
+# Messages per put_many, get_many and ack_many call in the batch form.
+QUEUE_BATCH = 100
+# Deliveries in flight stay at or below QUEUE_BATCH; this only states the
+# limit instead of relying on the default.
+QUEUE_MAX_IN_FLIGHT = 10_000
+QUEUE_NAME = "jobs"
+# Loops check their deadline once per this many messages.
+CHECK_EVERY = 1024
+
+
+def open_broker(scratch: Scratch, fsync: str) -> tuple[pymq.Broker, pymq.Queue]:
+    """Open a broker in scratch and its queue "jobs"; close the broker after."""
+    broker = pymq.open(scratch.path / "broker", fsync=fsync)
+    try:
+        queue = broker.queue(QUEUE_NAME, max_in_flight=QUEUE_MAX_IN_FLIGHT)
+    except BaseException:
+        broker.close()
+        raise
+    return broker, queue
+
+
+def batches(bodies: Sequence[bytes], size: int = QUEUE_BATCH) -> list[list[bytes]]:
+    """Split bodies into lists of size bodies (the last may be shorter)."""
+    return [list(bodies[i : i + size]) for i in range(0, len(bodies), size)]
+
+
+def put_each(queue: pymq.Queue, bodies: Sequence[bytes], deadline: float) -> int:
+    """Put bodies one call each until done or past deadline; return count."""
+    put = queue.put
+    done = 0
+    for start in range(0, len(bodies), CHECK_EVERY):
+        for body in bodies[start : start + CHECK_EVERY]:
+            put(body)
+        done = min(start + CHECK_EVERY, len(bodies))
+        if time.perf_counter() > deadline:
+            break
+    return done
+
+
+def get_ack_each(queue: pymq.Queue, count: int, deadline: float) -> int:
+    """Get and ack count messages one at a time; return the messages acked.
+
+    Raises RuntimeError when the queue is empty before count messages.
+    """
+    get = queue.get_nowait
+    done = 0
+    for start in range(0, count, CHECK_EVERY):
+        stop = min(start + CHECK_EVERY, count)
+        for _ in range(start, stop):
+            message = get()
+            if message is None:
+                raise RuntimeError(f"queue empty after {done} of {count} messages")
+            message.ack()
+            done += 1
+        if time.perf_counter() > deadline:
+            break
+    return done
+
+
+def put_get_ack_each(
+    queue: pymq.Queue, bodies: Sequence[bytes], deadline: float
+) -> int:
+    """Put, get and ack one message at a time for each body; return count."""
+    put = queue.put
+    get = queue.get_nowait
+    done = 0
+    for start in range(0, len(bodies), CHECK_EVERY):
+        for body in bodies[start : start + CHECK_EVERY]:
+            put(body)
+            message = get()
+            if message is None:
+                raise RuntimeError(f"queue empty right after put {done + 1}")
+            message.ack()
+        done = min(start + CHECK_EVERY, len(bodies))
+        if time.perf_counter() > deadline:
+            break
+    return done
+
+
+def put_batches(
+    queue: pymq.Queue, chunks: Sequence[list[bytes]], deadline: float
+) -> int:
+    """Call put_many once per chunk until done or past deadline; return count."""
+    put_many = queue.put_many
+    done = 0
+    for chunk in chunks:
+        put_many(chunk)
+        done += len(chunk)
+        if time.perf_counter() > deadline:
+            break
+    return done
+
+
+def get_ack_batches(
+    queue: pymq.Queue, count: int, deadline: float, size: int = QUEUE_BATCH
+) -> int:
+    """Drain count messages with get_many(size) and ack_many; return count.
+
+    Raises RuntimeError when the queue is empty before count messages.
+    """
+    get_many = queue.get_many
+    ack_many = queue.ack_many
+    done = 0
+    while done < count:
+        messages = get_many(min(size, count - done), timeout=0)
+        if not messages:
+            raise RuntimeError(f"queue empty after {done} of {count} messages")
+        ack_many(messages)
+        done += len(messages)
+        if time.perf_counter() > deadline:
+            break
+    return done
+
+
+def put_get_ack_batches(
+    queue: pymq.Queue, chunks: Sequence[list[bytes]], deadline: float
+) -> int:
+    """For each chunk: put_many, get_many of as many, ack_many; return count."""
+    put_many = queue.put_many
+    get_many = queue.get_many
+    ack_many = queue.ack_many
+    done = 0
+    for chunk in chunks:
+        put_many(chunk)
+        messages = get_many(len(chunk), timeout=0)
+        if len(messages) != len(chunk):
+            raise RuntimeError(
+                f"get_many returned {len(messages)} of {len(chunk)} messages"
+            )
+        ack_many(messages)
+        done += len(chunk)
+        if time.perf_counter() > deadline:
+            break
+    return done
+
+
+def call_threads(
+    call: Callable[[bytes], object],
+    bodies: Sequence[bytes],
+    threads: int,
+    max_seconds: float,
+) -> tuple[int, float]:
+    """Call call(body) from threads threads at once, once per body.
+
+    The bodies are split evenly between the threads, which start together
+    and each stop at max_seconds. Returns (calls done, seconds from the
+    start to the last thread's end).
+    """
+    share = len(bodies) // threads
+    counts = [0] * threads
+    errors: list[BaseException] = []
+    start_line = threading.Barrier(threads + 1)
+
+    def work(index: int) -> None:
+        mine = bodies[index * share : (index + 1) * share]
+        start_line.wait()
+        deadline = time.perf_counter() + max_seconds
+        try:
+            for done, body in enumerate(mine, 1):
+                call(body)
+                counts[index] = done
+                if done % 64 == 0 and time.perf_counter() > deadline:
+                    break
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [
+        threading.Thread(target=work, args=(i,), name=f"bench-thread-{i}")
+        for i in range(threads)
+    ]
+    for worker in workers:
+        worker.start()
+    start_line.wait()
+    start = time.perf_counter()
+    for worker in workers:
+        worker.join()
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return sum(counts), elapsed
+
+
+def produce_consume(
+    put: Callable[[bytes], object],
+    get: Callable[[], object],
+    bodies: Sequence[bytes],
+    deadline: float,
+) -> tuple[int, float, float]:
+    """Put every body, then get as many, with the callables of an in-process queue.
+
+    Returns (messages, seconds of the puts, seconds of the gets). The
+    deadline is checked once per CHECK_EVERY messages.
+    """
+    start = time.perf_counter()
+    done = 0
+    for first in range(0, len(bodies), CHECK_EVERY):
+        for body in bodies[first : first + CHECK_EVERY]:
+            put(body)
+        done = min(first + CHECK_EVERY, len(bodies))
+        if time.perf_counter() > deadline:
+            break
+    middle = time.perf_counter()
+    for first in range(0, done, CHECK_EVERY):
+        for _ in range(first, min(first + CHECK_EVERY, done)):
+            get()
+    end = time.perf_counter()
+    return done, middle - start, end - middle
+
+
+def put_then_get(
+    put: Callable[[bytes], object],
+    get: Callable[[], object],
+    bodies: Sequence[bytes],
+    deadline: float,
+) -> int:
+    """Put one body and get it back, for each body; return the count."""
+    done = 0
+    for first in range(0, len(bodies), CHECK_EVERY):
+        for body in bodies[first : first + CHECK_EVERY]:
+            put(body)
+            get()
+        done = min(first + CHECK_EVERY, len(bodies))
+        if time.perf_counter() > deadline:
+            break
+    return done
+
+
+def anonymous_rss() -> int | None:
+    """Return this process's resident anonymous memory in bytes, or None.
+
+    RssAnon in /proc/self/status leaves out pages of mapped files and the
+    page cache, so the mapped segments do not count. None where the file
+    or the field is missing (not Linux).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def folder_bytes(folder: Path) -> int:
+    """Return the bytes of disk the files under folder take (st_blocks)."""
+    total = 0
+    for path in folder.rglob("*"):
+        if path.is_file():
+            total += path.stat().st_blocks * 512
+    return total
+
+
+def backlog_heap(
+    folder: str, payload: int, backlog_bytes: int, max_seconds: float
+) -> dict[str, float]:
+    """Fill a queue with about backlog_bytes of records and measure the heap.
+
+    Opens a broker in folder with fsync="never", puts batches of seeded
+    bodies until the records pass backlog_bytes (or max_seconds pass),
+    gets and acks 100 messages, then closes the broker, reopens it and gets
+    and acks 100 more. Run it in a fresh process: the figures are that
+    process's RssAnon (see anonymous_rss) and tracemalloc's traced memory,
+    in bytes, taken before the broker opens, after the fill and after the
+    reopen. tracemalloc sees only allocations made through Python's
+    allocators, not the core's own malloc calls.
+    """
+    tracemalloc.start()
+    bodies = payloads(payload, batch_size(payload))
+    calls = backlog_bytes // (record_bytes(payload) * len(bodies)) + 1
+    deadline = time.perf_counter() + max_seconds
+    rss_before = anonymous_rss() or 0
+    traced_before = tracemalloc.get_traced_memory()[0]
+
+    broker = pymq.open(folder, fsync="never")
+    try:
+        queue = broker.queue(QUEUE_NAME, max_in_flight=QUEUE_MAX_IN_FLIGHT)
+        put = 0
+        for _ in range(calls):
+            queue.put_many(bodies)
+            put += len(bodies)
+            if time.perf_counter() > deadline:
+                break
+        get_ack_each(queue, 100, deadline)
+        rss_filled = anonymous_rss() or 0
+        traced_filled = tracemalloc.get_traced_memory()[0]
+    finally:
+        broker.close()
+
+    start = time.perf_counter()
+    broker = pymq.open(folder, fsync="never")
+    try:
+        queue = broker.queue(QUEUE_NAME)
+        open_seconds = time.perf_counter() - start
+        get_ack_each(queue, 100, deadline + max_seconds)
+        depth = queue.stats().depth
+        rss_reopened = anonymous_rss() or 0
+        traced_reopened, traced_peak = tracemalloc.get_traced_memory()
+    finally:
+        broker.close()
+    tracemalloc.stop()
+    return {
+        "messages": put,
+        "depth": depth,
+        "disk_bytes": folder_bytes(Path(folder)),
+        "open_seconds": open_seconds,
+        "rss_before": rss_before,
+        "rss_filled": rss_filled,
+        "rss_reopened": rss_reopened,
+        "traced_before": traced_before,
+        "traced_filled": traced_filled,
+        "traced_reopened": traced_reopened,
+        "traced_peak": traced_peak,
+    }
