@@ -18,7 +18,6 @@
 # counts survive a crash of the consumer or of the broker. Journal records
 # carry timestamp 0: replay does not need the time.
 
-from cpython.pythread cimport PyThread_type_lock
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 
@@ -75,7 +74,7 @@ cdef class StreamBase:
     cdef public int64_t max_bytes     # bytes of records on disk; -1: no limit
     cdef public bint overflow_block   # at a limit: wait (True) or raise
     cdef public object wait_room      # callable(seconds or None) -> bool
-    cdef PyThread_type_lock put_lock  # makes check and append one step
+    cdef pymq_mutex *put_lock  # makes check and append one step
 
     cdef int published(self) except -1
     cdef bint has_room(self, Py_ssize_t count, size_t size) except -1
@@ -87,7 +86,7 @@ cdef class GroupBase:
     cdef readonly StreamBase stream
     cdef SegmentStore journal         # this group's journal
     cdef RingBuffer ring
-    cdef PyThread_type_lock lock      # ring and counters; before store locks
+    cdef pymq_mutex *lock      # ring and counters; before store locks
     cdef int64_t visibility_ns
     cdef public uint32_t max_deliveries
     cdef public size_t max_in_flight

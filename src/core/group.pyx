@@ -245,13 +245,13 @@ cdef class StreamBase:
         self.name = name
         self.max_length = -1
         self.max_bytes = -1
-        self.put_lock = PyThread_allocate_lock()
+        self.put_lock = pymq_mutex_new()
         if self.put_lock == NULL:
             raise MemoryError()
 
     def __dealloc__(self):
         if self.put_lock != NULL:
-            PyThread_free_lock(self.put_lock)
+            pymq_mutex_free(self.put_lock)
 
     cdef int published(self) except -1:
         if self.waiters > 0 and self.wake is not None:
@@ -306,14 +306,14 @@ cdef class StreamBase:
                 raise QueueFull(f"queue {self.name} is full: {what}")
             if timeout is not None and deadline is None:
                 deadline = time.monotonic() + timeout
-            PyThread_release_lock(self.put_lock)
+            pymq_mutex_unlock(self.put_lock)
             try:
                 room = self.wait_room(
                     None if deadline is None else deadline - time.monotonic())
             finally:
-                if not PyThread_acquire_lock(self.put_lock, NOWAIT_LOCK):
+                if not pymq_mutex_trylock(self.put_lock):
                     with nogil:
-                        PyThread_acquire_lock(self.put_lock, WAIT_LOCK)
+                        pymq_mutex_lock(self.put_lock)
             if not room:
                 raise QueueFull(
                     f"queue {self.name} is full ({what}) and put timed out "
@@ -336,9 +336,9 @@ cdef class StreamBase:
             block = encode_headers(headers)
             body = block + memoryview(body).tobytes()
         if limited:
-            if not PyThread_acquire_lock(self.put_lock, NOWAIT_LOCK):
+            if not pymq_mutex_trylock(self.put_lock):
                 with nogil:
-                    PyThread_acquire_lock(self.put_lock, WAIT_LOCK)
+                    pymq_mutex_lock(self.put_lock)
         try:
             if limited:
                 self.reserve_room(1, record_size(len(body)), timeout)
@@ -352,7 +352,7 @@ cdef class StreamBase:
                 first = self.store.append(body)
         finally:
             if limited:
-                PyThread_release_lock(self.put_lock)
+                pymq_mutex_unlock(self.put_lock)
         self.published()
         return first
 
@@ -387,9 +387,9 @@ cdef class StreamBase:
         if limited:
             for item in items:
                 size += record_size(len(item))
-            if not PyThread_acquire_lock(self.put_lock, NOWAIT_LOCK):
+            if not pymq_mutex_trylock(self.put_lock):
                 with nogil:
-                    PyThread_acquire_lock(self.put_lock, WAIT_LOCK)
+                    pymq_mutex_lock(self.put_lock)
         try:
             if limited:
                 self.reserve_room(len(items), size, timeout)
@@ -399,7 +399,7 @@ cdef class StreamBase:
                 first = self.store.append_many(items)
         finally:
             if limited:
-                PyThread_release_lock(self.put_lock)
+                pymq_mutex_unlock(self.put_lock)
         self.published()
         return range(first, first + len(items))
 
@@ -412,7 +412,7 @@ cdef class GroupBase:
     """
 
     def __cinit__(self):
-        self.lock = PyThread_allocate_lock()
+        self.lock = pymq_mutex_new()
         if self.lock == NULL:
             raise MemoryError()
         self.dead_due = []
@@ -431,19 +431,19 @@ cdef class GroupBase:
 
     def __dealloc__(self):
         if self.lock != NULL:
-            PyThread_free_lock(self.lock)
+            pymq_mutex_free(self.lock)
 
     cdef int acquire(self) except -1:
-        if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+        if not pymq_mutex_trylock(self.lock):
             with nogil:
-                PyThread_acquire_lock(self.lock, WAIT_LOCK)
+                pymq_mutex_lock(self.lock)
         if self.closed:
-            PyThread_release_lock(self.lock)
+            pymq_mutex_unlock(self.lock)
             raise ClosedError(f"group of stream {self.stream.name} is closed")
         return 0
 
     cdef void release(self) noexcept:
-        PyThread_release_lock(self.lock)
+        pymq_mutex_unlock(self.lock)
 
     cdef int64_t now(self) except? -1:
         """Return the group's clock: monotonic ns, or clock() when it is set."""
@@ -1042,7 +1042,7 @@ cdef class GroupBase:
             self.write_checkpoint()
             self.closed = True
         finally:
-            PyThread_release_lock(self.lock)
+            pymq_mutex_unlock(self.lock)
         self.journal.close()
 
 

@@ -1,6 +1,5 @@
 # SegmentStore: a log of segments in one folder, with fsync policies.
 
-from cpython.pythread cimport PyThread_type_lock
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 
@@ -43,8 +42,8 @@ cdef class SegmentStore:
     # Lock order: sync_lock before lock. lock guards the segment list and
     # every length and counter; sync_lock lets one thread sync at a time
     # and keeps segments mapped while it syncs them.
-    cdef PyThread_type_lock lock
-    cdef PyThread_type_lock sync_lock
+    cdef pymq_mutex *lock
+    cdef pymq_mutex *sync_lock
     cdef uint64_t written_bytes      # bytes appended since open
     cdef readonly uint64_t stored_bytes  # bytes of records in the segments
     cdef uint64_t synced_bytes       # of those, bytes known to be synced

@@ -7,9 +7,6 @@ from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize,
                             PyBytes_GET_SIZE)
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
-                               PyThread_allocate_lock, PyThread_free_lock,
-                               PyThread_release_lock)
 from libc.string cimport memcpy
 
 import fcntl
@@ -184,8 +181,8 @@ cdef class SegmentStore:
     """
 
     def __cinit__(self):
-        self.lock = PyThread_allocate_lock()
-        self.sync_lock = PyThread_allocate_lock()
+        self.lock = pymq_mutex_new()
+        self.sync_lock = pymq_mutex_new()
         if self.lock == NULL or self.sync_lock == NULL:
             raise MemoryError()
         self.segments = []
@@ -224,9 +221,9 @@ cdef class SegmentStore:
 
     def __dealloc__(self):
         if self.lock != NULL:
-            PyThread_free_lock(self.lock)
+            pymq_mutex_free(self.lock)
         if self.sync_lock != NULL:
-            PyThread_free_lock(self.sync_lock)
+            pymq_mutex_free(self.sync_lock)
 
     def __enter__(self):
         return self
@@ -244,24 +241,24 @@ cdef class SegmentStore:
         """Take lock, waiting without the GIL; raise if the store closed."""
         self.acquire_raw()
         if self.closed:
-            PyThread_release_lock(self.lock)
+            pymq_mutex_unlock(self.lock)
             raise ClosedError(f"segment store {self.path} is closed")
         return 0
 
     cdef int acquire_raw(self) except -1:
         """Take lock, waiting without the GIL, whether closed or not."""
-        if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+        if not pymq_mutex_trylock(self.lock):
             with nogil:
-                PyThread_acquire_lock(self.lock, WAIT_LOCK)
+                pymq_mutex_lock(self.lock)
         return 0
 
     cdef void release(self) noexcept:
-        PyThread_release_lock(self.lock)
+        pymq_mutex_unlock(self.lock)
 
     cdef int acquire_sync(self) except -1:
-        if not PyThread_acquire_lock(self.sync_lock, NOWAIT_LOCK):
+        if not pymq_mutex_trylock(self.sync_lock):
             with nogil:
-                PyThread_acquire_lock(self.sync_lock, WAIT_LOCK)
+                pymq_mutex_lock(self.sync_lock)
         return 0
 
     cdef int check_size(self, size_t length) except -1:
@@ -658,7 +655,7 @@ cdef class SegmentStore:
             if self.synced_bytes < written and not self.closed:
                 self.sync_segments(True, False)
         finally:
-            PyThread_release_lock(self.sync_lock)
+            pymq_mutex_unlock(self.sync_lock)
         return 0
 
     cdef int sync_segments(self, bint include_active,
@@ -734,7 +731,7 @@ cdef class SegmentStore:
                 raise ClosedError(f"segment store {self.path} is closed")
             self.sync_segments(True, True)
         finally:
-            PyThread_release_lock(self.sync_lock)
+            pymq_mutex_unlock(self.sync_lock)
 
     def background_flush(self):
         """Do the periodic work of the fsync policy.
@@ -748,7 +745,7 @@ cdef class SegmentStore:
                 return
             self.sync_segments(self.policy != FSYNC_NEVER, True)
         finally:
-            PyThread_release_lock(self.sync_lock)
+            pymq_mutex_unlock(self.sync_lock)
 
     def segment_ranges(self):
         """Return (first offset, offsets covered, bytes used) per segment."""
@@ -1002,7 +999,7 @@ cdef class SegmentStore:
             finally:
                 self.release()
         finally:
-            PyThread_release_lock(self.sync_lock)
+            pymq_mutex_unlock(self.sync_lock)
         return deleted
 
     def close(self):
@@ -1046,7 +1043,7 @@ cdef class SegmentStore:
             finally:
                 self.release()
         finally:
-            PyThread_release_lock(self.sync_lock)
+            pymq_mutex_unlock(self.sync_lock)
         self.owner_lock.release()
         if error is not None:
             raise error

@@ -56,3 +56,13 @@ cdef extern from "includes/prefault.h" nogil:
     int pymq_prefault_start(pymq_prefault *job, void *start, size_t length,
                             size_t page_size)
     void pymq_prefault_stop(pymq_prefault *job)
+
+
+cdef extern from "includes/mutex.h" nogil:
+    ctypedef struct pymq_mutex:
+        pass
+    pymq_mutex *pymq_mutex_new()
+    void pymq_mutex_free(pymq_mutex *mutex)
+    bint pymq_mutex_trylock(pymq_mutex *mutex)
+    void pymq_mutex_lock(pymq_mutex *mutex)
+    void pymq_mutex_unlock(pymq_mutex *mutex)

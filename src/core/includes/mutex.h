@@ -1,0 +1,52 @@
+/* A plain pthread mutex for the core's locks.
+ *
+ * CPython's PyThread locks read the monotonic clock on every acquire, even
+ * a non-blocking one (to compute a deadline), and a get and its ack take
+ * five locks: those clock reads cost more than the rest of the lock work.
+ * A pthread mutex is unlocked by the thread that locked it, which is how
+ * the core uses all of its locks.
+ */
+#ifndef PYMQ_MUTEX_H
+#define PYMQ_MUTEX_H
+
+#include <pthread.h>
+#include <stdlib.h>
+
+typedef pthread_mutex_t pymq_mutex;
+
+static inline pymq_mutex *pymq_mutex_new(void)
+{
+    pymq_mutex *mutex = (pymq_mutex *)malloc(sizeof(pymq_mutex));
+
+    if (mutex != NULL && pthread_mutex_init(mutex, NULL) != 0) {
+        free(mutex);
+        return NULL;
+    }
+    return mutex;
+}
+
+static inline void pymq_mutex_free(pymq_mutex *mutex)
+{
+    if (mutex != NULL) {
+        pthread_mutex_destroy(mutex);
+        free(mutex);
+    }
+}
+
+/* Return 1 when the mutex was free and is now held. */
+static inline int pymq_mutex_trylock(pymq_mutex *mutex)
+{
+    return pthread_mutex_trylock(mutex) == 0;
+}
+
+static inline void pymq_mutex_lock(pymq_mutex *mutex)
+{
+    pthread_mutex_lock(mutex);
+}
+
+static inline void pymq_mutex_unlock(pymq_mutex *mutex)
+{
+    pthread_mutex_unlock(mutex);
+}
+
+#endif
