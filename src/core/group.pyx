@@ -2,6 +2,7 @@
 
 from cpython.dict cimport PyDict_New, PyDict_SetItem
 from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdlib cimport qsort
 from libc.string cimport memcpy
 
 import time
@@ -223,6 +224,13 @@ cdef MessageBatch pack_batch(GroupBase group, list messages):
     batch.headers = headers
     batch.group = group
     return batch
+
+
+cdef int compare_u64(const void *left, const void *right) noexcept nogil:
+    cdef uint64_t a = (<const uint64_t *>left)[0]
+    cdef uint64_t b = (<const uint64_t *>right)[0]
+
+    return (a > b) - (a < b)
 
 
 cdef int check_delay(str name, double seconds) except -1:
@@ -896,40 +904,55 @@ cdef class GroupBase:
         return 0
 
     def ack_many(self, items):
-        """Settle many deliveries: Messages or receipts, all or none.
+        """Settle many deliveries: Messages, receipts or a MessageBatch.
 
-        Raises StaleReceiptError, settling nothing, if any receipt is stale
-        or appears twice.
+        All or none: raises StaleReceiptError, settling nothing, if any
+        receipt is stale or appears twice.
         """
-        cdef list receipts = []
+        cdef Py_ssize_t count, i
+        cdef uint64_t *receipts = NULL
+        cdef uint64_t *offsets = NULL
+        cdef list listed
+        cdef object item
 
         if type(items) is MessageBatch:
             if (<MessageBatch>items).group is not self:
                 raise StaleReceiptError(
                     f"the batch was delivered by another queue or group, not "
                     f"by this one of stream {self.stream.name}")
-            items = (<MessageBatch>items).receipts.tolist()
-        for item in items:
-            if type(item) is Message:
-                if (<Message>item).group is not self:
-                    raise StaleReceiptError(
-                        f"message at offset {(<Message>item).offset} was "
-                        f"delivered by another queue or group, not by this "
-                        f"one of stream {self.stream.name}")
-                receipts.append((<Message>item).receipt)
-            else:
-                receipts.append(item)
-        cdef Py_ssize_t count = len(receipts), i
-        cdef uint64_t *offsets
-
+            listed = None
+            count = len((<MessageBatch>items).receipt_bytes) // 8
+        else:
+            listed = items if type(items) is list else list(items)
+            count = len(listed)
         if count == 0:
             return
-        if len(set(receipts)) != count:
-            raise StaleReceiptError("the same receipt appears twice")
+        receipts = <uint64_t *>PyMem_Malloc(count * 8)
         offsets = <uint64_t *>PyMem_Malloc(count * 8)
-        if offsets == NULL:
-            raise MemoryError()
         try:
+            if receipts == NULL or offsets == NULL:
+                raise MemoryError()
+            if listed is None:
+                memcpy(receipts, PyBytes_AS_STRING(
+                    (<MessageBatch>items).receipt_bytes), count * 8)
+            else:
+                for i in range(count):
+                    item = listed[i]
+                    if type(item) is Message:
+                        if (<Message>item).group is not self:
+                            raise StaleReceiptError(
+                                f"message at offset {(<Message>item).offset} "
+                                f"was delivered by another queue or group, "
+                                f"not by this one of stream {self.stream.name}")
+                        receipts[i] = (<Message>item).receipt
+                    else:
+                        receipts[i] = item
+            memcpy(offsets, receipts, count * 8)
+            qsort(offsets, count, 8, compare_u64)
+            for i in range(1, count):
+                if offsets[i] == offsets[i - 1]:
+                    raise StaleReceiptError(
+                        f"receipt {offsets[i]} appears twice in the batch")
             self.acquire()
             try:
                 self.expire(self.now())
@@ -942,6 +965,7 @@ cdef class GroupBase:
             finally:
                 self.release()
         finally:
+            PyMem_Free(receipts)
             PyMem_Free(offsets)
         self.finish()
 
