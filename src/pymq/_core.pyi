@@ -1,6 +1,7 @@
 # Type stub of the compiled core, pymq._core (built from src/core).
 
 from collections.abc import Callable, Iterable
+from os import PathLike
 from types import TracebackType
 from typing import Any, Final, Literal
 
@@ -15,6 +16,7 @@ FsyncPolicy = Literal["never", "interval", "always"]
 Record = tuple[int, int, int, bytes]
 
 def crc32c(data: Buffer, crc: int = 0) -> int: ...
+def make_directories(path: str | PathLike[str]) -> None: ...
 def check_store_options(
     segment_bytes: int, max_message_bytes: int | None, fsync: str
 ) -> int: ...

@@ -13,7 +13,14 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-from pymq._core import DirectoryLock, GroupBase, Message, StreamBase, split_body
+from pymq._core import (
+    DirectoryLock,
+    GroupBase,
+    Message,
+    StreamBase,
+    make_directories,
+    split_body,
+)
 from pymq.errors import (
     ClosedError,
     ConfigError,
@@ -156,11 +163,24 @@ class _Declared:
                 )
             options[key] = value
         if changed or not self.path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            scratch = self.path.with_suffix(".tmp")
-            scratch.write_text(json.dumps({"kind": kind, "options": options}))
-            os.replace(scratch, self.path)
+            make_directories(self.path.parent)
+            _write_durably(self.path, json.dumps({"kind": kind, "options": options}))
         return options
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Replace path with text, synced, so a power loss keeps old or new."""
+    scratch = path.with_suffix(".tmp")
+    with scratch.open("w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(scratch, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 class Broker:
@@ -244,8 +264,9 @@ class Broker:
         marker = folder / "kind"
         if marker.exists() and marker.read_text() != kind:
             raise ConfigError(f"{name} is a {marker.read_text()}, not a {kind}")
-        folder.mkdir(parents=True, exist_ok=True)
-        marker.write_text(kind)
+        if not marker.exists():
+            make_directories(folder)
+            _write_durably(marker, kind)
         store = open_store(folder / "log", **self._store_options)
         core = StreamBase(store, name)
         ready = threading.Condition()
@@ -717,8 +738,9 @@ def open(
     pymq.open_store for what each survives. segment_bytes defaults to 64 MiB.
 
     With no path the broker lives in a temporary folder in memory (/dev/shm
-    where it exists), removed by close() or at exit; its segments default to
-    1 MiB and it cannot sync (fsync other than "never" raises ConfigError).
+    where it exists), which close() or the end of the process removes. Its
+    segments default to 1 MiB, and because memory cannot be synced, an fsync
+    other than "never" raises ConfigError.
     Raises BrokerLockedError when another broker owns the directory.
     """
     return Broker(

@@ -69,7 +69,7 @@ class BrokerLockedError(PymqError):
     """Another open broker or store owns the data directory.
 
     ``pid`` is the owner's process id as it wrote it in the lock file, or
-    None when the file does not say.
+    None when the file contains none.
     """
 
     def __init__(self, path: str, pid: int | None) -> None:
@@ -138,7 +138,7 @@ class OffsetNotFoundError(PymqError, LookupError):
 class ServerError(PymqError):
     """An error frame from the server, with its numeric code.
 
-    ``retriable`` tells whether the same request may succeed later.
+    ``retriable`` is True when the same request may succeed later.
     """
 
     code: int = -1

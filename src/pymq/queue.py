@@ -172,7 +172,7 @@ class Queue(_Consumer):
 
     @property
     def max_length(self) -> int | None:
-        """Messages not yet acked that the queue holds at most, or None."""
+        """The maximum number of messages not yet acked, or None for no limit."""
         value = self.stream.max_length
         return None if value < 0 else value
 
@@ -182,7 +182,7 @@ class Queue(_Consumer):
 
     @property
     def max_bytes(self) -> int | None:
-        """Bytes of records on disk the queue holds at most, or None.
+        """The maximum bytes of records on disk, or None for no limit.
 
         Acked records count until their segment is deleted.
         """
@@ -243,7 +243,7 @@ class Queue(_Consumer):
 class Group(_Consumer):
     """A consumer group of a stream: its own cursor and deliveries.
 
-    Every group sees every message of its stream; consumers of one group
+    Every group receives every message of its stream; consumers of one group
     compete for them. Thread-safe.
     """
 
@@ -303,7 +303,7 @@ class Stream:
 
     @property
     def store(self) -> SegmentStore:
-        """The segment store that holds this stream's records."""
+        """The segment store that contains this stream's records."""
         return self._core.store
 
     def __repr__(self) -> str:
