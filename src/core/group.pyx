@@ -645,6 +645,8 @@ cdef class GroupBase:
         cdef Message message
         cdef bint targeted = False
 
+        if not store.segments:
+            raise ClosedError(f"stream {self.stream.name} is closed")
         if ring.low < (<Segment>store.segments[0]).base:
             # Retention deleted records this group had not settled: resume
             # at the oldest kept one, and count what was passed over.
@@ -783,12 +785,13 @@ cdef class GroupBase:
 
         if len(store.segments) > 1:
             store.delete_below(self.ring.low)
-        store.acquire()
-        try:
-            first = <Segment>store.segments[0]
-            self.delete_mark = first.base + first.count
-        finally:
-            store.release()
+        # Read without the store lock: the GIL is held, and only this group
+        # deletes a queue's segments, so the first segment cannot go away
+        # unless the store was closed (its list is then empty).
+        if not store.segments:
+            return 0
+        first = <Segment>store.segments[0]
+        self.delete_mark = first.base + first.count
         return 0
 
     def get_nowait(self):
