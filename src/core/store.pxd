@@ -44,6 +44,11 @@ cdef class SegmentStore:
     # and keeps segments mapped while it syncs them.
     cdef pymq_mutex *lock
     cdef pymq_mutex *sync_lock
+    # Group commit: commit_lock guards syncing; threads whose records a
+    # sync under way will cover wait on commit_done rather than sync.
+    cdef pymq_mutex *commit_lock
+    cdef pymq_cond *commit_done
+    cdef bint syncing                # a thread is syncing for sync_to()
     cdef uint64_t written_bytes      # bytes appended since open
     cdef readonly uint64_t stored_bytes  # bytes of records in the segments
     cdef uint64_t synced_bytes       # of those, bytes known to be synced

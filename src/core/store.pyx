@@ -183,6 +183,10 @@ cdef class SegmentStore:
     def __cinit__(self):
         self.lock = pymq_mutex_new()
         self.sync_lock = pymq_mutex_new()
+        self.commit_lock = pymq_mutex_new()
+        self.commit_done = pymq_cond_new()
+        if self.commit_lock == NULL or self.commit_done == NULL:
+            raise MemoryError()
         if self.lock == NULL or self.sync_lock == NULL:
             raise MemoryError()
         self.segments = []
@@ -224,6 +228,8 @@ cdef class SegmentStore:
             pymq_mutex_free(self.lock)
         if self.sync_lock != NULL:
             pymq_mutex_free(self.sync_lock)
+        pymq_mutex_free(self.commit_lock)
+        pymq_cond_free(self.commit_done)
 
     def __enter__(self):
         return self
@@ -644,18 +650,39 @@ cdef class SegmentStore:
     cdef int sync_to(self, uint64_t written) except -1:
         """Return once the first written bytes of this session are synced.
 
-        Group commit: a thread that finds a sync under way waits for
-        sync_lock, and usually finds its bytes covered by that sync.
+        Group commit: one thread syncs at a time. Threads that arrive
+        meanwhile wait for it to finish, and all of them are covered by it
+        or by the next sync, which one of them runs.
         """
         if self.synced_bytes >= written:
             return 0
-        self.acquire_sync()
+        with nogil:
+            pymq_mutex_lock(self.commit_lock)
         try:
             # A store closed meanwhile was synced by close().
-            if self.synced_bytes < written and not self.closed:
-                self.sync_segments(True, False)
+            while self.synced_bytes < written and not self.closed:
+                if self.syncing:
+                    # The sync under way, or the next one, covers these
+                    # bytes: wait for it instead of queueing for the lock.
+                    with nogil:
+                        pymq_cond_wait(self.commit_done, self.commit_lock)
+                    continue
+                self.syncing = True
+                pymq_mutex_unlock(self.commit_lock)
+                try:
+                    self.acquire_sync()
+                    try:
+                        if not self.closed:
+                            self.sync_segments(True, False)
+                    finally:
+                        pymq_mutex_unlock(self.sync_lock)
+                finally:
+                    with nogil:
+                        pymq_mutex_lock(self.commit_lock)
+                    self.syncing = False
+                    pymq_cond_broadcast(self.commit_done)
         finally:
-            pymq_mutex_unlock(self.sync_lock)
+            pymq_mutex_unlock(self.commit_lock)
         return 0
 
     cdef int sync_segments(self, bint include_active,

@@ -49,4 +49,36 @@ static inline void pymq_mutex_unlock(pymq_mutex *mutex)
     pthread_mutex_unlock(mutex);
 }
 
+/* A condition variable used with a pymq_mutex. */
+typedef pthread_cond_t pymq_cond;
+
+static inline pymq_cond *pymq_cond_new(void)
+{
+    pymq_cond *cond = (pymq_cond *)malloc(sizeof(pymq_cond));
+
+    if (cond != NULL && pthread_cond_init(cond, NULL) != 0) {
+        free(cond);
+        return NULL;
+    }
+    return cond;
+}
+
+static inline void pymq_cond_free(pymq_cond *cond)
+{
+    if (cond != NULL) {
+        pthread_cond_destroy(cond);
+        free(cond);
+    }
+}
+
+static inline void pymq_cond_wait(pymq_cond *cond, pymq_mutex *mutex)
+{
+    pthread_cond_wait(cond, mutex);
+}
+
+static inline void pymq_cond_broadcast(pymq_cond *cond)
+{
+    pthread_cond_broadcast(cond);
+}
+
 #endif

@@ -66,3 +66,9 @@ cdef extern from "includes/mutex.h" nogil:
     bint pymq_mutex_trylock(pymq_mutex *mutex)
     void pymq_mutex_lock(pymq_mutex *mutex)
     void pymq_mutex_unlock(pymq_mutex *mutex)
+    ctypedef struct pymq_cond:
+        pass
+    pymq_cond *pymq_cond_new()
+    void pymq_cond_free(pymq_cond *cond)
+    void pymq_cond_wait(pymq_cond *cond, pymq_mutex *mutex)
+    void pymq_cond_broadcast(pymq_cond *cond)
