@@ -659,7 +659,7 @@ cdef class SegmentStore:
         with nogil:
             pymq_mutex_lock(self.commit_lock)
         try:
-            # A store closed meanwhile was synced by close().
+            # A store closed meanwhile is synced by close(); see below.
             while self.synced_bytes < written and not self.closed:
                 if self.syncing:
                     # The sync under way, or the next one, covers these
@@ -683,6 +683,15 @@ cdef class SegmentStore:
                     pymq_cond_broadcast(self.commit_done)
         finally:
             pymq_mutex_unlock(self.commit_lock)
+        if self.synced_bytes < written:
+            # Closed meanwhile: close() syncs under sync_lock, so wait for it
+            # and report a record it could not sync.
+            self.acquire_sync()
+            pymq_mutex_unlock(self.sync_lock)
+            if self.synced_bytes < written:
+                raise ClosedError(
+                    f"segment store {self.path} was closed before the record "
+                    f"was synced")
         return 0
 
     cdef int sync_segments(self, bint include_active,
