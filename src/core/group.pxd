@@ -77,6 +77,8 @@ cdef class StreamBase:
     cdef pymq_mutex *put_lock  # makes check and append one step
 
     cdef int published(self) except -1
+    cdef uint64_t append_batch_unsynced(self, list items, uint32_t flags,
+                                        uint64_t *written) except? 0
     cdef bint has_room(self, Py_ssize_t count, size_t size) except -1
     cdef int reserve_room(self, Py_ssize_t count, size_t size,
                           object timeout) except -1

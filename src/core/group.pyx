@@ -336,32 +336,92 @@ cdef class StreamBase:
         overflow "reject", or once timeout seconds pass with "block".
         """
         cdef BodyRef ref
-        cdef uint64_t first
-        cdef bytes block
+        cdef uint64_t first, written
+        cdef uint32_t flags = 0
         cdef bint limited = self.max_length >= 0 or self.max_bytes >= 0
 
         if headers:
-            block = encode_headers(headers)
-            body = block + memoryview(body).tobytes()
-        if limited:
-            if not pymq_mutex_trylock(self.put_lock):
-                with nogil:
-                    pymq_mutex_lock(self.put_lock)
+            body = encode_headers(headers) + memoryview(body).tobytes()
+            flags = REC_FLAG_HEADERS
+        elif type(body) is not bytes:
+            body = memoryview(body).tobytes()
+        ref.data = <const uint8_t *>PyBytes_AS_STRING(body)
+        ref.length = PyBytes_GET_SIZE(body)
+        if not limited:
+            self.store.append_refs(&ref, 1, 0, flags, &first)
+            self.published()
+            return first
+
+        if not pymq_mutex_trylock(self.put_lock):
+            with nogil:
+                pymq_mutex_lock(self.put_lock)
         try:
-            if limited:
-                self.reserve_room(1, record_size(len(body)), timeout)
-            if headers:
-                first = self.store.append(body, flags=REC_FLAG_HEADERS)
-            elif type(body) is bytes:
-                ref.data = <const uint8_t *>PyBytes_AS_STRING(body)
-                ref.length = PyBytes_GET_SIZE(body)
-                self.store.append_refs(&ref, 1, 0, 0, &first)
-            else:
-                first = self.store.append(body)
+            self.reserve_room(1, record_size(ref.length), timeout)
+            self.store.append_unsynced(&ref, 1, 0, flags, &first, &written)
         finally:
-            if limited:
-                pymq_mutex_unlock(self.put_lock)
+            pymq_mutex_unlock(self.put_lock)
+        # Synced after put_lock is released, so bounded puts share syncs.
+        if self.store.policy == FSYNC_ALWAYS:
+            self.store.sync_to(written)
         self.published()
+        return first
+
+    def put_many(self, bodies, *, dict headers=None, timeout=None):
+        """Append messages in order; return their offsets as a range.
+
+        With a limit, the batch waits for (or raises without) room for all
+        of it: either every message is written or none.
+        """
+        cdef uint64_t first, written
+        cdef list items = bodies if type(bodies) is list else list(bodies)
+        cdef bint limited = self.max_length >= 0 or self.max_bytes >= 0
+        cdef size_t size = 0
+        cdef uint32_t flags = 0
+
+        if headers:
+            block = encode_headers(headers)
+            items = [block + memoryview(body).tobytes() for body in items]
+            flags = REC_FLAG_HEADERS
+        if not limited:
+            first = self.store.append_many(items, flags=flags)
+            self.published()
+            return range(first, first + len(items))
+
+        for item in items:
+            size += record_size(len(item))
+        if not pymq_mutex_trylock(self.put_lock):
+            with nogil:
+                pymq_mutex_lock(self.put_lock)
+        try:
+            self.reserve_room(len(items), size, timeout)
+            first = self.append_batch_unsynced(items, flags, &written)
+        finally:
+            pymq_mutex_unlock(self.put_lock)
+        if self.store.policy == FSYNC_ALWAYS:
+            self.store.sync_to(written)
+        self.published()
+        return range(first, first + len(items))
+
+    cdef uint64_t append_batch_unsynced(self, list items, uint32_t flags,
+                                        uint64_t *written) except? 0:
+        cdef Py_ssize_t count = len(items), i
+        cdef BodyRef *refs = <BodyRef *>PyMem_Malloc(count * sizeof(BodyRef))
+        cdef list kept = []
+        cdef uint64_t first = 0
+
+        if refs == NULL:
+            raise MemoryError()
+        try:
+            for i in range(count):
+                item = items[i]
+                if type(item) is not bytes:
+                    item = memoryview(item).tobytes()
+                kept.append(item)
+                refs[i].data = <const uint8_t *>PyBytes_AS_STRING(item)
+                refs[i].length = PyBytes_GET_SIZE(item)
+            self.store.append_unsynced(refs, count, 0, flags, &first, written)
+        finally:
+            PyMem_Free(refs)
         return first
 
     def put_for_group(self, body, dict headers not None, str group not None):

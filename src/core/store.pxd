@@ -49,6 +49,7 @@ cdef class SegmentStore:
     cdef pymq_mutex *commit_lock
     cdef pymq_cond *commit_done
     cdef bint syncing                # a thread is syncing for sync_to()
+    cdef object sync_failed          # OSError raised by every sync after EIO
     cdef uint64_t written_bytes      # bytes appended since open
     cdef readonly uint64_t stored_bytes  # bytes of records in the segments
     cdef uint64_t synced_bytes       # of those, bytes known to be synced
@@ -80,6 +81,9 @@ cdef class SegmentStore:
     cdef int append_refs(self, const BodyRef *bodies, Py_ssize_t count,
                          int64_t timestamp, uint32_t flags,
                          uint64_t *first) except -1
+    cdef int append_unsynced(self, const BodyRef *bodies, Py_ssize_t count,
+                             int64_t timestamp, uint32_t flags,
+                             uint64_t *first, uint64_t *written) except -1
     cdef int sync_to(self, uint64_t written) except -1
     cdef int sync_segments(self, bint include_active,
                            bint checkpoint) except -1

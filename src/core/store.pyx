@@ -10,6 +10,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.string cimport memcpy
 
 import fcntl
+from errno import EIO as errno_EIO
 import re
 
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
@@ -482,8 +483,21 @@ cdef class SegmentStore:
     cdef int append_refs(self, const BodyRef *bodies, Py_ssize_t count,
                          int64_t timestamp, uint32_t flags,
                          uint64_t *first) except -1:
-        cdef Py_ssize_t i
         cdef uint64_t written
+
+        self.append_unsynced(bodies, count, timestamp, flags, first, &written)
+        if self.policy == FSYNC_ALWAYS:
+            self.sync_to(written)
+        return 0
+
+    cdef int append_unsynced(self, const BodyRef *bodies, Py_ssize_t count,
+                             int64_t timestamp, uint32_t flags,
+                             uint64_t *first, uint64_t *written) except -1:
+        """Append without the sync of "always"; the caller calls sync_to.
+
+        written is set to what sync_to must cover.
+        """
+        cdef Py_ssize_t i
 
         for i in range(count):
             self.check_size(bodies[i].length)
@@ -492,11 +506,9 @@ cdef class SegmentStore:
         self.acquire()
         try:
             self.append_locked(bodies, count, timestamp, flags, first)
-            written = self.written_bytes
+            written[0] = self.written_bytes
         finally:
             self.release()
-        if self.policy == FSYNC_ALWAYS:
-            self.sync_to(written)
         return 0
 
     cdef int append_locked(self, const BodyRef *bodies, Py_ssize_t count,
@@ -691,7 +703,7 @@ cdef class SegmentStore:
             if self.synced_bytes < written:
                 raise ClosedError(
                     f"segment store {self.path} was closed before the record "
-                    f"was synced")
+                    f"was synced; it may or may not be stored")
         return 0
 
     cdef int sync_segments(self, bint include_active,
@@ -719,6 +731,8 @@ cdef class SegmentStore:
         finally:
             self.release()
 
+        if self.sync_failed is not None:
+            raise self.sync_failed
         try:
             for seg, start, stop, count in work:
                 seg.sync_range(start, stop)
@@ -728,6 +742,17 @@ cdef class SegmentStore:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+        except OSError as exc:
+            self.directory_dirty = self.directory_dirty or directory_dirty
+            if exc.errno == errno_EIO:
+                # After a failed writeback the kernel may mark the pages
+                # clean, so a later sync would succeed without writing them:
+                # every later sync fails too, until the store is reopened.
+                self.sync_failed = OSError(
+                    errno_EIO, f"segment store {self.path}: a sync failed "
+                    f"with EIO, so records since the last good sync may not "
+                    f"be on stable storage; close and reopen the store")
+            raise
         except BaseException:
             self.directory_dirty = self.directory_dirty or directory_dirty
             raise
