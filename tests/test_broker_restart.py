@@ -187,3 +187,30 @@ def test_sigkill_poison_reaches_dlq_after_max_deliveries(tmp_path):
         assert dead.headers["x-offset"] == "0"
         assert "max_deliveries reached" in dead.headers["x-reason"]
         assert broker.queue("jobs").stats().depth == 0
+
+
+def test_straggler_keeps_journal_compacted(tmp_path):
+    data = tmp_path / "data"
+    with pymq.open(data, segment_bytes=1 << 20) as broker:
+        q = broker.queue("jobs", max_in_flight=200_000)
+        q.put(b"straggler")
+        held = q.get(timeout=0)
+        q.put_many([b"x"] * 100_000)
+        # One journal record per get and per ack: about 11 MB of journal.
+        for _ in range(100_000):
+            q.get_nowait().ack()
+        journal = data / "streams" / "jobs" / "groups" / ".queue"
+        # A checkpoint lists only the one unsettled offset, so it is small
+        # enough to be written (listing all 100,001 offsets of the window
+        # would not fit one journal record), and older segments are dropped.
+        assert len(list(journal.glob("*.log"))) <= 2
+        assert held.offset == 0
+    with pymq.open(data, segment_bytes=1 << 20) as broker:
+        q = broker.queue("jobs")
+        again = q.get(timeout=0)
+        assert again.offset == 0
+        assert again.attempt == 2
+        assert q.get(timeout=0) is None
+        # Only the straggler, now in flight again, is left unsettled.
+        assert q.stats().depth == 1
+        assert q.stats().in_flight == 1

@@ -13,6 +13,8 @@
 #   JOURNAL_DEAD        u8 op, u32 count, count x u64 offset
 #   JOURNAL_CHECKPOINT  u8 op, u64 low, u64 cursor, u32 count,
 #                       count x (u64 offset, u32 attempt, u8 settled)
+#                       (the unsettled offsets; the others from low to
+#                       cursor are settled)
 #
 # A delivery is journaled before the message is handed out, so attempt
 # counts survive a crash of the consumer or of the broker. Journal records

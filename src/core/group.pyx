@@ -568,22 +568,28 @@ cdef class GroupBase:
         return 0
 
     cdef int write_checkpoint(self) except -1:
-        """Append the whole window, then drop journal segments before it."""
+        """Append the window's unsettled offsets, then drop older segments.
+
+        Offsets from low to cursor that the record does not list are
+        settled, so one message held far behind keeps the record small.
+        """
         cdef RingBuffer ring = self.ring
-        cdef uint64_t window = ring.cursor - ring.low
+        cdef uint64_t offset, first
+        cdef uint32_t entries = 0
         cdef bytes record
         cdef uint8_t *out
-        cdef uint64_t offset, first
-        cdef uint32_t entries = <uint32_t>window
         cdef Slot *slot
         cdef BodyRef ref
 
-        if 21 + window * CHECKPOINT_ENTRY_BYTES > self.journal.max_message_bytes:
-            # NOTE: a window this large is not checkpointed, so the journal
-            # keeps growing until the window shrinks.
+        for offset in range(ring.low, ring.cursor):
+            if ring.slot(offset).state != SLOT_SETTLED:
+                entries += 1
+        if 21 + entries * CHECKPOINT_ENTRY_BYTES > self.journal.max_message_bytes:
+            # NOTE: this many unsettled offsets are not checkpointed, so the
+            # journal keeps growing until fewer are unsettled.
             return 0
         record = PyBytes_FromStringAndSize(
-            NULL, 21 + window * CHECKPOINT_ENTRY_BYTES)
+            NULL, 21 + entries * CHECKPOINT_ENTRY_BYTES)
         out = <uint8_t *>PyBytes_AS_STRING(record)
         out[0] = JOURNAL_CHECKPOINT
         memcpy(out + 1, &ring.low, 8)
@@ -592,9 +598,11 @@ cdef class GroupBase:
         out += 21
         for offset in range(ring.low, ring.cursor):
             slot = ring.slot(offset)
+            if slot.state == SLOT_SETTLED:
+                continue
             memcpy(out, &offset, 8)
             memcpy(out + 8, &slot.attempt, 4)
-            out[12] = slot.state == SLOT_SETTLED
+            out[12] = 0
             out += CHECKPOINT_ENTRY_BYTES
         ref.data = <const uint8_t *>PyBytes_AS_STRING(record)
         ref.length = PyBytes_GET_SIZE(record)
@@ -610,6 +618,7 @@ cdef class GroupBase:
     cdef int replay(self, uint64_t start) except -1:
         """Rebuild the ring from the journal; a new group starts at start."""
         cdef uint64_t low = start, cursor = start, offset
+        cdef uint64_t covered = start   # checkpoint cursor: unlisted below it
         cdef uint32_t count, attempt, i
         cdef dict attempts = {}
         cdef set settled = set()
@@ -623,7 +632,7 @@ cdef class GroupBase:
                 continue
             if data[0] == JOURNAL_CHECKPOINT and len(body) >= 21:
                 low = load_u64(data + 1)
-                cursor = load_u64(data + 9)
+                cursor = covered = load_u64(data + 9)
                 count = load_u32(data + 17)
                 attempts = {}
                 settled = set()
@@ -650,8 +659,14 @@ cdef class GroupBase:
         self.ring = RingBuffer(low)
         for offset in sorted(attempts.keys() | settled):
             if offset >= low:
+                # A checkpoint lists only unsettled offsets: the others
+                # below its cursor are settled. Above it, an offset with no
+                # record was delivered without its journal entry surviving,
+                # so it is available again.
+                self.ring.fill_settled(min(offset, covered))
                 self.ring.restore(offset, attempts.get(offset, 0),
                                   offset in settled)
+        self.ring.fill_settled(covered)
         # Offsets this group saw are never handed to a new message, even if
         # the stream lost its tail.
         self.stream.store.ensure_next_offset(self.ring.cursor)

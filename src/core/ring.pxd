@@ -88,5 +88,6 @@ cdef class RingBuffer:
     cdef int restore(self, uint64_t offset, uint32_t attempt,
                      bint settled) except -1
     cdef uint64_t checked(self, uint64_t receipt) except? 0
+    cdef int fill_settled(self, uint64_t end) except -1
     cdef int64_t next_due(self) noexcept
     cdef uint64_t skip_to(self, uint64_t offset) except? 0

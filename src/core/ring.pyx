@@ -386,6 +386,25 @@ cdef class RingBuffer:
             self.settle(offset)
         return 0
 
+    cdef int fill_settled(self, uint64_t end) except -1:
+        """Move the cursor up to end, with every offset passed settled."""
+        cdef Slot *slot
+
+        if self.cursor >= end:
+            return 0
+        if self.low == self.cursor:
+            self.low = self.cursor = end
+            return 0
+        while self.cursor < end:
+            while self.cursor - self.low >= self.capacity:
+                self.grow()
+            slot = self.slot(self.cursor)
+            slot.state = SLOT_SETTLED
+            slot.attempt = 0
+            slot.time = 0
+            self.cursor += 1
+        return 0
+
     cdef int64_t next_due(self) noexcept:
         """Return the earliest deadline or not-before time queued, or -1.
 
