@@ -179,3 +179,21 @@ def test_limits_not_options_of_groups(broker: pymq.Broker) -> None:
     events = broker.stream("events")
     with pytest.raises(TypeError, match="unknown options: max_length"):
         events.group("billing", max_length=5)
+
+
+def test_put_many_bounded_always_is_readable(tmp_path: Path) -> None:
+    with pymq.open(tmp_path / "data", segment_bytes=4096, fsync="always") as broker:
+        jobs = broker.queue("jobs", max_length=10)
+        assert jobs.put_many([b"a", b"b"], headers={"k": "v"}) == range(0, 2)
+        assert jobs.put_many([bytearray(b"c")]) == range(2, 3)
+        bodies = [message.body for message in jobs.get_many(10, timeout=0)]
+        assert bodies == [b"a", b"b", b"c"]
+        with pytest.raises(pymq.QueueFull, match="batch of 11 messages"):
+            jobs.put_many([b"x"] * 11)
+
+
+def test_put_buffer_body_without_copy_path(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs")
+    assert jobs.put(memoryview(b"view")) == 0
+    assert jobs.put(bytearray(b"array")) == 1
+    assert [m.body for m in jobs.get_many(2, timeout=0)] == [b"view", b"array"]

@@ -319,9 +319,7 @@ cdef class StreamBase:
                 room = self.wait_room(
                     None if deadline is None else deadline - time.monotonic())
             finally:
-                if not pymq_mutex_trylock(self.put_lock):
-                    with nogil:
-                        pymq_mutex_lock(self.put_lock)
+                lock_without_gil(self.put_lock)
             if not room:
                 raise QueueFull(
                     f"queue {self.name} is full ({what}) and put timed out "
@@ -344,6 +342,11 @@ cdef class StreamBase:
             body = encode_headers(headers) + memoryview(body).tobytes()
             flags = REC_FLAG_HEADERS
         elif type(body) is not bytes:
+            if not limited:
+                # Any buffer is appended straight from its memory.
+                first = self.store.append(body)
+                self.published()
+                return first
             body = memoryview(body).tobytes()
         ref.data = <const uint8_t *>PyBytes_AS_STRING(body)
         ref.length = PyBytes_GET_SIZE(body)
@@ -352,9 +355,7 @@ cdef class StreamBase:
             self.published()
             return first
 
-        if not pymq_mutex_trylock(self.put_lock):
-            with nogil:
-                pymq_mutex_lock(self.put_lock)
+        lock_without_gil(self.put_lock)
         try:
             self.reserve_room(1, record_size(ref.length), timeout)
             self.store.append_unsynced(&ref, 1, 0, flags, &first, &written)
@@ -389,9 +390,7 @@ cdef class StreamBase:
 
         for item in items:
             size += record_size(len(item))
-        if not pymq_mutex_trylock(self.put_lock):
-            with nogil:
-                pymq_mutex_lock(self.put_lock)
+        lock_without_gil(self.put_lock)
         try:
             self.reserve_room(len(items), size, timeout)
             first = self.append_batch_unsynced(items, flags, &written)
@@ -438,38 +437,6 @@ cdef class StreamBase:
         self.published()
         return first
 
-    def put_many(self, bodies, *, dict headers=None, timeout=None):
-        """Append messages in order; return their offsets as a range.
-
-        With a limit, the batch waits for (or raises without) room for all
-        of it: either every message is written or none.
-        """
-        cdef uint64_t first
-        cdef list items = bodies if type(bodies) is list else list(bodies)
-        cdef bint limited = self.max_length >= 0 or self.max_bytes >= 0
-        cdef size_t size = 0
-
-        if headers:
-            block = encode_headers(headers)
-            items = [block + memoryview(body).tobytes() for body in items]
-        if limited:
-            for item in items:
-                size += record_size(len(item))
-            if not pymq_mutex_trylock(self.put_lock):
-                with nogil:
-                    pymq_mutex_lock(self.put_lock)
-        try:
-            if limited:
-                self.reserve_room(len(items), size, timeout)
-            if headers:
-                first = self.store.append_many(items, flags=REC_FLAG_HEADERS)
-            else:
-                first = self.store.append_many(items)
-        finally:
-            if limited:
-                pymq_mutex_unlock(self.put_lock)
-        self.published()
-        return range(first, first + len(items))
 
 
 cdef class GroupBase:
@@ -502,9 +469,7 @@ cdef class GroupBase:
             pymq_mutex_free(self.lock)
 
     cdef int acquire(self) except -1:
-        if not pymq_mutex_trylock(self.lock):
-            with nogil:
-                pymq_mutex_lock(self.lock)
+        lock_without_gil(self.lock)
         if self.closed:
             pymq_mutex_unlock(self.lock)
             raise ClosedError(f"group of stream {self.stream.name} is closed")

@@ -254,18 +254,14 @@ cdef class SegmentStore:
 
     cdef int acquire_raw(self) except -1:
         """Take lock, waiting without the GIL, whether closed or not."""
-        if not pymq_mutex_trylock(self.lock):
-            with nogil:
-                pymq_mutex_lock(self.lock)
+        lock_without_gil(self.lock)
         return 0
 
     cdef void release(self) noexcept:
         pymq_mutex_unlock(self.lock)
 
     cdef int acquire_sync(self) except -1:
-        if not pymq_mutex_trylock(self.sync_lock):
-            with nogil:
-                pymq_mutex_lock(self.sync_lock)
+        lock_without_gil(self.sync_lock)
         return 0
 
     cdef int check_size(self, size_t length) except -1:

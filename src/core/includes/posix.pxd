@@ -72,3 +72,14 @@ cdef extern from "includes/mutex.h" nogil:
     void pymq_cond_free(pymq_cond *cond)
     void pymq_cond_wait(pymq_cond *cond, pymq_mutex *mutex)
     void pymq_cond_broadcast(pymq_cond *cond)
+
+
+cdef inline void lock_without_gil(pymq_mutex *mutex) noexcept:
+    """Lock mutex; when it is taken, wait for it with the GIL released.
+
+    Waiting with the GIL held could deadlock against the thread that holds
+    the mutex and needs the GIL to finish.
+    """
+    if not pymq_mutex_trylock(mutex):
+        with nogil:
+            pymq_mutex_lock(mutex)
