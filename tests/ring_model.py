@@ -1,8 +1,8 @@
 """A pure-Python model of pymq._core.RingBuffer, for differential tests.
 
 It keeps one dict entry per offset in the window and computes each result by
-scanning it, so the rules stay plain to read: the lowest due available
-offset is delivered first, every delivery gets a new attempt number, a
+scanning it, so the rules stay plain to read. The lowest due available
+offset is delivered first, and every delivery gets a new attempt number. A
 receipt names one delivery, and low moves only past settled offsets.
 """
 

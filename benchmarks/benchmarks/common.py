@@ -492,7 +492,7 @@ def backlog_heap(
     and acks 100 more. Run it in a fresh process: the figures are that
     process's RssAnon (see anonymous_rss) and tracemalloc's traced memory,
     in bytes, taken before the broker opens, after the fill and after the
-    reopen. tracemalloc sees only allocations made through Python's
+    reopen. tracemalloc counts only allocations made through Python's
     allocators, not the core's own malloc calls.
     """
     tracemalloc.start()
