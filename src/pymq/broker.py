@@ -213,8 +213,10 @@ class Broker:
         segment_bytes = (
             DEFAULT_SEGMENT_BYTES if segment_bytes is None else segment_bytes
         )
+
         # Every option is checked before a file is created.
         check_options(segment_bytes, max_message_bytes, fsync, flush_interval)
+
         if path is None:
             shm = "/dev/shm"
             parent = shm if os.access(shm, os.W_OK) else None
@@ -225,6 +227,7 @@ class Broker:
         self.path = Path(path).absolute()
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = DirectoryLock(str(self.path))
+
         self._store_options: dict[str, Any] = {
             "fsync": fsync,
             "segment_bytes": segment_bytes,
@@ -236,6 +239,7 @@ class Broker:
             if segment_bytes >= JOURNAL_SEGMENT_BYTES
             else MEMORY_SEGMENT_BYTES
         )
+
         self._mutex = threading.RLock()
         self._streams: dict[str, tuple[StreamBase, threading.Condition, str]] = {}
         self._queues: dict[str, Queue] = {}
