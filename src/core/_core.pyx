@@ -4,13 +4,16 @@
 cimport cython
 
 from pymq.errors import (BrokerLockedError, ClosedError, ConfigError,
-                         CorruptSegmentError, MessageTooLargeError,
-                         OffsetNotFoundError, QueueFull, StaleReceiptError)
+                         CorruptBatchError, CorruptSegmentError,
+                         FrameTooLargeError, MessageTooLargeError,
+                         OffsetNotFoundError, ProtocolError, QueueFull,
+                         StaleReceiptError)
 
 include "segment.pyx"
 include "store.pyx"
 include "ring.pyx"
 include "group.pyx"
+include "protocol.pyx"
 
 # Picks the CRC32C implementation now, while the import holds the GIL.
 CRC32C_IMPLEMENTATION = pymq_crc32c_impl().decode("ascii")

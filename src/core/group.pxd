@@ -82,6 +82,8 @@ cdef class StreamBase:
     cdef uint64_t append_batch_unsynced(self, list items, uint32_t flags,
                                         uint64_t *written) except? 0
     cdef bint has_room(self, Py_ssize_t count, size_t size) except -1
+    cdef uint64_t put_refs(self, const BodyRef *refs, Py_ssize_t count,
+                           uint32_t flags, object timeout) except? 0
     cdef int reserve_room(self, Py_ssize_t count, size_t size,
                           object timeout) except -1
 

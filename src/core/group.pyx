@@ -401,6 +401,34 @@ cdef class StreamBase:
         self.published()
         return range(first, first + len(items))
 
+    cdef uint64_t put_refs(self, const BodyRef *refs, Py_ssize_t count,
+                           uint32_t flags, object timeout) except? 0:
+        """Append count stored bodies (header blocks included) in order.
+
+        The server's publish path: the bodies point into a received frame.
+        Limits apply as in put_many. Returns the first offset.
+        """
+        cdef uint64_t first = 0, written
+        cdef size_t size = 0
+        cdef Py_ssize_t i
+
+        if self.max_length < 0 and self.max_bytes < 0:
+            self.store.append_refs(refs, count, 0, flags, &first)
+            self.published()
+            return first
+        for i in range(count):
+            size += record_size(refs[i].length)
+        lock_without_gil(self.put_lock)
+        try:
+            self.reserve_room(count, size, timeout)
+            self.store.append_unsynced(refs, count, 0, flags, &first, &written)
+        finally:
+            pymq_mutex_unlock(self.put_lock)
+        if self.store.policy == FSYNC_ALWAYS:
+            self.store.sync_to(written)
+        self.published()
+        return first
+
     cdef uint64_t append_batch_unsynced(self, list items, uint32_t flags,
                                         uint64_t *written) except? 0:
         cdef Py_ssize_t count = len(items), i

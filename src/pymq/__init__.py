@@ -3,11 +3,16 @@
 from pymq._core import Message, MessageBatch
 from pymq._version import __version__
 from pymq.broker import Broker, open
+from pymq.client import RemoteBroker, connect
 from pymq.errors import (
+    AuthenticationError,
     BrokerLockedError,
     ClosedError,
     ConfigError,
+    ConnectionLostError,
+    CorruptBatchError,
     CorruptSegmentError,
+    FrameTooLargeError,
     InvalidNameError,
     MessageTooLargeError,
     OffsetNotFoundError,
@@ -24,11 +29,15 @@ from pymq.storage import SegmentStore, open_store
 from pymq.types import QueueStats
 
 __all__ = [
+    "AuthenticationError",
     "Broker",
     "BrokerLockedError",
     "ClosedError",
     "ConfigError",
+    "ConnectionLostError",
+    "CorruptBatchError",
     "CorruptSegmentError",
+    "FrameTooLargeError",
     "Group",
     "InvalidNameError",
     "Message",
@@ -42,11 +51,13 @@ __all__ = [
     "QueueFull",
     "QueueNotFound",
     "QueueStats",
+    "RemoteBroker",
     "SegmentStore",
     "ServerError",
     "StaleReceiptError",
     "Stream",
     "__version__",
+    "connect",
     "open",
     "open_store",
 ]

@@ -200,3 +200,59 @@ class GroupBase:
     def reject(self, receipt: int, reason: str = "rejected") -> None: ...
     def counts(self) -> dict[str, int]: ...
     def close(self) -> None: ...
+
+# Wire protocol codec.
+PROTOCOL_OPCODES: Final[dict[str, int]]
+
+def encode_frame(
+    opcode: int, flags: int, request_id: int, handle: int, payload: Buffer = b""
+) -> bytes: ...
+
+class FrameReader:
+    max_frame_bytes: Final[int]
+    def __init__(self, max_frame_bytes: int) -> None: ...
+    @property
+    def buffered(self) -> int: ...
+    def feed(self, data: Buffer) -> list[tuple[int, int, int, int, bytes]]: ...
+
+def encode_publish(
+    request_id: int,
+    handle: int,
+    bodies: list[Any],
+    headers: dict[str, str] | None,
+    timeout_ms: int,
+) -> bytes: ...
+def publish_into(
+    stream: StreamBase, payload: bytes, max_count: int
+) -> tuple[int, int]: ...
+def encode_deliveries(
+    flags: int,
+    request_id: int,
+    handle: int,
+    messages: list[Message],
+    max_frame_bytes: int,
+) -> list[bytes]: ...
+def decode_deliveries(payload: bytes, owner: object) -> list[RemoteMessage]: ...
+def encode_receipts(
+    opcode: int,
+    flags: int,
+    request_id: int,
+    handle: int,
+    items: Any,
+    prefix: bytes = b"",
+    suffix: bytes = b"",
+) -> bytes: ...
+def decode_receipts(payload: bytes, start: int) -> tuple[list[int], int]: ...
+
+class RemoteMessage:
+    body: Final[bytes]
+    offset: Final[int]
+    timestamp: Final[int]
+    attempt: Final[int]
+    receipt: Final[int]
+    @property
+    def headers(self) -> dict[str, str]: ...
+    def ack(self) -> Any: ...
+    def nack(self, delay: float = 0.0) -> Any: ...
+    def extend(self, seconds: float) -> Any: ...
+    def reject(self, reason: str = "rejected") -> Any: ...

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -242,6 +243,9 @@ class Broker:
 
         self._mutex = threading.RLock()
         self._streams: dict[str, tuple[StreamBase, threading.Condition, str]] = {}
+        # Called after puts and settlements while a stream has waiters; the
+        # server uses them to wake its long polls.
+        self._listeners: dict[str, list[Callable[[], object]]] = {}
         self._queues: dict[str, Queue] = {}
         self._groups: dict[tuple[str, str], Group] = {}
         self._retention: dict[str, tuple[float | None, int | None]] = {}
@@ -274,14 +278,26 @@ class Broker:
         store = open_store(folder / "log", **self._store_options)
         core = StreamBase(store, name)
         ready = threading.Condition()
+        listeners = self._listeners.setdefault(name, [])
 
         def wake() -> None:
             with ready:
                 ready.notify_all()
+            for listener in listeners:
+                listener()
 
         core.wake = wake
         self._streams[name] = (core, ready, kind)
         return core, ready
+
+    def _listen(self, stream: str, listener: Callable[[], object]) -> None:
+        """Call listener after each put or settlement on stream with waiters.
+
+        Raise the stream's waiters count (under its condition) while the
+        listener should hear of them.
+        """
+        with self._mutex:
+            self._listeners.setdefault(stream, []).append(listener)
 
     def _open_journal(self, stream: str, group: str) -> Any:
         options = dict(self._store_options)
@@ -667,6 +683,31 @@ class Broker:
                 f"message {message.offset} names no queue or group to go back to "
                 f"(x-source {source!r}, x-group {group!r}); pass to= a queue"
             )
+
+    # Listing ---------------------------------------------------------------
+
+    def names(self) -> dict[str, str]:
+        """Return every queue and stream in the data directory, with its kind.
+
+        The kind is "queue" or "stream"; dead-letter queues are queues too.
+        Sorted by name.
+        """
+        self._check_open()
+        found: dict[str, str] = {}
+        for marker in sorted((self.path / "streams").glob("*/kind")):
+            found[marker.parent.name] = marker.read_text()
+        return found
+
+    def groups(self, stream: str) -> list[str]:
+        """Return the names of the consumer groups of stream, sorted."""
+        check_name("stream", stream)
+        self._check_open()
+        if self._kind_of(stream)[0] != "stream":
+            raise QueueNotFound(f"stream {stream} does not exist")
+        folder = self.path / "streams" / stream / "groups"
+        if not folder.exists():
+            return []
+        return sorted(path.name for path in folder.iterdir() if path.is_dir())
 
     def _kind_of(self, name: str) -> tuple[str, str]:
         marker = self.path / "streams" / name / "kind"

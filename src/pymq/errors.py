@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "BrokerLockedError",
     "ClosedError",
     "ConfigError",
+    "ConnectionLostError",
+    "CorruptBatchError",
     "CorruptSegmentError",
+    "FrameTooLargeError",
     "InvalidNameError",
     "MessageTooLargeError",
     "OffsetNotFoundError",
@@ -91,6 +95,29 @@ class ClosedError(PymqError):
 
 class ProtocolError(PymqError):
     """A peer sent bytes that break the wire protocol."""
+
+
+class FrameTooLargeError(ProtocolError):
+    """A frame's length is over the max_frame_bytes agreed for the connection."""
+
+
+class CorruptBatchError(PymqError):
+    """A batch failed its CRC32C check on the wire; nothing of it was written.
+
+    Sending the batch again may succeed.
+    """
+
+
+class AuthenticationError(PymqError):
+    """The server refused the connection's credentials."""
+
+
+class ConnectionLostError(PymqError, ConnectionError):
+    """The connection to the server broke before a reply came.
+
+    A request that changes state (put, ack, nack, reject, extend) may or
+    may not have taken effect; the client does not send it again.
+    """
 
 
 class CorruptSegmentError(PymqError):

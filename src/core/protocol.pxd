@@ -1,0 +1,65 @@
+# The wire protocol's frames, on the hot path of server and client.
+#
+# Every frame (little-endian), after the 8-byte preamble of a connection:
+#
+#   u32 length      bytes that follow (header and payload), 12 or more
+#   u8  opcode
+#   u8  version     of the opcode's payload layout, 1 for now
+#   u16 flags       FRAME_REPLY, FRAME_ERROR, FRAME_NO_REPLY, FRAME_PUSH
+#   u32 request_id  chosen by the client; a reply carries its request's
+#   u32 handle      a queue or group opened on this connection, or 0
+#   payload         length - 12 bytes
+#
+# docs/protocol.md has the payload of every opcode.
+
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+cdef enum:
+    FRAME_HEADER_BYTES = 12
+    FRAME_REPLY = 1
+    FRAME_ERROR = 2
+    FRAME_NO_REPLY = 4
+    FRAME_PUSH = 8
+    FRAME_MORE = 16      # more frames of the same reply follow
+    # Batch flag: each record is a header block, then the body.
+    BATCH_HEADERS = 1
+    PUBLISH_HEAD_BYTES = 16
+    DELIVERY_HEAD_BYTES = 36
+
+
+@cython.final
+cdef class FrameReader:
+    cdef bytearray buffer
+    cdef readonly uint32_t max_frame_bytes
+
+
+@cython.final
+@cython.no_gc
+cdef class RemoteMessage:
+    cdef readonly bytes body
+    cdef readonly uint64_t offset
+    cdef readonly int64_t timestamp
+    cdef readonly uint32_t attempt
+    cdef readonly uint64_t receipt
+    cdef object header_map
+    cdef object owner                 # has ack, nack, extend and reject
+
+
+cdef enum:
+    OP_HELLO = 0x01
+    OP_PING = 0x02
+    OP_OPEN = 0x10
+    OP_STATS = 0x11
+    OP_REDRIVE = 0x12
+    OP_NAMES = 0x13
+    OP_GROUPS = 0x14
+    OP_PUBLISH = 0x20
+    OP_FETCH = 0x21
+    OP_SUBSCRIBE = 0x22
+    OP_CREDIT = 0x23
+    OP_UNSUBSCRIBE = 0x24
+    OP_DELIVER = 0x28
+    OP_ACK = 0x30
+    OP_NACK = 0x31
+    OP_EXTEND = 0x32
+    OP_REJECT = 0x33

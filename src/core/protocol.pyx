@@ -1,0 +1,484 @@
+# Frame codec of the wire protocol; layouts are in protocol.pxd and
+# docs/protocol.md. The server and the client both use it, so neither
+# handles a message byte by byte in Python.
+
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+
+
+cdef inline void put_u16(uint8_t *p, uint16_t value) noexcept nogil:
+    memcpy(p, &value, 2)
+
+
+cdef inline void put_u32(uint8_t *p, uint32_t value) noexcept nogil:
+    memcpy(p, &value, 4)
+
+
+cdef inline void put_u64(uint8_t *p, uint64_t value) noexcept nogil:
+    memcpy(p, &value, 8)
+
+
+cdef inline void put_header(uint8_t *p, uint32_t length, uint8_t opcode,
+                            uint16_t flags, uint32_t request_id,
+                            uint32_t handle) noexcept nogil:
+    put_u32(p, length)
+    p[4] = opcode
+    p[5] = 1
+    put_u16(p + 6, flags)
+    put_u32(p + 8, request_id)
+    put_u32(p + 12, handle)
+
+
+def encode_frame(uint8_t opcode, uint16_t flags, uint32_t request_id,
+                 uint32_t handle, payload=b""):
+    """Return one frame: the 16 bytes of length and header, then payload."""
+    cdef const uint8_t[::1] view = memoryview(payload).cast("B")
+    cdef Py_ssize_t size = view.shape[0]
+    cdef bytes frame
+
+    if size > 0xFFFFFFFF - FRAME_HEADER_BYTES:
+        raise ValueError(f"payload is {size} bytes; a frame holds at most "
+                         f"{0xFFFFFFFF - FRAME_HEADER_BYTES}")
+    frame = PyBytes_FromStringAndSize(NULL, 4 + FRAME_HEADER_BYTES + size)
+    put_header(<uint8_t *>PyBytes_AS_STRING(frame),
+               <uint32_t>(FRAME_HEADER_BYTES + size), opcode, flags,
+               request_id, handle)
+    if size:
+        memcpy(PyBytes_AS_STRING(frame) + 16, &view[0], size)
+    return frame
+
+
+@cython.final
+cdef class FrameReader:
+    """Splits received bytes into frames, checking each length first.
+
+    feed() returns the frames completed so far as tuples (opcode, flags,
+    request_id, handle, payload). A length under 12 or over max_frame_bytes
+    raises ProtocolError before any memory is set aside for the frame.
+    """
+
+    def __cinit__(self, uint32_t max_frame_bytes):
+        if max_frame_bytes < FRAME_HEADER_BYTES:
+            raise ConfigError(f"max_frame_bytes is {max_frame_bytes}; it "
+                              f"must be at least {FRAME_HEADER_BYTES}")
+        self.buffer = bytearray()
+        self.max_frame_bytes = max_frame_bytes
+
+    @property
+    def buffered(self):
+        """Bytes received that do not make a whole frame yet."""
+        return PyByteArray_GET_SIZE(self.buffer)
+
+    def feed(self, data):
+        cdef const uint8_t *p
+        cdef Py_ssize_t available, used = 0
+        cdef uint32_t length
+        cdef list frames = []
+
+        self.buffer += data
+        p = <const uint8_t *>PyByteArray_AS_STRING(self.buffer)
+        available = PyByteArray_GET_SIZE(self.buffer)
+        while available - used >= 4:
+            length = load_u32(p + used)
+            if length < FRAME_HEADER_BYTES:
+                raise ProtocolError(f"frame length is {length}; the least "
+                                    f"is {FRAME_HEADER_BYTES}")
+            if length > self.max_frame_bytes:
+                raise FrameTooLargeError(
+                    f"frame length is {length} bytes; max_frame_bytes is "
+                    f"{self.max_frame_bytes}")
+            if available - used < 4 + <Py_ssize_t>length:
+                break
+            frames.append((
+                p[used + 4],
+                p[used + 6] | (<uint16_t>p[used + 7] << 8),
+                load_u32(p + used + 8),
+                load_u32(p + used + 12),
+                PyBytes_FromStringAndSize(<const char *>p + used + 16,
+                                          length - FRAME_HEADER_BYTES),
+            ))
+            used += 4 + length
+        if used:
+            del self.buffer[:used]
+        return frames
+
+
+cdef Py_ssize_t body_size(object body) except -1:
+    if type(body) is bytes:
+        return PyBytes_GET_SIZE(body)
+    return memoryview(body).nbytes
+
+
+def encode_publish(uint32_t request_id, uint32_t handle, list bodies,
+                   dict headers, int32_t timeout_ms):
+    """Return a PUBLISH frame for bodies, each with headers (or none).
+
+    The batch carries a CRC32C of its records, which the server checks
+    before it writes anything.
+    """
+    cdef bytes block = b""
+    cdef Py_ssize_t count = len(bodies), i, size, block_size
+    cdef size_t total = 0
+    cdef uint32_t flags = 0
+    cdef bytes frame
+    cdef uint8_t *out
+    cdef uint8_t *records
+    cdef const uint8_t[::1] view
+
+    if headers:
+        block = encode_headers(headers)
+        flags = BATCH_HEADERS
+    block_size = PyBytes_GET_SIZE(block)
+    for i in range(count):
+        total += 4 + block_size + body_size(bodies[i])
+    total += FRAME_HEADER_BYTES + PUBLISH_HEAD_BYTES
+    if total > 0xFFFFFFFF:
+        raise MessageTooLargeError(f"batch of {count} messages is {total} "
+                                   f"bytes; a frame holds at most 4 GiB")
+    frame = PyBytes_FromStringAndSize(NULL, 4 + total)
+    out = <uint8_t *>PyBytes_AS_STRING(frame)
+    put_header(out, <uint32_t>total, OP_PUBLISH, 0, request_id, handle)
+    put_u32(out + 16, flags)
+    put_u32(out + 20, <uint32_t>count)
+    put_u32(out + 28, <uint32_t>timeout_ms)
+    records = out + 16 + PUBLISH_HEAD_BYTES
+    out = records
+    for i in range(count):
+        body = bodies[i]
+        if type(body) is bytes:
+            size = PyBytes_GET_SIZE(body)
+            put_u32(out, <uint32_t>(block_size + size))
+            memcpy(out + 4, PyBytes_AS_STRING(block), block_size)
+            memcpy(out + 4 + block_size, PyBytes_AS_STRING(body), size)
+        else:
+            view = memoryview(body).cast("B")
+            size = view.shape[0]
+            put_u32(out, <uint32_t>(block_size + size))
+            memcpy(out + 4, PyBytes_AS_STRING(block), block_size)
+            if size:
+                memcpy(out + 4 + block_size, &view[0], size)
+        out += 4 + block_size + size
+    put_u32(<uint8_t *>PyBytes_AS_STRING(frame) + 24,
+            pymq_crc32c(0, records, out - records))
+    return frame
+
+
+def publish_into(StreamBase stream not None, bytes payload not None,
+                 uint32_t max_count):
+    """Check a PUBLISH payload and append its records to stream.
+
+    Returns (first offset, count). Raises ProtocolError for a malformed
+    batch and CorruptBatchError when its CRC32C does not match; either way
+    nothing is written.
+    """
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(payload)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(payload), pos
+    cdef uint32_t flags, count, crc, length, i
+    cdef int32_t timeout_ms
+    cdef BodyRef *refs
+    cdef uint64_t first
+
+    if size < PUBLISH_HEAD_BYTES:
+        raise ProtocolError(f"publish payload is {size} bytes; its head "
+                            f"alone is {PUBLISH_HEAD_BYTES}")
+    flags = load_u32(p)
+    count = load_u32(p + 4)
+    crc = load_u32(p + 8)
+    timeout_ms = <int32_t>load_u32(p + 12)
+    if flags & ~(<uint32_t>BATCH_HEADERS):
+        raise ProtocolError(f"publish flags are {flags:#x}; only bit 0 is "
+                            f"defined")
+    if count == 0 or count > max_count:
+        raise ProtocolError(f"publish batch holds {count} messages; it must "
+                            f"hold 1 to {max_count}")
+    if count > <uint32_t>((size - PUBLISH_HEAD_BYTES) // 4):
+        raise ProtocolError(f"publish batch says {count} messages but its "
+                            f"{size} bytes cannot hold them")
+    if pymq_crc32c(0, p + PUBLISH_HEAD_BYTES,
+                   size - PUBLISH_HEAD_BYTES) != crc:
+        raise CorruptBatchError(
+            f"publish batch of {count} messages failed its CRC32C check; "
+            f"nothing was written")
+    refs = <BodyRef *>PyMem_Malloc(count * sizeof(BodyRef))
+    if refs == NULL:
+        raise MemoryError()
+    try:
+        pos = PUBLISH_HEAD_BYTES
+        for i in range(count):
+            if size - pos < 4:
+                raise ProtocolError(f"publish record {i} is cut off")
+            length = load_u32(p + pos)
+            pos += 4
+            if <Py_ssize_t>length > size - pos:
+                raise ProtocolError(f"publish record {i} says {length} bytes "
+                                    f"but {size - pos} remain")
+            refs[i].data = p + pos
+            refs[i].length = length
+            pos += length
+        if pos != size:
+            raise ProtocolError(f"publish batch has {size - pos} bytes past "
+                                f"its last record")
+        first = stream.put_refs(
+            refs, count, REC_FLAG_HEADERS if flags & BATCH_HEADERS else 0,
+            None if timeout_ms < 0 else timeout_ms / 1000.0)
+    finally:
+        PyMem_Free(refs)
+    return first, count
+
+
+def encode_deliveries(uint16_t flags, uint32_t request_id, uint32_t handle,
+                      list messages, size_t max_frame_bytes):
+    """Return DELIVER frames holding messages (core Message objects).
+
+    Messages go into as few frames as max_frame_bytes allows; every frame
+    but the last has FRAME_MORE set. A message too large for any frame
+    raises MessageTooLargeError.
+    """
+    cdef list frames = []
+    cdef Py_ssize_t start = 0, stop, count = len(messages)
+    cdef size_t size, message_size
+    cdef Message message
+
+    while True:
+        size = FRAME_HEADER_BYTES + 8
+        stop = start
+        while stop < count:
+            message = <Message>messages[stop]
+            message_size = DELIVERY_HEAD_BYTES + PyBytes_GET_SIZE(message.body)
+            if message.header_map:
+                message_size += header_block_size(message.header_map)
+            if size + message_size > max_frame_bytes:
+                break
+            size += message_size
+            stop += 1
+        if stop == start and stop < count:
+            raise MessageTooLargeError(
+                f"message {(<Message>messages[stop]).offset} takes "
+                f"{FRAME_HEADER_BYTES + 8 + message_size} bytes as a "
+                f"delivery; max_frame_bytes is {max_frame_bytes}")
+        frames.append(encode_delivery_frame(
+            flags | (FRAME_MORE if stop < count else 0), request_id, handle,
+            messages[start:stop]))
+        start = stop
+        if start >= count:
+            return frames
+
+
+cdef size_t header_block_size(dict headers) except 0:
+    cdef size_t size = 2
+
+    for key, value in headers.items():
+        size += 6 + len((<str>key).encode("utf-8")) + len(
+            (<str>value).encode("utf-8"))
+    return size
+
+
+cdef bytes encode_delivery_frame(uint16_t flags, uint32_t request_id,
+                                 uint32_t handle, list messages):
+    """Return one DELIVER frame holding messages (core Message objects)."""
+    cdef Py_ssize_t count = len(messages), i, size
+    cdef size_t total = FRAME_HEADER_BYTES + 8
+    cdef list blocks = [None] * count
+    cdef Message message
+    cdef bytes frame, block
+    cdef uint8_t *out
+    cdef uint8_t *records
+    cdef uint32_t record_flags
+
+    for i in range(count):
+        message = <Message>messages[i]
+        if message.header_map:
+            block = encode_headers(message.header_map)
+            blocks[i] = block
+            total += PyBytes_GET_SIZE(block)
+        total += DELIVERY_HEAD_BYTES + PyBytes_GET_SIZE(message.body)
+    if total > 0xFFFFFFFF:
+        raise MessageTooLargeError(f"{count} deliveries take {total} bytes; "
+                                   f"a frame holds at most 4 GiB")
+    frame = PyBytes_FromStringAndSize(NULL, 4 + total)
+    out = <uint8_t *>PyBytes_AS_STRING(frame)
+    put_header(out, <uint32_t>total, OP_DELIVER, flags, request_id, handle)
+    put_u32(out + 16, <uint32_t>count)
+    records = out + 24
+    out = records
+    for i in range(count):
+        message = <Message>messages[i]
+        block = blocks[i]
+        record_flags = 0
+        size = 0
+        if block is not None:
+            record_flags = BATCH_HEADERS
+            size = PyBytes_GET_SIZE(block)
+        put_u64(out, message.offset)
+        put_u64(out + 8, message.receipt)
+        put_u64(out + 16, <uint64_t>message.timestamp)
+        put_u32(out + 24, message.attempt)
+        put_u32(out + 28, record_flags)
+        put_u32(out + 32, <uint32_t>(size + PyBytes_GET_SIZE(message.body)))
+        out += DELIVERY_HEAD_BYTES
+        if size:
+            memcpy(out, PyBytes_AS_STRING(block), size)
+            out += size
+        size = PyBytes_GET_SIZE(message.body)
+        memcpy(out, PyBytes_AS_STRING(message.body), size)
+        out += size
+    put_u32(<uint8_t *>PyBytes_AS_STRING(frame) + 20,
+            pymq_crc32c(0, records, out - records))
+    return frame
+
+
+def decode_deliveries(bytes payload not None, object owner):
+    """Return the RemoteMessages of a DELIVER payload, settled via owner."""
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(payload)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(payload), pos = 8
+    cdef uint32_t count, i, length
+    cdef size_t used
+    cdef list messages = []
+    cdef RemoteMessage message
+
+    if size < 8:
+        raise ProtocolError(f"deliver payload is {size} bytes; its head "
+                            f"alone is 8")
+    count = load_u32(p)
+    if pymq_crc32c(0, p + 8, size - 8) != load_u32(p + 4):
+        raise CorruptBatchError(f"batch of {count} deliveries failed its "
+                                f"CRC32C check")
+    for i in range(count):
+        if size - pos < DELIVERY_HEAD_BYTES:
+            raise ProtocolError(f"delivery {i} of {count} is cut off")
+        length = load_u32(p + pos + 32)
+        if <Py_ssize_t>length > size - pos - DELIVERY_HEAD_BYTES:
+            raise ProtocolError(f"delivery {i} says {length} bytes but "
+                                f"{size - pos - DELIVERY_HEAD_BYTES} remain")
+        message = RemoteMessage.__new__(RemoteMessage)
+        message.offset = load_u64(p + pos)
+        message.receipt = load_u64(p + pos + 8)
+        message.timestamp = <int64_t>load_u64(p + pos + 16)
+        message.attempt = load_u32(p + pos + 24)
+        used = 0
+        if load_u32(p + pos + 28) & BATCH_HEADERS:
+            message.header_map = decode_headers(
+                p + pos + DELIVERY_HEAD_BYTES, length, &used)
+        message.body = PyBytes_FromStringAndSize(
+            <const char *>p + pos + DELIVERY_HEAD_BYTES + used, length - used)
+        message.owner = owner
+        messages.append(message)
+        pos += DELIVERY_HEAD_BYTES + length
+    return messages
+
+
+def encode_receipts(uint8_t opcode, uint16_t flags, uint32_t request_id,
+                    uint32_t handle, items, bytes prefix not None=b"",
+                    bytes suffix not None=b""):
+    """Return a frame of prefix, u32 count, u64 receipts, then suffix.
+
+    items holds messages, receipts (ints), or is a batch with a numpy
+    receipts column.
+    """
+    cdef Py_ssize_t count, i
+    cdef Py_ssize_t head = PyBytes_GET_SIZE(prefix)
+    cdef bytes frame
+    cdef uint8_t *out
+    cdef uint64_t receipt
+    cdef const uint8_t[::1] column
+
+    if hasattr(items, "receipts") and not isinstance(items, list):
+        raw = items.receipts.astype("<u8").tobytes()
+        column = raw
+        count = column.shape[0] // 8
+        frame = PyBytes_FromStringAndSize(
+            NULL, 20 + head + 8 * count + PyBytes_GET_SIZE(suffix))
+        out = <uint8_t *>PyBytes_AS_STRING(frame)
+        if count:
+            memcpy(out + 20 + head, &column[0], 8 * count)
+    else:
+        if type(items) is not list:
+            items = list(items)
+        count = len(items)
+        frame = PyBytes_FromStringAndSize(
+            NULL, 20 + head + 8 * count + PyBytes_GET_SIZE(suffix))
+        out = <uint8_t *>PyBytes_AS_STRING(frame)
+        for i in range(count):
+            item = items[i]
+            if type(item) is RemoteMessage:
+                receipt = (<RemoteMessage>item).receipt
+            elif type(item) is Message:
+                receipt = (<Message>item).receipt
+            else:
+                receipt = item
+            put_u64(out + 20 + head + 8 * i, receipt)
+    put_header(out, <uint32_t>(PyBytes_GET_SIZE(frame) - 4), opcode, flags,
+               request_id, handle)
+    memcpy(out + 16, PyBytes_AS_STRING(prefix), head)
+    put_u32(out + 16 + head, <uint32_t>count)
+    memcpy(out + 20 + head + 8 * count, PyBytes_AS_STRING(suffix),
+           PyBytes_GET_SIZE(suffix))
+    return frame
+
+
+def decode_receipts(bytes payload not None, Py_ssize_t start):
+    """Read u32 count and count u64 receipts from payload at start.
+
+    Returns (receipts as a list of ints, the position after them).
+    """
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(payload)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(payload), i
+    cdef uint32_t count
+    cdef list receipts
+
+    if start < 0 or size - start < 4:
+        raise ProtocolError("receipt list is cut off before its count")
+    count = load_u32(p + start)
+    if count > <uint32_t>((size - start - 4) // 8):
+        raise ProtocolError(f"receipt list says {count} receipts but only "
+                            f"{size - start - 4} bytes follow")
+    receipts = [None] * count
+    for i in range(count):
+        receipts[i] = load_u64(p + start + 4 + 8 * i)
+    return receipts, start + 4 + 8 * <Py_ssize_t>count
+
+
+@cython.final
+@cython.no_gc
+cdef class RemoteMessage:
+    """One delivery received from a server: the same fields as Message.
+
+    ack(), nack(), extend() and reject() wait for the server's reply and
+    raise its error.
+    """
+
+    @property
+    def headers(self):
+        """The message's headers, a dict of str to str."""
+        if self.header_map is None:
+            self.header_map = {}
+        return self.header_map
+
+    def ack(self):
+        """Settle this delivery: the message is done."""
+        return self.owner.ack(self.receipt)
+
+    def nack(self, double delay=0.0):
+        """Give the message back, for redelivery after delay seconds."""
+        return self.owner.nack(self.receipt, delay)
+
+    def extend(self, double seconds):
+        """Set this delivery's deadline to now plus seconds."""
+        return self.owner.extend(self.receipt, seconds)
+
+    def reject(self, str reason not None="rejected"):
+        """Move the message to the dead-letter queue now, with reason."""
+        return self.owner.reject(self.receipt, reason)
+
+    def __repr__(self):
+        return (f"<RemoteMessage offset={self.offset} attempt={self.attempt} "
+                f"{len(self.body)} bytes>")
+
+
+PROTOCOL_OPCODES = {
+    "HELLO": OP_HELLO, "PING": OP_PING, "OPEN": OP_OPEN, "STATS": OP_STATS,
+    "REDRIVE": OP_REDRIVE, "NAMES": OP_NAMES, "GROUPS": OP_GROUPS,
+    "PUBLISH": OP_PUBLISH, "FETCH": OP_FETCH, "SUBSCRIBE": OP_SUBSCRIBE,
+    "CREDIT": OP_CREDIT, "UNSUBSCRIBE": OP_UNSUBSCRIBE,
+    "DELIVER": OP_DELIVER, "ACK": OP_ACK, "NACK": OP_NACK,
+    "EXTEND": OP_EXTEND, "REJECT": OP_REJECT,
+}

@@ -1,0 +1,740 @@
+"""The blocking client: the embedded broker's API, over a connection.
+
+pymq.connect(url) returns a RemoteBroker whose queues, streams and groups
+take the same calls as those of pymq.open(). One connection is shared by
+every thread: requests are pipelined, and whichever thread is waiting
+reads the socket for all of them, so a long-polling get in one thread does
+not hold up the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, Final
+
+from pymq import errors, protocol
+from pymq._core import (
+    FrameReader,
+    RemoteMessage,
+    decode_deliveries,
+    encode_frame,
+    encode_publish,
+    encode_receipts,
+)
+from pymq._version import __version__
+from pymq.protocol import (
+    FLAG_ERROR,
+    FLAG_MORE,
+    FLAG_NO_REPLY,
+    FLAG_PUSH,
+    PREAMBLE,
+    Address,
+    decode_error,
+    decode_json,
+    encode_json,
+    parse_url,
+)
+from pymq.types import QueueStats
+
+__all__ = [
+    "RemoteBroker",
+    "RemoteGroup",
+    "RemoteMessage",
+    "RemoteQueue",
+    "RemoteStream",
+    "connect",
+]
+
+logger = logging.getLogger("pymq.client")
+
+_FETCH: Final = struct.Struct("<Ii")
+_F64: Final = struct.Struct("<d")
+_PUBLISHED: Final = struct.Struct("<QI")
+_SAFE_TO_RETRY: Final = frozenset(
+    {
+        protocol.OPEN,
+        protocol.STATS,
+        protocol.NAMES,
+        protocol.GROUPS,
+        protocol.PING,
+        # Deliveries whose reply was lost are released by the server when
+        # the connection goes, so fetching again loses nothing.
+        protocol.FETCH,
+    }
+)
+_MAX_WAIT_MS: Final = 0x7FFFFFFF
+
+Frame = tuple[int, int, int, int, bytes]
+
+
+def wait_ms(timeout: float | None) -> int:
+    """Return the FETCH wait for timeout seconds: -1 waits without a limit."""
+    if timeout is None:
+        return -1
+    if not 0 <= timeout < 1e9:
+        raise ValueError(
+            f"timeout is {timeout} seconds; it must be from 0 to 1e9, or None "
+            f"to wait without a limit"
+        )
+    milliseconds = math.ceil(timeout * 1000)
+    return -1 if milliseconds > _MAX_WAIT_MS else milliseconds
+
+
+def _check_timeout(timeout: float | None) -> None:
+    wait_ms(timeout)
+
+
+class _Slot:
+    __slots__ = ("done", "error", "frames")
+
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class Connection:
+    """One socket to a server, shared by threads; reconnects where safe."""
+
+    def __init__(
+        self,
+        address: Address,
+        *,
+        token: str | None,
+        connect_timeout: float,
+        reconnect_attempts: int,
+    ) -> None:
+        self.address = address
+        self._token = token
+        self._connect_timeout = connect_timeout
+        self._reconnect_attempts = reconnect_attempts
+        self._send_lock = threading.Lock()
+        self._cv = threading.Condition(threading.Lock())
+        self._ids = itertools.count(1)
+        self._slots: dict[int, _Slot] = {}
+        self._reading = False
+        self._sock: socket.socket | None = None
+        self._reader: FrameReader | None = None
+        self._late_errors: list[errors.PymqError] = []
+        self._closed = False
+        self.generation = 0
+        self.max_frame_bytes = 16 << 20
+        self.max_batch = 10_000
+        self.server = ""
+        self._connect()
+
+    # Connecting ---------------------------------------------------------------
+
+    def _open_socket(self) -> socket.socket:
+        address = self.address
+        if address.path is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self._connect_timeout)
+            try:
+                sock.connect(address.path)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            if address.tls:
+                raise errors.ConfigError(
+                    f"{address}: TLS (pymqs://) is not supported by this client yet"
+                )
+            sock = socket.create_connection(
+                (address.host, address.port), timeout=self._connect_timeout
+            )
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _connect(self) -> None:
+        sock = self._open_socket()
+        try:
+            hello = encode_json(
+                {
+                    "versions": [protocol.PROTOCOL_VERSION, protocol.PROTOCOL_VERSION],
+                    "token": self._token,
+                    "client": f"pymq-python {__version__}",
+                }
+            )
+            sock.sendall(PREAMBLE + encode_frame(protocol.HELLO, 0, 0, 0, hello))
+            reader = FrameReader(0xFFFFFFFF)
+            frames: list[Frame] = []
+            while not frames:
+                data = sock.recv(65536)
+                if not data:
+                    raise errors.ConnectionLostError(
+                        f"{self.address} closed the connection during the handshake"
+                    )
+                frames = reader.feed(data)
+            _, flags, _, _, payload = frames[0]
+            if flags & FLAG_ERROR:
+                raise decode_error(payload)
+            answer = decode_json(payload)
+            sock.settimeout(None)
+        except BaseException:
+            sock.close()
+            raise
+        self.max_frame_bytes = int(answer.get("max_frame_bytes", self.max_frame_bytes))
+        self.max_batch = int(answer.get("max_batch", self.max_batch))
+        self.server = str(answer.get("server", ""))
+        self._reader = FrameReader(self.max_frame_bytes)
+        self._sock = sock
+        self.generation += 1
+
+    def _ensure(self) -> None:
+        """Reconnect a broken connection, with backoff, before a request."""
+        if self._sock is not None:
+            return
+        if self._closed:
+            raise errors.ClosedError(f"connection to {self.address} is closed")
+        delay = 0.05
+        for attempt in range(self._reconnect_attempts + 1):
+            try:
+                self._connect()
+                logger.info("reconnected to %s", self.address)
+                return
+            except (OSError, errors.ConnectionLostError) as exc:
+                if attempt == self._reconnect_attempts:
+                    raise errors.ConnectionLostError(
+                        f"could not reconnect to {self.address} after "
+                        f"{attempt + 1} attempts: {exc}"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    # Requests -----------------------------------------------------------------
+
+    def next_id(self) -> int:
+        return next(self._ids) & 0xFFFFFFFF or next(self._ids)
+
+    def call(self, opcode: int, request_id: int, frame: bytes) -> list[Frame]:
+        """Send one request frame and return its reply frames.
+
+        Raises the server's error, or ConnectionLostError when the
+        connection breaks; requests that are safe to repeat are sent again
+        once after reconnecting.
+        """
+        for attempt in (0, 1):
+            try:
+                frames = self._exchange(request_id, frame)
+            except errors.ConnectionLostError:
+                if attempt or opcode not in _SAFE_TO_RETRY or self._closed:
+                    raise
+                continue
+            first = frames[0]
+            if first[1] & FLAG_ERROR:
+                raise decode_error(first[4])
+            return frames
+        raise AssertionError("unreachable")
+
+    def send(self, frame: bytes) -> None:
+        """Send a request that asks for no reply; errors come back later."""
+        self.raise_late_errors()
+        with self._cv:
+            self._ensure()
+            sock = self._sock
+        assert sock is not None
+        try:
+            with self._send_lock:
+                sock.sendall(frame)
+        except OSError as exc:
+            self._broken(exc, sock)
+            raise errors.ConnectionLostError(
+                f"connection to {self.address} broke: {exc}"
+            ) from exc
+
+    def raise_late_errors(self) -> None:
+        """Raise the first error a no-reply request got, if any came."""
+        if self._late_errors:
+            with self._cv:
+                late, self._late_errors = self._late_errors, []
+            if late:
+                raise late[0]
+
+    def _exchange(self, request_id: int, frame: bytes) -> list[Frame]:
+        self.raise_late_errors()
+        slot = _Slot()
+        with self._cv:
+            self._ensure()
+            sock = self._sock
+            self._slots[request_id] = slot
+        assert sock is not None
+        try:
+            with self._send_lock:
+                sock.sendall(frame)
+        except OSError as exc:
+            self._broken(exc, sock)
+        return self._await(slot, sock)
+
+    def _await(self, slot: _Slot, sock: socket.socket) -> list[Frame]:
+        with self._cv:
+            while not slot.done:
+                if not self._reading:
+                    self._reading = True
+                    break
+                self._cv.wait()
+            else:
+                return self._result(slot)
+        reader = self._reader
+        assert reader is not None
+        try:
+            while True:
+                data = sock.recv(262144)
+                if not data:
+                    raise ConnectionResetError("the server closed the connection")
+                frames = reader.feed(data)
+                with self._cv:
+                    for frame in frames:
+                        self._route(frame)
+                    if slot.done:
+                        self._reading = False
+                        self._cv.notify_all()
+                        break
+                    if frames:
+                        self._cv.notify_all()
+        except (OSError, errors.ProtocolError) as exc:
+            with self._cv:
+                self._reading = False
+            self._broken(exc, sock)
+        return self._result(slot)
+
+    def _result(self, slot: _Slot) -> list[Frame]:
+        if slot.error is not None:
+            raise slot.error
+        return slot.frames
+
+    def _route(self, frame: Frame) -> None:
+        flags, request_id = frame[1], frame[2]
+        if flags & FLAG_PUSH:
+            return
+        slot = self._slots.get(request_id)
+        if slot is None:
+            if flags & FLAG_ERROR:
+                error = decode_error(frame[4])
+                logger.error(
+                    "request %d, sent without waiting for a reply, failed: %s",
+                    request_id,
+                    error,
+                )
+                self._late_errors.append(error)
+            return
+        slot.frames.append(frame)
+        if not flags & FLAG_MORE:
+            slot.done = True
+            del self._slots[request_id]
+
+    def _broken(self, exc: BaseException, sock: socket.socket | None) -> None:
+        """Fail every request waiting on sock; the next request reconnects."""
+        with self._cv:
+            if sock is None or self._sock is not sock:
+                # Already replaced: its requests were failed then.
+                return
+            self._sock = None
+            slots, self._slots = self._slots, {}
+            lost = errors.ConnectionLostError(
+                f"connection to {self.address} broke: {exc}"
+            )
+            for slot in slots.values():
+                slot.error = lost
+                slot.done = True
+            self._cv.notify_all()
+        with contextlib.suppress(OSError):
+            sock.close()
+        logger.warning("connection to %s broke: %s", self.address, exc)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+class RemoteBroker:
+    """A broker on a server, with the API of pymq.Broker. Thread-safe."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self.url = str(connection.address)
+        self._lock = threading.Lock()
+        self._queues: dict[str, RemoteQueue] = {}
+
+    def _control(self, opcode: int, request: dict[str, Any]) -> dict[str, Any]:
+        connection = self._connection
+        request_id = connection.next_id()
+        frames = connection.call(
+            opcode,
+            request_id,
+            encode_frame(opcode, 0, request_id, 0, encode_json(request)),
+        )
+        return decode_json(frames[0][4])
+
+    def queue(self, name: str, **options: Any) -> RemoteQueue:
+        """Open the queue name on the server, creating it if it is missing.
+
+        Options as for pymq.Broker.queue; an explicit different value
+        updates the stored one.
+        """
+        with self._lock:
+            queue = self._queues.get(name)
+            if queue is None:
+                queue = RemoteQueue(self, {"kind": "queue", "name": name})
+                queue.reopen(options)
+                self._queues[name] = queue
+            elif options:
+                queue.reopen(options)
+            return queue
+
+    def stream(self, name: str, **options: Any) -> RemoteStream:
+        """Open the stream name on the server, creating it if it is missing."""
+        stream = RemoteStream(self, {"kind": "stream", "name": name})
+        stream.reopen(options)
+        return stream
+
+    def names(self) -> dict[str, str]:
+        """Return every queue and stream on the server, with its kind."""
+        names = self._control(protocol.NAMES, {})["names"]
+        return {str(key): str(value) for key, value in names.items()}
+
+    def groups(self, stream: str) -> list[str]:
+        """Return the names of the consumer groups of stream, sorted."""
+        return [
+            str(name)
+            for name in self._control(protocol.GROUPS, {"stream": stream})["groups"]
+        ]
+
+    def redrive(self, dlq_name: str, to: str | None = None) -> int:
+        """Move every message now in a dead-letter queue back; see Broker."""
+        return int(
+            self._control(protocol.REDRIVE, {"dlq": dlq_name, "to": to})["moved"]
+        )
+
+    def ping(self) -> float:
+        """Send PING and return the round trip in seconds."""
+        connection = self._connection
+        request_id = connection.next_id()
+        start = time.perf_counter()
+        connection.call(
+            protocol.PING,
+            request_id,
+            encode_frame(protocol.PING, 0, request_id, 0, b""),
+        )
+        return time.perf_counter() - start
+
+    @property
+    def server_version(self) -> str:
+        return self._connection.server
+
+    def close(self) -> None:
+        """Close the connection; deliveries not yet settled go back at once."""
+        self._connection.close()
+
+    def __enter__(self) -> RemoteBroker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<RemoteBroker {self.url}>"
+
+
+class _Handle:
+    """Something opened on the server by OPEN, opened again after a reconnect."""
+
+    def __init__(self, broker: RemoteBroker, request: dict[str, Any]) -> None:
+        self._broker = broker
+        self._connection = broker._connection
+        self._request = request
+        self._generation = -1
+        self._handle = 0
+        self._open_lock = threading.Lock()
+        self._answer: dict[str, Any] = {}
+        self.name = str(request["name"])
+
+    def reopen(self, options: dict[str, Any]) -> None:
+        with self._open_lock:
+            request = dict(self._request, options=options)
+            connection = self._connection
+            request_id = connection.next_id()
+            frames = connection.call(
+                protocol.OPEN,
+                request_id,
+                encode_frame(protocol.OPEN, 0, request_id, 0, encode_json(request)),
+            )
+            self._answer = decode_json(frames[0][4])
+            self._handle = int(self._answer["handle"])
+            self._generation = connection.generation
+            self.name = str(self._answer["name"])
+
+    def handle(self) -> int:
+        """This object's handle on the current connection."""
+        if self._generation != self._connection.generation:
+            self.reopen({})
+        return self._handle
+
+
+class _Publisher(_Handle):
+    def put(
+        self,
+        body: Any,
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Append one message and return its offset; see Queue.put."""
+        connection = self._connection
+        request_id = connection.next_id()
+        milliseconds = wait_ms(timeout)
+        frame = encode_publish(request_id, self.handle(), [body], headers, milliseconds)
+        frames = connection.call(protocol.PUBLISH, request_id, frame)
+        return int(_PUBLISHED.unpack(frames[0][4])[0])
+
+    def put_many(
+        self,
+        bodies: Iterable[Any],
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> range | list[int]:
+        """Append messages in order; return their offsets.
+
+        The offsets come as a range. A batch over the server's max_batch or
+        max_frame_bytes is sent as several batches, each written whole or
+        not at all; if other puts came between them, the offsets come as a
+        list.
+        """
+        items = bodies if isinstance(bodies, list) else list(bodies)
+        if not items:
+            return range(0)
+        milliseconds = wait_ms(timeout)
+        connection = self._connection
+        chunks = [
+            items[start : start + connection.max_batch]
+            for start in range(0, len(items), connection.max_batch)
+        ]
+        ranges: list[range] = []
+        while chunks:
+            chunk = chunks.pop(0)
+            request_id = connection.next_id()
+            frame = encode_publish(
+                request_id, self.handle(), chunk, headers, milliseconds
+            )
+            if len(frame) - 4 > connection.max_frame_bytes and len(chunk) > 1:
+                half = len(chunk) // 2
+                chunks[:0] = [chunk[:half], chunk[half:]]
+                continue
+            frames = connection.call(protocol.PUBLISH, request_id, frame)
+            first, count = _PUBLISHED.unpack(frames[0][4])
+            ranges.append(range(first, first + count))
+        if len(ranges) == 1:
+            return ranges[0]
+        if all(a.stop == b.start for a, b in itertools.pairwise(ranges)):
+            return range(ranges[0].start, ranges[-1].stop)
+        return [offset for part in ranges for offset in part]
+
+
+class _RemoteConsumer(_Handle):
+    """get, get_many, ack and the rest, for a queue or a group."""
+
+    def _fetch(self, count: int, timeout: float | None) -> list[RemoteMessage]:
+        if count <= 0:
+            raise ValueError(f"count is {count}; it must be 1 or more")
+        connection = self._connection
+        count = min(count, connection.max_batch)
+        request_id = connection.next_id()
+        frame = encode_frame(
+            protocol.FETCH,
+            0,
+            request_id,
+            self.handle(),
+            _FETCH.pack(count, wait_ms(timeout)),
+        )
+        messages: list[RemoteMessage] = []
+        for reply in connection.call(protocol.FETCH, request_id, frame):
+            messages.extend(decode_deliveries(reply[4], self))
+        return messages
+
+    def get(self, timeout: float | None = None) -> RemoteMessage | None:
+        """Deliver the lowest available message, waiting up to timeout seconds.
+
+        Returns None when the timeout passes first; None waits without a
+        limit.
+        """
+        messages = self._fetch(1, timeout)
+        return messages[0] if messages else None
+
+    def get_many(self, count: int, timeout: float | None = None) -> list[RemoteMessage]:
+        """Deliver up to count messages; wait up to timeout for the first one."""
+        return self._fetch(count, timeout)
+
+    def __iter__(self) -> Iterator[RemoteMessage]:
+        """Yield messages as they arrive, forever; settle each one."""
+        while True:
+            message = self.get()
+            if message is not None:
+                yield message
+
+    def _settle(
+        self, opcode: int, items: Any, prefix: bytes, suffix: bytes, wait: bool
+    ) -> None:
+        connection = self._connection
+        request_id = connection.next_id()
+        flags = 0 if wait else FLAG_NO_REPLY
+        frame = encode_receipts(
+            opcode, flags, request_id, self.handle(), items, prefix, suffix
+        )
+        if wait:
+            connection.call(opcode, request_id, frame)
+        else:
+            connection.send(frame)
+
+    def ack(self, receipt: int, *, wait: bool = True) -> None:
+        """Settle the delivery named by receipt.
+
+        With wait=False the ack is sent without waiting for the reply; an
+        error it gets is logged and raised by this connection's next call.
+        """
+        self._settle(protocol.ACK, [receipt], b"", b"", wait)
+
+    def ack_many(self, items: Any, *, wait: bool = True) -> None:
+        """Settle many deliveries: messages, receipts, or a batch.
+
+        Either all are acked or, when one receipt is stale, none.
+        """
+        self._settle(protocol.ACK, items, b"", b"", wait)
+
+    def nack(self, receipt: int, delay: float = 0.0) -> None:
+        """Give the message back, for redelivery after delay seconds."""
+        self._settle(protocol.NACK, [receipt], _F64.pack(delay), b"", True)
+
+    def extend(self, receipt: int, seconds: float) -> None:
+        """Set the delivery's deadline to now plus seconds."""
+        self._settle(protocol.EXTEND, [receipt], _F64.pack(seconds), b"", True)
+
+    def reject(self, receipt: int, reason: str = "rejected") -> None:
+        """Move the message to the dead-letter queue now, with reason."""
+        self._settle(protocol.REJECT, [receipt], b"", reason.encode("utf-8"), True)
+
+    def stats(self) -> QueueStats:
+        """Return the counts of this queue or group; see QueueStats."""
+        connection = self._connection
+        request_id = connection.next_id()
+        frames = connection.call(
+            protocol.STATS,
+            request_id,
+            encode_frame(protocol.STATS, 0, request_id, self.handle(), b""),
+        )
+        return QueueStats(**decode_json(frames[0][4]))
+
+    @property
+    def dlq_name(self) -> str:
+        return str(self._answer["dlq"])
+
+    @property
+    def dlq(self) -> RemoteQueue:
+        """The dead-letter queue of this queue or group."""
+        return self._broker.queue(self.dlq_name)
+
+    @property
+    def visibility_timeout(self) -> float:
+        return float(self._answer["options"]["visibility_timeout"])
+
+    @property
+    def max_deliveries(self) -> int:
+        return int(self._answer["options"]["max_deliveries"])
+
+    @property
+    def max_in_flight(self) -> int:
+        return int(self._answer["options"]["max_in_flight"])
+
+
+class RemoteQueue(_RemoteConsumer, _Publisher):
+    """A queue on a server: put, get, ack and the rest, as pymq.Queue."""
+
+    @property
+    def max_length(self) -> int | None:
+        value = self._answer["options"].get("max_length")
+        return None if value is None else int(value)
+
+    @property
+    def max_bytes(self) -> int | None:
+        value = self._answer["options"].get("max_bytes")
+        return None if value is None else int(value)
+
+    @property
+    def overflow(self) -> str:
+        return str(self._answer["options"].get("overflow", "reject"))
+
+    def close(self) -> None:
+        """Nothing to release: the connection closes with the broker."""
+
+    def __enter__(self) -> RemoteQueue:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<RemoteQueue {self.name!r} on {self._broker.url}>"
+
+
+class RemoteGroup(_RemoteConsumer):
+    """A consumer group of a stream on a server, as pymq.Group."""
+
+    def __repr__(self) -> str:
+        return f"<RemoteGroup {self.name!r} on {self._broker.url}>"
+
+
+class RemoteStream(_Publisher):
+    """A stream on a server: put and put_many, and its groups."""
+
+    def group(
+        self, name: str, *, start: str | int = "earliest", **options: Any
+    ) -> RemoteGroup:
+        """Open the group name, creating it if it is missing; see Stream.group."""
+        group = RemoteGroup(
+            self._broker,
+            {"kind": "group", "name": name, "stream": self.name, "start": start},
+        )
+        group.reopen(options)
+        return group
+
+    def __repr__(self) -> str:
+        return f"<RemoteStream {self.name!r} on {self._broker.url}>"
+
+
+def connect(
+    url: str = f"pymq://127.0.0.1:{protocol.DEFAULT_PORT}",
+    *,
+    token: str | None = None,
+    connect_timeout: float = 10.0,
+    reconnect_attempts: int = 5,
+) -> RemoteBroker:
+    """Connect to a pymq server and return a broker with pymq.open()'s API.
+
+    url is pymq://HOST:PORT or pymq+unix:///PATH. token defaults to the
+    environment variable PYMQ_TOKEN. A broken connection is opened again,
+    with backoff, on the next call; only requests that are safe to repeat
+    are sent again on their own.
+    """
+    if token is None:
+        token = os.environ.get("PYMQ_TOKEN") or None
+    connection = Connection(
+        parse_url(url),
+        token=token,
+        connect_timeout=connect_timeout,
+        reconnect_attempts=reconnect_attempts,
+    )
+    return RemoteBroker(connection)

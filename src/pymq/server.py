@@ -1,0 +1,1186 @@
+"""The standalone server: an embedded broker behind TCP and Unix sockets.
+
+One asyncio loop (uvloop when installed) owns the sockets. Frames are split
+and built by the compiled codec in pymq._core; each request is one call
+into the broker. With fsync="always", requests that sync run in a thread
+pool, in order per connection, so connections share fsyncs (group commit)
+while the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import hmac
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Final
+
+from pymq import errors, protocol
+from pymq._core import (
+    FrameReader,
+    decode_receipts,
+    encode_deliveries,
+    encode_frame,
+    publish_into,
+)
+from pymq._version import __version__
+from pymq.broker import Broker
+from pymq.protocol import (
+    FLAG_ERROR,
+    FLAG_NO_REPLY,
+    FLAG_PUSH,
+    FLAG_REPLY,
+    PREAMBLE,
+    decode_json,
+    encode_error,
+    encode_json,
+    error_code,
+)
+from pymq.queue import Group, Queue, Stream
+
+__all__ = ["Server", "ServerLimits", "run"]
+
+logger = logging.getLogger("pymq.server")
+
+_FETCH: Final = struct.Struct("<Ii")
+_U32: Final = struct.Struct("<I")
+_F64: Final = struct.Struct("<d")
+_PUBLISHED: Final = struct.Struct("<QI")
+_CONTROL: Final = frozenset(
+    {
+        protocol.OPEN,
+        protocol.STATS,
+        protocol.REDRIVE,
+        protocol.NAMES,
+        protocol.GROUPS,
+    }
+)
+_SYNCING: Final = frozenset(
+    {
+        protocol.PUBLISH,
+        protocol.FETCH,
+        protocol.ACK,
+        protocol.NACK,
+        protocol.EXTEND,
+        protocol.REJECT,
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerLimits:
+    """Per-server and per-connection limits; every one has a default.
+
+    - max_frame_bytes: largest frame either side may send (16 MiB).
+    - max_batch: most messages in one publish or one delivery (10,000).
+    - max_connections: open connections; more are refused (1,024).
+    - max_handles: queues and groups one connection may open (10,000).
+    - handshake_timeout: seconds from connect to a valid HELLO (10).
+    - frame_timeout: seconds a partial frame may stall before the
+      connection is dropped (30).
+    - idle_timeout: seconds without a frame, with nothing waiting, before
+      the connection is dropped; 0 never drops (0).
+    """
+
+    max_frame_bytes: int = 16 << 20
+    max_batch: int = 10_000
+    max_connections: int = 1024
+    max_handles: int = 10_000
+    handshake_timeout: float = 10.0
+    frame_timeout: float = 30.0
+    idle_timeout: float = 0.0
+
+    def __post_init__(self) -> None:
+        ranges: dict[str, tuple[float, float]] = {
+            "max_frame_bytes": (4096, 0xFFFFFFFF),
+            "max_batch": (1, 1_000_000),
+            "max_connections": (1, 1_000_000),
+            "max_handles": (1, 1_000_000),
+            "handshake_timeout": (0.01, 3600),
+            "frame_timeout": (0.01, 3600),
+            "idle_timeout": (0, 1e9),
+        }
+        for name, (low, high) in ranges.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise errors.ConfigError(
+                    f"{name} is {value}; it must be from {low} to {high}"
+                )
+
+
+class _Park:
+    """A handler's answer that the request waits: a long poll."""
+
+    __slots__ = ("count", "handle", "request_id", "wait_ms")
+
+    def __init__(self, request_id: int, handle: int, count: int, wait_ms: int) -> None:
+        self.request_id = request_id
+        self.handle = handle
+        self.count = count
+        self.wait_ms = wait_ms
+
+
+class _Target:
+    """A queue, stream or group opened on one connection, by handle."""
+
+    __slots__ = ("consumer", "core", "handle", "kind", "name", "outstanding", "target")
+
+    def __init__(
+        self, handle: int, kind: str, name: str, target: Queue | Stream | Group
+    ) -> None:
+        self.handle = handle
+        self.kind = kind
+        self.name = name
+        self.target = target
+        self.consumer: Queue | Group | None = (
+            None if isinstance(target, Stream) else target
+        )
+        self.core: Any = target._core if isinstance(target, Stream) else target.stream
+        # Receipts delivered on this connection and not yet settled by it;
+        # released (nacked) when the connection goes.
+        self.outstanding: set[int] = set()
+
+
+class _Hub:
+    """Wakes the long polls and subscriptions waiting on one stream."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, core: Any, ready: Any) -> None:
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._core = core
+        self._ready = ready
+        self._armed = 0
+        self._future: asyncio.Future[None] | None = None
+
+    def arm(self) -> asyncio.Future[None]:
+        """Count one waiter; return the future the next put resolves."""
+        if self._armed == 0:
+            with self._ready:
+                self._core.waiters += 1
+        self._armed += 1
+        if self._future is None:
+            self._future = self._loop.create_future()
+        return self._future
+
+    def disarm(self) -> None:
+        self._armed -= 1
+        if self._armed == 0:
+            with self._ready:
+                self._core.waiters -= 1
+
+    def wake(self) -> None:
+        """Run by the broker after a put or settlement, in any thread."""
+        if threading.get_ident() == self._loop_thread:
+            self._fire()
+        else:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._fire)
+
+    def _fire(self) -> None:
+        future, self._future = self._future, None
+        if future is not None and not future.done():
+            future.set_result(None)
+
+
+class _Subscription:
+    __slots__ = ("changed", "credit", "handle", "task")
+
+    def __init__(self, handle: int, credit: int) -> None:
+        self.handle = handle
+        self.credit = credit
+        self.changed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+
+class Server:
+    """Serves one Broker over the wire protocol; see docs/protocol.md.
+
+    Use run() for the command line; embed with ``await start()`` and
+    ``await stop()``.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        token: str | None = None,
+        limits: ServerLimits | None = None,
+    ) -> None:
+        if token is not None and not token:
+            raise errors.ConfigError("token is empty; give a token or None")
+        self.broker = broker
+        self.limits = limits or ServerLimits()
+        self._token = None if token is None else token.encode("utf-8")
+        store_options = broker._store_options
+        self._syncs = bool(store_options["fsync"] == "always")
+        self.max_message_bytes: int | None = store_options["max_message_bytes"]
+        if self.max_message_bytes is not None and (
+            self.max_message_bytes + 4096 > self.limits.max_frame_bytes
+        ):
+            raise errors.ConfigError(
+                f"max_frame_bytes is {self.limits.max_frame_bytes}; it must be at "
+                f"least max_message_bytes ({self.max_message_bytes}) plus 4096"
+            )
+        self._executor = ThreadPoolExecutor(
+            max_workers=32, thread_name_prefix="pymq-server"
+        )
+        self._listeners: list[asyncio.Server] = []
+        self._connections: set[_Connection] = set()
+        self._hubs: dict[str, _Hub] = {}
+        self._housekeeping: asyncio.Task[None] | None = None
+        self._refused_logins = 0
+        self._last_refusal_log = 0.0
+        self.addresses: list[str] = []
+        self.stopping = False
+
+    # Starting and stopping --------------------------------------------------
+
+    async def start(
+        self,
+        host: str | None = "127.0.0.1",
+        port: int = protocol.DEFAULT_PORT,
+        unix: str | None = None,
+    ) -> list[str]:
+        """Listen on host:port (unless host is None) and on unix; return both."""
+        loop = asyncio.get_running_loop()
+        if host is not None:
+            listener = await loop.create_server(
+                lambda: _Connection(self), host, port, reuse_address=True
+            )
+            self._listeners.append(listener)
+            for sock in listener.sockets:
+                address = sock.getsockname()
+                self.addresses.append(f"{address[0]}:{address[1]}")
+                logger.info("listening on %s:%d", address[0], address[1])
+            if self._token is None and not _is_loopback(host):
+                logger.warning(
+                    "listening on %s without a token: anyone who can reach it "
+                    "can read and write every queue; set --token-file",
+                    host,
+                )
+        if unix is not None:
+            with contextlib.suppress(FileNotFoundError):
+                if Path(unix).is_socket():
+                    os.unlink(unix)
+            listener = await loop.create_unix_server(lambda: _Connection(self), unix)
+            self._listeners.append(listener)
+            self.addresses.append(unix)
+            logger.info("listening on %s", unix)
+        self._housekeeping = asyncio.ensure_future(self._sweep())
+        return list(self.addresses)
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (the first one), for --port 0."""
+        for listener in self._listeners:
+            for sock in listener.sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    return int(sock.getsockname()[1])
+        raise errors.ConfigError("the server listens on no TCP port")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, finish requests under way, release deliveries."""
+        self.stopping = True
+        for listener in self._listeners:
+            listener.close()
+        for connection in list(self._connections):
+            connection.stop_reading()
+        deadline = time.monotonic() + grace
+        for connection in list(self._connections):
+            await connection.drained(max(0.0, deadline - time.monotonic()))
+        for connection in list(self._connections):
+            connection.close()
+        for listener in self._listeners:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(listener.wait_closed(), 1.0)
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        # Deliveries still held by connections go back before the broker
+        # closes; connection_lost may not have run yet for every transport.
+        for connection in list(self._connections):
+            connection.release_all()
+        self._executor.shutdown(wait=True)
+
+    async def _sweep(self) -> None:
+        limits = self.limits
+        while True:
+            await asyncio.sleep(min(1.0, limits.frame_timeout / 2))
+            now = time.monotonic()
+            for connection in list(self._connections):
+                connection.check_timeouts(now)
+
+    # Shared state -----------------------------------------------------------
+
+    def hub(self, core: Any) -> _Hub:
+        hub = self._hubs.get(core.name)
+        if hub is None:
+            streams = self.broker._streams
+            ready = streams[core.name][1]
+            hub = _Hub(asyncio.get_running_loop(), core, ready)
+            self._hubs[core.name] = hub
+            self.broker._listen(core.name, hub.wake)
+        return hub
+
+    def check_token(self, given: object, peer: str) -> bool:
+        if self._token is None:
+            return True
+        raw = given.encode("utf-8") if isinstance(given, str) else b""
+        if hmac.compare_digest(raw, self._token):
+            return True
+        self._refused_logins += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log >= 1.0:
+            logger.warning(
+                "refused a connection from %s: wrong or missing token "
+                "(%d refused so far)",
+                peer,
+                self._refused_logins,
+            )
+            self._last_refusal_log = now
+        return False
+
+    def register(self, connection: _Connection) -> bool:
+        if self.stopping or len(self._connections) >= self.limits.max_connections:
+            return False
+        self._connections.add(connection)
+        return True
+
+    def unregister(self, connection: _Connection) -> None:
+        self._connections.discard(connection)
+
+    @property
+    def syncs(self) -> bool:
+        return self._syncs
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        return self._executor
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: handshake, handles, requests in order."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.reader = FrameReader(self.limits.max_frame_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.preamble = b""
+        self.hello = False
+        self.closed = False
+        self.handles: dict[int, _Target] = {}
+        self.next_handle = 1
+        self.subscriptions: dict[int, _Subscription] = {}
+        self.pending: collections.deque[tuple[int, int, int, int, bytes]] = (
+            collections.deque()
+        )
+        self.worker: asyncio.Task[None] | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.gone: asyncio.Future[None] | None = None
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.opened = time.monotonic()
+        self.last_frame = self.opened
+        self.partial_since: float | None = None
+        self.handlers: dict[int, Callable[[int, int, int, bytes], Any]] = {
+            protocol.HELLO: self.on_hello,
+            protocol.PING: self.on_ping,
+            protocol.OPEN: self.on_open,
+            protocol.STATS: self.on_stats,
+            protocol.REDRIVE: self.on_redrive,
+            protocol.NAMES: self.on_names,
+            protocol.GROUPS: self.on_groups,
+            protocol.PUBLISH: self.on_publish,
+            protocol.FETCH: self.on_fetch,
+            protocol.SUBSCRIBE: self.on_subscribe,
+            protocol.CREDIT: self.on_credit,
+            protocol.UNSUBSCRIBE: self.on_unsubscribe,
+            protocol.ACK: self.on_ack,
+            protocol.NACK: self.on_nack,
+            protocol.EXTEND: self.on_extend,
+            protocol.REJECT: self.on_reject,
+        }
+
+    # Transport events ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses.
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        elif peer:
+            self.peer = str(peer)
+        else:
+            self.peer = "unix socket"
+        self.gone = asyncio.get_running_loop().create_future()
+        if not self.server.register(self):
+            reason = (
+                "the server is shutting down"
+                if self.server.stopping
+                else f"the server holds max_connections "
+                f"({self.limits.max_connections}) connections"
+            )
+            code = 13 if self.server.stopping else 16
+            logger.warning("refused a connection from %s: %s", self.peer, reason)
+            self.send_error(protocol.HELLO, 0, 0, code, reason)
+            self.closed = True
+            transport.close()
+            return
+        logger.debug("connection from %s", self.peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_open = not self.closed
+        self.closed = True
+        if self.gone is not None and not self.gone.done():
+            self.gone.set_result(None)
+        self.writable.set()
+        for subscription in self.subscriptions.values():
+            subscription.changed.set()
+        self.server.unregister(self)
+        if self.pending or self.worker is not None:
+            # The worker releases the deliveries when it has finished.
+            return
+        self.release_all()
+        if was_open:
+            logger.debug("connection from %s closed", self.peer)
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if len(self.preamble) < len(PREAMBLE):
+            need = len(PREAMBLE) - len(self.preamble)
+            self.preamble += data[:need]
+            data = data[need:]
+            if len(self.preamble) < len(PREAMBLE):
+                return
+            if self.preamble[:5] != PREAMBLE[:5]:
+                logger.info(
+                    "closed a connection from %s: it does not speak the pymq "
+                    "protocol (first bytes %r)",
+                    self.peer,
+                    self.preamble,
+                )
+                self.send_error(
+                    protocol.HELLO, 0, 0, 3, "expected the pymq protocol preamble"
+                )
+                self.close()
+                return
+        try:
+            frames = self.reader.feed(data)
+        except errors.ProtocolError as exc:
+            self.fail(0, 0, exc)
+            return
+        self.partial_since = time.monotonic() if self.reader.buffered else None
+        if frames:
+            self.last_frame = time.monotonic()
+        for frame in frames:
+            if self.closed:
+                return
+            self.dispatch(frame)
+
+    # Requests -------------------------------------------------------------------
+
+    def dispatch(self, frame: tuple[int, int, int, int, bytes]) -> None:
+        opcode, _, request_id, handle, _ = frame
+        if not self.hello and opcode != protocol.HELLO:
+            self.fail(
+                opcode,
+                request_id,
+                errors.ProtocolError(
+                    f"opcode {opcode:#x} before HELLO; a connection starts with HELLO"
+                ),
+            )
+            return
+        if self.pending or self.offloaded(opcode, handle):
+            self.pending.append(frame)
+            if self.worker is None:
+                self.worker = asyncio.ensure_future(self.work())
+            return
+        self.finish(frame, self.handle(frame))
+
+    def offloaded(self, opcode: int, handle: int) -> bool:
+        if opcode in _CONTROL:
+            return True
+        if opcode == protocol.PUBLISH:
+            target = self.handles.get(handle)
+            if target is not None and isinstance(target.target, Queue):
+                return self.server.syncs or target.target.overflow == "block"
+        return self.server.syncs and opcode in _SYNCING
+
+    async def work(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.pending:
+                frame = self.pending[0]
+                if self.offloaded(frame[0], frame[3]):
+                    result = await loop.run_in_executor(
+                        self.server.executor, self.handle, frame
+                    )
+                else:
+                    result = self.handle(frame)
+                self.pending.popleft()
+                self.finish(frame, result)
+        finally:
+            self.worker = None
+            if self.closed:
+                self.release_all()
+
+    def handle(self, frame: tuple[int, int, int, int, bytes]) -> Any:
+        """Run one request; return its reply frames, a _Park, or None."""
+        opcode, flags, request_id, handle, payload = frame
+        handler = self.handlers.get(opcode)
+        try:
+            if handler is None:
+                raise _Fatal(4, f"unknown opcode {opcode:#x}")
+            return handler(flags, request_id, handle, payload)
+        except _Fatal as exc:
+            return exc
+        except errors.ProtocolError as exc:
+            return _Fatal(error_code(exc), str(exc))
+        except (errors.PymqError, ValueError, TypeError, OSError) as exc:
+            code = error_code(exc)
+            if code in (15, 18):
+                logger.error(
+                    "request %d (opcode %#x) from %s failed: %s",
+                    request_id,
+                    opcode,
+                    self.peer,
+                    exc,
+                )
+            return encode_frame(
+                opcode,
+                FLAG_REPLY | FLAG_ERROR,
+                request_id,
+                handle,
+                encode_error(code, str(exc)),
+            )
+        except Exception as exc:
+            logger.exception(
+                "request %d (opcode %#x) from %s failed", request_id, opcode, self.peer
+            )
+            return encode_frame(
+                opcode,
+                FLAG_REPLY | FLAG_ERROR,
+                request_id,
+                handle,
+                encode_error(18, f"{type(exc).__name__}: {exc}"),
+            )
+
+    def finish(self, frame: tuple[int, int, int, int, bytes], result: Any) -> None:
+        if result is None:
+            return
+        if isinstance(result, _Fatal):
+            self.send_error(frame[0], frame[2], frame[3], result.code, result.text)
+            logger.info(
+                "closed the connection from %s: %s (request %d)",
+                self.peer,
+                result.text,
+                frame[2],
+            )
+            self.close()
+            return
+        if isinstance(result, _Park):
+            task = asyncio.ensure_future(self.long_poll(result))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            return
+        if self.closed or self.transport is None:
+            return
+        if isinstance(result, list):
+            self.transport.writelines(result)
+        else:
+            self.transport.write(result)
+
+    def reply(self, opcode: int, request_id: int, handle: int, payload: bytes) -> bytes:
+        return encode_frame(opcode, FLAG_REPLY, request_id, handle, payload)
+
+    def target(self, handle: int) -> _Target:
+        target = self.handles.get(handle)
+        if target is None:
+            raise _Fatal(14, f"handle {handle} was not opened on this connection")
+        return target
+
+    def consumer(self, handle: int) -> tuple[_Target, Queue | Group]:
+        target = self.target(handle)
+        if target.consumer is None:
+            raise errors.ConfigError(
+                f"{target.name} is a stream: consume it through one of its groups"
+            )
+        return target, target.consumer
+
+    # Control requests -------------------------------------------------------
+
+    def on_hello(self, flags: int, request_id: int, handle: int, payload: bytes) -> Any:
+        if self.hello:
+            raise errors.ProtocolError("HELLO came twice")
+        request = decode_json(payload)
+        versions = request.get("versions", [1, 1])
+        if (
+            not isinstance(versions, list)
+            or len(versions) != 2
+            or not all(isinstance(v, int) for v in versions)
+            or not versions[0] <= protocol.PROTOCOL_VERSION <= versions[1]
+        ):
+            raise _Fatal(
+                3,
+                f"client speaks protocol versions {versions!r}; this server "
+                f"speaks {protocol.PROTOCOL_VERSION}",
+            )
+        if not self.server.check_token(request.get("token"), self.peer):
+            raise _Fatal(5, "authentication failed: wrong or missing token")
+        self.hello = True
+        logger.debug(
+            "connection from %s is %s", self.peer, str(request.get("client"))[:100]
+        )
+        return self.reply(
+            protocol.HELLO,
+            request_id,
+            0,
+            encode_json(
+                {
+                    "version": protocol.PROTOCOL_VERSION,
+                    "server": f"pymq {__version__}",
+                    "max_frame_bytes": self.limits.max_frame_bytes,
+                    "max_batch": self.limits.max_batch,
+                    "max_message_bytes": self.server.max_message_bytes,
+                }
+            ),
+        )
+
+    def on_ping(self, flags: int, request_id: int, handle: int, payload: bytes) -> Any:
+        return self.reply(protocol.PING, request_id, 0, b"")
+
+    def on_open(self, flags: int, request_id: int, handle: int, payload: bytes) -> Any:
+        request = decode_json(payload)
+        kind = request.get("kind")
+        name = request.get("name")
+        options = request.get("options") or {}
+        if not isinstance(name, str) or not isinstance(options, dict):
+            raise errors.ProtocolError("OPEN needs a name (str) and options (object)")
+        if len(self.handles) >= self.limits.max_handles:
+            raise errors.ConfigError(
+                f"this connection holds max_handles ({self.limits.max_handles}) "
+                f"open queues and groups"
+            )
+        broker = self.server.broker
+        opened: Queue | Stream | Group
+        if kind == "queue":
+            opened = broker.queue(name, **options)
+            label = name
+        elif kind == "stream":
+            opened = broker.stream(name, **options)
+            label = name
+        elif kind == "group":
+            stream = request.get("stream")
+            start = request.get("start", "earliest")
+            if not isinstance(stream, str):
+                raise errors.ProtocolError("OPEN of a group needs its stream (str)")
+            opened = broker.stream(stream).group(name, start=start, **options)
+            label = f"{stream}.{name}"
+        else:
+            raise errors.ProtocolError(f"OPEN kind is {kind!r}")
+        # Handles are only ever added in the loop thread's order of requests,
+        # so numbering needs no lock.
+        new = self.next_handle
+        self.next_handle += 1
+        self.handles[new] = _Target(new, str(kind), label, opened)
+        answer: dict[str, Any] = {"handle": new, "name": label}
+        if not isinstance(opened, Stream):
+            answer["dlq"] = opened.dlq_name
+            answer["options"] = {
+                "visibility_timeout": opened.visibility_timeout,
+                "max_deliveries": opened.max_deliveries,
+                "max_in_flight": opened.max_in_flight,
+            }
+            if isinstance(opened, Queue):
+                answer["options"].update(
+                    max_length=opened.max_length,
+                    max_bytes=opened.max_bytes,
+                    overflow=opened.overflow,
+                )
+        return self.reply(protocol.OPEN, request_id, new, encode_json(answer))
+
+    def on_stats(self, flags: int, request_id: int, handle: int, payload: bytes) -> Any:
+        _, consumer = self.consumer(handle)
+        stats = dataclasses.asdict(consumer.stats())
+        return self.reply(protocol.STATS, request_id, handle, encode_json(stats))
+
+    def on_redrive(
+        self, flags: int, request_id: int, handle: int, payload: bytes
+    ) -> Any:
+        request = decode_json(payload)
+        dlq, to = request.get("dlq"), request.get("to")
+        if not isinstance(dlq, str) or not (to is None or isinstance(to, str)):
+            raise errors.ProtocolError("REDRIVE needs dlq (str) and to (str or null)")
+        moved = self.server.broker.redrive(dlq, to=to)
+        return self.reply(
+            protocol.REDRIVE, request_id, 0, encode_json({"moved": moved})
+        )
+
+    def on_names(self, flags: int, request_id: int, handle: int, payload: bytes) -> Any:
+        names = self.server.broker.names()
+        return self.reply(protocol.NAMES, request_id, 0, encode_json({"names": names}))
+
+    def on_groups(
+        self, flags: int, request_id: int, handle: int, payload: bytes
+    ) -> Any:
+        stream = decode_json(payload).get("stream")
+        if not isinstance(stream, str):
+            raise errors.ProtocolError("GROUPS needs stream (str)")
+        groups = self.server.broker.groups(stream)
+        return self.reply(
+            protocol.GROUPS, request_id, 0, encode_json({"groups": groups})
+        )
+
+    # Messages -------------------------------------------------------------------
+
+    def on_publish(
+        self, flags: int, request_id: int, handle: int, payload: bytes
+    ) -> Any:
+        target = self.target(handle)
+        if target.kind == "group":
+            raise errors.ConfigError(
+                f"{target.name} is a group: publish to its stream instead"
+            )
+        first, count = publish_into(target.core, payload, self.limits.max_batch)
+        if flags & FLAG_NO_REPLY:
+            return None
+        return self.reply(
+            protocol.PUBLISH, request_id, handle, _PUBLISHED.pack(first, count)
+        )
+
+    def on_fetch(self, flags: int, request_id: int, handle: int, payload: bytes) -> Any:
+        target, consumer = self.consumer(handle)
+        if len(payload) != _FETCH.size:
+            raise errors.ProtocolError(f"FETCH payload is {len(payload)} bytes, not 8")
+        count, wait_ms = _FETCH.unpack(payload)
+        if not 1 <= count <= self.limits.max_batch:
+            raise errors.ConfigError(
+                f"fetch count is {count}; it must be from 1 to max_batch "
+                f"({self.limits.max_batch})"
+            )
+        messages = consumer.get_many_nowait(count)
+        if not messages and wait_ms != 0:
+            return _Park(request_id, handle, count, wait_ms)
+        return self.deliver(FLAG_REPLY, request_id, target, messages)
+
+    def deliver(
+        self, flags: int, request_id: int, target: _Target, messages: list[Any]
+    ) -> list[bytes]:
+        if messages:
+            target.outstanding.update([message.receipt for message in messages])
+        return encode_deliveries(
+            flags,
+            request_id,
+            target.handle,
+            messages,
+            self.limits.max_frame_bytes,
+        )
+
+    async def long_poll(self, park: _Park) -> None:
+        loop = asyncio.get_running_loop()
+        target = self.handles[park.handle]
+        consumer = target.consumer
+        assert consumer is not None and self.gone is not None
+        hub = self.server.hub(target.core)
+        deadline = None if park.wait_ms < 0 else loop.time() + park.wait_ms / 1000
+        messages: list[Any] = []
+        while not self.closed:
+            woken = hub.arm()
+            try:
+                messages = await self.call(consumer.get_many_nowait, park.count)
+                if messages or self.closed:
+                    break
+                timeout = consumer.next_due()
+                if deadline is not None:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    timeout = remaining if timeout is None else min(timeout, remaining)
+                await asyncio.wait(
+                    [woken, self.gone], timeout=timeout, return_when="FIRST_COMPLETED"
+                )
+            finally:
+                hub.disarm()
+        if self.closed:
+            self.release(consumer, [message.receipt for message in messages])
+            return
+        frames = self.deliver(FLAG_REPLY, park.request_id, target, messages)
+        if self.transport is not None:
+            self.transport.writelines(frames)
+
+    async def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        if not self.server.syncs:
+            return function(*args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.server.executor, function, *args)
+
+    def on_subscribe(
+        self, flags: int, request_id: int, handle: int, payload: bytes
+    ) -> Any:
+        self.consumer(handle)
+        if len(payload) != 4:
+            raise errors.ProtocolError(
+                f"SUBSCRIBE payload is {len(payload)} bytes, not 4"
+            )
+        (credit,) = _U32.unpack(payload)
+        if request_id in self.subscriptions:
+            raise errors.ConfigError(f"subscription {request_id} exists already")
+        subscription = _Subscription(handle, credit)
+        self.subscriptions[request_id] = subscription
+        subscription.task = asyncio.ensure_future(self.push(request_id, subscription))
+        return self.reply(protocol.SUBSCRIBE, request_id, handle, b"")
+
+    def on_credit(
+        self, flags: int, request_id: int, handle: int, payload: bytes
+    ) -> Any:
+        subscription = self.subscriptions.get(request_id)
+        if subscription is None or len(payload) != 4:
+            raise errors.ConfigError(
+                f"CREDIT names subscription {request_id}, which is not open here"
+            )
+        (more,) = _U32.unpack(payload)
+        subscription.credit = min(subscription.credit + more, 0xFFFFFFFF)
+        subscription.changed.set()
+        return None
+
+    def on_unsubscribe(
+        self, flags: int, request_id: int, handle: int, payload: bytes
+    ) -> Any:
+        if len(payload) != 4:
+            raise errors.ProtocolError("UNSUBSCRIBE payload is a u32 subscription")
+        (which,) = _U32.unpack(payload)
+        subscription = self.subscriptions.pop(which, None)
+        if subscription is not None and subscription.task is not None:
+            subscription.task.cancel()
+        return self.reply(protocol.UNSUBSCRIBE, request_id, handle, b"")
+
+    async def push(self, subscription_id: int, subscription: _Subscription) -> None:
+        target = self.handles[subscription.handle]
+        consumer = target.consumer
+        assert consumer is not None and self.gone is not None
+        hub = self.server.hub(target.core)
+        while not self.closed and subscription_id in self.subscriptions:
+            if subscription.credit == 0 or not self.writable.is_set():
+                subscription.changed.clear()
+                waits = [
+                    asyncio.ensure_future(subscription.changed.wait()),
+                    asyncio.ensure_future(self.writable.wait()),
+                ]
+                try:
+                    if subscription.credit == 0:
+                        await waits[0]
+                    else:
+                        await waits[1]
+                finally:
+                    for waiting in waits:
+                        waiting.cancel()
+                continue
+            woken = hub.arm()
+            try:
+                count = min(subscription.credit, self.limits.max_batch)
+                messages = await self.call(consumer.get_many_nowait, count)
+                if messages:
+                    if self.closed:
+                        self.release(consumer, [m.receipt for m in messages])
+                        return
+                    subscription.credit -= len(messages)
+                    frames = self.deliver(FLAG_PUSH, subscription_id, target, messages)
+                    if self.transport is not None:
+                        self.transport.writelines(frames)
+                    continue
+                subscription.changed.clear()
+                changed = asyncio.ensure_future(subscription.changed.wait())
+                try:
+                    pending: list[asyncio.Future[Any]] = [woken, self.gone, changed]
+                    await asyncio.wait(
+                        pending,
+                        timeout=consumer.next_due(),
+                        return_when="FIRST_COMPLETED",
+                    )
+                finally:
+                    changed.cancel()
+            finally:
+                hub.disarm()
+
+    # Settling ----------------------------------------------------------------
+
+    def on_ack(self, flags: int, request_id: int, handle: int, payload: bytes) -> Any:
+        target, consumer = self.consumer(handle)
+        receipts, end = decode_receipts(payload, 0)
+        if end != len(payload):
+            raise errors.ProtocolError("ACK payload has bytes past its receipts")
+        consumer.ack_many(receipts)
+        target.outstanding.difference_update(receipts)
+        return self.settled(flags, protocol.ACK, request_id, handle)
+
+    def on_nack(self, flags: int, request_id: int, handle: int, payload: bytes) -> Any:
+        target, consumer = self.consumer(handle)
+        if len(payload) < 8:
+            raise errors.ProtocolError("NACK payload is cut off")
+        (delay,) = _F64.unpack_from(payload)
+        receipts, end = decode_receipts(payload, 8)
+        if end != len(payload):
+            raise errors.ProtocolError("NACK payload has bytes past its receipts")
+        self.each(consumer.nack, receipts, delay)
+        target.outstanding.difference_update(receipts)
+        return self.settled(flags, protocol.NACK, request_id, handle)
+
+    def on_extend(
+        self, flags: int, request_id: int, handle: int, payload: bytes
+    ) -> Any:
+        _, consumer = self.consumer(handle)
+        if len(payload) < 8:
+            raise errors.ProtocolError("EXTEND payload is cut off")
+        (seconds,) = _F64.unpack_from(payload)
+        receipts, end = decode_receipts(payload, 8)
+        if end != len(payload):
+            raise errors.ProtocolError("EXTEND payload has bytes past its receipts")
+        self.each(consumer.extend, receipts, seconds)
+        return self.settled(flags, protocol.EXTEND, request_id, handle)
+
+    def on_reject(
+        self, flags: int, request_id: int, handle: int, payload: bytes
+    ) -> Any:
+        target, consumer = self.consumer(handle)
+        receipts, end = decode_receipts(payload, 0)
+        try:
+            reason = payload[end:].decode("utf-8")
+        except UnicodeDecodeError:
+            raise errors.ProtocolError("REJECT reason is not UTF-8") from None
+        self.each(consumer.reject, receipts, reason)
+        target.outstanding.difference_update(receipts)
+        return self.settled(flags, protocol.REJECT, request_id, handle)
+
+    @staticmethod
+    def each(
+        method: Callable[[int, Any], object], receipts: list[int], arg: Any
+    ) -> None:
+        """Apply method to every receipt; raise for the stale ones at the end."""
+        stale = 0
+        for receipt in receipts:
+            try:
+                method(receipt, arg)
+            except errors.StaleReceiptError as exc:
+                stale += 1
+                last = exc
+        if stale == 1 and len(receipts) == 1:
+            raise last
+        if stale:
+            raise errors.StaleReceiptError(
+                f"{stale} of {len(receipts)} receipts were stale (expired or "
+                f"settled); the others took effect"
+            )
+
+    def settled(self, flags: int, opcode: int, request_id: int, handle: int) -> Any:
+        if flags & FLAG_NO_REPLY:
+            return None
+        return self.reply(opcode, request_id, handle, b"")
+
+    # Closing ------------------------------------------------------------------
+
+    def release(self, consumer: Queue | Group, receipts: list[int]) -> None:
+        """Make deliveries available again at once; their attempts stay counted."""
+        for receipt in receipts:
+            with contextlib.suppress(errors.StaleReceiptError, errors.ClosedError):
+                consumer.nack(receipt)
+
+    def release_all(self) -> None:
+        released = 0
+        for target in self.handles.values():
+            if target.consumer is not None and target.outstanding:
+                receipts = list(target.outstanding)
+                target.outstanding.clear()
+                self.release(target.consumer, receipts)
+                released += len(receipts)
+        if released:
+            logger.debug(
+                "released %d deliveries held by %s, which went away",
+                released,
+                self.peer,
+            )
+
+    def stop_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            with contextlib.suppress(Exception):
+                self.transport.pause_reading()
+
+    async def drained(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.worker is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        for task in self.tasks:
+            task.cancel()
+        for subscription in self.subscriptions.values():
+            if subscription.task is not None:
+                subscription.task.cancel()
+
+    def fail(self, opcode: int, request_id: int, exc: errors.PymqError) -> None:
+        logger.info("closed the connection from %s: %s", self.peer, exc)
+        self.send_error(opcode, request_id, 0, error_code(exc), str(exc))
+        self.close()
+
+    def send_error(
+        self, opcode: int, request_id: int, handle: int, code: int, text: str
+    ) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(
+            encode_frame(
+                opcode,
+                FLAG_REPLY | FLAG_ERROR,
+                request_id,
+                handle,
+                encode_error(code, text),
+            )
+        )
+
+    def check_timeouts(self, now: float) -> None:
+        if self.closed:
+            return
+        if not self.hello and now - self.opened > self.limits.handshake_timeout:
+            self.fail(
+                protocol.HELLO,
+                0,
+                errors.ProtocolError(
+                    f"no HELLO within handshake_timeout "
+                    f"({self.limits.handshake_timeout} s)"
+                ),
+            )
+        elif (
+            self.partial_since is not None
+            and now - self.partial_since > self.limits.frame_timeout
+        ):
+            self.fail(
+                0,
+                0,
+                errors.ProtocolError(
+                    f"a frame stalled part way for over frame_timeout "
+                    f"({self.limits.frame_timeout} s)"
+                ),
+            )
+        elif (
+            self.limits.idle_timeout
+            and not self.tasks
+            and not self.subscriptions
+            and now - self.last_frame > self.limits.idle_timeout
+        ):
+            self.fail(
+                0,
+                0,
+                errors.ProtocolError(
+                    f"idle for over idle_timeout ({self.limits.idle_timeout} s)"
+                ),
+            )
+
+
+class _Fatal(Exception):
+    """A request that breaks the protocol: answer with an error, then close."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run(
+    data: str | os.PathLike[str],
+    *,
+    host: str | None = "127.0.0.1",
+    port: int = protocol.DEFAULT_PORT,
+    unix: str | None = None,
+    fsync: str | None = None,
+    token: str | None = None,
+    port_file: str | os.PathLike[str] | None = None,
+    limits: ServerLimits | None = None,
+) -> None:
+    """Open the broker in data and serve it until SIGTERM or SIGINT.
+
+    With port 0 the system picks a free port; port_file then receives it.
+    """
+    broker = Broker(data, fsync=fsync)
+    loop = _new_loop()
+    try:
+        server = Server(broker, token=token, limits=limits)
+        loop.run_until_complete(_serve(server, host, port, unix, port_file))
+    finally:
+        try:
+            broker.close()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+    logger.info("stopped; broker in %s closed", broker.path)
+
+
+async def _serve(
+    server: Server,
+    host: str | None,
+    port: int,
+    unix: str | None,
+    port_file: str | os.PathLike[str] | None,
+) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start(host, port, unix)
+    options = server.broker._store_options
+    logger.info(
+        "serving %s (fsync=%s, pymq %s)",
+        server.broker.path,
+        options["fsync"],
+        __version__,
+    )
+    if port_file is not None and host is not None:
+        path = Path(port_file)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(f"{server.port}\n")
+        os.replace(temporary, path)
+    try:
+        await stop.wait()
+    finally:
+        logger.info("stopping: no new connections; finishing requests under way")
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await server.stop()
