@@ -237,7 +237,7 @@ class Connection:
         raise AssertionError("unreachable")
 
     def send(self, frame: bytes) -> None:
-        """Send a request that asks for no reply; errors come back later."""
+        """Send a request flagged NO_REPLY; its error, if any, is raised later."""
         self.raise_late_errors()
         with self._cv:
             self._ensure()

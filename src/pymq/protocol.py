@@ -110,7 +110,7 @@ def encode_error(code: int, message: str) -> bytes:
 
 
 def decode_error(payload: bytes) -> errors.PymqError:
-    """Return the exception an error payload stands for, to raise."""
+    """Return the exception that an error payload encodes."""
     if len(payload) < _ERROR_HEAD.size:
         return errors.ProtocolError(f"error frame of {len(payload)} bytes")
     code, retriable = _ERROR_HEAD.unpack_from(payload)
@@ -145,7 +145,7 @@ def decode_json(payload: bytes) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Address:
-    """Where a server listens: TCP host and port, or a Unix socket path."""
+    """A server's address: TCP host and port, or a Unix socket path."""
 
     scheme: str
     host: str = "127.0.0.1"

@@ -121,7 +121,7 @@ class ServerLimits:
 
 
 class _Park:
-    """A handler's answer that the request waits: a long poll."""
+    """A handler's result meaning the request waits: a long poll."""
 
     __slots__ = ("count", "handle", "request_id", "wait_ms")
 
@@ -1108,7 +1108,7 @@ class _Connection(asyncio.Protocol):
 
 
 class _Fatal(Exception):
-    """A request that breaks the protocol: answer with an error, then close."""
+    """A request that breaks the protocol: reply with an error, then close."""
 
     def __init__(self, code: int, text: str) -> None:
         super().__init__(text)
