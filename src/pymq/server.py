@@ -58,6 +58,8 @@ _FETCH: Final = struct.Struct("<Ii")
 _U32: Final = struct.Struct("<I")
 _F64: Final = struct.Struct("<d")
 _PUBLISHED: Final = struct.Struct("<QI")
+# Requests queued on one connection before the server stops reading it.
+_MAX_PENDING: Final = 1024
 _CONTROL: Final = frozenset(
     {
         protocol.OPEN,
@@ -404,6 +406,9 @@ class _Connection(asyncio.Protocol):
         self.opened = time.monotonic()
         self.last_frame = self.opened
         self.partial_since: float | None = None
+        # Why reading is paused: "writes" (the peer is not reading its
+        # replies) or "pending" (too many requests wait for the pool).
+        self.holds: set[str] = set()
         self.handlers: dict[int, Callable[[int, int, int, bytes], Any]] = {
             protocol.HELLO: self.on_hello,
             protocol.PING: self.on_ping,
@@ -468,10 +473,31 @@ class _Connection(asyncio.Protocol):
             logger.debug("connection from %s closed", self.peer)
 
     def pause_writing(self) -> None:
+        # The peer reads slower than it asks: read no more requests until
+        # the replies already written have gone out.
         self.writable.clear()
+        self.hold_reading("writes")
 
     def resume_writing(self) -> None:
         self.writable.set()
+        self.release_reading("writes")
+
+    def hold_reading(self, reason: str) -> None:
+        if not self.holds and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.holds.add(reason)
+
+    def release_reading(self, reason: str) -> None:
+        if reason not in self.holds:
+            return
+        self.holds.discard(reason)
+        if (
+            not self.holds
+            and self.transport is not None
+            and not self.closed
+            and not self.server.stopping
+        ):
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -522,6 +548,8 @@ class _Connection(asyncio.Protocol):
             return
         if self.pending or self.offloaded(opcode, handle):
             self.pending.append(frame)
+            if len(self.pending) >= _MAX_PENDING:
+                self.hold_reading("pending")
             if self.worker is None:
                 self.worker = asyncio.ensure_future(self.work())
             return
@@ -548,6 +576,8 @@ class _Connection(asyncio.Protocol):
                 else:
                     result = self.handle(frame)
                 self.pending.popleft()
+                if len(self.pending) <= _MAX_PENDING // 4:
+                    self.release_reading("pending")
                 self.finish(frame, result)
         finally:
             self.worker = None

@@ -1,0 +1,1040 @@
+"""The pymq command line: serve a data directory, put, get, stats and dlq.
+
+Client commands reach a broker through its server (--url) or open a data
+directory directly (--data). Errors print one line on stderr and exit with
+one of the codes in EXIT_CODES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import datetime
+import enum
+import json
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
+
+import pymq
+from pymq._version import __version__
+from pymq.errors import (
+    AuthenticationError,
+    BrokerLockedError,
+    ConfigError,
+    InvalidNameError,
+    PymqError,
+    QueueNotFound,
+)
+from pymq.names import check_name
+
+__all__ = ["EXIT_CODES", "ExitCode", "build_parser", "main"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URL: Final = "pymq://127.0.0.1:7420"
+DEFAULT_PORT: Final = 7420
+LOG_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Messages per put_many call when putting the lines of stdin.
+PUT_BATCH: Final = 1000
+# Messages per get_many call. get_many may return fewer, never more.
+GET_BATCH: Final = 1000
+# Maximum wait a command accepts, in seconds: the limit of the broker's get.
+MAX_SECONDS: Final = 1e9
+# The x- headers of a dead-letter move, in the order dlq list prints them.
+DEAD_LETTER_HEADERS: Final = (
+    "x-source",
+    "x-group",
+    "x-offset",
+    "x-attempts",
+    "x-dead-at",
+    "x-reason",
+)
+STATS_COLUMNS: Final = (
+    "name",
+    "kind",
+    "depth",
+    "in_flight",
+    "waiting",
+    "acked",
+    "dead_lettered",
+    "oldest_unacked_age",
+    "damaged",
+    "skipped",
+)
+# Values matching this print unquoted in key=value output.
+_PLAIN_VALUE = re.compile(r'[^\s"=]+')
+
+
+class ExitCode(enum.IntEnum):
+    """Exit status of the pymq command."""
+
+    OK = 0
+    NOTHING_FOUND = 1
+    USAGE = 2
+    CONNECTION = 3
+    AUTHENTICATION = 4
+    QUEUE_NOT_FOUND = 5
+    LOCKED = 6
+    FAILED = 7
+    INTERRUPTED = 130
+    OUTPUT_CLOSED = 141
+
+
+EXIT_CODES: Final = {
+    ExitCode.OK: "success",
+    ExitCode.NOTHING_FOUND: "get found no message before its timeout",
+    ExitCode.USAGE: "invalid usage or configuration",
+    ExitCode.CONNECTION: "could not connect to the server, or lost the connection",
+    ExitCode.AUTHENTICATION: "the server rejected the token",
+    ExitCode.QUEUE_NOT_FOUND: "the queue (or stream group) does not exist",
+    ExitCode.LOCKED: "the data directory is locked by another process",
+    ExitCode.FAILED: "the broker failed the request (queue full, message too "
+    "large, disk error, ...)",
+    ExitCode.INTERRUPTED: "interrupted by Ctrl-C (SIGINT)",
+    ExitCode.OUTPUT_CLOSED: "the reader of standard output closed it (broken pipe)",
+}
+
+
+class CommandError(Exception):
+    """A failure to report on stderr as one line, with the exit code to return."""
+
+    def __init__(self, message: str, code: ExitCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _OutputClosed(Exception):
+    """Standard output was closed by its reader (a broken pipe)."""
+
+
+class BrokerAPI(Protocol):
+    """The broker API of the client commands, shared by pymq.open() and connect()."""
+
+    def queue(self, name: str) -> Any: ...
+
+    def stream(self, name: str) -> Any: ...
+
+    def names(self) -> dict[str, str]: ...
+
+    def groups(self, stream: str) -> list[str]: ...
+
+    def redrive(self, dlq_name: str, to: str | None = None) -> int: ...
+
+    def close(self) -> None: ...
+
+
+# Entry point ----------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the pymq command line with argv (default sys.argv[1:]).
+
+    Returns the exit code (see EXIT_CODES) instead of raising SystemExit.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        # argparse exits for --help, --version and usage errors.
+        return _exit_status(exc.code)
+    if args.command != "serve":
+        # The broker's warnings, such as a message moved to a DLQ, reach
+        # stderr in serve's format. basicConfig keeps existing handlers.
+        logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    try:
+        code: int = args.handler(args)
+        _flush_output()
+        return code
+    except CommandError as exc:
+        _report(args, str(exc))
+        return exc.code
+    except _OutputClosed:
+        _silence_stdout()
+        return ExitCode.OUTPUT_CLOSED
+    except KeyboardInterrupt:
+        _report(args, "interrupted")
+        return ExitCode.INTERRUPTED
+    except BrokerLockedError as exc:
+        _report(args, _locked_message(exc, args.command == "serve"))
+        return ExitCode.LOCKED
+    except AuthenticationError as exc:
+        _report(args, str(exc))
+        return ExitCode.AUTHENTICATION
+    except QueueNotFound as exc:
+        _report(args, str(exc))
+        return ExitCode.QUEUE_NOT_FOUND
+    except (ConfigError, InvalidNameError) as exc:
+        _report(args, str(exc))
+        return ExitCode.USAGE
+    except (PymqError, OSError) as exc:
+        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+        _report(args, f"{command} failed: {_describe(exc)}")
+        return ExitCode.FAILED
+
+
+def _exit_status(code: str | int | None) -> int:
+    if code is None:
+        return ExitCode.OK
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return ExitCode.USAGE
+
+
+def _report(args: argparse.Namespace, message: str) -> None:
+    if args.command == "serve":
+        # serve configured logging, so its errors go to the log like the rest.
+        logger.error("%s", message)
+    else:
+        print(f"pymq: {message}", file=sys.stderr)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _locked_message(exc: BrokerLockedError, serving: bool) -> str:
+    owner = "another process" if exc.pid is None else f"process {exc.pid}"
+    advice = (
+        "stop that process first"
+        if serving
+        else "stop that process, or use --url to go through its server"
+    )
+    return f"data directory {exc.path} is locked by {owner}; {advice}"
+
+
+# Output -----------------------------------------------------------------------
+
+
+def _write_line(text: str) -> None:
+    try:
+        sys.stdout.write(text + "\n")
+    except BrokenPipeError as exc:
+        raise _OutputClosed from exc
+
+
+def _flush_output() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError as exc:
+        raise _OutputClosed from exc
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout again at exit; pointing it at /dev/null keeps that
+    # flush from printing a second broken pipe error.
+    stdout = sys.__stdout__
+    if stdout is not None and sys.stdout is stdout:
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stdout.fileno())
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+# Parser -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of the pymq command and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="pymq",
+        description="A durable message broker: serve a data directory, put and "
+        "get messages, show stats and manage dead-letter queues.",
+        epilog=_exit_code_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pymq {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    client = _client_options()
+    _add_serve(commands)
+    _add_put(commands, client)
+    _add_get(commands, client)
+    _add_stats(commands, client)
+    _add_dlq(commands, client)
+    return parser
+
+
+def _exit_code_help() -> str:
+    lines = ["exit codes:"]
+    for code, meaning in EXIT_CODES.items():
+        lines.append(f"  {int(code):<4} {meaning}")
+    return "\n".join(lines)
+
+
+def _client_options() -> argparse.ArgumentParser:
+    client = argparse.ArgumentParser(add_help=False)
+    exclusive = client.add_mutually_exclusive_group()
+    exclusive.add_argument(
+        "--url",
+        default=os.environ.get("PYMQ_URL", DEFAULT_URL),
+        help=f"URL of a running pymq server (default: $PYMQ_URL, else {DEFAULT_URL})",
+    )
+    exclusive.add_argument(
+        "--data",
+        metavar="DIR",
+        help="open this data directory directly instead of connecting to a "
+        "server; fails when a server or another process has it open",
+    )
+    client.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="file whose content is the server's token (default: $PYMQ_TOKEN); "
+        "only with --url",
+    )
+    return client
+
+
+def _add_serve(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve a data directory over the network",
+        description="Serve a data directory until SIGTERM or SIGINT. The token, "
+        "if any, comes from --token-file or $PYMQ_TOKEN, never from the "
+        "command line.",
+    )
+    serve.add_argument("--data", metavar="DIR", required=True, help="data directory")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--port",
+        type=_port,
+        default=DEFAULT_PORT,
+        help="TCP port to listen on, 0 for any free port (default: %(default)s)",
+    )
+    serve.add_argument("--unix", metavar="PATH", help="also listen on this Unix socket")
+    serve.add_argument(
+        "--fsync",
+        choices=("always", "interval", "never"),
+        default="interval",
+        help="when writes are synced to disk (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="file whose content is the token clients must send (default: $PYMQ_TOKEN)",
+    )
+    serve.add_argument(
+        "--port-file",
+        metavar="PATH",
+        help="write the TCP port the server listens on to this file",
+    )
+    serve.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        help="minimum level of the log on stderr (default: %(default)s)",
+    )
+    serve.set_defaults(handler=_serve)
+
+
+def _add_put(commands: Any, client: argparse.ArgumentParser) -> None:
+    put = commands.add_parser(
+        "put",
+        parents=[client],
+        help="put messages into a queue or stream",
+        description="Put one message, or with - each line of stdin as one "
+        "message (without its newline). Creates the queue if it is missing.",
+    )
+    put.add_argument("queue", metavar="QUEUE", help="queue or stream name")
+    put.add_argument(
+        "body",
+        metavar="BODY",
+        nargs="?",
+        default="-",
+        help="message body, or - to read one message per line from stdin (default: -)",
+    )
+    put.add_argument(
+        "--header",
+        metavar="K=V",
+        action="append",
+        default=[],
+        help="header of every message put; repeat for more",
+    )
+    put.add_argument(
+        "--timeout",
+        metavar="S",
+        type=_seconds,
+        default=0.0,
+        help="seconds to wait for room in a full queue with overflow='block' "
+        "(default: %(default)s)",
+    )
+    put.add_argument(
+        "--progress",
+        action="store_true",
+        help="show a progress bar on stderr even when it is not a terminal",
+    )
+    put.set_defaults(handler=_put)
+
+
+def _add_get(commands: Any, client: argparse.ArgumentParser) -> None:
+    get = commands.add_parser(
+        "get",
+        parents=[client],
+        help="get messages from a queue",
+        description="Get up to N messages and print each with its offset, "
+        "attempt and headers. Exits with 1 when none is available.",
+    )
+    get.add_argument("queue", metavar="QUEUE", help="queue name")
+    get.add_argument(
+        "-n",
+        dest="count",
+        metavar="N",
+        type=_positive_int,
+        default=1,
+        help="maximum number of messages (default: %(default)s)",
+    )
+    get.add_argument(
+        "--ack",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ack the messages once printed, or with --no-ack nack them, so "
+        "they are available again at once",
+    )
+    get.add_argument(
+        "--timeout",
+        metavar="S",
+        type=_seconds,
+        default=0.0,
+        help="seconds to wait for the first message (default: %(default)s)",
+    )
+    get.add_argument(
+        "--json", action="store_true", help="print one JSON object per message"
+    )
+    get.set_defaults(handler=_get)
+
+
+def _add_stats(commands: Any, client: argparse.ArgumentParser) -> None:
+    stats = commands.add_parser(
+        "stats",
+        parents=[client],
+        help="show the counts of queues and stream groups",
+        description="Print a table of counts for one queue or stream, or for "
+        "every queue and stream group.",
+    )
+    stats.add_argument(
+        "queue", metavar="QUEUE", nargs="?", help="queue or stream (default: all)"
+    )
+    stats.set_defaults(handler=_stats)
+
+
+def _add_dlq(commands: Any, client: argparse.ArgumentParser) -> None:
+    dlq = commands.add_parser(
+        "dlq",
+        help="list or redrive a dead-letter queue",
+        description="Manage QUEUE.dlq, the dead-letter queue of QUEUE. For the "
+        "group G of stream S, QUEUE is S.G.",
+    )
+    actions = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser(
+        "list",
+        parents=[client],
+        help="list the messages of a dead-letter queue, leaving them in it",
+        description="Print up to N messages of QUEUE.dlq with their x- headers. "
+        "Each is taken and then nacked, so it stays in the DLQ, with one more "
+        "attempt counted.",
+    )
+    listing.add_argument("queue", metavar="QUEUE", help="queue whose DLQ to list")
+    listing.add_argument(
+        "-n",
+        dest="count",
+        metavar="N",
+        type=_positive_int,
+        default=100,
+        help="maximum number of messages (default: %(default)s)",
+    )
+    listing.add_argument(
+        "--json", action="store_true", help="print one JSON object per message"
+    )
+    listing.set_defaults(handler=_dlq_list)
+    redrive = actions.add_parser(
+        "redrive",
+        parents=[client],
+        help="move the messages of a dead-letter queue back where they failed",
+        description="Move every message now in QUEUE.dlq back to the queue or "
+        "group it failed in, without its x- headers, and print how many moved.",
+    )
+    redrive.add_argument("queue", metavar="QUEUE", help="queue whose DLQ to redrive")
+    redrive.add_argument(
+        "--to", metavar="QUEUE", help="move them all to this queue instead"
+    )
+    redrive.set_defaults(handler=_dlq_redrive)
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} must be from 0 to 65535")
+    return port
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid number of seconds {text!r}"
+        ) from None
+    if not (math.isfinite(seconds) and 0 <= seconds < MAX_SECONDS):
+        raise argparse.ArgumentTypeError(
+            f"{text} seconds must be from 0 to less than {MAX_SECONDS:g}"
+        )
+    return seconds
+
+
+def _positive_int(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"count {number} must be 1 or more")
+    return number
+
+
+# Tokens and connections ---------------------------------------------------------
+
+
+def read_token(path: str | None) -> str | None:
+    """Read the token from the file path, else from $PYMQ_TOKEN, else None.
+
+    One trailing newline of the file is removed. An empty token, from the
+    file or the variable, raises CommandError because it is a mistake rather
+    than a request to run without one. So does a file of more than one line.
+    """
+    if path is None:
+        token = os.environ.get("PYMQ_TOKEN")
+        if token == "":
+            raise CommandError(
+                "PYMQ_TOKEN is set but empty; set it to the token or unset it",
+                ExitCode.USAGE,
+            )
+        return token
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CommandError(
+            f"cannot read token file {path}: {exc.strerror or exc}", ExitCode.USAGE
+        ) from None
+    except UnicodeDecodeError:
+        raise CommandError(
+            f"token file {path} is not valid UTF-8", ExitCode.USAGE
+        ) from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise CommandError(f"token file {path} is empty", ExitCode.USAGE)
+    if "\n" in text:
+        raise CommandError(
+            f"token file {path} has more than one line; it must contain only the token",
+            ExitCode.USAGE,
+        )
+    return text
+
+
+@contextlib.contextmanager
+def open_broker(args: argparse.Namespace, *, create: bool) -> Iterator[BrokerAPI]:
+    """Open the broker that args name (--data or --url) and close it at the end.
+
+    With create False, a --data directory that does not exist raises
+    CommandError instead of being created.
+    """
+    if args.data is not None:
+        if args.token_file is not None:
+            raise CommandError(
+                "--token-file applies only with --url, not with --data",
+                ExitCode.USAGE,
+            )
+        if not create and not Path(args.data).is_dir():
+            raise CommandError(
+                f"data directory {args.data} does not exist", ExitCode.USAGE
+            )
+        broker = pymq.open(args.data)
+        try:
+            yield broker
+        finally:
+            broker.close()
+        return
+
+    url: str = args.url
+    remote = _connect(url, read_token(args.token_file))
+    try:
+        yield remote
+    except AuthenticationError as exc:
+        # A reconnect during the command sends the token again, so a later
+        # request can fail too.
+        raise CommandError(
+            _authentication_message(url, exc), ExitCode.AUTHENTICATION
+        ) from None
+    except OSError as exc:
+        raise CommandError(
+            f"lost the connection to {url}: {_describe(exc)}", ExitCode.CONNECTION
+        ) from None
+    finally:
+        try:
+            remote.close()
+        except (OSError, PymqError) as exc:
+            # A failing close changes nothing, because the request has already
+            # completed or failed.
+            logger.warning("closing the connection to %s failed: %s", url, exc)
+
+
+def _connect(url: str, token: str | None) -> BrokerAPI:
+    connect = getattr(pymq, "connect", None)
+    if connect is None:
+        raise CommandError(
+            "this pymq installation has no network client (pymq.connect); "
+            "use --data DIR to open a data directory directly",
+            ExitCode.USAGE,
+        )
+    try:
+        remote: BrokerAPI = connect(url, token=token)
+    except AuthenticationError as exc:
+        raise CommandError(
+            _authentication_message(url, exc), ExitCode.AUTHENTICATION
+        ) from None
+    except OSError as exc:
+        raise CommandError(
+            f"could not connect to {url}: {_describe(exc)}; is `pymq serve` "
+            f"running there?",
+            ExitCode.CONNECTION,
+        ) from None
+    return remote
+
+
+def _authentication_message(url: str, exc: AuthenticationError) -> str:
+    return f"{url}: {exc}; check --token-file or PYMQ_TOKEN"
+
+
+def _require_queue(broker: BrokerAPI, name: str) -> Any:
+    """Open the existing queue name, never creating it."""
+    kind = broker.names().get(name)
+    if kind is None:
+        raise CommandError(f"queue {name} does not exist", ExitCode.QUEUE_NOT_FOUND)
+    if kind != "queue":
+        raise CommandError(f"{name} is a {kind}, not a queue", ExitCode.QUEUE_NOT_FOUND)
+    return broker.queue(name)
+
+
+# serve ------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT, stream=sys.stderr)
+    token = read_token(args.token_file)
+    try:
+        import pymq.server as server  # type: ignore[import-not-found, unused-ignore]
+    except ImportError as exc:
+        if exc.name == "pymq.server":
+            raise CommandError(
+                "pymq serve needs the module pymq.server, which this "
+                "installation does not have",
+                ExitCode.USAGE,
+            ) from None
+        raise CommandError(
+            f"pymq.server could not be imported: {exc}", ExitCode.USAGE
+        ) from None
+    address = f"{args.host}:{args.port}"
+    if args.unix is not None:
+        address += f" and {args.unix}"
+    try:
+        server.run(
+            args.data,
+            host=args.host,
+            port=args.port,
+            unix=args.unix,
+            fsync=args.fsync,
+            token=token,
+            port_file=args.port_file,
+        )
+    except OSError as exc:
+        raise CommandError(
+            f"could not serve {args.data} on {address}: {_describe(exc)}",
+            ExitCode.USAGE,
+        ) from None
+    return ExitCode.OK
+
+
+# put --------------------------------------------------------------------------
+
+
+def _put(args: argparse.Namespace) -> int:
+    headers = parse_headers(args.header)
+    name: str = check_name("queue", args.queue)
+    with open_broker(args, create=True) as broker:
+        # A stream takes puts too; anything else is opened (or created) as a
+        # queue.
+        if broker.names().get(name) == "stream":
+            target = broker.stream(name)
+        else:
+            target = broker.queue(name)
+        if args.body != "-":
+            offset = target.put(
+                os.fsencode(args.body), headers=headers, timeout=args.timeout
+            )
+            _write_line(f"put 1 message to {name} at offset {offset}")
+            return ExitCode.OK
+        show_progress = args.progress or sys.stderr.isatty()
+        count = _put_lines(target, name, headers, _stdin_lines(), args, show_progress)
+        _write_line(f"put {_plural(count, 'message')} to {name}")
+    return ExitCode.OK
+
+
+def parse_headers(items: Sequence[str]) -> dict[str, str] | None:
+    """Parse K=V strings into a headers dict, None when there are none.
+
+    The value is everything after the first "=" and may be empty; a later
+    key replaces an earlier one.
+    """
+    headers: dict[str, str] = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise CommandError(
+                f"invalid header {item!r}: write it as KEY=VALUE", ExitCode.USAGE
+            )
+        headers[key] = value
+    return headers or None
+
+
+def _stdin_lines() -> Iterator[bytes]:
+    if sys.stdin is None:
+        raise CommandError("stdin is closed; give BODY instead of -", ExitCode.USAGE)
+    binary = getattr(sys.stdin, "buffer", None)
+    if binary is None:
+        for text in sys.stdin:
+            yield text.removesuffix("\n").encode()
+        return
+    for line in binary:
+        yield line.removesuffix(b"\n")
+
+
+def _put_lines(
+    target: Any,
+    name: str,
+    headers: dict[str, str] | None,
+    lines: Iterable[bytes],
+    args: argparse.Namespace,
+    show_progress: bool,
+) -> int:
+    """Put each line as one message, PUT_BATCH at a time, and return the count."""
+    count = 0
+    batch: list[bytes] = []
+    with tqdm(
+        desc=f"put {name}",
+        unit="msg",
+        file=sys.stderr,
+        disable=not show_progress,
+    ) as progress:
+        try:
+            for line in lines:
+                batch.append(line)
+                if len(batch) == PUT_BATCH:
+                    target.put_many(batch, headers=headers, timeout=args.timeout)
+                    count += len(batch)
+                    progress.update(len(batch))
+                    batch = []
+            if batch:
+                target.put_many(batch, headers=headers, timeout=args.timeout)
+                count += len(batch)
+                progress.update(len(batch))
+        except BaseException:
+            # put_many writes all of a batch or none of it, so count is exact.
+            if count:
+                print(
+                    f"pymq: put {_plural(count, 'message')} to {name}, then failed",
+                    file=sys.stderr,
+                )
+            raise
+    return count
+
+
+# get ----------------------------------------------------------------------------
+
+
+def _get(args: argparse.Namespace) -> int:
+    name: str = check_name("queue", args.queue)
+    with open_broker(args, create=False) as broker:
+        queue = _require_queue(broker, name)
+        messages = take_messages(queue, args.count, args.timeout)
+        if not messages:
+            within = f" within {args.timeout:g} seconds" if args.timeout else ""
+            raise CommandError(
+                f"queue {name} had no message available{within}",
+                ExitCode.NOTHING_FOUND,
+            )
+        try:
+            for message in messages:
+                _write_line(format_message(message, args.json))
+            _flush_output()
+        except BaseException:
+            # Not printed, so not consumed: make them available again.
+            for message in messages:
+                with contextlib.suppress(PymqError, OSError):
+                    message.nack()
+            raise
+        if args.ack:
+            queue.ack_many(messages)
+        else:
+            for message in messages:
+                message.nack()
+    return ExitCode.OK
+
+
+def take_messages(consumer: Any, count: int, timeout: float) -> list[Any]:
+    """Deliver up to count messages, waiting up to timeout for the first.
+
+    After the first, only messages available at once are taken. Fewer than
+    count come back when the consumer reaches its max_in_flight.
+    """
+    messages: list[Any] = consumer.get_many(min(count, GET_BATCH), timeout=timeout)
+    while messages and len(messages) < count:
+        more = consumer.get_many(min(count - len(messages), GET_BATCH), timeout=0)
+        if not more:
+            break
+        messages.extend(more)
+    return messages
+
+
+def format_message(message: Any, as_json: bool) -> str:
+    """Format a message as one line: key=value fields, or a JSON object.
+
+    The body is text when it decodes as UTF-8. Otherwise it is the repr of
+    the bytes, or in JSON, base64 under "body_base64" instead of "body".
+    """
+    body: bytes = message.body
+    try:
+        text: str | None = body.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if as_json:
+        record: dict[str, Any] = {
+            "offset": message.offset,
+            "attempt": message.attempt,
+            "timestamp": message.timestamp,
+            "headers": message.headers,
+        }
+        if text is None:
+            record["body_base64"] = base64.b64encode(body).decode("ascii")
+        else:
+            record["body"] = text
+        return json.dumps(record)
+    body_text = repr(body) if text is None else text
+    return (
+        f"offset={message.offset} attempt={message.attempt} "
+        f"headers={json.dumps(message.headers)} body={body_text}"
+    )
+
+
+# stats --------------------------------------------------------------------------
+
+
+def _stats(args: argparse.Namespace) -> int:
+    with open_broker(args, create=False) as broker:
+        names = broker.names()
+        if args.queue is None:
+            targets = list(names.items())
+        else:
+            name: str = check_name("queue", args.queue)
+            if name not in names:
+                raise CommandError(
+                    f"queue {name} does not exist", ExitCode.QUEUE_NOT_FOUND
+                )
+            targets = [(name, names[name])]
+        rows: list[list[str]] = []
+        for name, kind in targets:
+            # NOTE: broker.queue() rejects names over 128 characters, so a
+            # DLQ whose source name is 125 or more characters long fails here.
+            if kind == "queue":
+                rows.append(_stats_row(name, "queue", broker.queue(name).stats()))
+                continue
+            # groups() lists only existing groups, and opening one of them
+            # creates nothing.
+            stream = broker.stream(name)
+            for group in broker.groups(name):
+                stats = stream.group(group).stats()
+                rows.append(_stats_row(f"{name}/{group}", "group", stats))
+    if not rows:
+        if args.queue is None:
+            print("pymq: no queues or stream groups to show", file=sys.stderr)
+        else:
+            print(f"pymq: stream {args.queue} has no groups", file=sys.stderr)
+        return ExitCode.OK
+    for line in format_table(STATS_COLUMNS, rows, left_columns=2):
+        _write_line(line)
+    return ExitCode.OK
+
+
+def _stats_row(name: str, kind: str, stats: Any) -> list[str]:
+    age = stats.oldest_unacked_age
+    return [
+        name,
+        kind,
+        str(stats.depth),
+        str(stats.in_flight),
+        str(stats.waiting),
+        str(stats.acked),
+        str(stats.dead_lettered),
+        "-" if age is None else f"{age:.1f}",
+        str(stats.damaged),
+        str(stats.skipped),
+    ]
+
+
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], left_columns: int
+) -> list[str]:
+    """Align rows under headers, two spaces apart, without trailing spaces.
+
+    The first left_columns columns are aligned left, the rest right.
+    """
+    widths = [len(header) for header in headers]
+    for row in rows:
+        for index, cell in enumerate(row):
+            widths[index] = max(widths[index], len(cell))
+    lines = []
+    for row in [list(headers), *rows]:
+        cells = [
+            cell.ljust(width) if index < left_columns else cell.rjust(width)
+            for index, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+# dlq ----------------------------------------------------------------------------
+
+
+def _dlq_list(args: argparse.Namespace) -> int:
+    source, dlq_name = _dlq_names(args.queue)
+    with open_broker(args, create=False) as broker:
+        if not _dlq_exists(broker, source, dlq_name):
+            print(f"pymq: {dlq_name} has no messages", file=sys.stderr)
+            return ExitCode.OK
+        # NOTE: like stats, this fails for a source name of 125 or more
+        # characters, whose DLQ name is too long for broker.queue().
+        dlq = broker.queue(dlq_name)
+        depth: int = dlq.stats().depth
+        messages = take_messages(dlq, args.count, 0.0)
+        try:
+            for message in messages:
+                _write_line(
+                    format_message(message, True)
+                    if args.json
+                    else format_dead_letter(message)
+                )
+            _flush_output()
+        finally:
+            # Listing must not consume: every message goes back at once.
+            for message in messages:
+                message.nack(delay=0.0)
+    if not messages:
+        print(f"pymq: {dlq_name} has no messages available", file=sys.stderr)
+    elif len(messages) < depth:
+        print(
+            f"pymq: listed {len(messages)} of {depth} messages in {dlq_name}; "
+            f"pass -n to list more",
+            file=sys.stderr,
+        )
+    return ExitCode.OK
+
+
+def _dlq_redrive(args: argparse.Namespace) -> int:
+    source, dlq_name = _dlq_names(args.queue)
+    to: str | None = None if args.to is None else check_name("queue", args.to)
+    with open_broker(args, create=False) as broker:
+        moved = 0
+        if _dlq_exists(broker, source, dlq_name):
+            moved = broker.redrive(dlq_name, to=to)
+    where = "" if to is None else f" to {to}"
+    _write_line(f"moved {_plural(moved, 'message')} from {dlq_name}{where}")
+    return ExitCode.OK
+
+
+def _dlq_names(source: str) -> tuple[str, str]:
+    check_name("queue", source)
+    dlq_name = f"{source}.dlq"
+    check_name("dead-letter queue", dlq_name, derived=True)
+    return source, dlq_name
+
+
+def _dlq_exists(broker: BrokerAPI, source: str, dlq_name: str) -> bool:
+    """Return whether dlq_name exists, or raise CommandError if its source is missing.
+
+    The source is a queue, or S.G for the group G of stream S. A source that
+    exists but never dead-lettered a message has no DLQ yet.
+    """
+    names = broker.names()
+    if dlq_name in names:
+        return True
+    if names.get(source) == "queue":
+        return False
+    for stream, kind in names.items():
+        prefix = f"{stream}."
+        if (
+            kind == "stream"
+            and source.startswith(prefix)
+            and source.removeprefix(prefix) in broker.groups(stream)
+        ):
+            return False
+    raise CommandError(
+        f"queue {source} does not exist, nor a stream group of that name",
+        ExitCode.QUEUE_NOT_FOUND,
+    )
+
+
+def format_dead_letter(message: Any) -> str:
+    """Format a dead-letter message as one line, its x- headers first.
+
+    x-dead-at is shown as UTC time. The other headers follow as JSON, then
+    the body as format_message shows it.
+    """
+    headers: dict[str, str] = dict(message.headers)
+    fields = [f"offset={message.offset}"]
+    for key in DEAD_LETTER_HEADERS:
+        value = headers.pop(key, None)
+        if not value:
+            continue
+        if key == "x-dead-at":
+            value = _utc_time(value)
+        quoted = value if _PLAIN_VALUE.fullmatch(value) else json.dumps(value)
+        fields.append(f"{key}={quoted}")
+    body: bytes = message.body
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        text = repr(body)
+    fields.append(f"headers={json.dumps(headers)}")
+    fields.append(f"body={text}")
+    return " ".join(fields)
+
+
+def _utc_time(nanoseconds: str) -> str:
+    """Format nanoseconds since the epoch as ISO 8601 UTC, other text unchanged."""
+    try:
+        count = int(nanoseconds)
+        seconds, remainder = divmod(count, 1_000_000_000)
+        moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
+    except (ValueError, OverflowError, OSError):
+        return nanoseconds
+    moment = moment.replace(microsecond=remainder // 1000)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")

@@ -1,0 +1,1024 @@
+"""The pymq command line, in-process through main() and as a subprocess.
+
+Client commands run with --data against a data directory under tmp_path;
+the tests of --url start their own server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import importlib.util
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import pymq
+from pymq._version import __version__
+from pymq.cli import EXIT_CODES, format_table, main, read_token
+
+# Bounds that only stop a hung test. No test asserts on how fast anything is.
+PROCESS_TIMEOUT = 60.0
+SERVER_START_TIMEOUT = 30.0
+
+HAS_CLIENT = hasattr(pymq, "connect")
+HAS_SERVER = importlib.util.find_spec("pymq.server") is not None
+
+
+@pytest.fixture(autouse=True)
+def no_broker_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep PYMQ_URL and PYMQ_TOKEN of the caller's shell out of the CLI."""
+    monkeypatch.delenv("PYMQ_URL", raising=False)
+    monkeypatch.delenv("PYMQ_TOKEN", raising=False)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """A data directory that exists and contains no queues yet."""
+    folder = tmp_path / "data"
+    pymq.open(folder).close()
+    return folder
+
+
+def cli_process(
+    *args: str, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `python -m pymq args` in a subprocess, without PYMQ_ variables."""
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("PYMQ_")
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "pymq", *args],
+        input=stdin,
+        capture_output=True,
+        env=env,
+        timeout=PROCESS_TIMEOUT,
+    )
+
+
+def feed_stdin(monkeypatch: pytest.MonkeyPatch, content: bytes) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(content)))
+
+
+def free_port() -> int:
+    """Return a port on 127.0.0.1 that nothing listened on a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def table_rows(output: str) -> list[list[str]]:
+    return [line.split() for line in output.splitlines()]
+
+
+STATS_HEADER = [
+    "name",
+    "kind",
+    "depth",
+    "in_flight",
+    "waiting",
+    "acked",
+    "dead_lettered",
+    "oldest_unacked_age",
+    "damaged",
+    "skipped",
+]
+
+
+def utc_text(nanoseconds: int) -> str:
+    seconds, remainder = divmod(nanoseconds, 1_000_000_000)
+    moment = datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{remainder // 1000:06d}Z"
+
+
+# --version, --help and usage ---------------------------------------------------
+
+
+def test_version_prints_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"pymq {__version__}\n"
+    assert captured.err == ""
+
+
+def test_version_through_python_m() -> None:
+    result = cli_process("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"pymq {__version__}\n".encode()
+    assert result.stderr == b""
+
+
+def test_help_lists_every_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "exit codes:" in lines
+    for code, meaning in EXIT_CODES.items():
+        assert f"  {int(code):<4} {meaning}" in lines
+
+
+def test_no_command_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("pymq: error: the following arguments are required: COMMAND\n")
+
+
+def test_url_and_data_together_rejected(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["stats", "--url", "pymq://127.0.0.1:1", "--data", str(data)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.endswith(
+        "pymq stats: error: argument --data: not allowed with argument --url\n"
+    )
+
+
+def test_token_file_with_data_rejected(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    assert main(["stats", "--data", str(data), "--token-file", str(token)]) == 2
+    assert (
+        capsys.readouterr().err
+        == "pymq: --token-file applies only with --url, not with --data\n"
+    )
+
+
+def test_negative_timeout_rejected(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["get", "jobs", "--data", str(data), "--timeout", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(
+        "pymq get: error: argument --timeout: -1 seconds must be from 0 to less "
+        "than 1e+09\n"
+    )
+
+
+def test_missing_data_dir_not_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing"
+    assert main(["stats", "--data", str(missing)]) == 2
+    assert capsys.readouterr().err == f"pymq: data directory {missing} does not exist\n"
+    assert not missing.exists()
+
+
+# Tokens --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("secret", "secret"),
+        ("secret\n", "secret"),
+        ("secret\r\n", "secret"),
+        (" spaced secret \n", " spaced secret "),
+    ],
+)
+def test_read_token_strips_one_newline(
+    tmp_path: Path, content: str, expected: str
+) -> None:
+    path = tmp_path / "token"
+    path.write_bytes(content.encode())
+    assert read_token(str(path)) == expected
+
+
+def test_read_token_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYMQ_TOKEN", "from-env")
+    assert read_token(None) == "from-env"
+
+
+def test_read_token_none_without_source() -> None:
+    assert read_token(None) is None
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [("", "is empty"), ("\n", "is empty"), ("a\nb\n", "has more than one line")],
+)
+def test_serve_rejects_bad_token_file(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    content: str,
+    problem: str,
+) -> None:
+    token = tmp_path / "token"
+    token.write_text(content)
+    code = main(["serve", "--data", str(tmp_path / "data"), "--token-file", str(token)])
+    assert code == 2
+    messages = [record.getMessage() for record in caplog.records]
+    expected = f"token file {token} {problem}"
+    if problem == "has more than one line":
+        expected += "; it must contain only the token"
+    assert messages[-1] == expected
+    assert not (tmp_path / "data").exists()
+
+
+def test_serve_rejects_empty_environment_token(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("PYMQ_TOKEN", "")
+    assert main(["serve", "--data", str(tmp_path / "data")]) == 2
+    assert caplog.records[-1].getMessage() == (
+        "PYMQ_TOKEN is set but empty; set it to the token or unset it"
+    )
+
+
+def test_serve_rejects_missing_token_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = tmp_path / "absent"
+    code = main(["serve", "--data", str(tmp_path / "data"), "--token-file", str(token)])
+    assert code == 2
+    assert caplog.records[-1].getMessage() == (
+        f"cannot read token file {token}: No such file or directory"
+    )
+
+
+# put -------------------------------------------------------------------------------
+
+
+def test_put_single_body_prints_offset(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["put", "jobs", "first", "--data", str(data)]) == 0
+    assert main(["put", "jobs", "second", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == (
+        "put 1 message to jobs at offset 0\nput 1 message to jobs at offset 1\n"
+    )
+    with pymq.open(data) as broker:
+        messages = broker.queue("jobs").get_many(3, timeout=0)
+        assert [m.body for m in messages] == [b"first", b"second"]
+        assert [m.headers for m in messages] == [{}, {}]
+
+
+def test_put_creates_queue_and_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "new"
+    assert main(["put", "jobs", "body", "--data", str(folder)]) == 0
+    assert capsys.readouterr().out == "put 1 message to jobs at offset 0\n"
+    with pymq.open(folder) as broker:
+        assert broker.names() == {"jobs": "queue"}
+
+
+def test_put_headers_parsed(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "put",
+            "jobs",
+            "body",
+            "--header",
+            "kind=resize",
+            "--header",
+            "formula=a=b",
+            "--header",
+            "empty=",
+            "--data",
+            str(data),
+        ]
+    )
+    assert code == 0
+    with pymq.open(data) as broker:
+        message = broker.queue("jobs").get(timeout=0)
+        assert message is not None
+        assert message.headers == {"kind": "resize", "formula": "a=b", "empty": ""}
+
+
+@pytest.mark.parametrize("header", ["novalue", "=value"])
+def test_put_invalid_header_rejected(
+    data: Path, capsys: pytest.CaptureFixture[str], header: str
+) -> None:
+    code = main(["put", "jobs", "body", "--header", header, "--data", str(data)])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"pymq: invalid header {header!r}: write it as KEY=VALUE\n"
+    )
+    with pymq.open(data) as broker:
+        assert broker.names() == {}
+
+
+def test_put_invalid_queue_name_rejected(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["put", ".hidden", "body", "--data", str(data)]) == 2
+    assert capsys.readouterr().err == (
+        "pymq: invalid queue name '.hidden': use ASCII letters, digits, '.', '_', "
+        "'-' and ':', and do not start with '.'\n"
+    )
+
+
+def test_put_stdin_lines_in_batches(
+    data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bodies = [f"line {number}".encode() for number in range(2500)]
+    feed_stdin(monkeypatch, b"".join(body + b"\n" for body in bodies))
+    assert main(["put", "jobs", "-", "--header", "batch=7", "--data", str(data)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "put 2500 messages to jobs\n"
+    assert captured.err == ""
+    with pymq.open(data) as broker:
+        queue = broker.queue("jobs")
+        messages = []
+        for _ in range(3):
+            messages.extend(queue.get_many(1000, timeout=0))
+        assert [m.body for m in messages] == bodies
+        assert [m.offset for m in messages] == list(range(2500))
+        assert {tuple(m.headers.items()) for m in messages} == {(("batch", "7"),)}
+
+
+def test_put_body_defaults_to_stdin(
+    data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    feed_stdin(monkeypatch, b"one\ntwo\n")
+    assert main(["put", "jobs", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == "put 2 messages to jobs\n"
+
+
+def test_put_stdin_keeps_bytes_exact(
+    data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    feed_stdin(monkeypatch, b"a\n\nb\xff\r\nlast without newline")
+    assert main(["put", "jobs", "-", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == "put 4 messages to jobs\n"
+    with pymq.open(data) as broker:
+        messages = broker.queue("jobs").get_many(10, timeout=0)
+        assert [m.body for m in messages] == [
+            b"a",
+            b"",
+            b"b\xff\r",
+            b"last without newline",
+        ]
+
+
+def test_put_empty_stdin_puts_nothing(
+    data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    feed_stdin(monkeypatch, b"")
+    assert main(["put", "jobs", "-", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == "put 0 messages to jobs\n"
+
+
+def test_put_progress_bar_only_on_request(
+    data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    feed_stdin(monkeypatch, b"a\nb\nc\n")
+    assert main(["put", "jobs", "-", "--data", str(data)]) == 0
+    assert capsys.readouterr().err == ""
+
+    feed_stdin(monkeypatch, b"a\nb\nc\n")
+    assert main(["put", "jobs", "-", "--progress", "--data", str(data)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "put 3 messages to jobs\n"
+    assert "put jobs: 3msg" in captured.err
+
+
+def test_put_into_stream_reaches_group(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        broker.stream("events").group("billing")
+    assert main(["put", "events", "paid", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == "put 1 message to events at offset 0\n"
+    with pymq.open(data) as broker:
+        assert broker.names() == {"events": "stream"}
+        message = broker.stream("events").group("billing").get(timeout=0)
+        assert message is not None
+        assert message.body == b"paid"
+
+
+def test_put_full_queue_reports_partial_count(
+    data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        broker.queue("jobs", max_length=1200)
+    feed_stdin(monkeypatch, b"x\n" * 1500)
+    assert main(["put", "jobs", "-", "--data", str(data)]) == 7
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "pymq: put 1000 messages to jobs, then failed\n"
+        "pymq: put failed: QueueFull: queue jobs is full: max_length 1200 messages\n"
+    )
+    with pymq.open(data) as broker:
+        assert broker.queue("jobs").stats().depth == 1000
+
+
+# get -------------------------------------------------------------------------------
+
+
+def test_get_prints_fields_and_acks(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        broker.queue("jobs").put(b"resize photo 17", headers={"kind": "resize"})
+    assert main(["get", "jobs", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == (
+        'offset=0 attempt=1 headers={"kind": "resize"} body=resize photo 17\n'
+    )
+    with pymq.open(data) as broker:
+        assert broker.queue("jobs").stats().depth == 0
+
+
+def test_get_count_limits_messages(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        broker.queue("jobs").put_many([b"a", b"b", b"c", b"d", b"e"])
+    assert main(["get", "jobs", "-n", "3", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == (
+        "offset=0 attempt=1 headers={} body=a\n"
+        "offset=1 attempt=1 headers={} body=b\n"
+        "offset=2 attempt=1 headers={} body=c\n"
+    )
+    with pymq.open(data) as broker:
+        remaining = broker.queue("jobs").get_many(10, timeout=0)
+        assert [m.body for m in remaining] == [b"d", b"e"]
+
+
+def test_get_more_than_one_batch(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        broker.queue("jobs").put_many([b"%d" % n for n in range(2500)])
+    assert main(["get", "jobs", "-n", "2400", "--json", "--data", str(data)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [record["body"] for record in records] == [str(n) for n in range(2400)]
+    with pymq.open(data) as broker:
+        assert broker.queue("jobs").stats().depth == 100
+
+
+def test_get_no_ack_makes_available_again(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        broker.queue("jobs").put(b"again")
+    assert main(["get", "jobs", "--no-ack", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == "offset=0 attempt=1 headers={} body=again\n"
+    with pymq.open(data) as broker:
+        message = broker.queue("jobs").get(timeout=0)
+        assert message is not None
+        assert message.offset == 0
+        assert message.attempt == 2
+
+
+def test_get_json_fields(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pymq.open(data) as broker:
+        broker.queue("jobs").put("café".encode(), headers={"kind": "text"})
+    assert main(["get", "jobs", "--json", "--no-ack", "--data", str(data)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    with pymq.open(data) as broker:
+        message = broker.queue("jobs").get(timeout=0)
+        assert message is not None
+        timestamp = message.timestamp
+    assert record == {
+        "offset": 0,
+        "attempt": 1,
+        "timestamp": timestamp,
+        "headers": {"kind": "text"},
+        "body": "café",
+    }
+
+
+def test_get_binary_body_shown_as_bytes(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        broker.queue("jobs").put_many([b"\xff\x00", b"\xfe"])
+    assert main(["get", "jobs", "--data", str(data)]) == 0
+    assert (
+        capsys.readouterr().out == "offset=0 attempt=1 headers={} body=b'\\xff\\x00'\n"
+    )
+    assert main(["get", "jobs", "--json", "--data", str(data)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["body_base64"] == "/g=="
+    assert "body" not in record
+
+
+def test_get_empty_queue_exits_1(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        broker.queue("jobs")
+    assert main(["get", "jobs", "--data", str(data)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "pymq: queue jobs had no message available\n"
+    assert main(["get", "jobs", "--timeout", "0.2", "--data", str(data)]) == 1
+    assert capsys.readouterr().err == (
+        "pymq: queue jobs had no message available within 0.2 seconds\n"
+    )
+
+
+def test_get_stream_name_exits_5(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        broker.stream("events")
+    assert main(["get", "events", "--data", str(data)]) == 5
+    assert capsys.readouterr().err == "pymq: events is a stream, not a queue\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["get", "nope"], "queue nope does not exist"),
+        (["stats", "nope"], "queue nope does not exist"),
+        (
+            ["dlq", "list", "nope"],
+            "queue nope does not exist, nor a stream group of that name",
+        ),
+        (
+            ["dlq", "redrive", "nope"],
+            "queue nope does not exist, nor a stream group of that name",
+        ),
+    ],
+)
+def test_unknown_queue_exits_5_without_creating(
+    data: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+    message: str,
+) -> None:
+    with pymq.open(data) as broker:
+        broker.queue("other")
+    assert main([*command, "--data", str(data)]) == 5
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"pymq: {message}\n"
+    with pymq.open(data) as broker:
+        assert broker.names() == {"other": "queue"}
+
+
+def test_unknown_queue_exits_5_in_subprocess(data: Path) -> None:
+    result = cli_process("get", "nope", "--data", str(data))
+    assert result.returncode == 5
+    assert result.stdout == b""
+    assert result.stderr == b"pymq: queue nope does not exist\n"
+
+
+def test_get_broken_pipe_nacks_messages(data: Path) -> None:
+    # 5,000 lines are far more than a pipe buffer holds, so writing them
+    # to a pipe whose reader is gone must fail.
+    with pymq.open(data) as broker:
+        broker.queue("jobs").put_many([b"x" * 40] * 5000)
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("PYMQ_")
+    }
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pymq",
+            "get",
+            "jobs",
+            "-n",
+            "5000",
+            "--data",
+            str(data),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert process.stdout is not None
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=PROCESS_TIMEOUT)
+    assert process.returncode == 141
+    assert stderr == b""
+    with pymq.open(data) as broker:
+        stats = broker.queue("jobs").stats()
+        assert stats.depth == 5000
+        assert stats.acked == 0
+
+
+# stats -----------------------------------------------------------------------------
+
+
+def test_stats_one_queue_values(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pymq.open(data) as broker:
+        queue = broker.queue("jobs")
+        queue.put_many([b"a", b"b", b"c", b"d"])
+        first = queue.get(timeout=0)
+        assert first is not None
+        first.ack()
+        # Left in flight: the next open makes it available again.
+        assert queue.get(timeout=0) is not None
+    assert main(["stats", "jobs", "--data", str(data)]) == 0
+    output = capsys.readouterr().out
+    rows = table_rows(output)
+    assert rows[0] == STATS_HEADER
+    assert len(rows) == 2
+    assert rows[1][:7] == ["jobs", "queue", "3", "0", "1", "0", "0"]
+    assert float(rows[1][7]) >= 0.0
+    assert rows[1][8:] == ["0", "0"]
+    lengths = {len(line) for line in output.splitlines()}
+    assert len(lengths) == 1
+
+
+def test_stats_drained_queue_table_exact(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        queue = broker.queue("jobs")
+        queue.put(b"a")
+        message = queue.get(timeout=0)
+        assert message is not None
+        message.ack()
+    assert main(["stats", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == (
+        "name  kind   depth  in_flight  waiting  acked  dead_lettered  "
+        "oldest_unacked_age  damaged  skipped\n"
+        "jobs  queue      0          0        0      0              0  "
+        "                 -        0        0\n"
+    )
+
+
+def test_stats_lists_queues_and_groups(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        jobs = broker.queue("jobs")
+        jobs.put_many([b"a", b"b"])
+        rejected = jobs.get(timeout=0)
+        assert rejected is not None
+        rejected.reject("bad input")
+        events = broker.stream("events")
+        events.group("billing")
+        audit = events.group("audit")
+        events.put_many([b"e1", b"e2", b"e3"])
+        for message in audit.get_many(3, timeout=0):
+            message.ack()
+        broker.stream("no-groups")
+    assert main(["stats", "--data", str(data)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert rows[0] == STATS_HEADER
+    assert [row[:5] for row in rows[1:]] == [
+        ["events/audit", "group", "0", "0", "0"],
+        ["events/billing", "group", "3", "0", "0"],
+        ["jobs", "queue", "1", "0", "0"],
+        ["jobs.dlq", "queue", "1", "0", "0"],
+    ]
+    assert [row[8:] for row in rows[1:]] == [["0", "0"]] * 4
+    with pymq.open(data) as broker:
+        assert broker.groups("events") == ["audit", "billing"]
+        assert broker.groups("no-groups") == []
+
+
+def test_stats_stream_name_shows_its_groups(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        events = broker.stream("events")
+        events.group("billing")
+        events.put(b"e1")
+        broker.stream("quiet")
+    assert main(["stats", "events", "--data", str(data)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert [row[:3] for row in rows[1:]] == [["events/billing", "group", "1"]]
+    assert main(["stats", "quiet", "--data", str(data)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "pymq: stream quiet has no groups\n"
+
+
+def test_stats_table_in_subprocess(data: Path) -> None:
+    with pymq.open(data) as broker:
+        queue = broker.queue("jobs")
+        queue.put_many([b"a", b"b"])
+        for message in queue.get_many(2, timeout=0):
+            message.ack()
+        broker.queue("idle")
+    result = cli_process("stats", "--data", str(data))
+    assert result.returncode == 0
+    assert result.stderr == b""
+    assert result.stdout.decode() == (
+        "name  kind   depth  in_flight  waiting  acked  dead_lettered  "
+        "oldest_unacked_age  damaged  skipped\n"
+        "idle  queue      0          0        0      0              0  "
+        "                 -        0        0\n"
+        "jobs  queue      0          0        0      0              0  "
+        "                 -        0        0\n"
+    )
+
+
+def test_format_table_aligns_columns() -> None:
+    lines = format_table(["name", "n"], [["a", "1"], ["longer", "100"]], left_columns=1)
+    assert lines == ["name      n", "a         1", "longer  100"]
+
+
+# dlq -------------------------------------------------------------------------------
+
+
+def reject_two(data: Path) -> None:
+    with pymq.open(data) as broker:
+        jobs = broker.queue("jobs")
+        jobs.put(b"first", headers={"kind": "a"})
+        jobs.put(b"second")
+        first, second = jobs.get_many(2, timeout=0)
+        first.reject("bad input")
+        second.reject("no-such-user")
+
+
+def read_dlq(data: Path) -> list[pymq.Message]:
+    """Return the DLQ's messages, leaving them there."""
+    with pymq.open(data) as broker:
+        messages = broker.queue("jobs.dlq").get_many(100, timeout=0)
+        for message in messages:
+            message.nack()
+        return messages
+
+
+def test_dlq_list_shows_dead_letter_headers(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reject_two(data)
+    assert main(["dlq", "list", "jobs", "--data", str(data)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    dead_letters = read_dlq(data)
+    assert [m.body for m in dead_letters] == [b"first", b"second"]
+    dead_at = [utc_text(int(m.headers["x-dead-at"])) for m in dead_letters]
+    assert captured.out == (
+        f"offset=0 x-source=jobs x-offset=0 x-attempts=1 x-dead-at={dead_at[0]} "
+        f'x-reason="bad input" headers={{"kind": "a"}} body=first\n'
+        f"offset=1 x-source=jobs x-offset=1 x-attempts=1 x-dead-at={dead_at[1]} "
+        f"x-reason=no-such-user headers={{}} body=second\n"
+    )
+
+
+def test_dlq_list_leaves_messages(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reject_two(data)
+    for _ in range(3):
+        assert main(["dlq", "list", "jobs", "--data", str(data)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 6
+    with pymq.open(data) as broker:
+        dlq = broker.queue("jobs.dlq")
+        assert dlq.stats().depth == 2
+        assert [m.offset for m in dlq.get_many(10, timeout=0)] == [0, 1]
+
+
+def test_dlq_list_limit_reports_rest(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reject_two(data)
+    assert main(["dlq", "list", "jobs", "-n", "1", "--data", str(data)]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 1
+    assert captured.out.startswith("offset=0 x-source=jobs ")
+    assert captured.err == (
+        "pymq: listed 1 of 2 messages in jobs.dlq; pass -n to list more\n"
+    )
+
+
+def test_dlq_list_json(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    reject_two(data)
+    assert main(["dlq", "list", "jobs", "--json", "--data", str(data)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    dead_letters = read_dlq(data)
+    assert [record["body"] for record in records] == ["first", "second"]
+    assert [record["headers"] for record in records] == [
+        m.headers for m in dead_letters
+    ]
+    assert records[0]["headers"]["x-reason"] == "bad input"
+
+
+def test_dlq_list_queue_without_dlq(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        broker.queue("jobs")
+    assert main(["dlq", "list", "jobs", "--data", str(data)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == "pymq: jobs.dlq has no messages\n"
+    with pymq.open(data) as broker:
+        assert broker.names() == {"jobs": "queue"}
+
+
+def test_dlq_redrive_moves_back(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    reject_two(data)
+    assert main(["dlq", "redrive", "jobs", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == "moved 2 messages from jobs.dlq\n"
+    with pymq.open(data) as broker:
+        assert broker.queue("jobs.dlq").stats().depth == 0
+        back = broker.queue("jobs").get_many(10, timeout=0)
+        assert [m.body for m in back] == [b"first", b"second"]
+        assert [m.headers for m in back] == [{"kind": "a"}, {}]
+
+
+def test_dlq_redrive_to_other_queue(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reject_two(data)
+    assert main(["dlq", "redrive", "jobs", "--to", "review", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == "moved 2 messages from jobs.dlq to review\n"
+    with pymq.open(data) as broker:
+        assert broker.queue("jobs").stats().depth == 0
+        assert broker.queue("review").stats().depth == 2
+
+
+def test_dlq_redrive_without_dlq_moves_none(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        broker.queue("jobs")
+    assert main(["dlq", "redrive", "jobs", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == "moved 0 messages from jobs.dlq\n"
+
+
+def test_dlq_of_stream_group(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pymq.open(data) as broker:
+        events = broker.stream("events")
+        billing = events.group("billing")
+        audit = events.group("audit")
+        events.put(b"invoice")
+        message = billing.get(timeout=0)
+        assert message is not None
+        message.reject("unpaid")
+        for seen in audit.get_many(10, timeout=0):
+            seen.ack()
+    assert main(["dlq", "list", "events.billing", "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "offset=0 x-source=events x-group=billing x-offset=0 x-attempts=1 x-dead-at="
+    )
+    assert out.endswith(" x-reason=unpaid headers={} body=invoice\n")
+    assert main(["dlq", "redrive", "events.billing", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == "moved 1 message from events.billing.dlq\n"
+    with pymq.open(data) as broker:
+        events = broker.stream("events")
+        again = events.group("billing").get(timeout=0)
+        assert again is not None
+        assert again.body == b"invoice"
+        assert events.group("audit").get(timeout=0) is None
+
+
+# Locked data directories and connections ------------------------------------------
+
+
+def test_locked_data_dir_exits_6(data: Path) -> None:
+    with pymq.open(data):
+        result = cli_process("get", "jobs", "--data", str(data))
+    assert result.returncode == 6
+    assert result.stdout == b""
+    assert result.stderr.decode() == (
+        f"pymq: data directory {data.absolute()} is locked by process "
+        f"{os.getpid()}; stop that process, or use --url to go through its "
+        f"server\n"
+    )
+
+
+def test_put_stdin_then_get_in_subprocess(data: Path) -> None:
+    lines = ["plain", "", "with spaces and = signs", "naïve café", '{"json": 1}']
+    stdin = "".join(line + "\n" for line in lines).encode()
+    put = cli_process("put", "jobs", "-", "--data", str(data), stdin=stdin)
+    assert put.returncode == 0
+    assert put.stdout == b"put 5 messages to jobs\n"
+    assert put.stderr == b""
+    get = cli_process("get", "jobs", "-n", "10", "--json", "--data", str(data))
+    assert get.returncode == 0
+    assert get.stderr == b""
+    records = [json.loads(line) for line in get.stdout.decode().splitlines()]
+    assert [record["body"] for record in records] == lines
+    assert [record["offset"] for record in records] == [0, 1, 2, 3, 4]
+    assert [record["attempt"] for record in records] == [1] * 5
+    again = cli_process("get", "jobs", "--data", str(data))
+    assert again.returncode == 1
+
+
+@pytest.mark.skipif(not HAS_CLIENT, reason="pymq.connect is not in this build")
+def test_refused_connection_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"pymq://127.0.0.1:{free_port()}"
+    assert main(["get", "jobs", "--url", url]) == 3
+    refused = ConnectionRefusedError(
+        errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED)
+    )
+    assert capsys.readouterr().err == (
+        f"pymq: could not connect to {url}: ConnectionRefusedError: {refused}; "
+        f"is `pymq serve` running there?\n"
+    )
+
+
+@pytest.mark.skipif(not HAS_CLIENT, reason="pymq.connect is not in this build")
+def test_refused_connection_url_from_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"pymq://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("PYMQ_URL", url)
+    assert main(["stats"]) == 3
+    assert capsys.readouterr().err.startswith(f"pymq: could not connect to {url}: ")
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """Run `pymq serve` with a token on a free port; yield its URL and token file.
+
+    The server is stopped with SIGTERM at the end and must exit with 0.
+    """
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    port_file = tmp_path / "port"
+    log = (tmp_path / "server.log").open("wb")
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("PYMQ_")
+    }
+    command = [sys.executable, "-m", "pymq", "serve", "--data", str(tmp_path / "srv")]
+    command += ["--port", "0", "--port-file", str(port_file)]
+    command += ["--token-file", str(token), "--log-level", "WARNING"]
+    process = subprocess.Popen(command, stdout=log, stderr=log, env=env)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while not port_file.exists():
+            assert process.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "pymq serve wrote no port file"
+            time.sleep(0.05)
+        yield f"pymq://127.0.0.1:{int(port_file.read_text())}", token
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=PROCESS_TIMEOUT) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=PROCESS_TIMEOUT)
+        log.close()
+
+
+@pytest.mark.skipif(
+    not (HAS_CLIENT and HAS_SERVER), reason="pymq.server or pymq.connect is missing"
+)
+def test_serve_then_client_commands(
+    served: tuple[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url, token = served
+    remote = ["--url", url, "--token-file", str(token)]
+    feed_stdin(monkeypatch, b"one\ntwo\nthree\n")
+    assert main(["put", "jobs", "-", *remote]) == 0
+    assert capsys.readouterr().out == "put 3 messages to jobs\n"
+
+    assert main(["get", "jobs", "-n", "2", *remote]) == 0
+    assert capsys.readouterr().out == (
+        "offset=0 attempt=1 headers={} body=one\n"
+        "offset=1 attempt=1 headers={} body=two\n"
+    )
+
+    assert main(["stats", "jobs", *remote]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert rows[1][:6] == ["jobs", "queue", "1", "0", "0", "2"]
+
+    assert main(["get", "missing", *remote]) == 5
+    assert capsys.readouterr().err == "pymq: queue missing does not exist\n"
+
+    monkeypatch.setenv("PYMQ_TOKEN", "s3cret")
+    assert main(["get", "jobs", "--url", url]) == 0
+    assert capsys.readouterr().out == "offset=2 attempt=1 headers={} body=three\n"
+
+
+@pytest.mark.skipif(not HAS_SERVER, reason="pymq.server is not in this build")
+def test_serve_port_in_use_exits_2(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data = tmp_path / "data"
+        result = cli_process(
+            "serve", "--data", str(data), "--port", str(port), "--log-level", "ERROR"
+        )
+    assert result.returncode == 2
+    assert result.stdout == b""
+    log = result.stderr.decode()
+    assert f" ERROR pymq.cli: could not serve {data} on 127.0.0.1:{port}: " in log
+    assert log.lower().endswith("address already in use\n")
+
+
+@pytest.mark.skipif(
+    not (HAS_CLIENT and HAS_SERVER), reason="pymq.server or pymq.connect is missing"
+)
+def test_wrong_token_exits_4(
+    served: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, _ = served
+    wrong = tmp_path / "wrong"
+    wrong.write_text("guess\n")
+    assert main(["stats", "--url", url, "--token-file", str(wrong)]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith(f"pymq: {url}: ")
+    assert err.endswith("; check --token-file or PYMQ_TOKEN\n")
+    assert main(["stats", "--url", url]) == 4
