@@ -118,6 +118,7 @@ cdef class GroupBase:
     cdef int finish(self) except -1
     cdef int expire(self, int64_t now) except -1
     cdef Message take_one(self, int64_t now)
+    cdef Message take_now(self)
     cdef int fail(self, uint64_t offset, int64_t not_before, str reason,
                   bint dead_now) except -1
     cdef uint64_t check_receipt(self, uint64_t receipt) except? 0

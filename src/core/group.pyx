@@ -805,7 +805,9 @@ cdef class GroupBase:
                     self.release()
             if self.journal.policy == FSYNC_ALWAYS:
                 self.journal.sync_to(self.journal_written)
-        if self.deletes_acked and self.ring.low >= self.delete_mark:
+        # With one segment there is nothing to delete: the active one stays.
+        if (self.deletes_acked and self.ring.low >= self.delete_mark and
+                len(self.stream.store.segments) > 1):
             self.retain()
         if len(self.journal.segments) > 1:
             self.acquire()
@@ -862,10 +864,27 @@ cdef class GroupBase:
         self.delete_mark = first.base + first.count
         return 0
 
+    def get(self, timeout=None):
+        """Deliver the lowest available message, waiting up to timeout seconds.
+
+        Returns None when the timeout passes first; timeout=None waits until a
+        message arrives. Thread-safe: each message goes to one caller at a time.
+        """
+        cdef Message message = self.take_now()
+
+        if message is not None or (timeout is not None and timeout == 0):
+            return message
+        # The subclass waits (pymq.queue._Consumer._wait), off the fast path.
+        found = self._wait(timeout, self.get_nowait)
+        return found if type(found) is Message else None
+
     def get_nowait(self):
         """Deliver the lowest available message, or return None."""
+        return self.take_now()
+
+    cdef Message take_now(self):
         cdef int64_t now = self.now()
-        cdef Message message
+        cdef Message message = None
 
         self.acquire()
         try:

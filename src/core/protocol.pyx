@@ -132,8 +132,9 @@ def encode_publish(uint32_t request_id, uint32_t handle, list bodies,
         total += 4 + block_size + body_size(bodies[i])
     total += FRAME_HEADER_BYTES + PUBLISH_HEAD_BYTES
     if total > 0xFFFFFFFF:
-        raise MessageTooLargeError(f"batch of {count} messages is {total} "
-                                   f"bytes; a frame holds at most 4 GiB")
+        raise MessageTooLargeError(
+            total, 0xFFFFFFFF, f"batch of {count} messages is {total} bytes; "
+            f"a frame holds at most 4 GiB")
     frame = PyBytes_FromStringAndSize(NULL, 4 + total)
     out = <uint8_t *>PyBytes_AS_STRING(frame)
     put_header(out, <uint32_t>total, OP_PUBLISH, 0, request_id, handle)
@@ -252,6 +253,7 @@ def encode_deliveries(uint16_t flags, uint32_t request_id, uint32_t handle,
             stop += 1
         if stop == start and stop < count:
             raise MessageTooLargeError(
+                FRAME_HEADER_BYTES + 8 + message_size, max_frame_bytes,
                 f"message {(<Message>messages[stop]).offset} takes "
                 f"{FRAME_HEADER_BYTES + 8 + message_size} bytes as a "
                 f"delivery; max_frame_bytes is {max_frame_bytes}")
@@ -292,8 +294,9 @@ cdef bytes encode_delivery_frame(uint16_t flags, uint32_t request_id,
             total += PyBytes_GET_SIZE(block)
         total += DELIVERY_HEAD_BYTES + PyBytes_GET_SIZE(message.body)
     if total > 0xFFFFFFFF:
-        raise MessageTooLargeError(f"{count} deliveries take {total} bytes; "
-                                   f"a frame holds at most 4 GiB")
+        raise MessageTooLargeError(
+            total, 0xFFFFFFFF, f"{count} deliveries take {total} bytes; a "
+            f"frame holds at most 4 GiB")
     frame = PyBytes_FromStringAndSize(NULL, 4 + total)
     out = <uint8_t *>PyBytes_AS_STRING(frame)
     put_header(out, <uint32_t>total, OP_DELIVER, flags, request_id, handle)

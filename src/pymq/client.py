@@ -10,6 +10,7 @@ not hold up the others.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -18,7 +19,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 
 from pymq import errors, protocol
@@ -31,6 +32,7 @@ from pymq._core import (
     encode_receipts,
 )
 from pymq._version import __version__
+from pymq.broker import GROUP_DEFAULTS, QUEUE_DEFAULTS, STREAM_DEFAULTS, _check_options
 from pymq.protocol import (
     FLAG_ERROR,
     FLAG_MORE,
@@ -216,14 +218,22 @@ class Connection:
     def next_id(self) -> int:
         return next(self._ids) & 0xFFFFFFFF or next(self._ids)
 
-    def call(self, opcode: int, request_id: int, frame: bytes) -> list[Frame]:
-        """Send one request frame and return its reply frames.
+    def ensure(self) -> None:
+        """Reconnect now if the connection broke."""
+        with self._cv:
+            self._ensure()
+
+    def call(self, opcode: int, build: Callable[[int], bytes]) -> list[Frame]:
+        """Send the frame build(request_id) returns; return its reply frames.
 
         Raises the server's error, or ConnectionLostError when the
-        connection breaks; requests that are safe to repeat are sent again
-        once after reconnecting.
+        connection breaks. A request that is safe to repeat is built and
+        sent once more after reconnecting, so it names the new handles.
         """
         for attempt in (0, 1):
+            self.ensure()
+            request_id = self.next_id()
+            frame = build(request_id)
             try:
                 frames = self._exchange(request_id, frame)
             except errors.ConnectionLostError:
@@ -236,13 +246,15 @@ class Connection:
             return frames
         raise AssertionError("unreachable")
 
-    def send(self, frame: bytes) -> None:
+    def send(self, build: Callable[[int], bytes]) -> None:
         """Send a request flagged NO_REPLY; its error, if any, is raised later."""
         self.raise_late_errors()
+        self.ensure()
+        frame = build(self.next_id())
         with self._cv:
-            self._ensure()
             sock = self._sock
-        assert sock is not None
+        if sock is None:
+            raise errors.ConnectionLostError(f"connection to {self.address} broke")
         try:
             with self._send_lock:
                 sock.sendall(frame)
@@ -264,10 +276,13 @@ class Connection:
         self.raise_late_errors()
         slot = _Slot()
         with self._cv:
-            self._ensure()
+            # No reconnect here: the frame names handles of this connection.
             sock = self._sock
+            if sock is None:
+                raise errors.ConnectionLostError(
+                    f"connection to {self.address} broke before the request went out"
+                )
             self._slots[request_id] = slot
-        assert sock is not None
         try:
             with self._send_lock:
                 sock.sendall(frame)
@@ -371,12 +386,9 @@ class RemoteBroker:
         self._queues: dict[str, RemoteQueue] = {}
 
     def _control(self, opcode: int, request: dict[str, Any]) -> dict[str, Any]:
-        connection = self._connection
-        request_id = connection.next_id()
-        frames = connection.call(
-            opcode,
-            request_id,
-            encode_frame(opcode, 0, request_id, 0, encode_json(request)),
+        payload = encode_json(request)
+        frames = self._connection.call(
+            opcode, lambda request_id: encode_frame(opcode, 0, request_id, 0, payload)
         )
         return decode_json(frames[0][4])
 
@@ -386,6 +398,9 @@ class RemoteBroker:
         Options as for pymq.Broker.queue; an explicit different value
         updates the stored one.
         """
+        # Checked here too, so a bad option raises the embedded broker's
+        # TypeError or ConfigError rather than a server error.
+        options = _check_options(options, QUEUE_DEFAULTS)
         with self._lock:
             queue = self._queues.get(name)
             if queue is None:
@@ -398,6 +413,7 @@ class RemoteBroker:
 
     def stream(self, name: str, **options: Any) -> RemoteStream:
         """Open the stream name on the server, creating it if it is missing."""
+        options = _check_options(options, STREAM_DEFAULTS)
         stream = RemoteStream(self, {"kind": "stream", "name": name})
         stream.reopen(options)
         return stream
@@ -422,13 +438,10 @@ class RemoteBroker:
 
     def ping(self) -> float:
         """Send PING and return the round trip in seconds."""
-        connection = self._connection
-        request_id = connection.next_id()
         start = time.perf_counter()
-        connection.call(
+        self._connection.call(
             protocol.PING,
-            request_id,
-            encode_frame(protocol.PING, 0, request_id, 0, b""),
+            lambda request_id: encode_frame(protocol.PING, 0, request_id, 0, b""),
         )
         return time.perf_counter() - start
 
@@ -465,13 +478,13 @@ class _Handle:
 
     def reopen(self, options: dict[str, Any]) -> None:
         with self._open_lock:
-            request = dict(self._request, options=options)
+            payload = encode_json(dict(self._request, options=options))
             connection = self._connection
-            request_id = connection.next_id()
             frames = connection.call(
                 protocol.OPEN,
-                request_id,
-                encode_frame(protocol.OPEN, 0, request_id, 0, encode_json(request)),
+                lambda request_id: encode_frame(
+                    protocol.OPEN, 0, request_id, 0, payload
+                ),
             )
             self._answer = decode_json(frames[0][4])
             self._handle = int(self._answer["handle"])
@@ -479,13 +492,33 @@ class _Handle:
             self.name = str(self._answer["name"])
 
     def handle(self) -> int:
-        """This object's handle on the current connection."""
+        """This object's handle on the current connection, opened again if new."""
+        self._connection.ensure()
         if self._generation != self._connection.generation:
             self.reopen({})
         return self._handle
 
 
+def _header_block_bytes(headers: dict[str, str] | None) -> int:
+    """Return the size of the header block stored with each message."""
+    if not headers:
+        return 0
+    return 2 + sum(
+        6 + len(key.encode("utf-8")) + len(value.encode("utf-8"))
+        for key, value in headers.items()
+    )
+
+
 class _Publisher(_Handle):
+    def _encode(
+        self,
+        bodies: list[Any],
+        headers: dict[str, str] | None,
+        milliseconds: int,
+        request_id: int,
+    ) -> bytes:
+        return encode_publish(request_id, self.handle(), bodies, headers, milliseconds)
+
     def put(
         self,
         body: Any,
@@ -494,11 +527,10 @@ class _Publisher(_Handle):
         timeout: float | None = None,
     ) -> int:
         """Append one message and return its offset; see Queue.put."""
-        connection = self._connection
-        request_id = connection.next_id()
-        milliseconds = wait_ms(timeout)
-        frame = encode_publish(request_id, self.handle(), [body], headers, milliseconds)
-        frames = connection.call(protocol.PUBLISH, request_id, frame)
+        frames = self._connection.call(
+            protocol.PUBLISH,
+            functools.partial(self._encode, [body], headers, wait_ms(timeout)),
+        )
         return int(_PUBLISHED.unpack(frames[0][4])[0])
 
     def put_many(
@@ -525,17 +557,18 @@ class _Publisher(_Handle):
             for start in range(0, len(items), connection.max_batch)
         ]
         ranges: list[range] = []
+        block = _header_block_bytes(headers)
         while chunks:
             chunk = chunks.pop(0)
-            request_id = connection.next_id()
-            frame = encode_publish(
-                request_id, self.handle(), chunk, headers, milliseconds
-            )
-            if len(frame) - 4 > connection.max_frame_bytes and len(chunk) > 1:
+            size = 32 + sum(len(body) for body in chunk) + len(chunk) * (4 + block)
+            if size > connection.max_frame_bytes and len(chunk) > 1:
                 half = len(chunk) // 2
                 chunks[:0] = [chunk[:half], chunk[half:]]
                 continue
-            frames = connection.call(protocol.PUBLISH, request_id, frame)
+            frames = connection.call(
+                protocol.PUBLISH,
+                functools.partial(self._encode, chunk, headers, milliseconds),
+            )
             first, count = _PUBLISHED.unpack(frames[0][4])
             ranges.append(range(first, first + count))
         if len(ranges) == 1:
@@ -552,17 +585,17 @@ class _RemoteConsumer(_Handle):
         if count <= 0:
             raise ValueError(f"count is {count}; it must be 1 or more")
         connection = self._connection
-        count = min(count, connection.max_batch)
-        request_id = connection.next_id()
-        frame = encode_frame(
+        payload = _FETCH.pack(min(count, connection.max_batch), wait_ms(timeout))
+        replies = connection.call(
             protocol.FETCH,
-            0,
-            request_id,
-            self.handle(),
-            _FETCH.pack(count, wait_ms(timeout)),
+            lambda request_id: encode_frame(
+                protocol.FETCH, 0, request_id, self.handle(), payload
+            ),
         )
+        if len(replies) == 1:
+            return decode_deliveries(replies[0][4], self)
         messages: list[RemoteMessage] = []
-        for reply in connection.call(protocol.FETCH, request_id, frame):
+        for reply in replies:
             messages.extend(decode_deliveries(reply[4], self))
         return messages
 
@@ -589,16 +622,17 @@ class _RemoteConsumer(_Handle):
     def _settle(
         self, opcode: int, items: Any, prefix: bytes, suffix: bytes, wait: bool
     ) -> None:
-        connection = self._connection
-        request_id = connection.next_id()
         flags = 0 if wait else FLAG_NO_REPLY
-        frame = encode_receipts(
-            opcode, flags, request_id, self.handle(), items, prefix, suffix
-        )
+
+        def build(request_id: int) -> bytes:
+            return encode_receipts(
+                opcode, flags, request_id, self.handle(), items, prefix, suffix
+            )
+
         if wait:
-            connection.call(opcode, request_id, frame)
+            self._connection.call(opcode, build)
         else:
-            connection.send(frame)
+            self._connection.send(build)
 
     def ack(self, receipt: int, *, wait: bool = True) -> None:
         """Settle the delivery named by receipt.
@@ -629,12 +663,11 @@ class _RemoteConsumer(_Handle):
 
     def stats(self) -> QueueStats:
         """Return the counts of this queue or group; see QueueStats."""
-        connection = self._connection
-        request_id = connection.next_id()
-        frames = connection.call(
+        frames = self._connection.call(
             protocol.STATS,
-            request_id,
-            encode_frame(protocol.STATS, 0, request_id, self.handle(), b""),
+            lambda request_id: encode_frame(
+                protocol.STATS, 0, request_id, self.handle(), b""
+            ),
         )
         return QueueStats(**decode_json(frames[0][4]))
 
@@ -704,6 +737,7 @@ class RemoteStream(_Publisher):
         self, name: str, *, start: str | int = "earliest", **options: Any
     ) -> RemoteGroup:
         """Open the group name, creating it if it is missing; see Stream.group."""
+        options = _check_options(options, GROUP_DEFAULTS)
         group = RemoteGroup(
             self._broker,
             {"kind": "group", "name": name, "stream": self.name, "start": start},

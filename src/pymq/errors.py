@@ -42,15 +42,16 @@ class MessageTooLargeError(PymqError, ValueError):
     Raised before anything is written. ``size`` and ``limit`` are in bytes.
     """
 
-    def __init__(self, size: int, limit: int) -> None:
+    def __init__(self, size: int, limit: int, message: str | None = None) -> None:
         super().__init__(
-            f"message is {size} bytes; maximum is {limit} (max_message_bytes)"
+            message
+            or f"message is {size} bytes; maximum is {limit} (max_message_bytes)"
         )
         self.size = size
         self.limit = limit
 
-    def __reduce__(self) -> tuple[type, tuple[int, int]]:
-        return (type(self), (self.size, self.limit))
+    def __reduce__(self) -> tuple[type, tuple[int, int, str]]:
+        return (type(self), (self.size, self.limit, str(self)))
 
 
 class QueueEmpty(PymqError):

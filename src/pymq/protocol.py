@@ -7,6 +7,7 @@ every byte.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any, Final
@@ -93,6 +94,8 @@ _CODE_OF_CLASS: Final[list[tuple[type[BaseException], int]]] = [
     (TypeError, 17),
 ]
 _ERROR_HEAD: Final = struct.Struct("<HBx")
+# The size and the limit in the text of a MessageTooLargeError.
+_SIZES: Final = re.compile(r"(\d+) bytes; (?:maximum|max_frame_bytes) is (\d+)")
 
 
 def error_code(exc: BaseException) -> int:
@@ -116,9 +119,15 @@ def decode_error(payload: bytes) -> errors.PymqError:
     code, retriable = _ERROR_HEAD.unpack_from(payload)
     text = payload[_ERROR_HEAD.size :].decode("utf-8", "replace")
     cls = ERROR_CODES.get(code, ERROR_CODES[18])[2]
-    exc: errors.PymqError = (
-        errors.ServerError(text, code=code) if cls is errors.ServerError else cls(text)
-    )
+    exc: errors.PymqError
+    if cls is errors.ServerError:
+        exc = errors.ServerError(text, code=code)
+    elif cls is errors.MessageTooLargeError:
+        found = _SIZES.search(text)
+        size, limit = (int(found[1]), int(found[2])) if found else (-1, -1)
+        exc = errors.MessageTooLargeError(size, limit, text)
+    else:
+        exc = cls(text)
     # Every error from a server carries its wire code and retriable flag.
     exc.code = code  # type: ignore[attr-defined]
     exc.retriable = bool(retriable)  # type: ignore[attr-defined]

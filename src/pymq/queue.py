@@ -28,17 +28,7 @@ class _Consumer(GroupBase):
     _broker: Broker
     _ready: threading.Condition
 
-    def get(self, timeout: float | None = None) -> Message | None:
-        """Deliver the lowest available message, waiting up to timeout seconds.
-
-        Returns None when the timeout passes first; timeout=None waits until a
-        message arrives. Thread-safe: each message goes to one caller at a time.
-        """
-        message = self.get_nowait()
-        if message is not None or timeout == 0:
-            return message
-        found = self._wait(timeout, lambda: self.get_nowait())
-        return found if isinstance(found, Message) else None
+    # get() is compiled (GroupBase.get); it calls _wait only when it must wait.
 
     def get_many(self, count: int, timeout: float | None = None) -> list[Message]:
         """Deliver up to count messages; wait up to timeout for the first one."""

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import hmac
+import importlib
 import ipaddress
 import logging
 import os
@@ -209,8 +210,8 @@ class _Subscription:
 class Server:
     """Serves one Broker over the wire protocol; see docs/protocol.md.
 
-    Use run() for the command line; embed with ``await start()`` and
-    ``await stop()``.
+    Use run() for the command line. To embed it: ``await start()``, later
+    ``await stop()``, then close the broker and call close().
     """
 
     def __init__(
@@ -313,6 +314,12 @@ class Server:
         # closes; connection_lost may not have run yet for every transport.
         for connection in list(self._connections):
             connection.release_all()
+        # A put still waiting for room in a full queue ends when the broker
+        # closes, so the pool is not waited for here: see close().
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        """Wait for the pool's threads; call after stop() and broker.close()."""
         self._executor.shutdown(wait=True)
 
     async def _sweep(self) -> None:
@@ -1147,11 +1154,13 @@ class _Fatal(Exception):
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
+    # uvloop is optional (the "fast" extra), so it is looked up at run time.
     try:
-        import uvloop
+        uvloop = importlib.import_module("uvloop")
     except ImportError:
         return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
 
 
 def run(
@@ -1171,12 +1180,15 @@ def run(
     """
     broker = Broker(data, fsync=fsync)
     loop = _new_loop()
+    server: Server | None = None
     try:
         server = Server(broker, token=token, limits=limits)
         loop.run_until_complete(_serve(server, host, port, unix, port_file))
     finally:
         try:
             broker.close()
+            if server is not None:
+                server.close()
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()

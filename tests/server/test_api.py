@@ -1,0 +1,529 @@
+"""The broker API, run against the embedded broker and a server alike.
+
+Every test takes the `broker` fixture, so it runs once on pymq.open() and
+once on pymq.connect() to a server subprocess, with the same body. Names
+come from the `name` fixture, unique on the shared server.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pymq import (
+    ConfigError,
+    InvalidNameError,
+    MessageTooLargeError,
+    QueueFull,
+    QueueNotFound,
+    StaleReceiptError,
+)
+
+X_HEADERS = {"x-source", "x-group", "x-offset", "x-attempts", "x-reason", "x-dead-at"}
+MAX_MESSAGE_BYTES = 1 << 20  # the default of pymq.open() and of the server
+WAIT = 10.0  # bounds a get that must find a message; never reached when it does
+
+
+# Putting and getting ----------------------------------------------------
+
+
+def test_put_get_ack_exact_fields(broker, name):
+    q = broker.queue(name)
+    before = time.time_ns()
+    assert q.put(b"first") == 0
+    assert q.put(b"second", headers={"kind": "demo", "n": "2"}) == 1
+    after = time.time_ns()
+
+    first = q.get(timeout=WAIT)
+    assert first.body == b"first"
+    assert first.offset == 0
+    assert first.headers == {}
+    assert first.attempt == 1
+    assert before <= first.timestamp <= after
+    first.ack()
+
+    second = q.get(timeout=WAIT)
+    assert second.body == b"second"
+    assert second.offset == 1
+    assert second.headers == {"kind": "demo", "n": "2"}
+    assert second.attempt == 1
+    q.ack(second.receipt)
+
+    assert q.get(timeout=0) is None
+    stats = q.stats()
+    assert stats.depth == 0
+    assert stats.acked == 2
+
+
+def test_put_many_returns_offset_range(broker, name):
+    q = broker.queue(name)
+    assert q.put(b"first") == 0
+    assert q.put_many([b"a", b"b", b"c"]) == range(1, 4)
+    assert q.put_many([b"d", b"e"], headers={"batch": "7"}) == range(4, 6)
+
+    messages = q.get_many(10, timeout=WAIT)
+    assert [m.offset for m in messages] == [0, 1, 2, 3, 4, 5]
+    assert [m.body for m in messages] == [b"first", b"a", b"b", b"c", b"d", b"e"]
+    assert [m.headers for m in messages[4:]] == [{"batch": "7"}, {"batch": "7"}]
+    assert [m.headers for m in messages[:4]] == [{}, {}, {}, {}]
+
+
+def test_binary_and_empty_bodies(broker, name):
+    q = broker.queue(name)
+    bodies = [b"", bytes(range(256)), b"\x00" * 1000, "héllo".encode()]
+    assert q.put_many(bodies) == range(4)
+    assert [m.body for m in q.get_many(4, timeout=WAIT)] == bodies
+
+
+def test_get_many_lowest_offset_first(broker, name):
+    q = broker.queue(name, visibility_timeout=3600)
+    q.put_many([b"0", b"1", b"2", b"3", b"4"])
+    delivered = q.get_many(3, timeout=WAIT)
+    assert [m.offset for m in delivered] == [0, 1, 2]
+
+    delivered[1].nack()
+    again = q.get_many(10, timeout=WAIT)
+    assert [m.offset for m in again] == [1, 3, 4]
+    assert [m.attempt for m in again] == [2, 1, 1]
+
+
+def test_get_timeout_returns_none(broker, name):
+    q = broker.queue(name)
+    assert q.get(timeout=0.2) is None
+    assert q.get(timeout=0) is None
+    assert q.get_many(5, timeout=0.1) == []
+
+
+# Settling ---------------------------------------------------------------
+
+
+def test_nack_redelivers_before_newer(broker, name):
+    q = broker.queue(name, visibility_timeout=3600)
+    q.put_many([b"a", b"b"])
+    a = q.get(timeout=WAIT)
+    a.nack()
+    q.put(b"c")
+
+    messages = q.get_many(3, timeout=WAIT)
+    assert [(m.body, m.offset, m.attempt) for m in messages] == [
+        (b"a", 0, 2),
+        (b"b", 1, 1),
+        (b"c", 2, 1),
+    ]
+
+
+def test_nack_delay_holds_message_back(broker, name):
+    q = broker.queue(name, visibility_timeout=3600)
+    q.put_many([b"a", b"b"])
+    # The checks below run well within the 1 s delay, even on a loaded machine.
+    q.get(timeout=WAIT).nack(delay=1.0)
+
+    b = q.get(timeout=0)
+    assert (b.body, b.attempt) == (b"b", 1)
+    assert q.get(timeout=0) is None
+    assert q.stats().waiting == 1
+
+    a = q.get(timeout=WAIT)
+    assert (a.body, a.offset, a.attempt) == (b"a", 0, 2)
+
+
+def test_visibility_timeout_redelivers(broker, name):
+    q = broker.queue(name, visibility_timeout=0.3)
+    q.put(b"slow")
+    first = q.get(timeout=WAIT)
+    second = q.get(timeout=WAIT)
+    assert (second.offset, second.attempt) == (0, 2)
+    with pytest.raises(StaleReceiptError):
+        first.ack()
+    second.ack()
+    assert q.stats().acked == 1
+
+
+def test_extend_keeps_delivery(broker, name):
+    q = broker.queue(name, visibility_timeout=0.5)
+    q.put(b"long job")
+    message = q.get(timeout=WAIT)
+    message.extend(3600)
+    # Twice the visibility timeout passes: only the extend keeps it in flight.
+    time.sleep(1.0)
+    assert q.get(timeout=0) is None
+    assert q.stats().in_flight == 1
+    message.ack()
+    assert q.stats().acked == 1
+
+
+def test_reject_moves_to_dlq_with_headers(broker, name):
+    q = broker.queue(name)
+    q.put(b"keep")
+    q.put(b"poison", headers={"kind": "demo"})
+    q.get(timeout=WAIT)
+    message = q.get(timeout=WAIT)
+    before = time.time_ns()
+    message.reject("bad input")
+    after = time.time_ns()
+
+    assert q.dlq_name == f"{name}.dlq"
+    dead = q.dlq.get(timeout=WAIT)
+    assert dead.body == b"poison"
+    assert set(dead.headers) == X_HEADERS | {"kind"}
+    assert dead.headers["kind"] == "demo"
+    assert dead.headers["x-source"] == name
+    assert dead.headers["x-group"] == ""
+    assert dead.headers["x-offset"] == "1"
+    assert dead.headers["x-attempts"] == "1"
+    assert dead.headers["x-reason"] == "bad input"
+    assert before <= int(dead.headers["x-dead-at"]) <= after
+    stats = q.stats()
+    assert stats.dead_lettered == 1
+    assert stats.depth == 1
+
+
+def test_stale_receipt_changes_nothing(broker, name):
+    q = broker.queue(name, visibility_timeout=3600)
+    q.put_many([b"a", b"b"])
+    a = q.get(timeout=WAIT)
+    b = q.get(timeout=WAIT)
+    a.ack()
+    before = q.stats()
+
+    with pytest.raises(StaleReceiptError):
+        a.ack()
+    with pytest.raises(StaleReceiptError):
+        a.nack()
+    with pytest.raises(StaleReceiptError):
+        a.extend(10)
+    with pytest.raises(StaleReceiptError):
+        a.reject("late")
+
+    after = q.stats()
+    assert (after.depth, after.in_flight, after.acked) == (1, 1, 1)
+    assert (after.depth, after.in_flight, after.acked) == (
+        before.depth,
+        before.in_flight,
+        before.acked,
+    )
+    assert after.dead_lettered == 0
+    assert q.dlq.stats().depth == 0
+    assert q.get(timeout=0) is None
+    b.ack()
+
+
+def test_ack_many_all_or_none(broker, name):
+    q = broker.queue(name, visibility_timeout=3600)
+    q.put_many([b"a", b"b", b"c"])
+    messages = q.get_many(3, timeout=WAIT)
+    messages[0].ack()
+
+    with pytest.raises(StaleReceiptError):
+        q.ack_many(messages)
+    stats = q.stats()
+    assert stats.acked == 1
+    assert stats.in_flight == 2
+
+    q.ack_many(messages[1:])
+    stats = q.stats()
+    assert stats.acked == 3
+    assert stats.depth == 0
+
+
+def test_max_deliveries_moves_to_dlq(broker, name):
+    q = broker.queue(name, max_deliveries=2, visibility_timeout=3600)
+    q.put(b"poison", headers={"kind": "demo"})
+    first = q.get(timeout=WAIT)
+    assert first.attempt == 1
+    first.nack()
+    second = q.get(timeout=WAIT)
+    assert second.attempt == 2
+    second.nack()
+
+    assert q.get(timeout=0) is None
+    dead = q.dlq.get(timeout=WAIT)
+    assert dead.body == b"poison"
+    assert dead.headers["kind"] == "demo"
+    assert dead.headers["x-source"] == name
+    assert dead.headers["x-offset"] == "0"
+    assert dead.headers["x-attempts"] == "2"
+    assert dead.headers["x-reason"] == "nack; max_deliveries reached"
+    assert q.stats().dead_lettered == 1
+
+
+def test_redrive_returns_to_source(broker, name):
+    q = broker.queue(name)
+    q.put(b"one", headers={"kind": "demo"})
+    q.put(b"two")
+    for message in q.get_many(2, timeout=WAIT):
+        message.reject("failed")
+    assert q.dlq.stats().depth == 2
+
+    assert broker.redrive(q.dlq_name) == 2
+    back = q.get_many(10, timeout=WAIT)
+    assert [m.body for m in back] == [b"one", b"two"]
+    assert [m.headers for m in back] == [{"kind": "demo"}, {}]
+    assert [m.offset for m in back] == [2, 3]
+    assert [m.attempt for m in back] == [1, 1]
+    assert q.dlq.stats().depth == 0
+
+
+def test_redrive_to_other_queue(broker, name):
+    q = broker.queue(name)
+    other = broker.queue(f"{name}-other")
+    q.put(b"moved", headers={"kind": "demo"})
+    q.get(timeout=WAIT).reject("failed")
+
+    assert broker.redrive(q.dlq_name, to=other.name) == 1
+    message = other.get(timeout=WAIT)
+    assert (message.body, message.headers, message.offset) == (
+        b"moved",
+        {"kind": "demo"},
+        0,
+    )
+    assert q.get(timeout=0) is None
+
+
+def test_redrive_missing_dlq_raises(broker, name):
+    with pytest.raises(QueueNotFound):
+        broker.redrive(f"{name}.dlq")
+
+
+# Streams and groups -------------------------------------------------------
+
+
+def test_each_group_gets_every_message(broker, name):
+    stream = broker.stream(name)
+    billing = stream.group("billing", visibility_timeout=3600)
+    audit = stream.group("audit", visibility_timeout=3600)
+    assert stream.put_many([b"a", b"b", b"c"]) == range(3)
+    assert stream.put(b"d", headers={"kind": "demo"}) == 3
+
+    for group in (billing, audit):
+        messages = group.get_many(10, timeout=WAIT)
+        assert [m.body for m in messages] == [b"a", b"b", b"c", b"d"]
+        assert [m.offset for m in messages] == [0, 1, 2, 3]
+        assert messages[3].headers == {"kind": "demo"}
+        group.ack_many(messages)
+
+    assert billing.stats().acked == 4
+    assert audit.stats().acked == 4
+    assert billing.dlq_name == f"{name}.billing.dlq"
+    assert broker.groups(name) == ["audit", "billing"]
+
+
+def test_group_reject_sets_group_header(broker, name):
+    stream = broker.stream(name)
+    group = stream.group("workers")
+    stream.put(b"bad")
+    group.get(timeout=WAIT).reject("broken")
+
+    dead = group.dlq.get(timeout=WAIT)
+    assert dead.headers["x-source"] == name
+    assert dead.headers["x-group"] == "workers"
+    assert dead.headers["x-reason"] == "broken"
+
+
+def test_group_redrive_goes_to_that_group_only(broker, name):
+    stream = broker.stream(name)
+    failing = stream.group("failing")
+    other = stream.group("other")
+    stream.put(b"job")
+    failing.get(timeout=WAIT).reject("broken")
+    other.get(timeout=WAIT).ack()
+
+    assert broker.redrive(failing.dlq_name) == 1
+    again = failing.get(timeout=WAIT)
+    assert (again.body, again.offset) == (b"job", 1)
+    assert other.get(timeout=0) is None
+
+
+def test_group_start_latest_and_offset(broker, name):
+    stream = broker.stream(name)
+    stream.put_many([b"old0", b"old1"])
+    latest = stream.group("latest", start="latest")
+    from_one = stream.group("from-one", start=1)
+    assert latest.get(timeout=0) is None
+
+    stream.put(b"new")
+    message = latest.get(timeout=WAIT)
+    assert (message.body, message.offset) == (b"new", 2)
+    assert [m.offset for m in from_one.get_many(10, timeout=WAIT)] == [1, 2]
+
+
+def test_group_start_past_end_raises(broker, name):
+    stream = broker.stream(name)
+    stream.put(b"only")
+    with pytest.raises(ConfigError):
+        stream.group("ahead", start=5)
+    with pytest.raises(ConfigError):
+        stream.group("nowhere", start="middle")
+
+
+# Stats, names and options -------------------------------------------------
+
+
+def test_stats_values(broker, name):
+    q = broker.queue(name, visibility_timeout=3600)
+    assert q.put_many([b"1", b"2", b"3", b"4", b"5"]) == range(5)
+    delivered = q.get_many(3, timeout=WAIT)
+    delivered[0].nack(delay=3600)
+    delivered[1].ack()
+    delivered[2].reject("failed")
+
+    stats = q.stats()
+    assert stats.name == name
+    assert stats.depth == 3
+    assert stats.in_flight == 0
+    assert stats.waiting == 1
+    assert stats.acked == 1
+    assert stats.dead_lettered == 1
+    assert stats.damaged == 0
+    assert stats.skipped == 0
+    assert stats.oldest_unacked_age >= 0
+
+    q.get(timeout=WAIT)
+    assert q.stats().in_flight == 1
+
+
+def test_stats_of_empty_queue(broker, name):
+    stats = broker.queue(name).stats()
+    assert stats.name == name
+    assert stats.depth == 0
+    assert stats.in_flight == 0
+    assert stats.waiting == 0
+    assert stats.acked == 0
+    assert stats.dead_lettered == 0
+    assert stats.oldest_unacked_age is None
+
+
+def test_names_and_groups(broker, name):
+    broker.queue(f"{name}-q")
+    stream = broker.stream(f"{name}-s")
+    assert broker.groups(f"{name}-s") == []
+    stream.group("b")
+    stream.group("a")
+
+    names = {key: kind for key, kind in broker.names().items() if key.startswith(name)}
+    assert names == {f"{name}-q": "queue", f"{name}-s": "stream"}
+    assert broker.groups(f"{name}-s") == ["a", "b"]
+    with pytest.raises(QueueNotFound):
+        broker.groups(f"{name}-missing")
+
+
+def test_queue_options_stored_and_returned(broker, name):
+    q = broker.queue(
+        name,
+        visibility_timeout=12.5,
+        max_deliveries=3,
+        max_in_flight=7,
+        max_length=100,
+        overflow="block",
+    )
+    assert q.visibility_timeout == 12.5
+    assert q.max_deliveries == 3
+    assert q.max_in_flight == 7
+    assert q.max_length == 100
+    assert q.max_bytes is None
+    assert q.overflow == "block"
+
+    # An explicit different value updates that option and keeps the others.
+    updated = broker.queue(name, visibility_timeout=20.0)
+    assert updated.visibility_timeout == 20.0
+    assert updated.max_deliveries == 3
+    assert updated.max_in_flight == 7
+    assert updated.max_length == 100
+    assert updated.overflow == "block"
+
+
+def test_queue_default_options(broker, name):
+    q = broker.queue(name)
+    assert q.visibility_timeout == 30.0
+    assert q.max_deliveries == 5
+    assert q.max_in_flight == 10_000
+    assert q.max_length is None
+    assert q.max_bytes is None
+    assert q.overflow == "reject"
+
+
+def test_group_options_stored_and_returned(broker, name):
+    group = broker.stream(name).group("g", visibility_timeout=5.0, max_deliveries=0)
+    assert group.visibility_timeout == 5.0
+    assert group.max_deliveries == 0
+    assert group.max_in_flight == 10_000
+
+
+def test_max_in_flight_limits_get_many(broker, name):
+    q = broker.queue(name, max_in_flight=2)
+    q.put_many([b"a", b"b", b"c"])
+    assert [m.offset for m in q.get_many(3, timeout=WAIT)] == [0, 1]
+    assert q.get(timeout=0) is None
+
+
+# Errors -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "bad name", ".hidden", "x" * 129, "naïve", "a/b", "tab\t"]
+)
+def test_invalid_names_raise(broker, name, bad):
+    with pytest.raises(InvalidNameError):
+        broker.queue(bad)
+    with pytest.raises(InvalidNameError):
+        broker.stream(bad)
+    with pytest.raises(InvalidNameError):
+        broker.stream(name).group(bad)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"visibility_timeout": 0},
+        {"visibility_timeout": -1.0},
+        {"max_deliveries": -1},
+        {"max_deliveries": 70_000},
+        {"max_in_flight": 0},
+        {"max_length": 0},
+        {"overflow": "drop"},
+    ],
+    ids=lambda options: "-".join(f"{k}={v}" for k, v in options.items()),
+)
+def test_bad_option_values_raise_config_error(broker, name, options):
+    with pytest.raises(ConfigError):
+        broker.queue(name, **options)
+    # Nothing was stored: the queue opens with its defaults.
+    q = broker.queue(name)
+    assert q.visibility_timeout == 30.0
+    assert q.max_deliveries == 5
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"visibility": 10}, {"visibility_timeout": "10"}, {"max_length": 2.5}],
+    ids=["unknown-name", "str-timeout", "float-length"],
+)
+def test_option_type_errors_raise_type_error(broker, name, options):
+    with pytest.raises(TypeError):
+        broker.queue(name, **options)
+
+
+def test_body_over_max_message_bytes_raises(broker, name):
+    q = broker.queue(name)
+    with pytest.raises(MessageTooLargeError):
+        q.put(b"x" * (MAX_MESSAGE_BYTES + 1))
+    assert q.stats().depth == 0
+    assert q.put(b"x" * MAX_MESSAGE_BYTES) == 0
+    assert len(q.get(timeout=WAIT).body) == MAX_MESSAGE_BYTES
+
+
+def test_queue_full_rejects(broker, name):
+    q = broker.queue(name, max_length=2, overflow="reject")
+    assert q.put(b"a") == 0
+    with pytest.raises(QueueFull):
+        q.put_many([b"b", b"c"])
+    assert q.put(b"b") == 1
+    with pytest.raises(QueueFull):
+        q.put(b"c")
+    assert q.stats().depth == 2
+
+    q.get(timeout=WAIT).ack()
+    assert q.put(b"c") == 2
+    messages = q.get_many(10, timeout=WAIT)
+    assert [m.body for m in messages] == [b"b", b"c"]

@@ -1,0 +1,208 @@
+"""Properties of the frame codec: FrameReader splitting and the publish path."""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pymq
+from pymq import CorruptBatchError, FrameTooLargeError, ProtocolError, protocol
+from pymq._core import (
+    FrameReader,
+    encode_frame,
+    encode_publish,
+    publish_into,
+    split_body,
+)
+
+MAX_FRAME_BYTES = 64
+Frame = tuple[int, int, int, int, bytes]
+
+_streams = itertools.count()
+
+
+def split_reference(data: bytes, max_frame_bytes: int) -> tuple[list[Frame], str, int]:
+    """Split data by the frame layout: return frames, the error, leftover bytes.
+
+    The error is "" when every length was valid, "small" for a length under
+    12 and "large" for one over max_frame_bytes.
+    """
+    frames: list[Frame] = []
+    position = 0
+    while len(data) - position >= 4:
+        (length,) = struct.unpack_from("<I", data, position)
+        if length < 12:
+            return frames, "small", len(data) - position
+        if length > max_frame_bytes:
+            return frames, "large", len(data) - position
+        if len(data) - position < 4 + length:
+            break
+        opcode, _, flags, request_id, handle = struct.unpack_from(
+            "<BBHII", data, position + 4
+        )
+        payload = data[position + 16 : position + 4 + length]
+        frames.append((opcode, flags, request_id, handle, payload))
+        position += 4 + length
+    return frames, "", len(data) - position
+
+
+valid_frames = st.builds(
+    encode_frame,
+    st.integers(0, 255),
+    st.integers(0, 0xFFFF),
+    st.integers(0, 0xFFFFFFFF),
+    st.integers(0, 0xFFFFFFFF),
+    st.binary(max_size=MAX_FRAME_BYTES - 12),
+)
+frame_streams = st.one_of(
+    st.binary(max_size=200),
+    st.builds(
+        lambda frames, tail: b"".join(frames) + tail,
+        st.lists(valid_frames, max_size=8),
+        st.binary(max_size=20),
+    ),
+)
+
+
+@st.composite
+def split_points(draw: st.DrawFn, data: bytes) -> list[bytes]:
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=10)))
+    bounds = [0, *cuts, len(data)]
+    return [data[start:stop] for start, stop in itertools.pairwise(bounds)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=frame_streams)
+def test_frame_reader_whole_matches_reference(data):
+    frames, error, leftover = split_reference(data, MAX_FRAME_BYTES)
+    reader = FrameReader(MAX_FRAME_BYTES)
+    if error == "large":
+        with pytest.raises(FrameTooLargeError):
+            reader.feed(data)
+    elif error == "small":
+        with pytest.raises(ProtocolError):
+            reader.feed(data)
+    else:
+        assert reader.feed(data) == frames
+        assert reader.buffered == leftover
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_frame_reader_split_matches_whole(data):
+    stream = data.draw(frame_streams)
+    chunks = data.draw(split_points(stream))
+    frames, error, leftover = split_reference(stream, MAX_FRAME_BYTES)
+
+    reader = FrameReader(MAX_FRAME_BYTES)
+    received: list[Frame] = []
+    raised: ProtocolError | None = None
+    for chunk in chunks:
+        try:
+            received.extend(reader.feed(chunk))
+        except ProtocolError as exc:
+            raised = exc
+            break
+
+    if error:
+        assert raised is not None
+        # Frames completed in earlier chunks came out before the bad length.
+        assert received == frames[: len(received)]
+    else:
+        assert raised is None
+        assert received == frames
+        assert reader.buffered == leftover
+
+
+def test_frame_reader_checks_length_first():
+    reader = FrameReader(1 << 20)
+    with pytest.raises(FrameTooLargeError):
+        reader.feed(struct.pack("<I", 0xFFFFFFFF))
+    reader = FrameReader(1 << 20)
+    assert reader.feed(struct.pack("<I", 100) + b"\x20") == []
+    assert reader.buffered == 5
+
+
+# The publish path ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stream_core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The compiled stream of one queue, which publish_into appends to."""
+    with pymq.open(tmp_path_factory.mktemp("codec") / "data") as broker:
+        yield broker.queue("published").stream
+
+
+bodies = st.lists(
+    st.one_of(st.binary(max_size=300), st.binary(max_size=50).map(bytearray)),
+    min_size=1,
+    max_size=20,
+)
+headers = st.one_of(
+    st.none(),
+    st.dictionaries(st.text(max_size=20), st.text(max_size=40), max_size=5),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(bodies=bodies, headers=headers, request_id=st.integers(0, 0xFFFFFFFF))
+def test_publish_round_trip(stream_core, bodies, headers, request_id):
+    frame = encode_publish(request_id, 3, bodies, headers, -1)
+    assert struct.unpack_from("<IBBHII", frame) == (
+        len(frame) - 4,
+        protocol.PUBLISH,
+        1,
+        0,
+        request_id,
+        3,
+    )
+    store = stream_core.store
+    expected_first = store.next_offset
+
+    first, count = publish_into(stream_core, frame[16:], 10_000)
+    assert (first, count) == (expected_first, len(bodies))
+    assert store.next_offset == first + count
+    for index, body in enumerate(bodies):
+        _, _, flags, stored = store.read_record(first + index)
+        assert split_body(flags, stored) == (headers or {}, bytes(body))
+
+
+@settings(max_examples=100, deadline=None)
+@given(bodies=bodies, headers=headers, data=st.data())
+def test_publish_flipped_bit_writes_nothing(stream_core, bodies, headers, data):
+    payload = bytearray(encode_publish(1, 1, bodies, headers, 0)[16:])
+    # Bytes 8-11 of the payload are the CRC32C; the records follow byte 16.
+    # The timeout (bytes 12-15) is not covered by the CRC.
+    index = data.draw(
+        st.one_of(st.integers(8, 11), st.integers(16, len(payload) - 1))
+        if len(payload) > 16
+        else st.integers(8, 11)
+    )
+    payload[index] ^= 1 << data.draw(st.integers(0, 7))
+    before = stream_core.store.next_offset
+
+    with pytest.raises(CorruptBatchError):
+        publish_into(stream_core, bytes(payload), 10_000)
+    assert stream_core.store.next_offset == before
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"", "head alone"),
+        (struct.pack("<IIII", 0, 0, 0, 0), "1 to 10000"),
+        (struct.pack("<IIII", 2, 1, 0, 0), "flags"),
+        (struct.pack("<IIII", 0, 3, 0, 0) + bytes(8), "cannot hold"),
+    ],
+    ids=["empty", "count-0", "unknown-flags", "count-too-large"],
+)
+def test_publish_malformed_head_raises(stream_core, payload, message):
+    before = stream_core.store.next_offset
+    with pytest.raises(ProtocolError, match=message):
+        publish_into(stream_core, payload, 10_000)
+    assert stream_core.store.next_offset == before

@@ -1,0 +1,317 @@
+"""Connections: released deliveries, shared connections, long polls, reconnects.
+
+Queues that hold deliveries use visibility_timeout=3600, so a redelivery
+within a test can only come from the server releasing them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+
+import pymq
+from pymq import ConnectionLostError, protocol
+from pymq._core import encode_frame
+from pymq.protocol import FLAG_REPLY
+from tests.server.helpers import HOLD, RawClient, free_port, take
+
+THREADS = 8
+ROUNDS = 500
+JOIN_TIMEOUT = 60.0  # bounds a hung thread; the threads finish long before
+
+
+# Deliveries held by a client that goes away --------------------------------
+
+
+def test_client_close_releases_deliveries(shared_server, name):
+    with pymq.connect(shared_server.url) as other:
+        q = other.queue(name, visibility_timeout=3600)
+        q.put_many([b"a", b"b", b"c"])
+
+        leaving = pymq.connect(shared_server.url)
+        delivered = leaving.queue(name).get_many(2, timeout=10.0)
+        assert [(m.offset, m.attempt) for m in delivered] == [(0, 1), (1, 1)]
+        leaving.close()
+
+        messages = take(q, 3)
+        assert sorted((m.offset, m.attempt) for m in messages) == [
+            (0, 2),
+            (1, 2),
+            (2, 1),
+        ]
+
+
+def test_socket_close_releases_deliveries(shared_server, name):
+    with pymq.connect(shared_server.url) as other:
+        q = other.queue(name, visibility_timeout=3600)
+        q.put_many([b"a", b"b"])
+
+        raw = RawClient(shared_server.port)
+        raw.handshake()
+        handle = raw.open_queue(name)
+        fetch_two = struct.pack("<Ii", 2, 0)
+        raw.send(encode_frame(protocol.FETCH, 0, 3, handle, fetch_two))
+        reply = raw.next_frame()
+        assert reply[:3] == (protocol.DELIVER, FLAG_REPLY, 3)
+        # The socket closes with no goodbye of any kind.
+        raw.close()
+
+        messages = take(q, 2)
+        assert [(m.offset, m.attempt, m.body) for m in messages] == [
+            (0, 2, b"a"),
+            (1, 2, b"b"),
+        ]
+
+
+def test_killed_client_releases_deliveries(shared_server, name):
+    with pymq.connect(shared_server.url) as other:
+        q = other.queue(name, visibility_timeout=3600)
+        q.put_many([b"a", b"b", b"c"])
+
+        holder = subprocess.Popen(
+            [sys.executable, str(HOLD), shared_server.url, name, "2"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            line = holder.stdout.readline()
+        finally:
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.wait(timeout=20.0)
+            holder.stdout.close()
+        assert json.loads(line) == [[0, 1], [1, 1]]
+
+        messages = take(q, 3)
+        assert sorted((m.offset, m.attempt) for m in messages) == [
+            (0, 2),
+            (1, 2),
+            (2, 1),
+        ]
+
+
+# One connection shared by threads ------------------------------------------
+
+
+def test_threads_share_one_connection(shared_server, name):
+    with pymq.connect(shared_server.url) as client:
+        q = client.queue(name, visibility_timeout=3600)
+        received: list[list[tuple[bytes, int]]] = [[] for _ in range(THREADS)]
+        failures: list[BaseException] = []
+
+        def work(index: int) -> None:
+            try:
+                for round_ in range(ROUNDS):
+                    q.put(f"{index}:{round_}".encode())
+                    message = q.get(timeout=10.0)
+                    received[index].append((message.body, message.attempt))
+                    message.ack()
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=JOIN_TIMEOUT)
+        assert not any(thread.is_alive() for thread in threads)
+        assert failures == []
+
+        bodies = [body for part in received for body, _ in part]
+        expected = {f"{i}:{r}".encode() for i in range(THREADS) for r in range(ROUNDS)}
+        assert len(bodies) == THREADS * ROUNDS
+        assert set(bodies) == expected
+        assert {attempt for part in received for _, attempt in part} == {1}
+        stats = q.stats()
+        assert stats.depth == 0
+        assert stats.acked == THREADS * ROUNDS
+
+
+def test_blocked_get_stalls_no_other_thread(shared_server, name):
+    with pymq.connect(shared_server.url) as client:
+        empty = client.queue(f"{name}-empty")
+        busy = client.queue(f"{name}-busy")
+        waited: list[Any] = []
+        waiter = threading.Thread(target=lambda: waited.append(empty.get(timeout=30.0)))
+        waiter.start()
+        time.sleep(0.2)
+
+        for round_ in range(200):
+            assert busy.put(str(round_).encode()) == round_
+            message = busy.get(timeout=10.0)
+            assert message.body == str(round_).encode()
+            message.ack()
+        assert busy.stats().acked == 200
+        assert waiter.is_alive()
+        assert waited == []
+
+        empty.put(b"at last")
+        waiter.join(timeout=JOIN_TIMEOUT)
+        assert not waiter.is_alive()
+        assert [m.body for m in waited] == [b"at last"]
+
+
+def test_long_poll_returns_on_put(shared_server, name):
+    with (
+        pymq.connect(shared_server.url) as consumer,
+        pymq.connect(shared_server.url) as producer,
+    ):
+        q = consumer.queue(name)
+        got: list[Any] = []
+        poller = threading.Thread(target=lambda: got.append(q.get(timeout=5.0)))
+        poller.start()
+        time.sleep(0.2)
+        assert producer.queue(name).put(b"wake up", headers={"k": "v"}) == 0
+        poller.join(timeout=JOIN_TIMEOUT)
+
+        assert not poller.is_alive()
+        assert len(got) == 1
+        assert got[0] is not None
+        assert (got[0].body, got[0].headers, got[0].offset) == (
+            b"wake up",
+            {"k": "v"},
+            0,
+        )
+
+
+def test_long_poll_on_group(shared_server, name):
+    with (
+        pymq.connect(shared_server.url) as consumer,
+        pymq.connect(shared_server.url) as producer,
+    ):
+        group = consumer.stream(name).group("readers")
+        got: list[Any] = []
+        poller = threading.Thread(target=lambda: got.append(group.get_many(5, 5.0)))
+        poller.start()
+        time.sleep(0.2)
+        producer.stream(name).put_many([b"x", b"y"])
+        poller.join(timeout=JOIN_TIMEOUT)
+
+        assert not poller.is_alive()
+        messages = got[0] + take(group, 2 - len(got[0]))
+        assert [m.body for m in messages] == [b"x", b"y"]
+
+
+# Reconnecting ------------------------------------------------------------------
+
+
+def test_reconnect_after_restart(servers, name):
+    server = servers(port=free_port()).start()
+    client = pymq.connect(server.url, reconnect_attempts=10)
+    try:
+        q = client.queue(name, visibility_timeout=3600)
+        assert q.put(b"before") == 0
+        assert server.stop() == 0
+        server.start()
+
+        stats = q.stats()
+        assert stats.depth == 1
+        message = q.get(timeout=10.0)
+        assert (message.body, message.attempt) == (b"before", 1)
+        message.ack()
+        assert q.stats().acked == 1
+    finally:
+        client.close()
+
+
+def test_get_reconnects_after_restart(servers, name):
+    server = servers(port=free_port()).start()
+    client = pymq.connect(server.url, reconnect_attempts=10)
+    try:
+        q = client.queue(name)
+        assert q.put(b"before") == 0
+        assert server.stop() == 0
+        server.start()
+
+        message = q.get(timeout=10.0)
+        assert message is not None
+        assert message.body == b"before"
+    finally:
+        client.close()
+
+
+def test_put_works_after_reconnect(servers, name):
+    server = servers(port=free_port()).start()
+    client = pymq.connect(server.url, reconnect_attempts=10)
+    try:
+        q = client.queue(name)
+        assert q.put(b"before") == 0
+        assert server.stop() == 0
+        server.start()
+
+        # A put is never sent twice, so the first one after the restart may
+        # go down with the old connection; the next one must get through.
+        with contextlib.suppress(ConnectionLostError):
+            q.put(b"maybe")
+        offset = q.put(b"after")
+        assert offset in (1, 2)
+        assert q.stats().depth == offset + 1
+    finally:
+        client.close()
+
+
+def test_put_during_crash_raises_connection_lost(servers, name):
+    server = servers(port=free_port()).start()
+    client = pymq.connect(server.url, reconnect_attempts=10)
+    try:
+        q = client.queue(name)
+        full = client.queue(f"{name}-full", max_length=1, overflow="block")
+        assert q.put(b"kept") == 0
+        full.put(b"fills the queue")
+        outcome: list[BaseException | int] = []
+
+        def blocked_put() -> None:
+            try:
+                outcome.append(full.put(b"waits for room", timeout=30.0))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        putter = threading.Thread(target=blocked_put)
+        putter.start()
+        time.sleep(0.3)
+        server.kill()
+        putter.join(timeout=JOIN_TIMEOUT)
+        assert not putter.is_alive()
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], ConnectionLostError)
+
+        server.start()
+        assert q.stats().depth == 1
+        assert q.get(timeout=10.0).body == b"kept"
+        assert full.stats().depth == 1
+    finally:
+        client.close()
+
+
+def test_connect_to_closed_port_raises():
+    port = free_port()
+    with pytest.raises(OSError):
+        pymq.connect(f"pymq://127.0.0.1:{port}", connect_timeout=5.0)
+
+
+def test_connect_to_listener_that_closes():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def accept_and_close() -> None:
+            listener.settimeout(10.0)
+            connection, _ = listener.accept()
+            connection.close()
+
+        acceptor = threading.Thread(target=accept_and_close)
+        acceptor.start()
+        with pytest.raises(ConnectionError):
+            pymq.connect(f"pymq://127.0.0.1:{port}", connect_timeout=5.0)
+        acceptor.join(timeout=JOIN_TIMEOUT)

@@ -1,0 +1,228 @@
+"""Server limits and login: timeouts, max_connections, tokens, frame size."""
+
+from __future__ import annotations
+
+import struct
+import time
+
+import pytest
+
+import pymq
+from pymq import AuthenticationError, ServerError, protocol
+from pymq._core import encode_frame
+from pymq.protocol import FLAG_MORE, FLAG_REPLY, PREAMBLE, encode_json
+from pymq.server import ServerLimits
+from tests.server.helpers import RawClient, error_of, server_in_thread
+
+TOKEN = "s3cret-token-7f1c9a"
+WRONG_TOKEN = "wrong-token-2b8e4d"
+
+
+def assert_round_trip(client: pymq.RemoteBroker, name: str) -> None:
+    q = client.queue(name)
+    offset = q.put(b"ping")
+    message = q.get(timeout=10.0)
+    assert (message.offset, message.body) == (offset, b"ping")
+    message.ack()
+
+
+# Timeouts -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def impatient(servers):
+    """A server that drops stalled frames and handshakes after 0.5 s."""
+    return servers(limits={"frame_timeout": 0.5, "handshake_timeout": 0.5}).start()
+
+
+def test_stalled_frame_times_out(impatient):
+    raw = RawClient(impatient.port)
+    try:
+        raw.handshake()
+        frame = encode_frame(protocol.PING, 0, 3, 0, b"")
+        raw.send(frame[:8])
+        frames = raw.read_until_closed()
+    finally:
+        raw.close()
+    assert len(frames) == 1
+    code, text = error_of(frames[0])
+    assert code == 1
+    assert "frame_timeout (0.5 s)" in text
+    with pymq.connect(impatient.url) as client:
+        assert_round_trip(client, "after-stall")
+
+
+def test_missing_hello_times_out(impatient):
+    raw = RawClient(impatient.port)
+    try:
+        raw.send(PREAMBLE)
+        frames = raw.read_until_closed()
+    finally:
+        raw.close()
+    assert len(frames) == 1
+    assert frames[0][0] == protocol.HELLO
+    code, text = error_of(frames[0])
+    assert code == 1
+    assert "handshake_timeout (0.5 s)" in text
+
+
+def test_silent_connection_times_out(impatient):
+    raw = RawClient(impatient.port)
+    try:
+        frames = raw.read_until_closed()
+    finally:
+        raw.close()
+    assert len(frames) == 1
+    assert error_of(frames[0])[0] == 1
+
+
+def test_idle_client_stays_connected(impatient):
+    with pymq.connect(impatient.url) as client:
+        assert_round_trip(client, "idle")
+        # Twice both timeouts pass with no frame; idle_timeout is 0 (never).
+        time.sleep(1.0)
+        assert_round_trip(client, "idle")
+
+
+# max_connections ------------------------------------------------------------------
+
+
+def test_max_connections_refuses_third(servers):
+    server = servers(limits={"max_connections": 2}).start()
+    first = pymq.connect(server.url)
+    second = pymq.connect(server.url)
+    try:
+        with pytest.raises(ServerError) as refused:
+            pymq.connect(server.url, reconnect_attempts=0)
+        assert refused.value.code == 16
+        assert refused.value.retriable is True
+
+        assert_round_trip(first, "first")
+        assert_round_trip(second, "second")
+    finally:
+        first.close()
+        second.close()
+
+
+def test_max_connections_frees_slot_on_close(servers):
+    server = servers(limits={"max_connections": 1}).start()
+    first = pymq.connect(server.url)
+    with pytest.raises(ServerError):
+        pymq.connect(server.url, reconnect_attempts=0)
+    first.close()
+
+    # The slot is freed once the server handles the close, so retry (bounded).
+    deadline = time.monotonic() + 10.0
+    while True:
+        try:
+            later = pymq.connect(server.url, reconnect_attempts=0)
+            break
+        except ServerError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    with later:
+        assert_round_trip(later, "later")
+
+
+# Tokens ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def guarded(servers):
+    """A server that requires TOKEN, logging at DEBUG."""
+    return servers(token=TOKEN, log_level="DEBUG").start()
+
+
+def test_connect_without_token_raises(guarded):
+    with pytest.raises(AuthenticationError):
+        pymq.connect(guarded.url, reconnect_attempts=0)
+
+
+def test_connect_with_wrong_token_raises(guarded):
+    with pytest.raises(AuthenticationError) as refused:
+        pymq.connect(guarded.url, token=WRONG_TOKEN, reconnect_attempts=0)
+    assert refused.value.code == 5
+
+
+def test_connect_with_token_from_environment(guarded, monkeypatch):
+    monkeypatch.setenv("PYMQ_TOKEN", TOKEN)
+    with pymq.connect(guarded.url) as client:
+        assert_round_trip(client, "from-environment")
+
+
+def test_hello_with_token_of_wrong_type(guarded):
+    raw = RawClient(guarded.port)
+    try:
+        hello = encode_json({"versions": [1, 1], "token": 12345})
+        raw.send(PREAMBLE + encode_frame(protocol.HELLO, 0, 1, 0, hello))
+        frames = raw.read_until_closed()
+    finally:
+        raw.close()
+    assert len(frames) == 1
+    assert error_of(frames[0])[0] == 5
+
+
+def test_token_works_and_is_not_logged(guarded):
+    for _ in range(3):
+        with pytest.raises(AuthenticationError):
+            pymq.connect(guarded.url, token=WRONG_TOKEN, reconnect_attempts=0)
+    with pymq.connect(guarded.url, token=TOKEN) as client:
+        assert_round_trip(client, "with-token")
+    assert guarded.stop() == 0
+
+    log = guarded.log()
+    assert "refused a connection from 127.0.0.1" in log
+    assert TOKEN not in log
+    assert WRONG_TOKEN not in log
+
+
+# Replies larger than one frame ----------------------------------------------------
+
+
+def test_deliveries_split_across_frames(tmp_path):
+    bodies = [bytes([index]) * 10_240 for index in range(50)]
+    limits = ServerLimits(max_frame_bytes=64 << 10)
+    with (
+        pymq.open(tmp_path / "data", max_message_bytes=16 << 10) as broker,
+        server_in_thread(broker, limits) as server,
+        pymq.connect(f"pymq://127.0.0.1:{server.port}") as client,
+    ):
+        q = client.queue("large", visibility_timeout=3600)
+        # One batch of 50 is over max_frame_bytes: the client splits it.
+        assert q.put_many(bodies) == range(50)
+        messages = q.get_many(50, timeout=10.0)
+        assert [m.offset for m in messages] == list(range(50))
+        assert [m.body for m in messages] == bodies
+        q.ack_many(messages)
+        assert q.stats().acked == 50
+
+
+def test_deliver_frames_carry_more_flag(tmp_path):
+    body = b"x" * 10_240
+    limits = ServerLimits(max_frame_bytes=64 << 10)
+    with (
+        pymq.open(tmp_path / "data", max_message_bytes=16 << 10) as broker,
+        server_in_thread(broker, limits) as server,
+    ):
+        broker.queue("large").put_many([body] * 50)
+        raw = RawClient(server.port)
+        try:
+            raw.handshake()
+            handle = raw.open_queue("large")
+            raw.send(
+                encode_frame(protocol.FETCH, 0, 7, handle, struct.pack("<Ii", 50, 0))
+            )
+            frames = [raw.next_frame()]
+            while frames[-1][1] & FLAG_MORE:
+                frames.append(raw.next_frame())
+        finally:
+            raw.close()
+
+    # 12 header bytes and an 8-byte head per frame, then 36 + 10,240 bytes
+    # per delivery: six fit in 64 KiB.
+    counts = [struct.unpack_from("<I", frame[4])[0] for frame in frames]
+    assert counts == [6, 6, 6, 6, 6, 6, 6, 6, 2]
+    assert [frame[1] for frame in frames] == [FLAG_REPLY | FLAG_MORE] * 8 + [FLAG_REPLY]
+    assert {frame[2] for frame in frames} == {7}
+    assert all(len(frame[4]) + 12 <= 64 << 10 for frame in frames)
