@@ -1038,7 +1038,12 @@ cdef class GroupBase:
                     else:
                         receipts[i] = item
             memcpy(offsets, receipts, count * 8)
-            qsort(offsets, count, 8, compare_u64)
+            # Batches from get_many come in rising order, so the sort that
+            # finds duplicates is only needed for the others.
+            for i in range(1, count):
+                if offsets[i] <= offsets[i - 1]:
+                    qsort(offsets, count, 8, compare_u64)
+                    break
             for i in range(1, count):
                 if offsets[i] == offsets[i - 1]:
                     raise StaleReceiptError(

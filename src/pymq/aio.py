@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import logging
 import os
+import ssl
 import struct
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Final
@@ -31,7 +32,7 @@ from pymq._core import (
     encode_receipts,
 )
 from pymq._version import __version__
-from pymq.client import wait_ms
+from pymq.client import client_ssl_context, wait_ms
 from pymq.protocol import (
     FLAG_ERROR,
     FLAG_MORE,
@@ -75,14 +76,16 @@ class AsyncConnection:
         self.max_batch = 10_000
         self.server = ""
 
-    async def open(self, token: str | None, timeout: float) -> None:
+    async def open(
+        self, token: str | None, timeout: float, context: ssl.SSLContext | None
+    ) -> None:
         address = self.address
-        if address.tls:
-            raise errors.ConfigError(
-                f"{address}: TLS (pymqs://) is not supported by this client yet"
-            )
         if address.path is not None:
             opening = asyncio.open_unix_connection(address.path)
+        elif context is not None:
+            opening = asyncio.open_connection(
+                address.host, address.port, ssl=context, server_hostname=address.host
+            )
         else:
             opening = asyncio.open_connection(address.host, address.port)
         reader, writer = await asyncio.wait_for(opening, timeout)
@@ -530,14 +533,22 @@ async def connect(
     *,
     token: str | None = None,
     connect_timeout: float = 10.0,
+    ssl_context: ssl.SSLContext | None = None,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
 ) -> AsyncBroker:
     """Connect to a pymq server; token defaults to PYMQ_TOKEN.
+
+    The TLS options are those of pymq.connect, for pymqs:// URLs.
 
     NOTE: unlike the blocking client, this one does not reconnect; a broken
     connection raises ConnectionLostError from every later call.
     """
     if token is None:
         token = os.environ.get("PYMQ_TOKEN") or None
-    connection = AsyncConnection(parse_url(url))
-    await connection.open(token, connect_timeout)
+    address = parse_url(url)
+    context = client_ssl_context(address, ssl_context, ca_file, cert_file, key_file)
+    connection = AsyncConnection(address)
+    await connection.open(token, connect_timeout, context)
     return AsyncBroker(connection)

@@ -295,6 +295,20 @@ def _client_options() -> argparse.ArgumentParser:
         help="file whose content is the server's token (default: $PYMQ_TOKEN); "
         "only with --url",
     )
+    client.add_argument(
+        "--tls-ca",
+        metavar="PATH",
+        help="certificate authority to check a pymqs:// server against "
+        "(default: the system's)",
+    )
+    client.add_argument(
+        "--tls-cert",
+        metavar="PATH",
+        help="client certificate for a pymqs:// server that requires one",
+    )
+    client.add_argument(
+        "--tls-key", metavar="PATH", help="key of --tls-cert, if not in its file"
+    )
     return client
 
 
@@ -334,6 +348,19 @@ def _add_serve(commands: Any) -> None:
         "--port-file",
         metavar="PATH",
         help="write the TCP port the server listens on to this file",
+    )
+    serve.add_argument(
+        "--tls-cert",
+        metavar="PATH",
+        help="serve TCP with TLS, with this certificate (PEM); clients use pymqs://",
+    )
+    serve.add_argument(
+        "--tls-key", metavar="PATH", help="key of --tls-cert, if not in its file"
+    )
+    serve.add_argument(
+        "--tls-client-ca",
+        metavar="PATH",
+        help="require client certificates signed by this authority",
     )
     serve.add_argument(
         "--log-level",
@@ -564,6 +591,12 @@ def open_broker(args: argparse.Namespace, *, create: bool) -> Iterator[BrokerAPI
                 "--token-file applies only with --url, not with --data",
                 ExitCode.USAGE,
             )
+        if args.tls_ca or args.tls_cert or args.tls_key:
+            raise CommandError(
+                "--tls-ca, --tls-cert and --tls-key apply only with a pymqs:// "
+                "--url, not with --data",
+                ExitCode.USAGE,
+            )
         if not create and not Path(args.data).is_dir():
             raise CommandError(
                 f"data directory {args.data} does not exist", ExitCode.USAGE
@@ -576,7 +609,12 @@ def open_broker(args: argparse.Namespace, *, create: bool) -> Iterator[BrokerAPI
         return
 
     url: str = args.url
-    remote = _connect(url, read_token(args.token_file))
+    tls = {
+        "ca_file": args.tls_ca,
+        "cert_file": args.tls_cert,
+        "key_file": args.tls_key,
+    }
+    remote = _connect(url, read_token(args.token_file), tls)
     try:
         yield remote
     except AuthenticationError as exc:
@@ -598,7 +636,9 @@ def open_broker(args: argparse.Namespace, *, create: bool) -> Iterator[BrokerAPI
             logger.warning("closing the connection to %s failed: %s", url, exc)
 
 
-def _connect(url: str, token: str | None) -> BrokerAPI:
+def _connect(
+    url: str, token: str | None, tls: dict[str, str | None] | None = None
+) -> BrokerAPI:
     connect = getattr(pymq, "connect", None)
     if connect is None:
         raise CommandError(
@@ -607,7 +647,7 @@ def _connect(url: str, token: str | None) -> BrokerAPI:
             ExitCode.USAGE,
         )
     try:
-        remote: BrokerAPI = connect(url, token=token)
+        remote: BrokerAPI = connect(url, token=token, **(tls or {}))
     except AuthenticationError as exc:
         raise CommandError(
             _authentication_message(url, exc), ExitCode.AUTHENTICATION
@@ -665,6 +705,9 @@ def _serve(args: argparse.Namespace) -> int:
             fsync=args.fsync,
             token=token,
             port_file=args.port_file,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
         )
     except OSError as exc:
         raise CommandError(

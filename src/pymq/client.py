@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -104,6 +105,86 @@ class _Slot:
         self.error: BaseException | None = None
 
 
+class TlsChannel:
+    """A TLS session over a socket that one thread reads while others write.
+
+    OpenSSL does not allow one SSL object to be used by two threads at
+    once, and an SSLSocket would do that for a read in one thread and a
+    write in another. So the session runs on memory buffers under a lock,
+    and the socket I/O happens outside it. Everything sent goes out under
+    send_lock, so TLS records leave in the order they were made.
+    """
+
+    def __init__(
+        self, sock: socket.socket, context: ssl.SSLContext, hostname: str
+    ) -> None:
+        self.sock = sock
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._session = context.wrap_bio(
+            self._incoming, self._outgoing, server_hostname=hostname
+        )
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        while True:
+            try:
+                self._session.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                data = sock.recv(65536)
+                if not data:
+                    raise errors.ConnectionLostError(
+                        "the server closed the connection during the TLS handshake"
+                    ) from None
+                self._incoming.write(data)
+        self._flush()
+
+    def _flush(self) -> None:
+        with self._send_lock:
+            with self._lock:
+                data = self._outgoing.read()
+            if data:
+                self.sock.sendall(data)
+
+    def sendall(self, data: bytes) -> None:
+        with self._send_lock:
+            with self._lock:
+                self._session.write(data)
+                out = self._outgoing.read()
+            self.sock.sendall(out)
+
+    def recv(self, size: int) -> bytes:
+        while True:
+            with self._lock:
+                try:
+                    data = self._session.read(size)
+                except ssl.SSLWantReadError:
+                    data = b""
+                except ssl.SSLZeroReturnError:
+                    return b""
+                pending = self._outgoing.pending
+            if pending:
+                # Reading can produce records to send (a key update).
+                self._flush()
+            if data:
+                return data
+            raw = self.sock.recv(262144)
+            if not raw:
+                return b""
+            with self._lock:
+                self._incoming.write(raw)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.sock.settimeout(timeout)
+
+    def shutdown(self, how: int) -> None:
+        self.sock.shutdown(how)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class Connection:
     """One socket to a server, shared by threads; reconnects where safe."""
 
@@ -114,8 +195,10 @@ class Connection:
         token: str | None,
         connect_timeout: float,
         reconnect_attempts: int,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.address = address
+        self._ssl_context = ssl_context
         self._token = token
         self._connect_timeout = connect_timeout
         self._reconnect_attempts = reconnect_attempts
@@ -124,7 +207,7 @@ class Connection:
         self._ids = itertools.count(1)
         self._slots: dict[int, _Slot] = {}
         self._reading = False
-        self._sock: socket.socket | None = None
+        self._sock: Any = None  # a socket, or a TlsChannel over one
         self._reader: FrameReader | None = None
         self._late_errors: list[errors.PymqError] = []
         self._closed = False
@@ -136,7 +219,7 @@ class Connection:
 
     # Connecting ---------------------------------------------------------------
 
-    def _open_socket(self) -> socket.socket:
+    def _open_socket(self) -> Any:
         address = self.address
         if address.path is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -147,14 +230,17 @@ class Connection:
                 sock.close()
                 raise
         else:
-            if address.tls:
-                raise errors.ConfigError(
-                    f"{address}: TLS (pymqs://) is not supported by this client yet"
-                )
             sock = socket.create_connection(
                 (address.host, address.port), timeout=self._connect_timeout
             )
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if address.tls:
+                context = self._ssl_context or ssl.create_default_context()
+                try:
+                    return TlsChannel(sock, context, address.host)
+                except BaseException:
+                    sock.close()
+                    raise
         return sock
 
     def _connect(self) -> None:
@@ -290,7 +376,7 @@ class Connection:
             self._broken(exc, sock)
         return self._await(slot, sock)
 
-    def _await(self, slot: _Slot, sock: socket.socket) -> list[Frame]:
+    def _await(self, slot: _Slot, sock: Any) -> list[Frame]:
         with self._cv:
             while not slot.done:
                 if not self._reading:
@@ -347,7 +433,7 @@ class Connection:
             slot.done = True
             del self._slots[request_id]
 
-    def _broken(self, exc: BaseException, sock: socket.socket | None) -> None:
+    def _broken(self, exc: BaseException, sock: Any) -> None:
         """Fail every request waiting on sock; the next request reconnects."""
         with self._cv:
             if sock is None or self._sock is not sock:
@@ -749,26 +835,64 @@ class RemoteStream(_Publisher):
         return f"<RemoteStream {self.name!r} on {self._broker.url}>"
 
 
+def client_ssl_context(
+    address: Address,
+    context: ssl.SSLContext | None,
+    ca_file: str | None,
+    cert_file: str | None,
+    key_file: str | None,
+) -> ssl.SSLContext | None:
+    """Return the TLS context for a pymqs:// address, or None for pymq://.
+
+    Without a context of the caller's, the server's certificate is checked
+    against ca_file (or the system's authorities), and cert_file with
+    key_file is the client's own certificate, for servers that ask for one.
+    """
+    if not address.tls:
+        if context or ca_file or cert_file or key_file:
+            raise errors.ConfigError(
+                f"{address} is not TLS: TLS options need a pymqs:// URL"
+            )
+        return None
+    if context is not None:
+        return context
+    context = ssl.create_default_context(cafile=ca_file)
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file)
+    elif key_file is not None:
+        raise errors.ConfigError("key_file is given without cert_file")
+    return context
+
+
 def connect(
     url: str = f"pymq://127.0.0.1:{protocol.DEFAULT_PORT}",
     *,
     token: str | None = None,
     connect_timeout: float = 10.0,
     reconnect_attempts: int = 5,
+    ssl_context: ssl.SSLContext | None = None,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
 ) -> RemoteBroker:
     """Connect to a pymq server and return a broker with pymq.open()'s API.
 
-    url is pymq://HOST:PORT or pymq+unix:///PATH. token defaults to the
-    environment variable PYMQ_TOKEN. A broken connection is opened again,
-    with backoff, on the next call; only requests that are safe to repeat
-    are sent again on their own.
+    url is pymq://HOST:PORT, pymqs://HOST:PORT (TLS; see client_ssl_context
+    for ssl_context, ca_file, cert_file and key_file) or pymq+unix:///PATH.
+    token defaults to the environment variable PYMQ_TOKEN. A broken
+    connection is opened again, with backoff, on the next call; only
+    requests that are safe to repeat are sent again on their own.
     """
     if token is None:
         token = os.environ.get("PYMQ_TOKEN") or None
+    address = parse_url(url)
     connection = Connection(
-        parse_url(url),
+        address,
         token=token,
         connect_timeout=connect_timeout,
         reconnect_attempts=reconnect_attempts,
+        ssl_context=client_ssl_context(
+            address, ssl_context, ca_file, cert_file, key_file
+        ),
     )
     return RemoteBroker(connection)

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -51,7 +52,7 @@ from pymq.protocol import (
 )
 from pymq.queue import Group, Queue, Stream
 
-__all__ = ["Server", "ServerLimits", "run"]
+__all__ = ["Server", "ServerLimits", "run", "server_ssl_context"]
 
 logger = logging.getLogger("pymq.server")
 
@@ -220,7 +221,9 @@ class Server:
         *,
         token: str | None = None,
         limits: ServerLimits | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        self._ssl = ssl_context
         if token is not None and not token:
             raise errors.ConfigError("token is empty; give a token or None")
         self.broker = broker
@@ -259,14 +262,25 @@ class Server:
         """Listen on host:port (unless host is None) and on unix; return both."""
         loop = asyncio.get_running_loop()
         if host is not None:
+            tls: dict[str, Any] = {}
+            if self._ssl is not None:
+                tls = {
+                    "ssl": self._ssl,
+                    "ssl_handshake_timeout": self.limits.handshake_timeout,
+                }
             listener = await loop.create_server(
-                lambda: _Connection(self), host, port, reuse_address=True
+                lambda: _Connection(self), host, port, reuse_address=True, **tls
             )
             self._listeners.append(listener)
             for sock in listener.sockets:
                 address = sock.getsockname()
                 self.addresses.append(f"{address[0]}:{address[1]}")
-                logger.info("listening on %s:%d", address[0], address[1])
+                logger.info(
+                    "listening on %s:%d%s",
+                    address[0],
+                    address[1],
+                    " (TLS)" if self._ssl is not None else "",
+                )
             if self._token is None and not _is_loopback(host):
                 logger.warning(
                     "listening on %s without a token: anyone who can reach it "
@@ -1153,6 +1167,33 @@ class _Fatal(Exception):
         self.text = text
 
 
+def server_ssl_context(
+    cert: str | os.PathLike[str] | None,
+    key: str | os.PathLike[str] | None = None,
+    client_ca: str | os.PathLike[str] | None = None,
+) -> ssl.SSLContext | None:
+    """Return the server's TLS context, or None without a certificate."""
+    if cert is None:
+        if key is not None or client_ca is not None:
+            raise errors.ConfigError(
+                "a TLS key or client authority is given without a certificate"
+            )
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+        if client_ca is not None:
+            context.load_verify_locations(client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise errors.ConfigError(
+            f"cannot load the TLS certificate {cert} (key {key}, client "
+            f"authority {client_ca}): {exc}"
+        ) from exc
+    return context
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     # uvloop is optional (the "fast" extra), so it is looked up at run time.
     try:
@@ -1173,16 +1214,23 @@ def run(
     token: str | None = None,
     port_file: str | os.PathLike[str] | None = None,
     limits: ServerLimits | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
+    tls_client_ca: str | os.PathLike[str] | None = None,
 ) -> None:
     """Open the broker in data and serve it until SIGTERM or SIGINT.
 
     With port 0 the system picks a free port; port_file then receives it.
+    With tls_cert (and tls_key, unless the key is in the same file) TCP
+    connections use TLS; with tls_client_ca, clients must also present a
+    certificate signed by that authority.
     """
+    context = server_ssl_context(tls_cert, tls_key, tls_client_ca)
     broker = Broker(data, fsync=fsync)
     loop = _new_loop()
     server: Server | None = None
     try:
-        server = Server(broker, token=token, limits=limits)
+        server = Server(broker, token=token, limits=limits, ssl_context=context)
         loop.run_until_complete(_serve(server, host, port, unix, port_file))
     finally:
         try:
