@@ -72,3 +72,37 @@ def test_batch_body_index_out_of_range_raises(broker: pymq.Broker) -> None:
     batch = jobs.get_batch(1, timeout=0)
     with pytest.raises(IndexError, match="index 1 is outside the batch of 1"):
         batch.body(1)
+
+
+def test_batch_redriven_group_message(broker: pymq.Broker) -> None:
+    events = broker.stream("events")
+    billing = events.group("billing")
+    audit = events.group("audit")
+    events.put(b"invoice 7", headers={"kind": "invoice"})
+    billing.get(timeout=0).reject("bad total")
+    audit.ack_many(audit.get_batch(10, timeout=0))
+    assert broker.redrive("events.billing.dlq") == 1
+    batch = billing.get_batch(10, timeout=0)
+    assert len(batch) == 1
+    assert batch.data == b"invoice 7"
+    assert batch.offsets.tolist() == [1]
+    assert batch.headers == [{"kind": "invoice"}]
+    billing.ack_many(batch)
+    # The other group passes over the redriven copy.
+    assert len(audit.get_batch(10, timeout=0)) == 0
+    assert audit.stats().depth == 0
+
+
+def test_batch_redelivery_counts_attempts(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs", max_deliveries=5)
+    jobs.put_many([b"a", b"b", b"c"])
+    first = jobs.get_batch(3, timeout=0)
+    assert first.attempts.tolist() == [1, 1, 1]
+    jobs.nack(int(first.receipts[1]))
+    jobs.ack_many([int(first.receipts[0]), int(first.receipts[2])])
+    second = jobs.get_batch(3, timeout=0)
+    assert second.offsets.tolist() == [1]
+    assert second.attempts.tolist() == [2]
+    assert second.data == b"b"
+    jobs.ack_many(second)
+    assert jobs.stats().acked == 3

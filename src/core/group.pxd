@@ -109,6 +109,7 @@ cdef class GroupBase:
     cdef size_t dead_pending          # slots queued for or being moved to the DLQ
     cdef uint64_t journal_written     # journal bytes to sync before returning
     cdef readonly bint closed
+    cdef object taken_headers         # set by take_record for routed records
 
     cdef int acquire(self) except -1
     cdef void release(self) noexcept
@@ -118,6 +119,9 @@ cdef class GroupBase:
     cdef int finish(self) except -1
     cdef int expire(self, int64_t now) except -1
     cdef Message take_one(self, int64_t now)
+    cdef bint take_record(self, int64_t now, uint64_t *offset_out,
+                          uint32_t *attempt_out,
+                          const uint8_t **record) except -1
     cdef Message take_now(self)
     cdef int fail(self, uint64_t offset, int64_t not_before, str reason,
                   bint dead_now) except -1
