@@ -71,6 +71,7 @@ class AsyncConnection:
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._late_errors: list[errors.PymqError] = []
+        self._outgoing: list[bytes] = []
         self._lost: BaseException | None = None
         self.max_frame_bytes = 16 << 20
         self.max_batch = 10_000
@@ -186,17 +187,30 @@ class AsyncConnection:
 
     async def call(self, request_id: int, frame: bytes) -> list[Frame]:
         """Send a request; return its reply frames or raise its error."""
-        writer = self._check()
+        self._check()
         future: asyncio.Future[list[Frame]] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = (future, [])
-        writer.write(frame)
+        self._queue_frame(frame)
         frames = await future
         if frames[0][1] & FLAG_ERROR:
             raise decode_error(frames[0][4])
         return frames
 
     def send(self, frame: bytes) -> None:
-        self._check().write(frame)
+        self._check()
+        self._queue_frame(frame)
+
+    def _queue_frame(self, frame: bytes) -> None:
+        # Frames queued in one turn of the loop (a gather of puts, say) go
+        # out in one write, once the running tasks have had their turn.
+        self._outgoing.append(frame)
+        if len(self._outgoing) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        outgoing, self._outgoing = self._outgoing, []
+        if self._writer is not None and outgoing and self._lost is None:
+            self._writer.writelines(outgoing)
 
     def subscribe(
         self, request_id: int, owner: Any

@@ -62,15 +62,9 @@ _F64: Final = struct.Struct("<d")
 _PUBLISHED: Final = struct.Struct("<QI")
 # Requests queued on one connection before the server stops reading it.
 _MAX_PENDING: Final = 1024
-_CONTROL: Final = frozenset(
-    {
-        protocol.OPEN,
-        protocol.STATS,
-        protocol.REDRIVE,
-        protocol.NAMES,
-        protocol.GROUPS,
-    }
-)
+# Control requests that may take long (files created and synced, or a
+# whole DLQ moved) run in the pool; STATS and the listings run inline.
+_CONTROL: Final = frozenset({protocol.OPEN, protocol.REDRIVE})
 _SYNCING: Final = frozenset(
     {
         protocol.PUBLISH,
@@ -430,6 +424,8 @@ class _Connection(asyncio.Protocol):
         # Why reading is paused: "writes" (the peer is not reading its
         # replies) or "pending" (too many requests wait for the pool).
         self.holds: set[str] = set()
+        # Replies gathered while one read's requests run; see data_received.
+        self.outbox: list[bytes] | None = None
         self.handlers: dict[int, Callable[[int, int, int, bytes], Any]] = {
             protocol.HELLO: self.on_hello,
             protocol.PING: self.on_ping,
@@ -547,12 +543,20 @@ class _Connection(asyncio.Protocol):
             self.fail(0, 0, exc)
             return
         self.partial_since = time.monotonic() if self.reader.buffered else None
-        if frames:
-            self.last_frame = time.monotonic()
-        for frame in frames:
-            if self.closed:
-                return
-            self.dispatch(frame)
+        if not frames:
+            return
+        self.last_frame = time.monotonic()
+        # The replies to the requests of one read go out in one write.
+        self.outbox = []
+        try:
+            for frame in frames:
+                if self.closed:
+                    return
+                self.dispatch(frame)
+        finally:
+            outbox, self.outbox = self.outbox, None
+            if outbox and not self.closed and self.transport is not None:
+                self.transport.writelines(outbox)
 
     # Requests -------------------------------------------------------------------
 
@@ -666,7 +670,12 @@ class _Connection(asyncio.Protocol):
             return
         if self.closed or self.transport is None:
             return
-        if isinstance(result, list):
+        if self.outbox is not None:
+            if isinstance(result, list):
+                self.outbox.extend(result)
+            else:
+                self.outbox.append(result)
+        elif isinstance(result, list):
             self.transport.writelines(result)
         else:
             self.transport.write(result)
@@ -1109,6 +1118,10 @@ class _Connection(asyncio.Protocol):
     ) -> None:
         if self.transport is None or self.transport.is_closing():
             return
+        if self.outbox:
+            # Earlier replies of the same read go first, in order.
+            self.transport.writelines(self.outbox)
+            self.outbox.clear()
         self.transport.write(
             encode_frame(
                 opcode,
