@@ -485,3 +485,14 @@ PROTOCOL_OPCODES = {
     "DELIVER": OP_DELIVER, "ACK": OP_ACK, "NACK": OP_NACK,
     "EXTEND": OP_EXTEND, "REJECT": OP_REJECT,
 }
+
+
+def keep_large_buffers(int mmap_threshold=64 << 20,
+                       int trim_threshold=256 << 20):
+    """Keep freed buffers up to mmap_threshold bytes in the heap (glibc).
+
+    The server calls this once: its frames are too large for the default
+    thresholds, which return each one to the kernel when it is freed.
+    Returns True when the settings were applied.
+    """
+    return pymq_keep_large_buffers(mmap_threshold, trim_threshold) == 1

@@ -35,6 +35,7 @@ from pymq._core import (
     decode_receipts,
     encode_deliveries,
     encode_frame,
+    keep_large_buffers,
     publish_into,
 )
 from pymq._version import __version__
@@ -1239,6 +1240,7 @@ def run(
     certificate signed by that authority.
     """
     context = server_ssl_context(tls_cert, tls_key, tls_client_ca)
+    keep_large_buffers()
     broker = Broker(data, fsync=fsync)
     loop = _new_loop()
     server: Server | None = None

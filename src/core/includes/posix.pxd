@@ -83,3 +83,7 @@ cdef inline void lock_without_gil(pymq_mutex *mutex) noexcept:
     if not pymq_mutex_trylock(mutex):
         with nogil:
             pymq_mutex_lock(mutex)
+
+
+cdef extern from "includes/allocator.h" nogil:
+    int pymq_keep_large_buffers(int mmap_threshold, int trim_threshold)
