@@ -116,7 +116,7 @@ cdef class GroupBase:
     cdef int64_t now(self) except? -1
     cdef int write_journal(self, uint8_t op, const uint64_t *offsets,
                            const uint32_t *attempts, Py_ssize_t count) except -1
-    cdef int finish(self) except -1
+    cdef int finish(self, bint settled=*) except -1
     cdef int expire(self, int64_t now) except -1
     cdef Message take_one(self, int64_t now)
     cdef bint take_record(self, int64_t now, uint64_t *offset_out,

@@ -201,6 +201,16 @@ cdef int compare_u64(const void *left, const void *right) noexcept nogil:
     return (a > b) - (a < b)
 
 
+cdef int check_put_timeout(object timeout) except -1:
+    if type(timeout) is bool or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not "
+                        f"{timeout!r}")
+    if not 0 <= timeout < 1e9:
+        raise ValueError(f"timeout is {timeout} seconds; it must be from 0 "
+                         f"to 1e9, or None to wait without a limit")
+    return 0
+
+
 cdef int check_delay(str name, double seconds) except -1:
     if not seconds >= 0 or seconds > 1e9:
         raise ConfigError(f"{name} is {seconds} seconds; it must be from 0 "
@@ -306,6 +316,8 @@ cdef class StreamBase:
         cdef uint32_t flags = 0
         cdef bint limited = self.max_length >= 0 or self.max_bytes >= 0
 
+        if timeout is not None:
+            check_put_timeout(timeout)
         if headers:
             body = encode_headers(headers) + memoryview(body).tobytes()
             flags = REC_FLAG_HEADERS
@@ -347,6 +359,8 @@ cdef class StreamBase:
         cdef size_t size = 0
         cdef uint32_t flags = 0
 
+        if timeout is not None:
+            check_put_timeout(timeout)
         if headers:
             block = encode_headers(headers)
             items = [block + memoryview(body).tobytes() for body in items]
@@ -777,13 +791,18 @@ cdef class GroupBase:
             self.skipped += 1
         return False
 
-    cdef int finish(self) except -1:
-        """Sync the journal, move dead letters, delete acked segments."""
+    cdef int finish(self, bint settled=False) except -1:
+        """Sync the journal, move dead letters, delete acked segments.
+
+        settled is True after an ack, nack or reject, which wakes waiters.
+        A get wakes nobody: a waiter woken by every empty get would retry
+        at once, wake the others in turn, and spin.
+        """
         cdef list due
         cdef uint64_t offset
         cdef int64_t now
 
-        if self.stream.waiters > 0:
+        if settled and self.stream.waiters > 0:
             # A settled delivery frees room under max_in_flight, and a
             # nacked one is available again.
             self.stream.published()
@@ -1089,7 +1108,7 @@ cdef class GroupBase:
             self.acked += 1
         finally:
             self.release()
-        self.finish()
+        self.finish(True)
         return 0
 
     def ack_many(self, items):
@@ -1161,7 +1180,7 @@ cdef class GroupBase:
         finally:
             PyMem_Free(receipts)
             PyMem_Free(offsets)
-        self.finish()
+        self.finish(True)
 
     def nack(self, uint64_t receipt, double delay=0.0):
         """Give a delivery back, for redelivery after delay seconds.
@@ -1182,7 +1201,7 @@ cdef class GroupBase:
                       False)
         finally:
             self.release()
-        self.finish()
+        self.finish(True)
 
     def extend(self, uint64_t receipt, double seconds):
         """Set the deadline of a delivery to now plus seconds."""
@@ -1213,7 +1232,7 @@ cdef class GroupBase:
             self.fail(offset, now, reason, True)
         finally:
             self.release()
-        self.finish()
+        self.finish(True)
 
     # State ---------------------------------------------------------------
 

@@ -177,6 +177,7 @@ def publish_into(StreamBase stream not None, bytes payload not None,
     cdef int32_t timeout_ms
     cdef BodyRef *refs
     cdef uint64_t first
+    cdef size_t used
 
     if size < PUBLISH_HEAD_BYTES:
         raise ProtocolError(f"publish payload is {size} bytes; its head "
@@ -214,6 +215,16 @@ def publish_into(StreamBase stream not None, bytes payload not None,
                                     f"but {size - pos} remain")
             refs[i].data = p + pos
             refs[i].length = length
+            if flags & BATCH_HEADERS:
+                # A record whose header block cannot be read would fail
+                # every get that reaches it: check each one before writing.
+                try:
+                    used = 0
+                    decode_headers(p + pos, length, &used)
+                except (ValueError, UnicodeDecodeError) as exc:
+                    raise ValueError(
+                        f"publish record {i} has an invalid header block "
+                        f"({exc}); nothing was written") from None
             pos += length
         if pos != size:
             raise ProtocolError(f"publish batch has {size - pos} bytes past "
@@ -371,11 +382,12 @@ def decode_deliveries(bytes payload not None, object owner):
 
 def encode_receipts(uint8_t opcode, uint16_t flags, uint32_t request_id,
                     uint32_t handle, items, bytes prefix not None=b"",
-                    bytes suffix not None=b""):
+                    bytes suffix not None=b"", object owner=None):
     """Return a frame of prefix, u32 count, u64 receipts, then suffix.
 
     items holds messages, receipts (ints), or is a batch with a numpy
-    receipts column.
+    receipts column. A RemoteMessage delivered by another queue or group
+    than owner raises StaleReceiptError.
     """
     cdef Py_ssize_t count, i
     cdef Py_ssize_t head = PyBytes_GET_SIZE(prefix)
@@ -403,6 +415,11 @@ def encode_receipts(uint8_t opcode, uint16_t flags, uint32_t request_id,
         for i in range(count):
             item = items[i]
             if type(item) is RemoteMessage:
+                if owner is not None and (<RemoteMessage>item).owner is not owner:
+                    raise StaleReceiptError(
+                        f"message at offset {(<RemoteMessage>item).offset} "
+                        f"was delivered by another queue or group, not by "
+                        f"this one")
                 receipt = (<RemoteMessage>item).receipt
             elif type(item) is Message:
                 receipt = (<Message>item).receipt

@@ -242,6 +242,7 @@ def encode_receipts(
     items: Any,
     prefix: bytes = b"",
     suffix: bytes = b"",
+    owner: object = None,
 ) -> bytes: ...
 def decode_receipts(payload: bytes, start: int) -> tuple[list[int], int]: ...
 def keep_large_buffers(

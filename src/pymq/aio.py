@@ -161,10 +161,28 @@ class AsyncConnection:
             return
         future, frames = entry
         frames.append(frame)
+        if future.cancelled() and frame[0] == protocol.DELIVER:
+            # The caller gave up (a timeout around get, say): the messages
+            # that still came go back at once, not after their timeout.
+            self._give_back(frame)
         if not flags & FLAG_MORE:
             del self._waiting[request_id]
             if not future.done():
                 future.set_result(frames)
+
+    def _give_back(self, frame: Frame) -> None:
+        deliveries = decode_deliveries(frame[4], None)
+        if deliveries and self._lost is None:
+            self._queue_frame(
+                encode_receipts(
+                    protocol.NACK,
+                    FLAG_NO_REPLY,
+                    self.next_id(),
+                    frame[3],
+                    deliveries,
+                    _F64.pack(0.0),
+                )
+            )
 
     def _fail(self, exc: BaseException) -> None:
         lost = errors.ConnectionLostError(f"connection to {self.address} broke: {exc}")
@@ -430,12 +448,8 @@ class _AsyncConsumer(_AsyncHandle):
                     owed = 0
                 yield item
         finally:
-            connection.unsubscribe(subscription)
-            left: list[RemoteMessage] = []
-            while not pushes.empty():
-                item = pushes.get_nowait()
-                if isinstance(item, RemoteMessage):
-                    left.append(item)
+            # Unsubscribe on the server first: pushes sent before its reply
+            # still arrive here, and all that is left then goes back.
             with contextlib.suppress(errors.PymqError, OSError):
                 request_id = connection.next_id()
                 await connection.call(
@@ -448,8 +462,24 @@ class _AsyncConsumer(_AsyncHandle):
                         _U32.pack(subscription),
                     ),
                 )
-                for message in left:
-                    await self.nack(message.receipt)
+            connection.unsubscribe(subscription)
+            left: list[RemoteMessage] = []
+            while not pushes.empty():
+                item = pushes.get_nowait()
+                if isinstance(item, RemoteMessage):
+                    left.append(item)
+            if left:
+                with contextlib.suppress(errors.PymqError, OSError):
+                    connection.send(
+                        encode_receipts(
+                            protocol.NACK,
+                            FLAG_NO_REPLY,
+                            connection.next_id(),
+                            self._handle,
+                            left,
+                            _F64.pack(0.0),
+                        )
+                    )
 
     async def _settle(
         self, opcode: int, items: Any, prefix: bytes, suffix: bytes, wait: bool

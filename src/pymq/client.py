@@ -34,6 +34,7 @@ from pymq._core import (
 )
 from pymq._version import __version__
 from pymq.broker import GROUP_DEFAULTS, QUEUE_DEFAULTS, STREAM_DEFAULTS, _check_options
+from pymq.names import check_name
 from pymq.protocol import (
     FLAG_ERROR,
     FLAG_MORE,
@@ -97,12 +98,14 @@ def _check_timeout(timeout: float | None) -> None:
 
 
 class _Slot:
-    __slots__ = ("done", "error", "frames")
+    __slots__ = ("abandoned", "done", "error", "frames")
 
     def __init__(self) -> None:
         self.frames: list[Frame] = []
         self.done = False
         self.error: BaseException | None = None
+        # The caller stopped waiting; deliveries that come are given back.
+        self.abandoned = False
 
 
 class TlsChannel:
@@ -210,9 +213,12 @@ class Connection:
         self._sock: Any = None  # a socket, or a TlsChannel over one
         self._reader: FrameReader | None = None
         self._late_errors: list[errors.PymqError] = []
+        # Replies to abandoned requests, to give back once out of the lock.
+        self._release: list[Frame] = []
         self._closed = False
         self.generation = 0
         self.max_frame_bytes = 16 << 20
+        self.max_message_bytes: int | None = None
         self.max_batch = 10_000
         self.server = ""
         self._connect()
@@ -272,6 +278,8 @@ class Connection:
             sock.close()
             raise
         self.max_frame_bytes = int(answer.get("max_frame_bytes", self.max_frame_bytes))
+        limit = answer.get("max_message_bytes")
+        self.max_message_bytes = None if limit is None else int(limit)
         self.max_batch = int(answer.get("max_batch", self.max_batch))
         self.server = str(answer.get("server", ""))
         self._reader = FrameReader(self.max_frame_bytes)
@@ -377,14 +385,26 @@ class Connection:
         return self._await(slot, sock)
 
     def _await(self, slot: _Slot, sock: Any) -> list[Frame]:
-        with self._cv:
-            while not slot.done:
-                if not self._reading:
-                    self._reading = True
-                    break
-                self._cv.wait()
-            else:
-                return self._result(slot)
+        try:
+            with self._cv:
+                while not slot.done:
+                    if not self._reading:
+                        self._reading = True
+                        break
+                    self._cv.wait()
+                else:
+                    return self._result(slot)
+            self._read_until(slot, sock)
+        except BaseException:
+            # Interrupted (Ctrl-C, a signal handler): whoever waits next
+            # reads, and deliveries that still come for this request go back.
+            with self._cv:
+                slot.abandoned = True
+                self._cv.notify_all()
+            raise
+        return self._result(slot)
+
+    def _read_until(self, slot: _Slot, sock: Any) -> None:
         reader = self._reader
         assert reader is not None
         try:
@@ -396,17 +416,54 @@ class Connection:
                 with self._cv:
                     for frame in frames:
                         self._route(frame)
-                    if slot.done:
+                    release, self._release = self._release, []
+                    done = slot.done
+                    if done:
                         self._reading = False
-                        self._cv.notify_all()
-                        break
                     if frames:
                         self._cv.notify_all()
+                for frame in release:
+                    self._give_back(frame)
+                if done:
+                    return
         except (OSError, errors.ProtocolError) as exc:
             with self._cv:
                 self._reading = False
+                self._cv.notify_all()
             self._broken(exc, sock)
-        return self._result(slot)
+        except BaseException:
+            with self._cv:
+                self._reading = False
+                self._cv.notify_all()
+            raise
+
+    def _give_back(self, frame: Frame) -> None:
+        """Nack the deliveries of a reply that nobody waits for any more."""
+        deliveries = decode_deliveries(frame[4], None)
+        if not deliveries:
+            return
+        nack = encode_receipts(
+            protocol.NACK,
+            FLAG_NO_REPLY,
+            self.next_id(),
+            frame[3],
+            deliveries,
+            _F64.pack(0.0),
+        )
+        with self._cv:
+            sock = self._sock
+        try:
+            if sock is not None:
+                with self._send_lock:
+                    sock.sendall(nack)
+        except OSError as exc:
+            # The server releases them anyway when the connection breaks.
+            logger.warning(
+                "could not give back %d deliveries of request %d: %s",
+                len(deliveries),
+                frame[2],
+                exc,
+            )
 
     def _result(self, slot: _Slot) -> list[Frame]:
         if slot.error is not None:
@@ -429,6 +486,8 @@ class Connection:
                 self._late_errors.append(error)
             return
         slot.frames.append(frame)
+        if slot.abandoned and frame[0] == protocol.DELIVER and not flags & FLAG_ERROR:
+            self._release.append(frame)
         if not flags & FLAG_MORE:
             slot.done = True
             del self._slots[request_id]
@@ -456,6 +515,12 @@ class Connection:
         with self._cv:
             self._closed = True
             sock, self._sock = self._sock, None
+            slots, self._slots = self._slots, {}
+            closed = errors.ClosedError(f"connection to {self.address} is closed")
+            for slot in slots.values():
+                slot.error = closed
+                slot.done = True
+            self._cv.notify_all()
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -470,6 +535,8 @@ class RemoteBroker:
         self.url = str(connection.address)
         self._lock = threading.Lock()
         self._queues: dict[str, RemoteQueue] = {}
+        self._streams: dict[str, RemoteStream] = {}
+        self._groups: dict[tuple[str, str], RemoteGroup] = {}
 
     def _control(self, opcode: int, request: dict[str, Any]) -> dict[str, Any]:
         payload = encode_json(request)
@@ -486,6 +553,7 @@ class RemoteBroker:
         """
         # Checked here too, so a bad option raises the embedded broker's
         # TypeError or ConfigError rather than a server error.
+        check_name("queue", name)
         options = _check_options(options, QUEUE_DEFAULTS)
         with self._lock:
             queue = self._queues.get(name)
@@ -499,10 +567,18 @@ class RemoteBroker:
 
     def stream(self, name: str, **options: Any) -> RemoteStream:
         """Open the stream name on the server, creating it if it is missing."""
+        check_name("stream", name)
         options = _check_options(options, STREAM_DEFAULTS)
-        stream = RemoteStream(self, {"kind": "stream", "name": name})
-        stream.reopen(options)
-        return stream
+        # One object, and one handle on the server, per stream.
+        with self._lock:
+            stream = self._streams.get(name)
+            if stream is None:
+                stream = RemoteStream(self, {"kind": "stream", "name": name})
+                stream.reopen(options)
+                self._streams[name] = stream
+            elif options:
+                stream.reopen(options)
+            return stream
 
     def names(self) -> dict[str, str]:
         """Return every queue and stream on the server, with its kind."""
@@ -511,6 +587,7 @@ class RemoteBroker:
 
     def groups(self, stream: str) -> list[str]:
         """Return the names of the consumer groups of stream, sorted."""
+        check_name("stream", stream)
         return [
             str(name)
             for name in self._control(protocol.GROUPS, {"stream": stream})["groups"]
@@ -518,6 +595,9 @@ class RemoteBroker:
 
     def redrive(self, dlq_name: str, to: str | None = None) -> int:
         """Move every message now in a dead-letter queue back; see Broker."""
+        check_name("queue", dlq_name, derived=True)
+        if to is not None:
+            check_name("queue", to)
         return int(
             self._control(protocol.REDRIVE, {"dlq": dlq_name, "to": to})["moved"]
         )
@@ -585,6 +665,17 @@ class _Handle:
         return self._handle
 
 
+def _seconds(name: str, value: object) -> bytes:
+    """Return value packed as an f64, or raise TypeError as the core does."""
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {value!r}")
+    return _F64.pack(value)
+
+
+def _nbytes(body: Any) -> int:
+    return len(body) if type(body) is bytes else memoryview(body).nbytes
+
+
 def _header_block_bytes(headers: dict[str, str] | None) -> int:
     """Return the size of the header block stored with each message."""
     if not headers:
@@ -596,6 +687,11 @@ def _header_block_bytes(headers: dict[str, str] | None) -> int:
 
 
 class _Publisher(_Handle):
+    def _check_size(self, size: int) -> None:
+        limit = self._connection.max_message_bytes
+        if limit is not None and size > limit:
+            raise errors.MessageTooLargeError(size, limit)
+
     def _encode(
         self,
         bodies: list[Any],
@@ -613,6 +709,7 @@ class _Publisher(_Handle):
         timeout: float | None = None,
     ) -> int:
         """Append one message and return its offset; see Queue.put."""
+        self._check_size(_nbytes(body) + _header_block_bytes(headers))
         frames = self._connection.call(
             protocol.PUBLISH,
             functools.partial(self._encode, [body], headers, wait_ms(timeout)),
@@ -638,22 +735,27 @@ class _Publisher(_Handle):
             return range(0)
         milliseconds = wait_ms(timeout)
         connection = self._connection
-        chunks = [
-            items[start : start + connection.max_batch]
+        block = _header_block_bytes(headers)
+        # Bytes of each record on the wire, to split batches by frame size.
+        sizes = [_nbytes(body) + block for body in items]
+        self._check_size(max(sizes))
+        spans = [
+            (start, min(start + connection.max_batch, len(items)))
             for start in range(0, len(items), connection.max_batch)
         ]
         ranges: list[range] = []
-        block = _header_block_bytes(headers)
-        while chunks:
-            chunk = chunks.pop(0)
-            size = 32 + sum(len(body) for body in chunk) + len(chunk) * (4 + block)
-            if size > connection.max_frame_bytes and len(chunk) > 1:
-                half = len(chunk) // 2
-                chunks[:0] = [chunk[:half], chunk[half:]]
+        while spans:
+            start, stop = spans.pop(0)
+            size = 64 + sum(sizes[start:stop]) + 4 * (stop - start)
+            if size > connection.max_frame_bytes and stop - start > 1:
+                middle = (start + stop) // 2
+                spans[:0] = [(start, middle), (middle, stop)]
                 continue
             frames = connection.call(
                 protocol.PUBLISH,
-                functools.partial(self._encode, chunk, headers, milliseconds),
+                functools.partial(
+                    self._encode, items[start:stop], headers, milliseconds
+                ),
             )
             first, count = _PUBLISHED.unpack(frames[0][4])
             ranges.append(range(first, first + count))
@@ -668,6 +770,8 @@ class _RemoteConsumer(_Handle):
     """get, get_many, ack and the rest, for a queue or a group."""
 
     def _fetch(self, count: int, timeout: float | None) -> list[RemoteMessage]:
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"count must be an int, not {type(count).__name__}")
         if count <= 0:
             raise ValueError(f"count is {count}; it must be 1 or more")
         connection = self._connection
@@ -698,6 +802,14 @@ class _RemoteConsumer(_Handle):
         """Deliver up to count messages; wait up to timeout for the first one."""
         return self._fetch(count, timeout)
 
+    def get_nowait(self) -> RemoteMessage | None:
+        """Deliver the lowest available message, or return None at once."""
+        return self.get(timeout=0)
+
+    def get_many_nowait(self, count: int) -> list[RemoteMessage]:
+        """Deliver up to count available messages without waiting."""
+        return self._fetch(count, 0)
+
     def __iter__(self) -> Iterator[RemoteMessage]:
         """Yield messages as they arrive, forever; settle each one."""
         while True:
@@ -712,7 +824,7 @@ class _RemoteConsumer(_Handle):
 
         def build(request_id: int) -> bytes:
             return encode_receipts(
-                opcode, flags, request_id, self.handle(), items, prefix, suffix
+                opcode, flags, request_id, self.handle(), items, prefix, suffix, self
             )
 
         if wait:
@@ -724,7 +836,7 @@ class _RemoteConsumer(_Handle):
         """Settle the delivery named by receipt.
 
         With wait=False the ack is sent without waiting for the reply; an
-        error it gets is logged and raised by this connection's next call.
+        error it gets is logged and raised by a later call on this connection.
         """
         self._settle(protocol.ACK, [receipt], b"", b"", wait)
 
@@ -737,14 +849,18 @@ class _RemoteConsumer(_Handle):
 
     def nack(self, receipt: int, delay: float = 0.0) -> None:
         """Give the message back, for redelivery after delay seconds."""
-        self._settle(protocol.NACK, [receipt], _F64.pack(delay), b"", True)
+        self._settle(protocol.NACK, [receipt], _seconds("delay", delay), b"", True)
 
     def extend(self, receipt: int, seconds: float) -> None:
         """Set the delivery's deadline to now plus seconds."""
-        self._settle(protocol.EXTEND, [receipt], _F64.pack(seconds), b"", True)
+        self._settle(
+            protocol.EXTEND, [receipt], _seconds("seconds", seconds), b"", True
+        )
 
     def reject(self, receipt: int, reason: str = "rejected") -> None:
         """Move the message to the dead-letter queue now, with reason."""
+        if not isinstance(reason, str):
+            raise TypeError(f"reason must be a str, not {type(reason).__name__}")
         self._settle(protocol.REJECT, [receipt], b"", reason.encode("utf-8"), True)
 
     def stats(self) -> QueueStats:
@@ -823,13 +939,26 @@ class RemoteStream(_Publisher):
         self, name: str, *, start: str | int = "earliest", **options: Any
     ) -> RemoteGroup:
         """Open the group name, creating it if it is missing; see Stream.group."""
+        check_name("group", name)
         options = _check_options(options, GROUP_DEFAULTS)
-        group = RemoteGroup(
-            self._broker,
-            {"kind": "group", "name": name, "stream": self.name, "start": start},
-        )
-        group.reopen(options)
-        return group
+        broker = self._broker
+        with broker._lock:
+            group = broker._groups.get((self.name, name))
+            if group is None:
+                group = RemoteGroup(
+                    broker,
+                    {
+                        "kind": "group",
+                        "name": name,
+                        "stream": self.name,
+                        "start": start,
+                    },
+                )
+                group.reopen(options)
+                broker._groups[(self.name, name)] = group
+            elif options:
+                group.reopen(options)
+            return group
 
     def __repr__(self) -> str:
         return f"<RemoteStream {self.name!r} on {self._broker.url}>"

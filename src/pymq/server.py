@@ -31,6 +31,7 @@ from typing import Any, Final
 
 from pymq import errors, protocol
 from pymq._core import (
+    DEFAULT_MAX_MESSAGE_BYTES,
     FrameReader,
     decode_receipts,
     encode_deliveries,
@@ -226,16 +227,22 @@ class Server:
         self._token = None if token is None else token.encode("utf-8")
         store_options = broker._store_options
         self._syncs = bool(store_options["fsync"] == "always")
-        self.max_message_bytes: int | None = store_options["max_message_bytes"]
-        if self.max_message_bytes is not None and (
-            self.max_message_bytes + 4096 > self.limits.max_frame_bytes
-        ):
+        limit = store_options["max_message_bytes"]
+        self.max_message_bytes: int = (
+            DEFAULT_MAX_MESSAGE_BYTES if limit is None else int(limit)
+        )
+        if self.max_message_bytes + 4096 > self.limits.max_frame_bytes:
             raise errors.ConfigError(
                 f"max_frame_bytes is {self.limits.max_frame_bytes}; it must be at "
                 f"least max_message_bytes ({self.max_message_bytes}) plus 4096"
             )
         self._executor = ThreadPoolExecutor(
             max_workers=32, thread_name_prefix="pymq-server"
+        )
+        # Puts that wait for room in a full queue get their own threads, so
+        # they never hold up the acks and fetches that would make the room.
+        self._waiting_executor = ThreadPoolExecutor(
+            max_workers=256, thread_name_prefix="pymq-server-put"
         )
         self._listeners: list[asyncio.Server] = []
         self._connections: set[_Connection] = set()
@@ -326,10 +333,12 @@ class Server:
         # A put still waiting for room in a full queue ends when the broker
         # closes, so the pool is not waited for here: see close().
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._waiting_executor.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         """Wait for the pool's threads; call after stop() and broker.close()."""
         self._executor.shutdown(wait=True)
+        self._waiting_executor.shutdown(wait=True)
 
     async def _sweep(self) -> None:
         limits = self.limits
@@ -386,6 +395,10 @@ class Server:
     def executor(self) -> ThreadPoolExecutor:
         return self._executor
 
+    @property
+    def waiting_executor(self) -> ThreadPoolExecutor:
+        return self._waiting_executor
+
 
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -409,6 +422,7 @@ class _Connection(asyncio.Protocol):
         self.hello = False
         self.closed = False
         self.handles: dict[int, _Target] = {}
+        self.named: dict[tuple[str, str], int] = {}
         self.next_handle = 1
         self.subscriptions: dict[int, _Subscription] = {}
         self.pending: collections.deque[tuple[int, int, int, int, bytes]] = (
@@ -572,7 +586,7 @@ class _Connection(asyncio.Protocol):
                 ),
             )
             return
-        if self.pending or self.offloaded(opcode, handle):
+        if self.pending or self.offloaded(opcode, handle) is not None:
             self.pending.append(frame)
             if len(self.pending) >= _MAX_PENDING:
                 self.hold_reading("pending")
@@ -581,24 +595,34 @@ class _Connection(asyncio.Protocol):
             return
         self.finish(frame, self.handle(frame))
 
-    def offloaded(self, opcode: int, handle: int) -> bool:
+    def offloaded(self, opcode: int, handle: int) -> ThreadPoolExecutor | None:
+        """Return the pool that runs this request, or None to run it inline."""
         if opcode in _CONTROL:
-            return True
+            return self.server.executor
         if opcode == protocol.PUBLISH:
             target = self.handles.get(handle)
-            if target is not None and isinstance(target.target, Queue):
-                return self.server.syncs or target.target.overflow == "block"
-        return self.server.syncs and opcode in _SYNCING
+            if (
+                target is not None
+                and isinstance(target.target, Queue)
+                and target.target.overflow == "block"
+            ):
+                return self.server.waiting_executor
+        if self.server.syncs and opcode in _SYNCING:
+            return self.server.executor
+        return None
 
     async def work(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while self.pending:
+                if self.closed:
+                    # Nobody is there for the replies: run nothing more.
+                    self.pending.clear()
+                    break
                 frame = self.pending[0]
-                if self.offloaded(frame[0], frame[3]):
-                    result = await loop.run_in_executor(
-                        self.server.executor, self.handle, frame
-                    )
+                executor = self.offloaded(frame[0], frame[3])
+                if executor is not None:
+                    result = await loop.run_in_executor(executor, self.handle, frame)
                 else:
                     result = self.handle(frame)
                 self.pending.popleft()
@@ -746,11 +770,9 @@ class _Connection(asyncio.Protocol):
         name = request.get("name")
         options = request.get("options") or {}
         if not isinstance(name, str) or not isinstance(options, dict):
-            raise errors.ProtocolError("OPEN needs a name (str) and options (object)")
-        if len(self.handles) >= self.limits.max_handles:
-            raise errors.ConfigError(
-                f"this connection holds max_handles ({self.limits.max_handles}) "
-                f"open queues and groups"
+            raise TypeError(
+                f"OPEN needs a name (str) and options (object), not {name!r} "
+                f"and {options!r}"
             )
         broker = self.server.broker
         opened: Queue | Stream | Group
@@ -764,16 +786,31 @@ class _Connection(asyncio.Protocol):
             stream = request.get("stream")
             start = request.get("start", "earliest")
             if not isinstance(stream, str):
-                raise errors.ProtocolError("OPEN of a group needs its stream (str)")
+                raise TypeError(
+                    f"OPEN of a group needs its stream (str), not {stream!r}"
+                )
             opened = broker.stream(stream).group(name, start=start, **options)
             label = f"{stream}.{name}"
         else:
             raise errors.ProtocolError(f"OPEN kind is {kind!r}")
-        # Handles are only ever added in the loop thread's order of requests,
-        # so numbering needs no lock.
-        new = self.next_handle
-        self.next_handle += 1
-        self.handles[new] = _Target(new, str(kind), label, opened)
+        # Opening the same target again reuses its handle, so a client that
+        # opens a stream for every put does not run out of handles.
+        known = self.named.get((str(kind), label))
+        if known is not None:
+            new = known
+        else:
+            if len(self.handles) >= self.limits.max_handles:
+                raise errors.ConfigError(
+                    f"this connection holds max_handles ({self.limits.max_handles}) "
+                    f"open queues and groups"
+                )
+
+            # Handles are added in the order of this connection's requests,
+            # one at a time, so numbering needs no lock.
+            new = self.next_handle
+            self.next_handle += 1
+            self.handles[new] = _Target(new, str(kind), label, opened)
+            self.named[(str(kind), label)] = new
         answer: dict[str, Any] = {"handle": new, "name": label}
         if not isinstance(opened, Stream):
             answer["dlq"] = opened.dlq_name
@@ -801,7 +838,9 @@ class _Connection(asyncio.Protocol):
         request = decode_json(payload)
         dlq, to = request.get("dlq"), request.get("to")
         if not isinstance(dlq, str) or not (to is None or isinstance(to, str)):
-            raise errors.ProtocolError("REDRIVE needs dlq (str) and to (str or null)")
+            raise TypeError(
+                f"REDRIVE needs dlq (str) and to (str or null), not {dlq!r} and {to!r}"
+            )
         moved = self.server.broker.redrive(dlq, to=to)
         return self.reply(
             protocol.REDRIVE, request_id, 0, encode_json({"moved": moved})
@@ -816,7 +855,7 @@ class _Connection(asyncio.Protocol):
     ) -> Any:
         stream = decode_json(payload).get("stream")
         if not isinstance(stream, str):
-            raise errors.ProtocolError("GROUPS needs stream (str)")
+            raise TypeError(f"GROUPS needs stream (str), not {stream!r}")
         groups = self.server.broker.groups(stream)
         return self.reply(
             protocol.GROUPS, request_id, 0, encode_json({"groups": groups})
@@ -878,7 +917,7 @@ class _Connection(asyncio.Protocol):
         while not self.closed:
             woken = hub.arm()
             try:
-                messages = await self.call(consumer.get_many_nowait, park.count)
+                messages = await self.fetch(consumer, park.count)
                 if messages or self.closed:
                     break
                 timeout = consumer.next_due()
@@ -899,11 +938,24 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.writelines(frames)
 
-    async def call(self, function: Callable[..., Any], *args: Any) -> Any:
+    async def fetch(self, consumer: Queue | Group, count: int) -> list[Any]:
+        """Take up to count messages; in the pool when gets sync the journal."""
         if not self.server.syncs:
-            return function(*args)
+            return consumer.get_many_nowait(count)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.server.executor, function, *args)
+        taking = loop.run_in_executor(
+            self.server.executor, consumer.get_many_nowait, count
+        )
+        try:
+            return await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            # The take goes on in its thread: give back what it takes.
+            def give_back(done: asyncio.Future[list[Any]]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    self.release(consumer, [m.receipt for m in done.result()])
+
+            taking.add_done_callback(give_back)
+            raise
 
     def on_subscribe(
         self, flags: int, request_id: int, handle: int, payload: bytes
@@ -969,7 +1021,7 @@ class _Connection(asyncio.Protocol):
             woken = hub.arm()
             try:
                 count = min(subscription.credit, self.limits.max_batch)
-                messages = await self.call(consumer.get_many_nowait, count)
+                messages = await self.fetch(consumer, count)
                 if messages:
                     if self.closed:
                         self.release(consumer, [m.receipt for m in messages])
