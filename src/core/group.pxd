@@ -11,6 +11,7 @@
 #   JOURNAL_DELIVER     u8 op, u32 count, count x (u64 offset, u32 attempt)
 #   JOURNAL_ACK         u8 op, u32 count, count x u64 offset
 #   JOURNAL_DEAD        u8 op, u32 count, count x u64 offset
+#   JOURNAL_MOVING      u8 op, u32 count, count x u64 offset
 #   JOURNAL_CHECKPOINT  u8 op, u64 low, u64 cursor, u32 count,
 #                       count x (u64 offset, u32 attempt, u8 settled)
 #                       (the unsettled offsets; the others from low to
@@ -34,6 +35,8 @@ cdef enum:
     JOURNAL_ACK = 2
     JOURNAL_DEAD = 3
     JOURNAL_CHECKPOINT = 4
+    # A move to the DLQ began; JOURNAL_DEAD follows once it is done.
+    JOURNAL_MOVING = 5
 
 
 @cython.final
@@ -110,6 +113,7 @@ cdef class GroupBase:
     cdef uint64_t journal_written     # journal bytes to sync before returning
     cdef readonly bint closed
     cdef object taken_headers         # set by take_record for routed records
+    cdef set moving                   # offsets whose move to the DLQ began
 
     cdef int acquire(self) except -1
     cdef void release(self) noexcept

@@ -461,6 +461,7 @@ cdef class GroupBase:
         if self.lock == NULL:
             raise MemoryError()
         self.dead_due = []
+        self.moving = set()
 
     def __init__(self, StreamBase stream not None,
                  SegmentStore journal not None, *, uint64_t start=0,
@@ -587,6 +588,9 @@ cdef class GroupBase:
             self.journal_written = self.journal.written_bytes
         finally:
             self.journal.release()
+        # Moves still under way outlive the records dropped below.
+        for offset in sorted(self.moving):
+            self.write_journal(JOURNAL_MOVING, &offset, NULL, 1)
         self.journal.delete_below(first)
         return 0
 
@@ -597,6 +601,7 @@ cdef class GroupBase:
         cdef uint32_t count, attempt, i
         cdef dict attempts = {}
         cdef set settled = set()
+        cdef set moving = set()
         cdef const uint8_t *data
         cdef bytes body
 
@@ -629,7 +634,11 @@ cdef class GroupBase:
                 for i in range(min(count, (len(body) - 5) // 8)):
                     offset = load_u64(data + 5 + 8 * i)
                     settled.add(offset)
+                    moving.discard(offset)
                     cursor = max(cursor, offset + 1)
+            elif data[0] == JOURNAL_MOVING:
+                for i in range(min(count, (len(body) - 5) // 8)):
+                    moving.add(load_u64(data + 5 + 8 * i))
 
         self.ring = RingBuffer(low)
         for offset in sorted(attempts.keys() | settled):
@@ -642,6 +651,10 @@ cdef class GroupBase:
                 self.ring.restore(offset, attempts.get(offset, 0),
                                   offset in settled)
         self.ring.fill_settled(covered)
+        # A move to the DLQ that began and never finished may or may not
+        # have put the message there: the broker looks (unfinished_moves).
+        self.moving = {offset for offset in moving
+                       if offset >= low and offset not in settled}
         # Offsets this group saw are never handed to a new message, even if
         # the stream lost its tail.
         self.stream.store.ensure_next_offset(self.ring.cursor)
@@ -814,19 +827,32 @@ cdef class GroupBase:
             self.dead_due = []
             self.release()
             for i, (offset, attempt, reason) in enumerate(due):
+                # Journaled first, so a crash between the DLQ's put and the
+                # DEAD record below cannot leave the message in both places.
+                self.acquire()
+                try:
+                    self.write_journal(JOURNAL_MOVING, &offset, NULL, 1)
+                    self.moving.add(offset)
+                finally:
+                    self.release()
+                if self.journal.policy == FSYNC_ALWAYS:
+                    self.journal.sync_to(self.journal_written)
                 try:
                     moved = self.on_dead(self, offset, attempt, reason)
                 except BaseException:
+                    self.moving.discard(offset)
                     self.restore_due(due[i:])
                     raise
                 if not moved:
                     # The move failed (and was logged): the message stays
                     # here and is tried again at its next delivery.
+                    self.moving.discard(offset)
                     self.restore_due(due[i:i + 1])
                     continue
                 self.acquire()
                 try:
                     self.write_journal(JOURNAL_DEAD, &offset, NULL, 1)
+                    self.moving.discard(offset)
                     self.ring.settle(offset)
                     self.dead_lettered += 1
                     self.dead_pending -= 1
@@ -1065,6 +1091,40 @@ cdef class GroupBase:
         batch.group = self
         self.finish()
         return batch
+
+    def unfinished_moves(self):
+        """Return the offsets whose move to the DLQ began before a crash.
+
+        Each may or may not be in the DLQ: settle_moved() those found there
+        and forget_move() the others, which stay available here.
+        """
+        self.acquire()
+        try:
+            return sorted(self.moving)
+        finally:
+            self.release()
+
+    def settle_moved(self, uint64_t offset):
+        """Record that the message at offset is in the DLQ: settle it here."""
+        self.acquire()
+        try:
+            if (self.ring.low <= offset < self.ring.cursor and
+                    self.ring.slot(offset).state != SLOT_SETTLED):
+                self.write_journal(JOURNAL_DEAD, &offset, NULL, 1)
+                self.ring.settle(offset)
+                self.dead_lettered += 1
+            self.moving.discard(offset)
+        finally:
+            self.release()
+        self.finish(True)
+
+    def forget_move(self, uint64_t offset):
+        """Record that the move of offset never reached the DLQ."""
+        self.acquire()
+        try:
+            self.moving.discard(offset)
+        finally:
+            self.release()
 
     def next_due(self):
         """Return seconds until a delivery expires or a delay ends, or None."""

@@ -50,6 +50,8 @@ JOURNAL_SEGMENT_BYTES: Final = 4 * 1024 * 1024
 # Segments of a broker without a path, which live in memory.
 MEMORY_SEGMENT_BYTES: Final = 1024 * 1024
 QUEUE_GROUP: Final = ".queue"
+# DLQ records searched for a move that a crash interrupted.
+_RESUME_SCAN: Final = 10_000
 DEAD_LETTER_HEADERS: Final = (
     "x-for-group",
     "x-source",
@@ -348,6 +350,7 @@ class Broker:
             if not name.endswith(".dlq"):
                 self._check_dlq_name(queue.dlq_name)
                 queue.on_dead = self._dead_letter_function(name, None, queue)
+                self._resume_moves(queue, name, None)
             self._queues[name] = queue
             logger.info("opened queue %s", name)
             return queue
@@ -535,6 +538,7 @@ class Broker:
                 raise
             self._check_dlq_name(group.dlq_name)
             group.on_dead = self._dead_letter_function(stream.name, name, group)
+            self._resume_moves(group, stream.name, name)
             self._groups[key] = group
             logger.info("opened %s", label)
             return group
@@ -549,6 +553,52 @@ class Broker:
                 f"dead-letter queue {dlq_name} cannot be created: a {kind} of "
                 f"that name exists"
             )
+
+    def _resume_moves(
+        self, consumer: Queue | Group, source: str, group_name: str | None
+    ) -> None:
+        """Finish the moves to the DLQ that a crash interrupted.
+
+        A move is journaled before the message is put in the DLQ, and
+        settled after. After a crash between the two, the DLQ is searched
+        for the message (by its x- headers, among its last records): found,
+        the move is settled; not found, the message stays available.
+        """
+        moves = consumer.unfinished_moves()
+        if not moves:
+            return
+        wanted = {str(offset): offset for offset in moves}
+        store = self._open_queue(consumer.dlq_name, {}).stream.store
+        end = store.next_offset
+        # Moves run one at a time per thread, so an unfinished one is among
+        # the last records of the DLQ.
+        for offset in range(
+            end - 1, max(store.first_offset, end - _RESUME_SCAN) - 1, -1
+        ):
+            try:
+                _, _, flags, body = store.read_record(offset)
+            except (OffsetNotFoundError, CorruptSegmentError):
+                continue
+            headers, _ = split_body(flags, body)
+            found = wanted.get(headers.get("x-offset", ""))
+            if (
+                found is not None
+                and headers.get("x-source") == source
+                and headers.get("x-group", "") == (group_name or "")
+            ):
+                consumer.settle_moved(found)
+                del wanted[headers["x-offset"]]
+                if not wanted:
+                    break
+        for offset in wanted.values():
+            consumer.forget_move(offset)
+        logger.warning(
+            "%s: %d moves to %s were interrupted by a crash; %d had reached it",
+            source if group_name is None else f"{source}.{group_name}",
+            len(moves),
+            consumer.dlq_name,
+            len(moves) - len(wanted),
+        )
 
     def _dead_letter_function(
         self, source: str, group_name: str | None, consumer: Queue | Group

@@ -1,0 +1,1 @@
+"""Crash torture of pymq: servers, clients and embedded brokers killed at random."""
