@@ -337,6 +337,9 @@ class Broker:
                     _Declared(folder, label).merge("queue", options, QUEUE_DEFAULTS)
                     self._apply(queue, name, options)
                 return queue
+            if not name.endswith(".dlq"):
+                # Before any file is made, so a bad DLQ name creates nothing.
+                self._check_dlq_name(f"{name}.dlq")
             stream, ready = self._open_stream(name, "queue")
             label = f"queue {name}"
             self._check_queue_bytes(name, options.get("max_bytes"))
@@ -501,6 +504,7 @@ class Broker:
                     _Declared(folder, label).merge("group", options)
                     self._apply(group, label, options)
                 return group
+            self._check_dlq_name(f"{stream.name}.{name}.dlq")
             core, ready = self._open_stream(stream.name, "stream")
             store = core.store
             if start == "earliest":

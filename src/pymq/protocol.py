@@ -143,8 +143,10 @@ def decode_json(payload: bytes) -> dict[str, Any]:
     """Parse a control frame's payload; raise ProtocolError unless an object."""
     try:
         value = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise errors.ProtocolError(f"control payload is not JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise errors.ProtocolError(
+            f"control payload is not JSON, or nested too deeply: {exc}"
+        ) from None
     if not isinstance(value, dict):
         raise errors.ProtocolError(
             f"control payload is a JSON {type(value).__name__}, not an object"

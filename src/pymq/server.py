@@ -41,6 +41,7 @@ from pymq._core import (
 )
 from pymq._version import __version__
 from pymq.broker import Broker
+from pymq.names import check_name
 from pymq.protocol import (
     FLAG_ERROR,
     FLAG_NO_REPLY,
@@ -92,6 +93,8 @@ class ServerLimits:
       connection is dropped (30).
     - idle_timeout: seconds without a frame, with nothing waiting, before
       the connection is dropped; 0 never drops (0).
+    - max_waiting: long polls and subscriptions one connection may have
+      waiting at once (1,024).
     """
 
     max_frame_bytes: int = 16 << 20
@@ -101,6 +104,7 @@ class ServerLimits:
     handshake_timeout: float = 10.0
     frame_timeout: float = 30.0
     idle_timeout: float = 0.0
+    max_waiting: int = 1024
 
     def __post_init__(self) -> None:
         ranges: dict[str, tuple[float, float]] = {
@@ -111,9 +115,16 @@ class ServerLimits:
             "handshake_timeout": (0.01, 3600),
             "frame_timeout": (0.01, 3600),
             "idle_timeout": (0, 1e9),
+            "max_waiting": (1, 1_000_000),
         }
         for name, (low, high) in ranges.items():
             value = getattr(self, name)
+            counts = not name.endswith("timeout")
+            if isinstance(value, bool) or not isinstance(
+                value, int if counts else (int, float)
+            ):
+                kind = "an int" if counts else "a number of seconds"
+                raise errors.ConfigError(f"{name} is {value!r}; it must be {kind}")
             if not low <= value <= high:
                 raise errors.ConfigError(
                     f"{name} is {value}; it must be from {low} to {high}"
@@ -774,43 +785,46 @@ class _Connection(asyncio.Protocol):
                 f"OPEN needs a name (str) and options (object), not {name!r} "
                 f"and {options!r}"
             )
-        broker = self.server.broker
-        opened: Queue | Stream | Group
-        if kind == "queue":
-            opened = broker.queue(name, **options)
-            label = name
-        elif kind == "stream":
-            opened = broker.stream(name, **options)
-            label = name
-        elif kind == "group":
-            stream = request.get("stream")
-            start = request.get("start", "earliest")
+        stream = request.get("stream")
+        if kind == "group":
             if not isinstance(stream, str):
                 raise TypeError(
                     f"OPEN of a group needs its stream (str), not {stream!r}"
                 )
-            opened = broker.stream(stream).group(name, start=start, **options)
+            # Checked before the stream is opened, which may create it.
+            check_name("stream", stream)
+            check_name("group", name)
             label = f"{stream}.{name}"
+        elif kind in ("queue", "stream"):
+            label = name
         else:
             raise errors.ProtocolError(f"OPEN kind is {kind!r}")
         # Opening the same target again reuses its handle, so a client that
         # opens a stream for every put does not run out of handles.
-        known = self.named.get((str(kind), label))
+        known = self.named.get((kind, label))
+        if known is None and len(self.handles) >= self.limits.max_handles:
+            raise errors.ConfigError(
+                f"this connection holds max_handles ({self.limits.max_handles}) "
+                f"open queues and groups"
+            )
+        broker = self.server.broker
+        opened: Queue | Stream | Group
+        if kind == "queue":
+            opened = broker.queue(name, **options)
+        elif kind == "stream":
+            opened = broker.stream(name, **options)
+        else:
+            start = request.get("start", "earliest")
+            opened = broker.stream(str(stream)).group(name, start=start, **options)
         if known is not None:
             new = known
         else:
-            if len(self.handles) >= self.limits.max_handles:
-                raise errors.ConfigError(
-                    f"this connection holds max_handles ({self.limits.max_handles}) "
-                    f"open queues and groups"
-                )
-
             # Handles are added in the order of this connection's requests,
             # one at a time, so numbering needs no lock.
             new = self.next_handle
             self.next_handle += 1
-            self.handles[new] = _Target(new, str(kind), label, opened)
-            self.named[(str(kind), label)] = new
+            self.handles[new] = _Target(new, kind, label, opened)
+            self.named[(kind, label)] = new
         answer: dict[str, Any] = {"handle": new, "name": label}
         if not isinstance(opened, Stream):
             answer["dlq"] = opened.dlq_name
@@ -890,6 +904,11 @@ class _Connection(asyncio.Protocol):
             )
         messages = consumer.get_many_nowait(count)
         if not messages and wait_ms != 0:
+            if len(self.tasks) >= self.limits.max_waiting:
+                raise errors.ConfigError(
+                    f"this connection has max_waiting ({self.limits.max_waiting}) "
+                    f"requests waiting already"
+                )
             return _Park(request_id, handle, count, wait_ms)
         return self.deliver(FLAG_REPLY, request_id, target, messages)
 
@@ -968,6 +987,11 @@ class _Connection(asyncio.Protocol):
         (credit,) = _U32.unpack(payload)
         if request_id in self.subscriptions:
             raise errors.ConfigError(f"subscription {request_id} exists already")
+        if len(self.subscriptions) >= self.limits.max_waiting:
+            raise errors.ConfigError(
+                f"this connection has max_waiting ({self.limits.max_waiting}) "
+                f"subscriptions already"
+            )
         subscription = _Subscription(handle, credit)
         self.subscriptions[request_id] = subscription
         subscription.task = asyncio.ensure_future(self.push(request_id, subscription))
@@ -1153,6 +1177,9 @@ class _Connection(asyncio.Protocol):
             await asyncio.sleep(0.01)
 
     def close(self) -> None:
+        # Requests already read behind a fatal one take no effect.
+        self.closed = True
+        self.pending.clear()
         if self.transport is not None:
             self.transport.close()
         for task in self.tasks:

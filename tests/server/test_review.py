@@ -309,8 +309,16 @@ def test_parked_fetches_keep_server_responsive(servers, name):
                 for index in range(20_000)
             )
         )
-        # Requests are read in order, so this reply means every FETCH parked.
-        assert raw.request(protocol.PING, 5, 0, b"")[0] == protocol.PING
+        # Past max_waiting (1,024) each FETCH is refused with error 8, and
+        # requests are read in order: the PING's reply comes after those.
+        refused = 0
+        reply = raw.request(protocol.PING, 5, 0, b"")
+        while reply[0] != protocol.PING:
+            assert reply[1] & FLAG_ERROR
+            assert struct.unpack_from("<H", reply[4])[0] == 8
+            refused += 1
+            reply = raw.next_frame()
+        assert refused == 20_000 - 1024
 
         def put_then_ping() -> int:
             with pymq.connect(server.url) as broker:
