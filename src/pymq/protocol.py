@@ -92,6 +92,8 @@ _CODE_OF_CLASS: Final[list[tuple[type[BaseException], int]]] = [
     (OSError, 15),
     (ValueError, 17),
     (TypeError, 17),
+    # Any other error of pymq's own is about the request, not a bug.
+    (errors.PymqError, 17),
 ]
 _ERROR_HEAD: Final = struct.Struct("<HBx")
 # The size and the limit in the text of a MessageTooLargeError.
