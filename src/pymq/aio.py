@@ -32,7 +32,9 @@ from pymq._core import (
     encode_receipts,
 )
 from pymq._version import __version__
-from pymq.client import client_ssl_context, wait_ms
+from pymq.broker import GROUP_DEFAULTS, QUEUE_DEFAULTS, STREAM_DEFAULTS, _check_options
+from pymq.client import client_ssl_context, join_offsets, plan_batches, wait_ms
+from pymq.names import check_name
 from pymq.protocol import (
     FLAG_ERROR,
     FLAG_MORE,
@@ -74,6 +76,7 @@ class AsyncConnection:
         self._outgoing: list[bytes] = []
         self._lost: BaseException | None = None
         self.max_frame_bytes = 16 << 20
+        self.max_message_bytes: int | None = None
         self.max_batch = 10_000
         self.server = ""
 
@@ -117,6 +120,8 @@ class AsyncConnection:
             raise decode_error(payload)
         answer = decode_json(payload)
         self.max_frame_bytes = int(answer.get("max_frame_bytes", self.max_frame_bytes))
+        limit = answer.get("max_message_bytes")
+        self.max_message_bytes = None if limit is None else int(limit)
         self.max_batch = int(answer.get("max_batch", self.max_batch))
         self.server = str(answer.get("server", ""))
         self._writer = writer
@@ -269,12 +274,16 @@ class AsyncBroker:
 
     async def queue(self, name: str, **options: Any) -> AsyncQueue:
         """Open the queue name, creating it if it is missing."""
+        check_name("queue", name)
+        options = _check_options(options, QUEUE_DEFAULTS)
         queue = AsyncQueue(self, {"kind": "queue", "name": name})
         await queue.reopen(options)
         return queue
 
     async def stream(self, name: str, **options: Any) -> AsyncStream:
         """Open the stream name, creating it if it is missing."""
+        check_name("stream", name)
+        options = _check_options(options, STREAM_DEFAULTS)
         stream = AsyncStream(self, {"kind": "stream", "name": name})
         await stream.reopen(options)
         return stream
@@ -338,6 +347,7 @@ class _AsyncPublisher(_AsyncHandle):
         timeout: float | None = None,
     ) -> int:
         """Append one message and return its offset."""
+        plan_batches([body], headers, self._connection)
         request_id = self._connection.next_id()
         frame = encode_publish(
             request_id, self._handle, [body], headers, wait_ms(timeout)
@@ -355,29 +365,17 @@ class _AsyncPublisher(_AsyncHandle):
         """Append messages in order; return their offsets (see RemoteQueue)."""
         items = bodies if isinstance(bodies, list) else list(bodies)
         connection = self._connection
-        chunks = [
-            items[start : start + connection.max_batch]
-            for start in range(0, len(items), connection.max_batch)
-        ]
+        milliseconds = wait_ms(timeout)
         ranges: list[range] = []
-        while chunks:
-            chunk = chunks.pop(0)
+        for start, stop in plan_batches(items, headers, connection):
             request_id = connection.next_id()
             frame = encode_publish(
-                request_id, self._handle, chunk, headers, wait_ms(timeout)
+                request_id, self._handle, items[start:stop], headers, milliseconds
             )
-            if len(frame) - 4 > connection.max_frame_bytes and len(chunk) > 1:
-                half = len(chunk) // 2
-                chunks[:0] = [chunk[:half], chunk[half:]]
-                continue
             frames = await connection.call(request_id, frame)
             first, count = _PUBLISHED.unpack(frames[0][4])
             ranges.append(range(first, first + count))
-        if not ranges:
-            return range(0)
-        if all(a.stop == b.start for a, b in itertools.pairwise(ranges)):
-            return range(ranges[0].start, ranges[-1].stop)
-        return [offset for part in ranges for offset in part]
+        return join_offsets(ranges)
 
 
 class _AsyncConsumer(_AsyncHandle):
@@ -561,6 +559,8 @@ class AsyncStream(_AsyncPublisher):
         self, name: str, *, start: str | int = "earliest", **options: Any
     ) -> AsyncGroup:
         """Open the group name, creating it if it is missing."""
+        check_name("group", name)
+        options = _check_options(options, GROUP_DEFAULTS)
         group = AsyncGroup(
             self._broker,
             {"kind": "group", "name": name, "stream": self.name, "start": start},

@@ -686,12 +686,53 @@ def _header_block_bytes(headers: dict[str, str] | None) -> int:
     )
 
 
-class _Publisher(_Handle):
-    def _check_size(self, size: int) -> None:
-        limit = self._connection.max_message_bytes
-        if limit is not None and size > limit:
-            raise errors.MessageTooLargeError(size, limit)
+def check_size(size: int, limit: int | None) -> None:
+    """Raise MessageTooLargeError, as the broker would, for size over limit."""
+    if limit is not None and size > limit:
+        raise errors.MessageTooLargeError(size, limit)
 
+
+def plan_batches(
+    items: list[Any], headers: dict[str, str] | None, limits: Any
+) -> list[tuple[int, int]]:
+    """Split items into (start, stop) spans that each fit one PUBLISH frame.
+
+    limits has the connection's max_batch, max_frame_bytes and
+    max_message_bytes. A message over max_message_bytes raises first, so
+    nothing is sent.
+    """
+    if not items:
+        return []
+    block = _header_block_bytes(headers)
+    # Bytes of each record on the wire, to split batches by frame size.
+    sizes = [_nbytes(body) + block for body in items]
+    check_size(max(sizes), limits.max_message_bytes)
+    spans = [
+        (start, min(start + limits.max_batch, len(items)))
+        for start in range(0, len(items), limits.max_batch)
+    ]
+    planned: list[tuple[int, int]] = []
+    while spans:
+        start, stop = spans.pop(0)
+        size = 64 + sum(sizes[start:stop]) + 4 * (stop - start)
+        if size > limits.max_frame_bytes and stop - start > 1:
+            middle = (start + stop) // 2
+            spans[:0] = [(start, middle), (middle, stop)]
+            continue
+        planned.append((start, stop))
+    return planned
+
+
+def join_offsets(ranges: list[range]) -> range | list[int]:
+    """Return the offsets of batches: one range when they are contiguous."""
+    if not ranges:
+        return range(0)
+    if all(a.stop == b.start for a, b in itertools.pairwise(ranges)):
+        return range(ranges[0].start, ranges[-1].stop)
+    return [offset for part in ranges for offset in part]
+
+
+class _Publisher(_Handle):
     def _encode(
         self,
         bodies: list[Any],
@@ -709,7 +750,10 @@ class _Publisher(_Handle):
         timeout: float | None = None,
     ) -> int:
         """Append one message and return its offset; see Queue.put."""
-        self._check_size(_nbytes(body) + _header_block_bytes(headers))
+        check_size(
+            _nbytes(body) + _header_block_bytes(headers),
+            self._connection.max_message_bytes,
+        )
         frames = self._connection.call(
             protocol.PUBLISH,
             functools.partial(self._encode, [body], headers, wait_ms(timeout)),
@@ -731,26 +775,10 @@ class _Publisher(_Handle):
         list.
         """
         items = bodies if isinstance(bodies, list) else list(bodies)
-        if not items:
-            return range(0)
         milliseconds = wait_ms(timeout)
         connection = self._connection
-        block = _header_block_bytes(headers)
-        # Bytes of each record on the wire, to split batches by frame size.
-        sizes = [_nbytes(body) + block for body in items]
-        self._check_size(max(sizes))
-        spans = [
-            (start, min(start + connection.max_batch, len(items)))
-            for start in range(0, len(items), connection.max_batch)
-        ]
         ranges: list[range] = []
-        while spans:
-            start, stop = spans.pop(0)
-            size = 64 + sum(sizes[start:stop]) + 4 * (stop - start)
-            if size > connection.max_frame_bytes and stop - start > 1:
-                middle = (start + stop) // 2
-                spans[:0] = [(start, middle), (middle, stop)]
-                continue
+        for start, stop in plan_batches(items, headers, connection):
             frames = connection.call(
                 protocol.PUBLISH,
                 functools.partial(
@@ -759,11 +787,7 @@ class _Publisher(_Handle):
             )
             first, count = _PUBLISHED.unpack(frames[0][4])
             ranges.append(range(first, first + count))
-        if len(ranges) == 1:
-            return ranges[0]
-        if all(a.stop == b.start for a, b in itertools.pairwise(ranges)):
-            return range(ranges[0].start, ranges[-1].stop)
-        return [offset for part in ranges for offset in part]
+        return join_offsets(ranges)
 
 
 class _RemoteConsumer(_Handle):
