@@ -441,7 +441,7 @@ class _Connection(asyncio.Protocol):
         )
         self.worker: asyncio.Task[None] | None = None
         self.tasks: set[asyncio.Task[None]] = set()
-        self.gone: asyncio.Future[None] | None = None
+        self.disconnected: asyncio.Future[None] | None = None
         self.writable = asyncio.Event()
         self.writable.set()
         self.opened = time.monotonic()
@@ -483,7 +483,7 @@ class _Connection(asyncio.Protocol):
             self.peer = str(peer)
         else:
             self.peer = "unix socket"
-        self.gone = asyncio.get_running_loop().create_future()
+        self.disconnected = asyncio.get_running_loop().create_future()
         if not self.server.register(self):
             reason = (
                 "the server is shutting down"
@@ -502,8 +502,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         was_open = not self.closed
         self.closed = True
-        if self.gone is not None and not self.gone.done():
-            self.gone.set_result(None)
+        if self.disconnected is not None and not self.disconnected.done():
+            self.disconnected.set_result(None)
         self.writable.set()
         for subscription in self.subscriptions.values():
             subscription.changed.set()
@@ -516,8 +516,8 @@ class _Connection(asyncio.Protocol):
             logger.debug("connection from %s closed", self.peer)
 
     def pause_writing(self) -> None:
-        # The peer reads slower than it asks: read no more requests until
-        # the replies already written have gone out.
+        # The peer reads its replies slower than it sends requests: read no
+        # more requests until the replies already written have gone out.
         self.writable.clear()
         self.hold_reading("writes")
 
@@ -627,7 +627,7 @@ class _Connection(asyncio.Protocol):
         try:
             while self.pending:
                 if self.closed:
-                    # Nobody is there for the replies: run nothing more.
+                    # The peer is gone, so no reply would arrive: run no more.
                     self.pending.clear()
                     break
                 frame = self.pending[0]
@@ -929,7 +929,7 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         target = self.handles[park.handle]
         consumer = target.consumer
-        assert consumer is not None and self.gone is not None
+        assert consumer is not None and self.disconnected is not None
         hub = self.server.hub(target.core)
         deadline = None if park.wait_ms < 0 else loop.time() + park.wait_ms / 1000
         messages: list[Any] = []
@@ -946,7 +946,9 @@ class _Connection(asyncio.Protocol):
                         break
                     timeout = remaining if timeout is None else min(timeout, remaining)
                 await asyncio.wait(
-                    [woken, self.gone], timeout=timeout, return_when="FIRST_COMPLETED"
+                    [woken, self.disconnected],
+                    timeout=timeout,
+                    return_when="FIRST_COMPLETED",
                 )
             finally:
                 hub.disarm()
@@ -1024,7 +1026,7 @@ class _Connection(asyncio.Protocol):
     async def push(self, subscription_id: int, subscription: _Subscription) -> None:
         target = self.handles[subscription.handle]
         consumer = target.consumer
-        assert consumer is not None and self.gone is not None
+        assert consumer is not None and self.disconnected is not None
         hub = self.server.hub(target.core)
         while not self.closed and subscription_id in self.subscriptions:
             if subscription.credit == 0 or not self.writable.is_set():
@@ -1058,7 +1060,11 @@ class _Connection(asyncio.Protocol):
                 subscription.changed.clear()
                 changed = asyncio.ensure_future(subscription.changed.wait())
                 try:
-                    pending: list[asyncio.Future[Any]] = [woken, self.gone, changed]
+                    pending: list[asyncio.Future[Any]] = [
+                        woken,
+                        self.disconnected,
+                        changed,
+                    ]
                     await asyncio.wait(
                         pending,
                         timeout=consumer.next_due(),
