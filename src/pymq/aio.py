@@ -409,9 +409,9 @@ class _AsyncConsumer(_AsyncHandle):
     async def __aiter__(self) -> AsyncIterator[RemoteMessage]:
         """Yield messages as they arrive, from a subscription with prefetch.
 
-        The server sends at most prefetch messages ahead of the loop body;
-        leaving the loop ends the subscription, and messages received but
-        not yet handed out go back at once.
+        The server sends at most prefetch messages ahead of the loop body.
+        Leaving the loop ends the subscription, and messages received but
+        not yet handed out are nacked at once.
         """
         connection = self._connection
         subscription = connection.next_id()

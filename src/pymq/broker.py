@@ -564,9 +564,9 @@ class Broker:
         """Finish the moves to the DLQ that a crash interrupted.
 
         A move is journaled before the message is put in the DLQ, and
-        settled after. After a crash between the two, the DLQ is searched
-        for the message (by its x- headers, among its last records): found,
-        the move is settled; not found, the message stays available.
+        settled after. After a crash between the two, the DLQ's last records
+        are searched for the message by its x- headers. If it is found, the
+        move is settled; otherwise the message stays available.
         """
         moves = consumer.unfinished_moves()
         if not moves:

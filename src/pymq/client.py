@@ -396,8 +396,9 @@ class Connection:
                     return self._result(slot)
             self._read_until(slot, sock)
         except BaseException:
-            # Interrupted (Ctrl-C, a signal handler): whoever waits next
-            # reads, and deliveries that still come for this request go back.
+            # Interrupted (Ctrl-C, a signal handler): the next waiting thread
+            # reads instead, and deliveries that still come for this request
+            # are nacked.
             with self._cv:
                 slot.abandoned = True
                 self._cv.notify_all()
@@ -438,7 +439,7 @@ class Connection:
             raise
 
     def _give_back(self, frame: Frame) -> None:
-        """Nack the deliveries of a reply that nobody waits for any more."""
+        """Nack the deliveries of a reply to an abandoned request."""
         deliveries = decode_deliveries(frame[4], None)
         if not deliveries:
             return
@@ -771,7 +772,7 @@ class _Publisher(_Handle):
 
         The offsets come as a range. A batch over the server's max_batch or
         max_frame_bytes is sent as several batches, each written whole or
-        not at all; if other puts came between them, the offsets come as a
+        not at all. If other puts came between them, the offsets come as a
         list.
         """
         items = bodies if isinstance(bodies, list) else list(bodies)

@@ -159,8 +159,9 @@ class _Target:
             None if isinstance(target, Stream) else target
         )
         self.core: Any = target._core if isinstance(target, Stream) else target.stream
-        # Receipts delivered on this connection and not yet settled by it;
-        # released (nacked) when the connection goes.
+        # Receipts delivered on this connection and not yet settled by it.
+        # They are nacked when the connection closes.
+        # NOTE: one Python set update per delivery; the core could track them.
         self.outstanding: set[int] = set()
 
 
@@ -259,8 +260,8 @@ class Server:
         self._connections: set[_Connection] = set()
         self._hubs: dict[str, _Hub] = {}
         self._housekeeping: asyncio.Task[None] | None = None
-        self._refused_logins = 0
-        self._last_refusal_log = 0.0
+        self._failed_logins = 0
+        self._last_failed_login_log = 0.0
         self.addresses: list[str] = []
         self.stopping = False
 
@@ -371,22 +372,23 @@ class Server:
             self.broker._listen(core.name, hub.wake)
         return hub
 
-    def check_token(self, given: object, peer: str) -> bool:
+    def check_token(self, token: object, peer: str) -> bool:
+        """Return whether token (from a HELLO) matches; log a failed login."""
         if self._token is None:
             return True
-        raw = given.encode("utf-8") if isinstance(given, str) else b""
+        raw = token.encode("utf-8") if isinstance(token, str) else b""
         if hmac.compare_digest(raw, self._token):
             return True
-        self._refused_logins += 1
+        self._failed_logins += 1
         now = time.monotonic()
-        if now - self._last_refusal_log >= 1.0:
+        if now - self._last_failed_login_log >= 1.0:
             logger.warning(
                 "refused a connection from %s: wrong or missing token "
                 "(%d refused so far)",
                 peer,
-                self._refused_logins,
+                self._failed_logins,
             )
-            self._last_refusal_log = now
+            self._last_failed_login_log = now
         return False
 
     def register(self, connection: _Connection) -> bool:

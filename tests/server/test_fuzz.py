@@ -467,9 +467,14 @@ def predict_open(request: dict[str, Any], state: ModelState) -> Expect:
         start = request.get("start", "earliest")
         if not isinstance(stream, str):
             return fails(17)
-        error = expected_error(lambda: check_name("stream", stream))
-        if error is not None:
-            return error
+        # Both names are checked before the stream is opened.
+        for check in [
+            lambda: check_name("stream", stream),
+            lambda: check_name("group", name),
+        ]:
+            error = expected_error(check)
+            if error is not None:
+                return error
         assert stream in KINDS, f"the strategy would create stream {stream!r}"
         if KINDS[stream] != "stream":
             return fails(8)
@@ -520,7 +525,7 @@ def predict_control(opcode: int, payload: bytes, state: ModelState) -> Expect:
 
 
 def predict(request: Request, request_id: int, state: ModelState) -> Expect:
-    """Return what the server must answer to request."""
+    """Return the reply the server must send to request."""
     opcode = request.opcode
     if opcode == protocol.HELLO:
         return fails(1)

@@ -261,8 +261,8 @@ def test_no_reply_ack_error_raised_by_later_call(shared_server, name):
         message.ack()
 
         queue.ack(message.receipt, wait=False)
-        # The server answers in order, so the error has come by the time
-        # this reply has; the call that follows raises it.
+        # The server replies in order, so the error has arrived by the time
+        # this reply has, and the call that follows raises it.
         assert queue.stats().acked == 1
 
         with pytest.raises(StaleReceiptError):
