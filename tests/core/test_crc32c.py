@@ -52,3 +52,32 @@ def test_crc32c_matches_google_crc32c() -> None:
 def test_crc32c_accepts_memoryview() -> None:
     data = bytearray(b"123456789")
     assert _core.crc32c(memoryview(data)) == 0xE3069283
+
+
+# From 3 x 128 and 3 x 2048 bytes on, the hardware path runs three lanes side
+# by side and joins them. These lengths sit on and around each step.
+LANE_LENGTHS = [383, 384, 385, 767, 768, 769, 6143, 6144, 6145, 12288, 12289]
+
+
+@pytest.mark.parametrize("length", LANE_LENGTHS)
+def test_crc32c_lanes_match_portable(length: int) -> None:
+    rng = random.Random(length)
+    for shift in (0, 1, 5):
+        data = rng.randbytes(length + shift)[shift:]
+        assert _core.crc32c(data) == _core.crc32c_portable(data)
+
+
+def test_crc32c_lanes_random_lengths() -> None:
+    rng = random.Random(3)
+    data = rng.randbytes(70_000)
+    for _ in range(300):
+        start = rng.randrange(64)
+        length = rng.randrange(len(data) - start)
+        chunk = data[start : start + length]
+        assert _core.crc32c(chunk) == _core.crc32c_portable(chunk), (start, length)
+
+
+def test_crc32c_lanes_continue_crc() -> None:
+    data = random.Random(4).randbytes(20_000)
+    head = _core.crc32c(data[:777])
+    assert _core.crc32c(data[777:], head) == _core.crc32c_portable(data)
