@@ -65,6 +65,8 @@ from benchmarks.run_store import machine_lines, payload_name, si
 ROUNDS = 3
 GOAL_PAYLOAD = 100
 PRODUCER_THREADS = 8
+# The rows whose batches are read with get_batch rather than get_many.
+COLUMNS_SYSTEM = "pymq get_batch"
 BACKLOG_PAYLOAD = 1024
 # The large backlog takes at most this share of the free disk space.
 BACKLOG_DISK_SHARE = 4
@@ -170,7 +172,15 @@ def message_count(budget: Budget, payload: int, fsync: str) -> int:
 # pymq cases -------------------------------------------------------------
 
 
-def pymq_case(budget: Budget, payload: int, fsync: str, batch: int, form: str) -> Case:
+def pymq_case(
+    budget: Budget,
+    payload: int,
+    fsync: str,
+    batch: int,
+    form: str,
+    columns: bool = False,
+) -> Case:
+    """Return a pymq case. With columns, batches are read with get_batch."""
     bodies = payloads(payload, message_count(budget, payload, fsync))
     chunks = batches(bodies, batch)
 
@@ -183,7 +193,7 @@ def pymq_case(budget: Budget, payload: int, fsync: str, batch: int, form: str) -
                 if batch == 1:
                     done = put_get_ack_each(jobs, bodies, deadline)
                 else:
-                    done = put_get_ack_batches(jobs, chunks, deadline)
+                    done = put_get_ack_batches(jobs, chunks, deadline, columns)
                 return Sample(done, time.perf_counter() - start)
             start = time.perf_counter()
             if batch == 1:
@@ -194,7 +204,9 @@ def pymq_case(budget: Budget, payload: int, fsync: str, batch: int, form: str) -
             if batch == 1:
                 done = get_ack_each(jobs, put, deadline + budget.seconds)
             else:
-                done = get_ack_batches(jobs, put, deadline + budget.seconds, batch)
+                done = get_ack_batches(
+                    jobs, put, deadline + budget.seconds, batch, columns
+                )
             end = time.perf_counter()
             if done != put:
                 raise RuntimeError(f"drain timed out after {done} of {put} messages")
@@ -202,7 +214,7 @@ def pymq_case(budget: Budget, payload: int, fsync: str, batch: int, form: str) -
         finally:
             broker.close()
 
-    return Case("pymq", form, payload, fsync, batch, run)
+    return Case(COLUMNS_SYSTEM if columns else "pymq", form, payload, fsync, batch, run)
 
 
 def producer_threads_case(budget: Budget, payload: int) -> Case:
@@ -302,6 +314,10 @@ def build_cases(budget: Budget) -> list[Case]:
             for batch in (1, QUEUE_BATCH):
                 for form in (PUT_THEN_GET, INTERLEAVED):
                     cases.append(pymq_case(budget, payload, fsync, batch, form))
+            for form in (PUT_THEN_GET, INTERLEAVED):
+                cases.append(
+                    pymq_case(budget, payload, fsync, QUEUE_BATCH, form, columns=True)
+                )
         cases.append(producer_threads_case(budget, payload))
         for system in (*BASELINES, "asyncio.Queue"):
             for form in (PUT_THEN_GET, INTERLEAVED):
@@ -461,6 +477,9 @@ def ratios(cases: Sequence[Case]) -> list[Ratio]:
         batched = find(
             cases, "pymq", form, payload=GOAL_PAYLOAD, fsync="interval", batch=100
         )
+        columns = find(
+            cases, COLUMNS_SYSTEM, form, payload=GOAL_PAYLOAD, fsync="interval"
+        )
         standard = find(cases, "queue.Queue", form, payload=GOAL_PAYLOAD)
         deque_case = find(cases, "collections.deque", form, payload=GOAL_PAYLOAD)
         result.append(
@@ -478,6 +497,15 @@ def ratios(cases: Sequence[Case]) -> list[Ratio]:
                 form,
                 0.5,
                 batched.rates(),
+                deque_case.rates(),
+            )
+        )
+        result.append(
+            Ratio(
+                "pymq get_batch of 100 (interval) / collections.deque",
+                form,
+                0.5,
+                columns.rates(),
                 deque_case.rates(),
             )
         )

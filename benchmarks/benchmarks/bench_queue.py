@@ -126,6 +126,32 @@ class PutGetAckBatches(BrokerBenchmark):
             get_ack_batches(self.queue, put, deadline + MAX_SECONDS)
 
 
+class PutGetAckColumns(BrokerBenchmark):
+    """pymq queue: put_many, get_batch and ack_many of 100 messages per call."""
+
+    params: ClassVar[list[Sequence[object]]] = [
+        list(BROKER_PAYLOAD_SIZES),
+        list(FSYNC_POLICIES),
+        FORMS,
+    ]
+    param_names: ClassVar[list[str]] = ["payload", "fsync", "form"]
+
+    def setup(self, payload: int, fsync: str, form: str) -> None:
+        bodies = payloads(payload, message_count(payload, fsync))
+        self.chunks = batches(bodies, QUEUE_BATCH)
+        self.open(fsync)
+
+    def time_queue(self, payload: int, fsync: str, form: str) -> None:
+        deadline = time.perf_counter() + MAX_SECONDS
+        if form == "interleaved":
+            put_get_ack_batches(self.queue, self.chunks, deadline, columns=True)
+        else:
+            put = put_batches(self.queue, self.chunks, deadline)
+            get_ack_batches(
+                self.queue, put, deadline + MAX_SECONDS, QUEUE_BATCH, columns=True
+            )
+
+
 class ProducerThreads(BrokerBenchmark):
     """pymq queue.put with fsync="always" from 1 or 8 threads at once."""
 

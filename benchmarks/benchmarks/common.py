@@ -322,18 +322,24 @@ def put_batches(
 
 
 def get_ack_batches(
-    queue: pymq.Queue, count: int, deadline: float, size: int = QUEUE_BATCH
+    queue: pymq.Queue,
+    count: int,
+    deadline: float,
+    size: int = QUEUE_BATCH,
+    columns: bool = False,
 ) -> int:
     """Drain count messages with get_many(size) and ack_many; return count.
 
-    Raises RuntimeError when the queue is empty before count messages.
+    With columns, get_batch (numpy columns, one body buffer) replaces
+    get_many. Raises RuntimeError when the queue is empty before count
+    messages.
     """
-    get_many = queue.get_many
+    get_many = queue.get_batch if columns else queue.get_many
     ack_many = queue.ack_many
     done = 0
     while done < count:
         messages = get_many(min(size, count - done), timeout=0)
-        if not messages:
+        if not len(messages):
             raise RuntimeError(f"queue empty after {done} of {count} messages")
         ack_many(messages)
         done += len(messages)
@@ -343,11 +349,17 @@ def get_ack_batches(
 
 
 def put_get_ack_batches(
-    queue: pymq.Queue, chunks: Sequence[list[bytes]], deadline: float
+    queue: pymq.Queue,
+    chunks: Sequence[list[bytes]],
+    deadline: float,
+    columns: bool = False,
 ) -> int:
-    """For each chunk: put_many, get_many of as many, ack_many; return count."""
+    """For each chunk: put_many, get_many of as many, ack_many; return count.
+
+    With columns, get_batch replaces get_many.
+    """
     put_many = queue.put_many
-    get_many = queue.get_many
+    get_many = queue.get_batch if columns else queue.get_many
     ack_many = queue.ack_many
     done = 0
     for chunk in chunks:
