@@ -65,6 +65,8 @@ _F64: Final = struct.Struct("<d")
 _PUBLISHED: Final = struct.Struct("<QI")
 # Requests queued on one connection before the server stops reading it.
 _MAX_PENDING: Final = 1024
+# The most peer addresses whose failed logins are kept in memory.
+_MAX_LOGIN_HOSTS: Final = 10_000
 # Control requests that may take long (files created and synced, or a
 # whole DLQ moved) run in the pool; STATS and the listings run inline.
 _CONTROL: Final = frozenset({protocol.OPEN, protocol.REDRIVE})
@@ -95,6 +97,10 @@ class ServerLimits:
       the connection is dropped; 0 never drops (0).
     - max_waiting: long polls and subscriptions one connection may have
       waiting at once (1,024).
+    - max_failed_logins: failed logins one peer address may make within
+      login_window seconds. After that its HELLOs are rejected without
+      checking the token until the oldest failure is that old (10).
+    - login_window: seconds over which failed logins are counted (60).
     """
 
     max_frame_bytes: int = 16 << 20
@@ -105,6 +111,8 @@ class ServerLimits:
     frame_timeout: float = 30.0
     idle_timeout: float = 0.0
     max_waiting: int = 1024
+    max_failed_logins: int = 10
+    login_window: float = 60.0
 
     def __post_init__(self) -> None:
         ranges: dict[str, tuple[float, float]] = {
@@ -116,10 +124,12 @@ class ServerLimits:
             "frame_timeout": (0.01, 3600),
             "idle_timeout": (0, 1e9),
             "max_waiting": (1, 1_000_000),
+            "max_failed_logins": (1, 1_000_000),
+            "login_window": (0.01, 86_400),
         }
         for name, (low, high) in ranges.items():
             value = getattr(self, name)
-            counts = not name.endswith("timeout")
+            counts = not name.endswith(("timeout", "window"))
             if isinstance(value, bool) or not isinstance(
                 value, int if counts else (int, float)
             ):
@@ -262,6 +272,8 @@ class Server:
         self._housekeeping: asyncio.Task[None] | None = None
         self._failed_logins = 0
         self._last_failed_login_log = 0.0
+        # Peer address (host only) to the times of its recent failed logins.
+        self._login_failures: dict[str, collections.deque[float]] = {}
         self.addresses: list[str] = []
         self.stopping = False
 
@@ -359,6 +371,7 @@ class Server:
             now = time.monotonic()
             for connection in list(self._connections):
                 connection.check_timeouts(now)
+            self.forget_old_login_failures(now)
 
     # Shared state -----------------------------------------------------------
 
@@ -372,24 +385,67 @@ class Server:
             self.broker._listen(core.name, hub.wake)
         return hub
 
-    def check_token(self, token: object, peer: str) -> bool:
-        """Return whether token (from a HELLO) matches; log a failed login."""
+    def check_login(self, token: object, peer: str, host: str) -> str | None:
+        """Check the token of a HELLO; return None, or why it is rejected.
+
+        host is the peer's address without its port. A host that failed
+        max_failed_logins times within login_window is rejected without
+        its token being compared. Failed logins are logged at most once a
+        second.
+        """
         if self._token is None:
-            return True
+            return None
+        limits = self.limits
+        now = time.monotonic()
+        failures = self._login_failures.get(host)
+        if failures is not None:
+            while failures and now - failures[0] >= limits.login_window:
+                failures.popleft()
+            if len(failures) >= limits.max_failed_logins:
+                retry = limits.login_window - (now - failures[0])
+                self._log_failed_login(peer, now, "too many failed logins")
+                return (
+                    f"authentication failed: {len(failures)} failed logins from "
+                    f"{host} within login_window ({limits.login_window:g} s), "
+                    f"the limit is max_failed_logins "
+                    f"({limits.max_failed_logins}); try again in {retry:.1f} s"
+                )
         raw = token.encode("utf-8") if isinstance(token, str) else b""
         if hmac.compare_digest(raw, self._token):
-            return True
+            return None
+        if failures is None:
+            if len(self._login_failures) >= _MAX_LOGIN_HOSTS:
+                # The oldest entry goes, so memory stays bounded.
+                del self._login_failures[next(iter(self._login_failures))]
+            failures = self._login_failures[host] = collections.deque()
+        failures.append(now)
+        if len(failures) == limits.max_failed_logins:
+            logger.warning(
+                "rejecting logins from %s for %g s: %d failed logins",
+                host,
+                limits.login_window,
+                len(failures),
+            )
+        self._log_failed_login(peer, now, "wrong or missing token")
+        return "authentication failed: wrong or missing token"
+
+    def _log_failed_login(self, peer: str, now: float, reason: str) -> None:
         self._failed_logins += 1
-        now = time.monotonic()
         if now - self._last_failed_login_log >= 1.0:
             logger.warning(
-                "refused a connection from %s: wrong or missing token "
-                "(%d refused so far)",
+                "refused a connection from %s: %s (%d refused so far)",
                 peer,
+                reason,
                 self._failed_logins,
             )
             self._last_failed_login_log = now
-        return False
+
+    def forget_old_login_failures(self, now: float) -> None:
+        """Drop hosts whose failed logins are all older than login_window."""
+        window = self.limits.login_window
+        for host, failures in list(self._login_failures.items()):
+            if not failures or now - failures[-1] >= window:
+                del self._login_failures[host]
 
     def register(self, connection: _Connection) -> bool:
         if self.stopping or len(self._connections) >= self.limits.max_connections:
@@ -431,6 +487,7 @@ class _Connection(asyncio.Protocol):
         self.reader = FrameReader(self.limits.max_frame_bytes)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.peer_host = "?"
         self.preamble = b""
         self.hello = False
         self.closed = False
@@ -481,10 +538,11 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
+            self.peer_host = str(peer[0])
         elif peer:
-            self.peer = str(peer)
+            self.peer = self.peer_host = str(peer)
         else:
-            self.peer = "unix socket"
+            self.peer = self.peer_host = "unix socket"
         self.disconnected = asyncio.get_running_loop().create_future()
         if not self.server.register(self):
             reason = (
@@ -753,8 +811,11 @@ class _Connection(asyncio.Protocol):
                 f"client speaks protocol versions {versions!r}; this server "
                 f"speaks {protocol.PROTOCOL_VERSION}",
             )
-        if not self.server.check_token(request.get("token"), self.peer):
-            raise _Fatal(5, "authentication failed: wrong or missing token")
+        rejected = self.server.check_login(
+            request.get("token"), self.peer, self.peer_host
+        )
+        if rejected is not None:
+            raise _Fatal(5, rejected)
         self.hello = True
         logger.debug(
             "connection from %s is %s", self.peer, str(request.get("client"))[:100]

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import pymq
-from pymq import AuthenticationError, ServerError, protocol
+from pymq import AuthenticationError, ConfigError, ServerError, protocol
 from pymq._core import encode_frame
 from pymq.protocol import FLAG_MORE, FLAG_REPLY, PREAMBLE, encode_json
 from pymq.server import ServerLimits
@@ -175,6 +175,66 @@ def test_token_works_and_is_not_logged(guarded):
     assert "refused a connection from 127.0.0.1" in log
     assert TOKEN not in log
     assert WRONG_TOKEN not in log
+
+
+@pytest.fixture
+def lockout(servers):
+    """A server that requires TOKEN and allows 3 failed logins per 2 s."""
+    return servers(
+        token=TOKEN,
+        limits={"max_failed_logins": 3, "login_window": 2.0},
+        log_level="DEBUG",
+    ).start()
+
+
+def test_failed_logins_lock_out_host(lockout):
+    for _ in range(3):
+        with pytest.raises(AuthenticationError) as wrong:
+            pymq.connect(lockout.url, token=WRONG_TOKEN, reconnect_attempts=0)
+        assert "wrong or missing token" in str(wrong.value)
+
+    # The right token is rejected too while the host is locked out.
+    with pytest.raises(AuthenticationError) as locked:
+        pymq.connect(lockout.url, token=TOKEN, reconnect_attempts=0)
+    assert locked.value.code == 5
+    text = str(locked.value)
+    assert "3 failed logins from 127.0.0.1" in text
+    assert "max_failed_logins (3)" in text
+    assert "login_window (2 s)" in text
+
+    # Once the oldest failure is 2 s old, the right token works again.
+    deadline = time.monotonic() + 15.0
+    while True:
+        try:
+            client = pymq.connect(lockout.url, token=TOKEN, reconnect_attempts=0)
+            break
+        except AuthenticationError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    with client:
+        assert_round_trip(client, "after-lockout")
+    assert lockout.stop() == 0
+    log = lockout.log()
+    assert "rejecting logins from 127.0.0.1 for 2 s: 3 failed logins" in log
+    assert TOKEN not in log
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_failed_logins", 0),
+        ("max_failed_logins", 2.5),
+        ("max_failed_logins", True),
+        ("login_window", 0),
+        ("login_window", float("nan")),
+        ("login_window", "60"),
+    ],
+)
+def test_login_limits_reject_bad_values(field, value):
+    with pytest.raises(ConfigError) as raised:
+        ServerLimits(**{field: value})
+    assert field in str(raised.value)
 
 
 # Replies larger than one frame ----------------------------------------------------
