@@ -64,7 +64,8 @@ cdef class MessageBatch:
     cdef bytes timestamp_bytes          # i64 per message
     cdef bytes length_bytes             # u64 per message
     cdef readonly list headers          # dict or None per message
-    cdef GroupBase group                # settles the batch
+    cdef GroupBase group                # settles the batch, if embedded
+    cdef object owner                   # settles it, if from a server
 
     cdef object column(self, bytes raw, str dtype)
 

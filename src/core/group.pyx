@@ -139,6 +139,8 @@ cdef class MessageBatch:
     data is one bytes object with the bodies back to back, so body i is
     data[starts[i]:starts[i] + lengths[i]]. Pass the batch to ack_many to
     settle all of it. headers is a list with a dict (or None) per message.
+    The clients' get_batch returns one too, built from the server's reply;
+    only the queue or group that delivered a batch can settle it.
     """
 
     def __len__(self):

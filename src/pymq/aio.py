@@ -25,7 +25,9 @@ from typing import Any, Final
 from pymq import errors, protocol
 from pymq._core import (
     FrameReader,
+    MessageBatch,
     RemoteMessage,
+    decode_batch,
     decode_deliveries,
     encode_frame,
     encode_publish,
@@ -33,7 +35,13 @@ from pymq._core import (
 )
 from pymq._version import __version__
 from pymq.broker import GROUP_DEFAULTS, QUEUE_DEFAULTS, STREAM_DEFAULTS, _check_options
-from pymq.client import client_ssl_context, join_offsets, plan_batches, wait_ms
+from pymq.client import (
+    client_ssl_context,
+    fetch_payload,
+    join_offsets,
+    plan_batches,
+    wait_ms,
+)
 from pymq.names import check_name
 from pymq.protocol import (
     FLAG_ERROR,
@@ -53,7 +61,6 @@ __all__ = ["AsyncBroker", "AsyncGroup", "AsyncQueue", "AsyncStream", "connect"]
 
 logger = logging.getLogger("pymq.aio")
 
-_FETCH: Final = struct.Struct("<Ii")
 _U32: Final = struct.Struct("<I")
 _F64: Final = struct.Struct("<d")
 _PUBLISHED: Final = struct.Struct("<QI")
@@ -381,25 +388,30 @@ class _AsyncPublisher(_AsyncHandle):
 class _AsyncConsumer(_AsyncHandle):
     prefetch = 100
 
+    async def _fetch_frames(self, count: int, timeout: float | None) -> list[Frame]:
+        connection = self._connection
+        payload = fetch_payload(count, timeout, connection.max_batch)
+        request_id = connection.next_id()
+        frame = encode_frame(protocol.FETCH, 0, request_id, self._handle, payload)
+        return await connection.call(request_id, frame)
+
     async def get_many(
         self, count: int, timeout: float | None = None
     ) -> list[RemoteMessage]:
         """Deliver up to count messages; wait up to timeout for the first one."""
-        if count <= 0:
-            raise ValueError(f"count is {count}; it must be 1 or more")
-        connection = self._connection
-        request_id = connection.next_id()
-        frame = encode_frame(
-            protocol.FETCH,
-            0,
-            request_id,
-            self._handle,
-            _FETCH.pack(min(count, connection.max_batch), wait_ms(timeout)),
-        )
         messages: list[RemoteMessage] = []
-        for reply in await connection.call(request_id, frame):
+        for reply in await self._fetch_frames(count, timeout):
             messages.extend(decode_deliveries(reply[4], self))
         return messages
+
+    async def get_batch(self, count: int, timeout: float | None = None) -> MessageBatch:
+        """Deliver up to count messages as one MessageBatch of numpy columns.
+
+        Waits up to timeout for the first message; settle the batch with
+        ack_many(batch).
+        """
+        replies = await self._fetch_frames(count, timeout)
+        return decode_batch([reply[4] for reply in replies], self)
 
     async def get(self, timeout: float | None = None) -> RemoteMessage | None:
         """Deliver the lowest available message, or None after timeout."""
