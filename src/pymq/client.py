@@ -113,14 +113,17 @@ def fetch_payload(count: int, timeout: float | None, max_batch: int) -> bytes:
 
 
 class _Slot:
-    __slots__ = ("abandoned", "done", "error", "frames")
+    __slots__ = ("abandoned", "done", "error", "frames", "progress", "updates")
 
-    def __init__(self) -> None:
+    def __init__(self, progress: Callable[[Frame], object] | None = None) -> None:
         self.frames: list[Frame] = []
         self.done = False
         self.error: BaseException | None = None
         # The caller stopped waiting; deliveries that come are given back.
         self.abandoned = False
+        # Called, in the caller's thread, with each frame flagged MORE.
+        self.progress = progress
+        self.updates: list[Frame] = []
 
 
 class TlsChannel:
@@ -332,26 +335,34 @@ class Connection:
         with self._cv:
             self._ensure()
 
-    def call(self, opcode: int, build: Callable[[int], bytes]) -> list[Frame]:
+    def call(
+        self,
+        opcode: int,
+        build: Callable[[int], bytes],
+        progress: Callable[[Frame], object] | None = None,
+    ) -> list[Frame]:
         """Send the frame build(request_id) returns; return its reply frames.
 
         Raises the server's error, or ConnectionLostError when the
         connection breaks. A request that is safe to repeat is built and
         sent once more after reconnecting, so it names the new handles.
+        progress, if given, is called in this thread with each frame of the
+        reply flagged MORE, as it arrives.
         """
         for attempt in (0, 1):
             self.ensure()
             request_id = self.next_id()
             frame = build(request_id)
             try:
-                frames = self._exchange(request_id, frame)
+                frames = self._exchange(request_id, frame, progress)
             except errors.ConnectionLostError:
                 if attempt or opcode not in _SAFE_TO_RETRY or self._closed:
                     raise
                 continue
-            first = frames[0]
-            if first[1] & FLAG_ERROR:
-                raise decode_error(first[4])
+            # An error is the last frame of a reply.
+            last = frames[-1]
+            if last[1] & FLAG_ERROR:
+                raise decode_error(last[4])
             return frames
         raise AssertionError("unreachable")
 
@@ -381,9 +392,14 @@ class Connection:
             if late:
                 raise late[0]
 
-    def _exchange(self, request_id: int, frame: bytes) -> list[Frame]:
+    def _exchange(
+        self,
+        request_id: int,
+        frame: bytes,
+        progress: Callable[[Frame], object] | None = None,
+    ) -> list[Frame]:
         self.raise_late_errors()
-        slot = _Slot()
+        slot = _Slot(progress)
         with self._cv:
             # No reconnect here: the frame names handles of this connection.
             sock = self._sock
@@ -401,15 +417,23 @@ class Connection:
 
     def _await(self, slot: _Slot, sock: Any) -> list[Frame]:
         try:
-            with self._cv:
-                while not slot.done:
-                    if not self._reading:
-                        self._reading = True
-                        break
-                    self._cv.wait()
+            while True:
+                read = False
+                with self._cv:
+                    while not slot.done and not slot.updates:
+                        if not self._reading:
+                            self._reading = read = True
+                            break
+                        self._cv.wait()
+                    updates, slot.updates = slot.updates, []
+                if read:
+                    self._read_until(slot, sock)
+                elif updates:
+                    assert slot.progress is not None
+                    for update in updates:
+                        slot.progress(update)
                 else:
                     return self._result(slot)
-            self._read_until(slot, sock)
         except BaseException:
             # Interrupted (Ctrl-C, a signal handler): the next waiting thread
             # reads instead, and deliveries that still come for this request
@@ -418,7 +442,6 @@ class Connection:
                 slot.abandoned = True
                 self._cv.notify_all()
             raise
-        return self._result(slot)
 
     def _read_until(self, slot: _Slot, sock: Any) -> None:
         reader = self._reader
@@ -433,7 +456,8 @@ class Connection:
                     for frame in frames:
                         self._route(frame)
                     release, self._release = self._release, []
-                    done = slot.done
+                    # Back to the caller for its result, or a part to report.
+                    done = slot.done or bool(slot.updates)
                     if done:
                         self._reading = False
                     if frames:
@@ -502,6 +526,8 @@ class Connection:
                 self._late_errors.append(error)
             return
         slot.frames.append(frame)
+        if slot.progress is not None and flags & FLAG_MORE and not slot.abandoned:
+            slot.updates.append(frame)
         if slot.abandoned and frame[0] == protocol.DELIVER and not flags & FLAG_ERROR:
             self._release.append(frame)
         if not flags & FLAG_MORE:
@@ -609,14 +635,38 @@ class RemoteBroker:
             for name in self._control(protocol.GROUPS, {"stream": stream})["groups"]
         ]
 
-    def redrive(self, dlq_name: str, to: str | None = None) -> int:
-        """Move every message now in a dead-letter queue back; see Broker."""
+    def redrive(
+        self,
+        dlq_name: str,
+        to: str | None = None,
+        *,
+        progress: Callable[[int], object] | None = None,
+    ) -> int:
+        """Move every message now in a dead-letter queue back; see Broker.
+
+        progress, if given, is called in this thread with the number moved
+        so far after each batch the server moved.
+        """
         check_name("queue", dlq_name, derived=True)
         if to is not None:
             check_name("queue", to)
-        return int(
-            self._control(protocol.REDRIVE, {"dlq": dlq_name, "to": to})["moved"]
+        request: dict[str, Any] = {"dlq": dlq_name, "to": to}
+        report = None
+        if progress is not None:
+            request["progress"] = True
+
+            def report(frame: Frame) -> None:
+                progress(int(decode_json(frame[4])["moved"]))
+
+        payload = encode_json(request)
+        frames = self._connection.call(
+            protocol.REDRIVE,
+            lambda request_id: encode_frame(
+                protocol.REDRIVE, 0, request_id, 0, payload
+            ),
+            report,
         )
+        return int(decode_json(frames[-1][4])["moved"])
 
     def ping(self) -> float:
         """Send PING and return the round trip in seconds."""

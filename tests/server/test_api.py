@@ -17,6 +17,7 @@ from pymq import (
     InvalidNameError,
     MessageBatch,
     MessageTooLargeError,
+    PymqError,
     QueueFull,
     QueueNotFound,
     StaleReceiptError,
@@ -402,6 +403,46 @@ def test_redrive_to_other_queue(broker, name):
         0,
     )
     assert q.get(timeout=0) is None
+
+
+def put_dead_letters(broker, name, count, *, missing_at=None):
+    """Put count messages into name's DLQ, as if they had failed in name.
+
+    The message at missing_at, if any, names a source that does not exist.
+    """
+    broker.queue(name)
+    dlq = broker.queue(f"{name}.dlq")
+    headers = {"x-source": name, "x-group": "", "x-reason": "test"}
+    bodies = [b"%d" % i for i in range(count)]
+    if missing_at is None:
+        dlq.put_many(bodies, headers=headers)
+        return
+    dlq.put_many(bodies[:missing_at], headers=headers)
+    dlq.put(bodies[missing_at], headers=dict(headers, **{"x-source": f"{name}-gone"}))
+    dlq.put_many(bodies[missing_at + 1 :], headers=headers)
+
+
+def test_redrive_reports_progress_per_batch(broker, name):
+    put_dead_letters(broker, name, 2500)
+    reports = []
+    assert broker.redrive(f"{name}.dlq", progress=reports.append) == 2500
+    assert reports == [1000, 2000, 2500]
+    q = broker.queue(name)
+    assert q.stats().depth == 2500
+    assert [m.body for m in q.get_many(3, timeout=WAIT)] == [b"0", b"1", b"2"]
+
+    assert broker.redrive(f"{name}.dlq", progress=reports.append) == 0
+    assert reports == [1000, 2000, 2500]
+
+
+def test_redrive_failure_reports_exact_count(broker, name):
+    put_dead_letters(broker, name, 2000, missing_at=1500)
+    reports = []
+    with pytest.raises(PymqError, match="names no queue or group"):
+        broker.redrive(f"{name}.dlq", progress=reports.append)
+    assert reports == [1000, 1500]
+    assert broker.queue(name).stats().depth == 1500
+    assert broker.queue(f"{name}.dlq").stats().depth == 500
 
 
 def test_redrive_missing_dlq_raises(broker, name):
