@@ -65,7 +65,8 @@ logger = logging.getLogger("pymq.client")
 _FETCH: Final = struct.Struct("<Ii")
 _F64: Final = struct.Struct("<d")
 _PUBLISHED: Final = struct.Struct("<QI")
-_SAFE_TO_RETRY: Final = frozenset(
+# Requests sent again on their own after a reconnect, by both clients.
+SAFE_TO_RETRY: Final = frozenset(
     {
         protocol.OPEN,
         protocol.STATS,
@@ -75,6 +76,7 @@ _SAFE_TO_RETRY: Final = frozenset(
         # Deliveries whose reply was lost are released by the server when
         # the connection goes, so fetching again loses nothing.
         protocol.FETCH,
+        protocol.SUBSCRIBE,
     }
 )
 _MAX_WAIT_MS: Final = 0x7FFFFFFF
@@ -97,6 +99,39 @@ def wait_ms(timeout: float | None) -> int:
 
 def _check_timeout(timeout: float | None) -> None:
     wait_ms(timeout)
+
+
+def reconnect_delays(attempts: int) -> Iterator[float]:
+    """Yield the pauses between reconnect attempts: one fewer than attempts.
+
+    The first is 50 ms, and each is twice the one before, up to 2 s.
+    """
+    delay = 0.05
+    for _ in range(attempts - 1):
+        yield delay
+        delay = min(delay * 2, 2.0)
+
+
+def hello_payload(token: str | None, client: str) -> bytes:
+    """Return the payload of HELLO for this version of the protocol."""
+    return encode_json(
+        {
+            "versions": [protocol.PROTOCOL_VERSION, protocol.PROTOCOL_VERSION],
+            "token": token,
+            "client": f"{client} {__version__}",
+        }
+    )
+
+
+def apply_hello(connection: Any, answer: dict[str, Any]) -> None:
+    """Set the server's limits and name, from its answer to HELLO, on connection."""
+    connection.max_frame_bytes = int(
+        answer.get("max_frame_bytes", connection.max_frame_bytes)
+    )
+    limit = answer.get("max_message_bytes")
+    connection.max_message_bytes = None if limit is None else int(limit)
+    connection.max_batch = int(answer.get("max_batch", connection.max_batch))
+    connection.server = str(answer.get("server", ""))
 
 
 def fetch_payload(count: int, timeout: float | None, max_batch: int) -> bytes:
@@ -270,13 +305,7 @@ class Connection:
     def _connect(self) -> None:
         sock = self._open_socket()
         try:
-            hello = encode_json(
-                {
-                    "versions": [protocol.PROTOCOL_VERSION, protocol.PROTOCOL_VERSION],
-                    "token": self._token,
-                    "client": f"pymq-python {__version__}",
-                }
-            )
+            hello = hello_payload(self._token, "pymq-python")
             sock.sendall(PREAMBLE + encode_frame(protocol.HELLO, 0, 0, 0, hello))
             reader = FrameReader(0xFFFFFFFF)
             frames: list[Frame] = []
@@ -295,11 +324,7 @@ class Connection:
         except BaseException:
             sock.close()
             raise
-        self.max_frame_bytes = int(answer.get("max_frame_bytes", self.max_frame_bytes))
-        limit = answer.get("max_message_bytes")
-        self.max_message_bytes = None if limit is None else int(limit)
-        self.max_batch = int(answer.get("max_batch", self.max_batch))
-        self.server = str(answer.get("server", ""))
+        apply_hello(self, answer)
         self._reader = FrameReader(self.max_frame_bytes)
         self._sock = sock
         self.generation += 1
@@ -310,20 +335,20 @@ class Connection:
             return
         if self._closed:
             raise errors.ClosedError(f"connection to {self.address} is closed")
-        delay = 0.05
-        for attempt in range(self._reconnect_attempts + 1):
+        attempts = self._reconnect_attempts + 1
+        delays = reconnect_delays(attempts)
+        for attempt in range(1, attempts + 1):
             try:
                 self._connect()
                 logger.info("reconnected to %s", self.address)
                 return
             except (OSError, errors.ConnectionLostError) as exc:
-                if attempt == self._reconnect_attempts:
+                if attempt == attempts:
                     raise errors.ConnectionLostError(
                         f"could not reconnect to {self.address} after "
-                        f"{attempt + 1} attempts: {exc}"
+                        f"{attempt} attempts: {exc}"
                     ) from exc
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                time.sleep(next(delays))
 
     # Requests -----------------------------------------------------------------
 
@@ -356,7 +381,7 @@ class Connection:
             try:
                 frames = self._exchange(request_id, frame, progress)
             except errors.ConnectionLostError:
-                if attempt or opcode not in _SAFE_TO_RETRY or self._closed:
+                if attempt or opcode not in SAFE_TO_RETRY or self._closed:
                     raise
                 continue
             # An error is the last frame of a reply.
