@@ -842,6 +842,56 @@ def test_dlq_redrive_without_dlq_moves_none(
     assert capsys.readouterr().out == "moved 0 messages from jobs.dlq\n"
 
 
+def put_dead_letters(data: Path, count: int, missing_at: int | None = None) -> None:
+    """Put count messages into jobs.dlq, as if they had failed in jobs.
+
+    The message at missing_at, if any, names a source that does not exist.
+    """
+    headers = {"x-source": "jobs", "x-group": "", "x-reason": "test"}
+    with pymq.open(data) as broker:
+        broker.queue("jobs")
+        dlq = broker.queue("jobs.dlq")
+        for index in range(count):
+            source = "gone" if index == missing_at else "jobs"
+            dlq.put(b"%d" % index, headers=dict(headers, **{"x-source": source}))
+
+
+def test_dlq_redrive_progress_bar_only_on_request(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    put_dead_letters(data, 2500)
+    assert main(["dlq", "redrive", "jobs", "--data", str(data)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "moved 2500 messages from jobs.dlq\n"
+    assert captured.err == ""
+
+    put_dead_letters(data, 2500)
+    assert main(["dlq", "redrive", "jobs", "--progress", "--data", str(data)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "moved 2500 messages from jobs.dlq\n"
+    assert "redrive jobs.dlq: 100%" in captured.err
+    assert "2500/2500" in captured.err
+    with pymq.open(data) as broker:
+        assert broker.queue("jobs").stats().depth == 5000
+        assert broker.queue("jobs.dlq").stats().depth == 0
+
+
+def test_dlq_redrive_failure_reports_moved_count(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    put_dead_letters(data, 2000, missing_at=1500)
+    assert main(["dlq", "redrive", "jobs", "--progress", "--data", str(data)]) == 7
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.splitlines()
+    assert "1500/2000" in captured.err
+    assert err[-2] == "pymq: moved 1500 messages from jobs.dlq, then failed"
+    assert err[-1].startswith("pymq: dlq redrive failed: PymqError: message 1500 ")
+    with pymq.open(data) as broker:
+        assert broker.queue("jobs").stats().depth == 1500
+        assert broker.queue("jobs.dlq").stats().depth == 500
+
+
 def test_dlq_of_stream_group(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pymq.open(data) as broker:
         events = broker.stream("events")
@@ -989,6 +1039,44 @@ def test_serve_then_client_commands(
     monkeypatch.setenv("PYMQ_TOKEN", "s3cret")
     assert main(["get", "jobs", "--url", url]) == 0
     assert capsys.readouterr().out == "offset=2 attempt=1 headers={} body=three\n"
+
+
+@pytest.mark.skipif(
+    not (HAS_CLIENT and HAS_SERVER), reason="pymq.server or pymq.connect is missing"
+)
+def test_dlq_redrive_progress_through_server(
+    served: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, token = served
+    remote = ["--url", url, "--token-file", str(token)]
+    headers = {"x-source": "jobs", "x-group": "", "x-reason": "test"}
+    with pymq.connect(url, token="s3cret") as broker:
+        broker.queue("jobs")
+        dlq = broker.queue("jobs.dlq")
+        dlq.put_many([b"%d" % i for i in range(2500)], headers=headers)
+        dlq.put(b"lost", headers=dict(headers, **{"x-source": "gone"}))
+        dlq.put_many([b"after"] * 10, headers=headers)
+
+    assert main(["dlq", "redrive", "jobs", "--progress", *remote]) == 7
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "2500/2511" in captured.err
+    err = captured.err.splitlines()
+    assert err[-2] == "pymq: moved 2500 messages from jobs.dlq, then failed"
+    assert err[-1].startswith("pymq: dlq redrive failed: ServerError: message 2500 ")
+
+    with pymq.connect(url, token="s3cret") as broker:
+        dlq = broker.queue("jobs.dlq")
+        lost = dlq.get(timeout=5.0)
+        assert lost is not None
+        assert lost.body == b"lost"
+        lost.ack()
+    assert main(["dlq", "redrive", "jobs", *remote]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "moved 10 messages from jobs.dlq\n"
+    assert captured.err == ""
+    with pymq.connect(url, token="s3cret") as broker:
+        assert broker.queue("jobs").stats().depth == 2510
 
 
 @pytest.mark.skipif(not HAS_SERVER, reason="pymq.server is not in this build")

@@ -52,7 +52,7 @@ cdef class Message:
 
     @staticmethod
     cdef Message new(GroupBase group, const uint8_t *header, uint64_t offset,
-                     uint32_t attempt)
+                     uint32_t attempt, object headers, size_t used)
 
 
 @cython.final
@@ -64,7 +64,8 @@ cdef class MessageBatch:
     cdef bytes timestamp_bytes          # i64 per message
     cdef bytes length_bytes             # u64 per message
     cdef readonly list headers          # dict or None per message
-    cdef GroupBase group                # settles the batch
+    cdef GroupBase group                # settles the batch, if embedded
+    cdef object owner                   # settles it, if from a server
 
     cdef object column(self, bytes raw, str dtype)
 
@@ -112,7 +113,8 @@ cdef class GroupBase:
     cdef size_t dead_pending          # slots queued for or being moved to the DLQ
     cdef uint64_t journal_written     # journal bytes to sync before returning
     cdef readonly bint closed
-    cdef object taken_headers         # set by take_record for routed records
+    cdef object taken_headers         # set by take_record: dict or None
+    cdef size_t taken_used            # and the size of its header block
     cdef set moving                   # offsets whose move to the DLQ began
 
     cdef int acquire(self) except -1

@@ -86,14 +86,17 @@ cdef class Message:
 
     @staticmethod
     cdef Message new(GroupBase group, const uint8_t *header, uint64_t offset,
-                     uint32_t attempt):
+                     uint32_t attempt, object headers, size_t used):
+        """Return the delivery of the record at header.
+
+        headers and used are the record's decoded header block (None and 0
+        without one), as take_record found them.
+        """
         cdef Message message = Message.__new__(Message)
         cdef size_t length = load_u32(header + REC_OFF_LENGTH)
         cdef const uint8_t *body = header + REC_HEADER_SIZE
-        cdef size_t used = 0
 
-        if load_u32(header + REC_OFF_FLAGS) & REC_FLAG_HEADERS:
-            message.header_map = decode_headers(body, length, &used)
+        message.header_map = headers
         message.body = PyBytes_FromStringAndSize(<const char *>body + used,
                                                  length - used)
         message.offset = offset
@@ -139,6 +142,8 @@ cdef class MessageBatch:
     data is one bytes object with the bodies back to back, so body i is
     data[starts[i]:starts[i] + lengths[i]]. Pass the batch to ack_many to
     settle all of it. headers is a list with a dict (or None) per message.
+    The clients' get_batch returns one too, built from the server's reply;
+    only the queue or group that delivered a batch can settle it.
     """
 
     def __len__(self):
@@ -709,10 +714,9 @@ cdef class GroupBase:
         if not self.take_record(now, &offset, &attempt, &record):
             return None
         try:
-            message = Message.new(self, record, offset, attempt)
-            if self.taken_headers is not None:
-                message.header_map = self.taken_headers
-                self.taken_headers = None
+            message = Message.new(self, record, offset, attempt,
+                                  self.taken_headers, self.taken_used)
+            self.taken_headers = None
         finally:
             store.release()
         if store.events_pending:
@@ -726,9 +730,14 @@ cdef class GroupBase:
 
         Returns True with the stream store's lock held and record pointing
         at the record: the caller copies what it needs, then releases the
-        store lock. For a record routed to this group, taken_headers holds
-        its headers without the routing one. Returns False, with no store
-        lock held, when nothing is available.
+        store lock. taken_headers holds the record's headers (None without
+        a header block; for a record routed to this group, without the
+        routing one), and taken_used the size of its header block. Returns
+        False, with no store lock held, when nothing is available.
+
+        A record whose header block cannot be read (stored before publish
+        checked header blocks, though its CRC is sound) is damaged like one
+        failing its CRC: counted in the store's damaged, and skipped.
         """
         cdef RingBuffer ring = self.ring
         cdef SegmentStore store = self.stream.store
@@ -739,6 +748,7 @@ cdef class GroupBase:
         cdef size_t used
         cdef dict headers
         cdef bint keep_lock
+        cdef uint32_t flags
 
         if not store.segments:
             raise ClosedError(f"stream {self.stream.name} is closed")
@@ -764,23 +774,34 @@ cdef class GroupBase:
                 self.fail(offset, now, "consumer lost", False)
                 continue
             headers = None
+            used = 0
             keep_lock = False
             store.acquire()
             try:
                 status = store.locate(offset, &pos)
                 if status == FOUND:
                     found = store.last_read.data + pos
-                    if load_u32(found + REC_OFF_FLAGS) & REC_FLAG_TARGETED:
-                        used = 0
-                        headers = decode_headers(
-                            found + REC_HEADER_SIZE,
-                            load_u32(found + REC_OFF_LENGTH), &used)
-                    if headers is None or (
+                    flags = load_u32(found + REC_OFF_FLAGS)
+                    if flags & REC_FLAG_HEADERS:
+                        try:
+                            headers = decode_headers(
+                                found + REC_HEADER_SIZE,
+                                load_u32(found + REC_OFF_LENGTH), &used)
+                        except (ValueError, UnicodeDecodeError) as exc:
+                            store.last_read.mark_damaged(
+                                offset, pos,
+                                f"header block cannot be read ({exc})")
+                            store.events_pending = True
+                            status = DAMAGED
+                if status == FOUND:
+                    if not flags & REC_FLAG_TARGETED or (
+                            headers is not None and
                             headers.get("x-for-group") == self.group_name):
-                        if headers is not None:
+                        if flags & REC_FLAG_TARGETED:
                             # The routing header is pymq's own.
                             del headers["x-for-group"]
                         self.taken_headers = headers
+                        self.taken_used = used
                         offset_out[0] = offset
                         attempt_out[0] = attempt
                         record[0] = found
@@ -798,7 +819,8 @@ cdef class GroupBase:
                 self.write_journal(JOURNAL_ACK, &offset, NULL, 1)
                 ring.settle(offset)
                 continue
-            # No record at this offset (a gap, or damage): skip it for good.
+            # No readable record at this offset (a gap, or damage): skip it
+            # for good.
             self.write_journal(JOURNAL_ACK, &offset, NULL, 1)
             ring.settle(offset)
             self.skipped += 1
@@ -1045,13 +1067,9 @@ cdef class GroupBase:
                     try:
                         length = load_u32(record + REC_OFF_LENGTH)
                         body = record + REC_HEADER_SIZE
-                        used = 0
+                        used = self.taken_used
                         header_map = self.taken_headers
                         self.taken_headers = None
-                        if load_u32(record + REC_OFF_FLAGS) & REC_FLAG_HEADERS:
-                            decoded = decode_headers(body, length, &used)
-                            if header_map is None:
-                                header_map = decoded
                         if size + length - used > capacity:
                             capacity = max(2 * capacity, size + length - used,
                                            <size_t>count * 256)

@@ -380,14 +380,113 @@ def decode_deliveries(bytes payload not None, object owner):
     return messages
 
 
+cdef Py_ssize_t check_deliveries(bytes payload, size_t *record_bytes) except -1:
+    """Check a DELIVER payload's CRC32C and lengths; return its count.
+
+    Adds the bytes of its records (header blocks and bodies) to
+    record_bytes.
+    """
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(payload)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(payload), pos = 8
+    cdef uint32_t count, i, length
+
+    if size < 8:
+        raise ProtocolError(f"deliver payload is {size} bytes; its head "
+                            f"alone is 8")
+    count = load_u32(p)
+    if pymq_crc32c(0, p + 8, size - 8) != load_u32(p + 4):
+        raise CorruptBatchError(f"batch of {count} deliveries failed its "
+                                f"CRC32C check")
+    for i in range(count):
+        if size - pos < DELIVERY_HEAD_BYTES:
+            raise ProtocolError(f"delivery {i} of {count} is cut off")
+        length = load_u32(p + pos + 32)
+        if <Py_ssize_t>length > size - pos - DELIVERY_HEAD_BYTES:
+            raise ProtocolError(f"delivery {i} says {length} bytes but "
+                                f"{size - pos - DELIVERY_HEAD_BYTES} remain")
+        record_bytes[0] += length
+        pos += DELIVERY_HEAD_BYTES + length
+    return count
+
+
+def decode_batch(list payloads not None, object owner):
+    """Return one MessageBatch of the deliveries of DELIVER payloads.
+
+    payloads are the frames of one FETCH reply, in order. The columns and
+    the bodies are copied straight from the payloads, without an object per
+    message; owner (a client's queue or group) settles the batch.
+    """
+    cdef Py_ssize_t frames = len(payloads), k, total = 0, n = 0
+    cdef size_t record_bytes = 0, size = 0, used
+    cdef const uint8_t *p
+    cdef Py_ssize_t pos
+    cdef uint32_t count, i, length
+    cdef uint8_t *data
+    cdef uint64_t *offsets
+    cdef uint64_t *receipts
+    cdef uint32_t *attempts
+    cdef int64_t *timestamps
+    cdef uint64_t *lengths
+    cdef list headers = []
+    cdef bytes payload, buffer
+    cdef MessageBatch batch
+
+    for k in range(frames):
+        if type(payloads[k]) is not bytes:
+            raise TypeError(f"payloads must be bytes, not "
+                            f"{type(payloads[k]).__name__}")
+        total += check_deliveries(<bytes>payloads[k], &record_bytes)
+    batch = MessageBatch.__new__(MessageBatch)
+    batch.offset_bytes = PyBytes_FromStringAndSize(NULL, total * 8)
+    batch.receipt_bytes = PyBytes_FromStringAndSize(NULL, total * 8)
+    batch.attempt_bytes = PyBytes_FromStringAndSize(NULL, total * 4)
+    batch.timestamp_bytes = PyBytes_FromStringAndSize(NULL, total * 8)
+    batch.length_bytes = PyBytes_FromStringAndSize(NULL, total * 8)
+    # Header blocks are left out, so the bodies take record_bytes at most.
+    buffer = PyBytes_FromStringAndSize(NULL, record_bytes)
+    offsets = <uint64_t *>PyBytes_AS_STRING(batch.offset_bytes)
+    receipts = <uint64_t *>PyBytes_AS_STRING(batch.receipt_bytes)
+    attempts = <uint32_t *>PyBytes_AS_STRING(batch.attempt_bytes)
+    timestamps = <int64_t *>PyBytes_AS_STRING(batch.timestamp_bytes)
+    lengths = <uint64_t *>PyBytes_AS_STRING(batch.length_bytes)
+    data = <uint8_t *>PyBytes_AS_STRING(buffer)
+    for k in range(frames):
+        payload = <bytes>payloads[k]
+        p = <const uint8_t *>PyBytes_AS_STRING(payload)
+        count = load_u32(p)
+        pos = 8
+        for i in range(count):
+            length = load_u32(p + pos + 32)
+            offsets[n] = load_u64(p + pos)
+            receipts[n] = load_u64(p + pos + 8)
+            timestamps[n] = <int64_t>load_u64(p + pos + 16)
+            attempts[n] = load_u32(p + pos + 24)
+            used = 0
+            if load_u32(p + pos + 28) & BATCH_HEADERS:
+                headers.append(decode_headers(
+                    p + pos + DELIVERY_HEAD_BYTES, length, &used))
+            else:
+                headers.append(None)
+            memcpy(data + size, p + pos + DELIVERY_HEAD_BYTES + used,
+                   length - used)
+            lengths[n] = length - used
+            size += length - used
+            pos += DELIVERY_HEAD_BYTES + length
+            n += 1
+    batch.data = buffer if size == record_bytes else buffer[:size]
+    batch.headers = headers
+    batch.owner = owner
+    return batch
+
+
 def encode_receipts(uint8_t opcode, uint16_t flags, uint32_t request_id,
                     uint32_t handle, items, bytes prefix not None=b"",
                     bytes suffix not None=b"", object owner=None):
     """Return a frame of prefix, u32 count, u64 receipts, then suffix.
 
     items holds messages, receipts (ints), or is a batch with a numpy
-    receipts column. A RemoteMessage delivered by another queue or group
-    than owner raises StaleReceiptError.
+    receipts column. A RemoteMessage or MessageBatch delivered by another
+    queue or group than owner raises StaleReceiptError.
     """
     cdef Py_ssize_t count, i
     cdef Py_ssize_t head = PyBytes_GET_SIZE(prefix)
@@ -396,8 +495,17 @@ def encode_receipts(uint8_t opcode, uint16_t flags, uint32_t request_id,
     cdef uint64_t receipt
     cdef const uint8_t[::1] column
 
-    if hasattr(items, "receipts") and not isinstance(items, list):
+    if type(items) is MessageBatch:
+        if (<MessageBatch>items).owner is not owner and owner is not None:
+            raise StaleReceiptError(
+                "the batch was delivered by another queue or group, not by "
+                "this one")
+        raw = (<MessageBatch>items).receipt_bytes
+    elif hasattr(items, "receipts") and not isinstance(items, list):
         raw = items.receipts.astype("<u8").tobytes()
+    else:
+        raw = None
+    if raw is not None:
         column = raw
         count = column.shape[0] // 8
         frame = PyBytes_FromStringAndSize(

@@ -19,21 +19,33 @@ import logging
 import os
 import ssl
 import struct
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import Any, Final
 
 from pymq import errors, protocol
 from pymq._core import (
     FrameReader,
+    MessageBatch,
     RemoteMessage,
+    decode_batch,
     decode_deliveries,
     encode_frame,
     encode_publish,
     encode_receipts,
 )
-from pymq._version import __version__
 from pymq.broker import GROUP_DEFAULTS, QUEUE_DEFAULTS, STREAM_DEFAULTS, _check_options
-from pymq.client import client_ssl_context, join_offsets, plan_batches, wait_ms
+from pymq.client import (
+    SAFE_TO_RETRY,
+    apply_hello,
+    client_ssl_context,
+    fetch_payload,
+    hello_payload,
+    join_offsets,
+    plan_batches,
+    reconnect_delays,
+    wait_ms,
+)
 from pymq.names import check_name
 from pymq.protocol import (
     FLAG_ERROR,
@@ -53,7 +65,6 @@ __all__ = ["AsyncBroker", "AsyncGroup", "AsyncQueue", "AsyncStream", "connect"]
 
 logger = logging.getLogger("pymq.aio")
 
-_FETCH: Final = struct.Struct("<Ii")
 _U32: Final = struct.Struct("<I")
 _F64: Final = struct.Struct("<d")
 _PUBLISHED: Final = struct.Struct("<QI")
@@ -61,49 +72,106 @@ _PUBLISHED: Final = struct.Struct("<QI")
 Frame = tuple[int, int, int, int, bytes]
 
 
-class AsyncConnection:
-    """One connection, read by one task that routes replies and pushes."""
+# A request whose reply is awaited: its future, the frames come so far, and
+# the queue of frames flagged MORE for a caller that reports progress.
+_Waiter = tuple[
+    "asyncio.Future[list[Frame]]", list[Frame], "asyncio.Queue[Frame] | None"
+]
 
-    def __init__(self, address: Address) -> None:
+
+class _Link:
+    """One socket of an AsyncConnection, and the requests waiting on it.
+
+    A reconnect makes a new link, so nothing of a broken one (a reply, a
+    frame not yet written, a subscription) reaches its successor.
+    """
+
+    __slots__ = (
+        "generation",
+        "lost",
+        "outgoing",
+        "owners",
+        "pushes",
+        "task",
+        "unwritten",
+        "waiting",
+        "writer",
+    )
+
+    def __init__(self, generation: int, writer: asyncio.StreamWriter) -> None:
+        self.generation = generation
+        self.writer = writer
+        self.task: asyncio.Task[None] | None = None
+        self.waiting: dict[int, _Waiter] = {}
+        self.pushes: dict[int, asyncio.Queue[RemoteMessage | BaseException]] = {}
+        self.owners: dict[int, Any] = {}
+        # Frames queued in this turn of the loop, and what to report for
+        # those sent without waiting if they never go out.
+        self.outgoing: list[bytes] = []
+        self.unwritten: list[str] = []
+        self.lost: BaseException | None = None
+
+
+class AsyncConnection:
+    """One connection, read by one task per socket; reconnects where safe.
+
+    After a broken connection, the next call connects again, with backoff,
+    and the queues, streams and groups open their handles again. Only
+    requests that are safe to repeat (client.SAFE_TO_RETRY) are sent again
+    on their own; a request not yet sent when the connection broke is
+    built again, for the new handles, and sent on the new connection.
+    """
+
+    def __init__(
+        self,
+        address: Address,
+        *,
+        token: str | None = None,
+        connect_timeout: float = 10.0,
+        reconnect_attempts: int = 5,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.address = address
+        self._token = token
+        self._connect_timeout = connect_timeout
+        self._reconnect_attempts = reconnect_attempts
+        self._ssl_context = ssl_context
         self._ids = itertools.count(1)
-        self._waiting: dict[int, tuple[asyncio.Future[list[Frame]], list[Frame]]] = {}
-        self._pushes: dict[int, asyncio.Queue[RemoteMessage | BaseException]] = {}
-        self._owners: dict[int, Any] = {}
-        self._writer: asyncio.StreamWriter | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._link: _Link | None = None
         self._late_errors: list[errors.PymqError] = []
-        self._outgoing: list[bytes] = []
-        self._lost: BaseException | None = None
+        self._reconnecting: asyncio.Lock | None = None
+        self._closed = False
+        self.generation = 0
         self.max_frame_bytes = 16 << 20
         self.max_message_bytes: int | None = None
         self.max_batch = 10_000
         self.server = ""
 
-    async def open(
-        self, token: str | None, timeout: float, context: ssl.SSLContext | None
-    ) -> None:
-        address = self.address
+    # Connecting ---------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect for the first time; raise at once if that fails."""
+        await self._connect()
+
+    async def _connect(self) -> None:
+        address, timeout = self.address, self._connect_timeout
         if address.path is not None:
             opening = asyncio.open_unix_connection(address.path)
-        elif context is not None:
+        elif self._ssl_context is not None:
             opening = asyncio.open_connection(
-                address.host, address.port, ssl=context, server_hostname=address.host
+                address.host,
+                address.port,
+                ssl=self._ssl_context,
+                server_hostname=address.host,
             )
         else:
             opening = asyncio.open_connection(address.host, address.port)
         reader, writer = await asyncio.wait_for(opening, timeout)
-        hello = encode_json(
-            {
-                "versions": [protocol.PROTOCOL_VERSION, protocol.PROTOCOL_VERSION],
-                "token": token,
-                "client": f"pymq-python-asyncio {__version__}",
-            }
-        )
-        writer.write(PREAMBLE + encode_frame(protocol.HELLO, 0, 0, 0, hello))
-        frames: list[Frame] = []
-        handshake = FrameReader(0xFFFFFFFF)
         try:
+            hello = hello_payload(self._token, "pymq-python-asyncio")
+            writer.write(PREAMBLE + encode_frame(protocol.HELLO, 0, 0, 0, hello))
+            frames: list[Frame] = []
+            handshake = FrameReader(0xFFFFFFFF)
             while not frames:
                 data = await asyncio.wait_for(reader.read(65536), timeout)
                 if not data:
@@ -111,26 +179,71 @@ class AsyncConnection:
                         f"{address} closed the connection during the handshake"
                     )
                 frames = handshake.feed(data)
+            _, flags, _, _, payload = frames[0]
+            if flags & FLAG_ERROR:
+                raise decode_error(payload)
+            answer = decode_json(payload)
         except BaseException:
             writer.close()
             raise
-        _, flags, _, _, payload = frames[0]
-        if flags & FLAG_ERROR:
-            writer.close()
-            raise decode_error(payload)
-        answer = decode_json(payload)
-        self.max_frame_bytes = int(answer.get("max_frame_bytes", self.max_frame_bytes))
-        limit = answer.get("max_message_bytes")
-        self.max_message_bytes = None if limit is None else int(limit)
-        self.max_batch = int(answer.get("max_batch", self.max_batch))
-        self.server = str(answer.get("server", ""))
-        self._writer = writer
-        self._task = asyncio.ensure_future(self._read(reader))
+        apply_hello(self, answer)
+        link = _Link(self.generation + 1, writer)
+        self.generation = link.generation
+        self._link = link
+        link.task = asyncio.ensure_future(self._read(link, reader))
+
+    async def ensure(self) -> _Link:
+        """Return the connection's socket, reconnecting with backoff if broken."""
+        link = self._link
+        if link is not None and link.lost is None:
+            return link
+        if self._closed:
+            raise self._closed_error()
+        if self._reconnecting is None:
+            self._reconnecting = asyncio.Lock()
+        async with self._reconnecting:
+            # Another task may have reconnected while this one waited.
+            link = self._link
+            if link is not None and link.lost is None:
+                return link
+            attempts = self._reconnect_attempts + 1
+            delays = reconnect_delays(attempts)
+            for attempt in range(1, attempts + 1):
+                if self._closed:
+                    raise self._closed_error()
+                try:
+                    await self._connect()
+                except (
+                    OSError,
+                    asyncio.TimeoutError,
+                    errors.ConnectionLostError,
+                ) as exc:
+                    # Any other error, such as a refused token, is raised.
+                    if attempt == attempts:
+                        raise errors.ConnectionLostError(
+                            f"could not reconnect to {self.address} after "
+                            f"{attempt} attempts: {exc}"
+                        ) from exc
+                    await asyncio.sleep(next(delays))
+                    continue
+                assert self._link is not None
+                if self._closed:
+                    # close() ran while this connected.
+                    await self.close()
+                    raise self._closed_error()
+                logger.info("reconnected to %s", self.address)
+                return self._link
+        raise AssertionError("unreachable")
 
     def next_id(self) -> int:
         return next(self._ids) & 0xFFFFFFFF or next(self._ids)
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
+    def _closed_error(self) -> errors.ClosedError:
+        return errors.ClosedError(f"connection to {self.address} is closed")
+
+    # Reading ------------------------------------------------------------------
+
+    async def _read(self, link: _Link, reader: asyncio.StreamReader) -> None:
         frames_of = FrameReader(self.max_frame_bytes)
         try:
             while True:
@@ -138,23 +251,25 @@ class AsyncConnection:
                 if not data:
                     raise ConnectionResetError("the server closed the connection")
                 for frame in frames_of.feed(data):
-                    self._route(frame)
-        except (OSError, errors.ProtocolError) as exc:
-            self._fail(exc)
+                    self._route(link, frame)
         except asyncio.CancelledError:
-            self._fail(errors.ClosedError(f"connection to {self.address} is closed"))
+            self._fail(link, self._closed_error())
             raise
+        except Exception as exc:
+            # A socket error, a protocol error, or a delivery that failed its
+            # CRC32C: the connection cannot be trusted any more.
+            self._fail(link, exc)
 
-    def _route(self, frame: Frame) -> None:
+    def _route(self, link: _Link, frame: Frame) -> None:
         flags, request_id = frame[1], frame[2]
         if flags & FLAG_PUSH:
-            pushes = self._pushes.get(request_id)
+            pushes = link.pushes.get(request_id)
             if pushes is not None:
-                for message in decode_deliveries(frame[4], self._owners[request_id]):
+                for message in decode_deliveries(frame[4], link.owners[request_id]):
                     pushes.put_nowait(message)
             return
-        entry = self._waiting.get(request_id)
-        if entry is None:
+        waiter = link.waiting.get(request_id)
+        if waiter is None:
             if flags & FLAG_ERROR:
                 error = decode_error(frame[4])
                 logger.error(
@@ -164,21 +279,25 @@ class AsyncConnection:
                 )
                 self._late_errors.append(error)
             return
-        future, frames = entry
+        future, frames, parts = waiter
         frames.append(frame)
-        if future.cancelled() and frame[0] == protocol.DELIVER:
-            # The caller gave up (a timeout around get, say): the messages
-            # that still came go back at once, not after their timeout.
-            self._give_back(frame)
+        if future.cancelled():
+            if frame[0] == protocol.DELIVER and not flags & FLAG_ERROR:
+                # The caller gave up (a timeout around get, say): the messages
+                # that still came go back at once, not after their timeout.
+                self._give_back(link, frame)
+        elif parts is not None and flags & FLAG_MORE:
+            parts.put_nowait(frame)
         if not flags & FLAG_MORE:
-            del self._waiting[request_id]
+            del link.waiting[request_id]
             if not future.done():
                 future.set_result(frames)
 
-    def _give_back(self, frame: Frame) -> None:
+    def _give_back(self, link: _Link, frame: Frame) -> None:
         deliveries = decode_deliveries(frame[4], None)
-        if deliveries and self._lost is None:
+        if deliveries and link.lost is None:
             self._queue_frame(
+                link,
                 encode_receipts(
                     protocol.NACK,
                     FLAG_NO_REPLY,
@@ -186,76 +305,262 @@ class AsyncConnection:
                     frame[3],
                     deliveries,
                     _F64.pack(0.0),
-                )
+                ),
             )
 
-    def _fail(self, exc: BaseException) -> None:
-        lost = errors.ConnectionLostError(f"connection to {self.address} broke: {exc}")
-        self._lost = lost
-        waiting, self._waiting = self._waiting, {}
-        for future, _ in waiting.values():
-            if not future.done():
-                future.set_exception(lost)
-        for pushes in self._pushes.values():
+    def _fail(self, link: _Link, exc: BaseException) -> None:
+        """Fail everything waiting on link; the next call reconnects."""
+        if link.lost is not None:
+            return
+        if isinstance(exc, errors.ClosedError):
+            lost: BaseException = exc
+        else:
+            lost = errors.ConnectionLostError(
+                f"connection to {self.address} broke: {exc}"
+            )
+            logger.warning("connection to %s broke: %s", self.address, exc)
+        link.lost = lost
+        waiting, link.waiting = link.waiting, {}
+        for waiter in waiting.values():
+            if not waiter[0].done():
+                waiter[0].set_exception(lost)
+        for pushes in link.pushes.values():
+            # Received but not handed out: the server releases them anyway.
+            while not pushes.empty():
+                pushes.get_nowait()
             pushes.put_nowait(lost)
+        link.outgoing = []
+        unwritten, link.unwritten = link.unwritten, []
+        for what in unwritten:
+            # Sent without waiting, but never written: say so, later.
+            self._late_errors.append(
+                errors.ConnectionLostError(
+                    f"{what} was not sent: the connection to "
+                    f"{self.address} broke first ({exc})"
+                )
+            )
+        link.writer.close()
 
-    def _check(self) -> asyncio.StreamWriter:
+    # Requests -----------------------------------------------------------------
+
+    def raise_late_errors(self) -> None:
+        """Raise the first error a request sent without waiting got, if any."""
         if self._late_errors:
             late, self._late_errors = self._late_errors, []
             raise late[0]
-        if self._lost is not None:
-            raise self._lost
-        assert self._writer is not None
-        return self._writer
 
-    async def call(self, request_id: int, frame: bytes) -> list[Frame]:
-        """Send a request; return its reply frames or raise its error."""
-        self._check()
-        future: asyncio.Future[list[Frame]] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = (future, [])
-        self._queue_frame(frame)
-        frames = await future
-        if frames[0][1] & FLAG_ERROR:
-            raise decode_error(frames[0][4])
-        return frames
+    async def _ready(self, owner: _AsyncHandle | None) -> tuple[_Link, int]:
+        """Return the current link and owner's handle on it, once both are open.
 
-    def send(self, frame: bytes) -> None:
-        self._check()
-        self._queue_frame(frame)
+        Reconnects if the connection broke, and opens owner again on a new
+        connection. Nothing is awaited after the check, so a frame built
+        with the handle and queued at once goes out on the link it names.
+        """
+        for _ in range(_READY_TRIES):
+            link = await self.ensure()
+            if owner is not None and owner._generation != link.generation:
+                await owner.reopen({})
+            # The connection may have broken again while owner was opened.
+            if link is self._link and link.lost is None:
+                if owner is None:
+                    return link, 0
+                if owner._generation == link.generation:
+                    return link, owner._handle
+        raise errors.ConnectionLostError(
+            f"the connection to {self.address} broke {_READY_TRIES} times "
+            f"before a request could go out"
+        )
 
-    def _queue_frame(self, frame: bytes) -> None:
+    async def call(
+        self,
+        opcode: int,
+        build: Callable[[int, int], bytes],
+        owner: _AsyncHandle | None = None,
+        progress: Callable[[Frame], object] | None = None,
+        opened: _AsyncHandle | None = None,
+    ) -> list[Frame]:
+        """Send build(request_id, handle); return the reply's frames.
+
+        handle is owner's on the current connection (0 without owner).
+        Raises the server's error, or ConnectionLostError when the
+        connection breaks. A request that is safe to repeat is built and
+        sent once more after reconnecting, so it names the new handles.
+        progress, if given, is called with each frame flagged MORE. For an
+        OPEN, opened is the object opened: it is marked as opened on the
+        connection that answered.
+        """
+        for attempt in (0, 1):
+            self.raise_late_errors()
+            link = self._link
+            if (
+                link is not None
+                and link.lost is None
+                and (owner is None or owner._generation == link.generation)
+            ):
+                handle = 0 if owner is None else owner._handle
+            else:
+                link, handle = await self._ready(owner)
+            request_id = self.next_id()
+            frame = build(request_id, handle)
+            future: asyncio.Future[list[Frame]] = (
+                asyncio.get_running_loop().create_future()
+            )
+            parts: asyncio.Queue[Frame] | None = (
+                None if progress is None else asyncio.Queue()
+            )
+            link.waiting[request_id] = (future, [], parts)
+            self._queue_frame(link, frame)
+            try:
+                if parts is None or progress is None:
+                    frames = await future
+                else:
+                    frames = await _with_parts(future, parts, progress)
+            except errors.ConnectionLostError:
+                if attempt or opcode not in SAFE_TO_RETRY or self._closed:
+                    raise
+                continue
+            # An error is the last frame of a reply.
+            last = frames[-1]
+            if last[1] & FLAG_ERROR:
+                raise decode_error(last[4])
+            if opened is not None:
+                opened._generation = link.generation
+            return frames
+        raise AssertionError("unreachable")
+
+    async def send(
+        self,
+        build: Callable[[int, int], bytes],
+        owner: _AsyncHandle | None,
+        what: str,
+    ) -> None:
+        """Send a request flagged NO_REPLY; its error, if any, is raised later.
+
+        what names the request in the ConnectionLostError raised by a later
+        call when the connection breaks before the frame is written.
+        """
+        self.raise_late_errors()
+        link, handle = await self._ready(owner)
+        self._queue_frame(link, build(self.next_id(), handle), what)
+
+    def send_on(self, link: _Link, frame: bytes) -> bool:
+        """Queue frame on link, unless it broke; return whether it was queued.
+
+        For frames that belong to one socket only, as CREDIT does.
+        """
+        if link.lost is not None or link is not self._link:
+            return False
+        self._queue_frame(link, frame)
+        return True
+
+    def _queue_frame(self, link: _Link, frame: bytes, what: str | None = None) -> None:
         # Frames queued in one turn of the loop (a gather of puts, say) go
         # out in one write, once the running tasks have had their turn.
-        self._outgoing.append(frame)
-        if len(self._outgoing) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
+        link.outgoing.append(frame)
+        if what is not None:
+            link.unwritten.append(what)
+        if len(link.outgoing) == 1:
+            asyncio.get_running_loop().call_soon(self._flush, link)
 
-    def _flush(self) -> None:
-        outgoing, self._outgoing = self._outgoing, []
-        if self._writer is not None and outgoing and self._lost is None:
-            self._writer.writelines(outgoing)
+    def _flush(self, link: _Link) -> None:
+        if link.lost is None and link.writer.transport.is_closing():
+            # Closed before the reader saw it: what is queued would be
+            # dropped by the transport, so it is reported instead.
+            self._fail(link, ConnectionResetError("the connection closed"))
+        outgoing, link.outgoing = link.outgoing, []
+        link.unwritten = []
+        if outgoing and link.lost is None:
+            link.writer.writelines(outgoing)
 
-    def subscribe(
-        self, request_id: int, owner: Any
-    ) -> asyncio.Queue[RemoteMessage | BaseException]:
+    async def subscribe(
+        self, owner: _AsyncConsumer, credit: int
+    ) -> tuple[_Link, int, asyncio.Queue[RemoteMessage | BaseException]]:
+        """Subscribe owner with credit; return the link, its id and its pushes.
+
+        A subscription lives on one socket: when it breaks, its pushes end
+        with ConnectionLostError, and the caller subscribes again.
+        """
         pushes: asyncio.Queue[RemoteMessage | BaseException] = asyncio.Queue()
-        self._pushes[request_id] = pushes
-        self._owners[request_id] = owner
-        return pushes
+        for attempt in (0, 1):
+            self.raise_late_errors()
+            link, handle = await self._ready(owner)
+            subscription = self.next_id()
+            link.pushes[subscription] = pushes
+            link.owners[subscription] = owner
+            future: asyncio.Future[list[Frame]] = (
+                asyncio.get_running_loop().create_future()
+            )
+            link.waiting[subscription] = (future, [], None)
+            self._queue_frame(
+                link,
+                encode_frame(
+                    protocol.SUBSCRIBE, 0, subscription, handle, _U32.pack(credit)
+                ),
+            )
+            try:
+                frames = await future
+            except errors.ConnectionLostError:
+                self.unsubscribe(link, subscription)
+                while not pushes.empty():
+                    pushes.get_nowait()
+                if attempt or self._closed:
+                    raise
+                continue
+            except BaseException:
+                self.unsubscribe(link, subscription)
+                raise
+            if frames[-1][1] & FLAG_ERROR:
+                self.unsubscribe(link, subscription)
+                raise decode_error(frames[-1][4])
+            return link, subscription, pushes
+        raise AssertionError("unreachable")
 
-    def unsubscribe(self, request_id: int) -> None:
-        self._pushes.pop(request_id, None)
-        self._owners.pop(request_id, None)
+    def unsubscribe(self, link: _Link, subscription: int) -> None:
+        link.pushes.pop(subscription, None)
+        link.owners.pop(subscription, None)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self._closed = True
+        link = self._link
+        if link is None:
+            return
+        if link.task is not None:
+            link.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(OSError):
-                await self._writer.wait_closed()
+                await link.task
+        self._fail(link, self._closed_error())
+        link.writer.close()
+        with contextlib.suppress(OSError):
+            await link.writer.wait_closed()
+
+
+_READY_TRIES: Final = 3
+
+
+async def _with_parts(
+    future: asyncio.Future[list[Frame]],
+    parts: asyncio.Queue[Frame],
+    progress: Callable[[Frame], object],
+) -> list[Frame]:
+    """Await future, calling progress with each part as it arrives."""
+    try:
+        while not future.done():
+            getter: asyncio.Future[Frame] = asyncio.ensure_future(parts.get())
+            waiting: set[asyncio.Future[Any]] = {future, getter}
+            try:
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getter.done():
+                    getter.cancel()
+            if getter.done() and not getter.cancelled():
+                progress(getter.result())
+    except BaseException:
+        future.cancel()
+        raise
+    # Parts that came with the last frame, in the same read.
+    while not parts.empty():
+        progress(parts.get_nowait())
+    return future.result()
 
 
 class AsyncBroker:
@@ -265,12 +570,20 @@ class AsyncBroker:
         self._connection = connection
         self.url = str(connection.address)
 
-    async def _control(self, opcode: int, request: dict[str, Any]) -> dict[str, Any]:
-        request_id = self._connection.next_id()
+    async def _control(
+        self,
+        opcode: int,
+        request: dict[str, Any],
+        progress: Callable[[Frame], object] | None = None,
+    ) -> dict[str, Any]:
+        payload = encode_json(request)
         frames = await self._connection.call(
-            request_id, encode_frame(opcode, 0, request_id, 0, encode_json(request))
+            opcode,
+            lambda request_id, _: encode_frame(opcode, 0, request_id, 0, payload),
+            None,
+            progress,
         )
-        return decode_json(frames[0][4])
+        return decode_json(frames[-1][4])
 
     async def queue(self, name: str, **options: Any) -> AsyncQueue:
         """Open the queue name, creating it if it is missing."""
@@ -298,10 +611,38 @@ class AsyncBroker:
         answer = await self._control(protocol.GROUPS, {"stream": stream})
         return [str(name) for name in answer["groups"]]
 
-    async def redrive(self, dlq_name: str, to: str | None = None) -> int:
-        """Move every message now in a dead-letter queue back; see Broker."""
-        answer = await self._control(protocol.REDRIVE, {"dlq": dlq_name, "to": to})
+    async def redrive(
+        self,
+        dlq_name: str,
+        to: str | None = None,
+        *,
+        progress: Callable[[int], object] | None = None,
+    ) -> int:
+        """Move every message now in a dead-letter queue back; see Broker.
+
+        progress, if given, is called with the number moved so far after
+        each batch the server moved.
+        """
+        request: dict[str, Any] = {"dlq": dlq_name, "to": to}
+        report = None
+        if progress is not None:
+            request["progress"] = True
+
+            def report(frame: Frame) -> None:
+                progress(int(decode_json(frame[4])["moved"]))
+
+        answer = await self._control(protocol.REDRIVE, request, report)
         return int(answer["moved"])
+
+    async def ping(self) -> float:
+        """Send PING and return the round trip in seconds."""
+        start = time.perf_counter()
+        await self._control(protocol.PING, {})
+        return time.perf_counter() - start
+
+    @property
+    def server_version(self) -> str:
+        return self._connection.server
 
     async def close(self) -> None:
         """Close the connection; deliveries not yet settled go back at once."""
@@ -318,20 +659,25 @@ class AsyncBroker:
 
 
 class _AsyncHandle:
+    """Something opened on the server by OPEN, opened again after a reconnect."""
+
     def __init__(self, broker: AsyncBroker, request: dict[str, Any]) -> None:
         self._broker = broker
         self._connection = broker._connection
         self._request = request
+        self._generation = -1
         self._handle = 0
         self._answer: dict[str, Any] = {}
         self.name = str(request["name"])
 
     async def reopen(self, options: dict[str, Any]) -> None:
-        request = dict(self._request, options=options)
-        request_id = self._connection.next_id()
+        payload = encode_json(dict(self._request, options=options))
         frames = await self._connection.call(
-            request_id,
-            encode_frame(protocol.OPEN, 0, request_id, 0, encode_json(request)),
+            protocol.OPEN,
+            lambda request_id, _: encode_frame(
+                protocol.OPEN, 0, request_id, 0, payload
+            ),
+            opened=self,
         )
         self._answer = decode_json(frames[0][4])
         self._handle = int(self._answer["handle"])
@@ -348,11 +694,14 @@ class _AsyncPublisher(_AsyncHandle):
     ) -> int:
         """Append one message and return its offset."""
         plan_batches([body], headers, self._connection)
-        request_id = self._connection.next_id()
-        frame = encode_publish(
-            request_id, self._handle, [body], headers, wait_ms(timeout)
+        milliseconds = wait_ms(timeout)
+        frames = await self._connection.call(
+            protocol.PUBLISH,
+            lambda request_id, handle: encode_publish(
+                request_id, handle, [body], headers, milliseconds
+            ),
+            self,
         )
-        frames = await self._connection.call(request_id, frame)
         return int(_PUBLISHED.unpack(frames[0][4])[0])
 
     async def put_many(
@@ -368,11 +717,14 @@ class _AsyncPublisher(_AsyncHandle):
         milliseconds = wait_ms(timeout)
         ranges: list[range] = []
         for start, stop in plan_batches(items, headers, connection):
-            request_id = connection.next_id()
-            frame = encode_publish(
-                request_id, self._handle, items[start:stop], headers, milliseconds
+            part = items[start:stop]
+            frames = await connection.call(
+                protocol.PUBLISH,
+                lambda request_id, handle, part=part: encode_publish(  # type: ignore[misc]
+                    request_id, handle, part, headers, milliseconds
+                ),
+                self,
             )
-            frames = await connection.call(request_id, frame)
             first, count = _PUBLISHED.unpack(frames[0][4])
             ranges.append(range(first, first + count))
         return join_offsets(ranges)
@@ -381,25 +733,34 @@ class _AsyncPublisher(_AsyncHandle):
 class _AsyncConsumer(_AsyncHandle):
     prefetch = 100
 
+    async def _fetch_frames(self, count: int, timeout: float | None) -> list[Frame]:
+        connection = self._connection
+        payload = fetch_payload(count, timeout, connection.max_batch)
+        return await connection.call(
+            protocol.FETCH,
+            lambda request_id, handle: encode_frame(
+                protocol.FETCH, 0, request_id, handle, payload
+            ),
+            self,
+        )
+
     async def get_many(
         self, count: int, timeout: float | None = None
     ) -> list[RemoteMessage]:
         """Deliver up to count messages; wait up to timeout for the first one."""
-        if count <= 0:
-            raise ValueError(f"count is {count}; it must be 1 or more")
-        connection = self._connection
-        request_id = connection.next_id()
-        frame = encode_frame(
-            protocol.FETCH,
-            0,
-            request_id,
-            self._handle,
-            _FETCH.pack(min(count, connection.max_batch), wait_ms(timeout)),
-        )
         messages: list[RemoteMessage] = []
-        for reply in await connection.call(request_id, frame):
+        for reply in await self._fetch_frames(count, timeout):
             messages.extend(decode_deliveries(reply[4], self))
         return messages
+
+    async def get_batch(self, count: int, timeout: float | None = None) -> MessageBatch:
+        """Deliver up to count messages as one MessageBatch of numpy columns.
+
+        Waits up to timeout for the first message; settle the batch with
+        ack_many(batch).
+        """
+        replies = await self._fetch_frames(count, timeout)
+        return decode_batch([reply[4] for reply in replies], self)
 
     async def get(self, timeout: float | None = None) -> RemoteMessage | None:
         """Deliver the lowest available message, or None after timeout."""
@@ -411,21 +772,38 @@ class _AsyncConsumer(_AsyncHandle):
 
         The server sends at most prefetch messages ahead of the loop body.
         Leaving the loop ends the subscription, and messages received but
-        not yet handed out are nacked at once.
+        not yet handed out are nacked at once. When the connection breaks,
+        the loop reconnects and subscribes again; the messages received
+        but not handed out were released by the server, so none is lost.
         """
         connection = self._connection
-        subscription = connection.next_id()
-        pushes = connection.subscribe(subscription, self)
-        await connection.call(
-            subscription,
-            encode_frame(
-                protocol.SUBSCRIBE,
-                0,
-                subscription,
-                self._handle,
-                _U32.pack(self.prefetch),
-            ),
-        )
+        while True:
+            link, subscription, pushes = await connection.subscribe(self, self.prefetch)
+            # Closed here, not later by the loop, so that leaving the loop
+            # unsubscribes before it returns.
+            pushed = self._pushed(link, subscription, pushes)
+            try:
+                async with contextlib.aclosing(pushed):
+                    async for item in pushed:
+                        yield item
+            except errors.ConnectionLostError:
+                if connection._closed:
+                    raise
+                logger.info(
+                    "subscription to %s ended with its connection; subscribing again",
+                    self.name,
+                )
+                continue
+
+    async def _pushed(
+        self,
+        link: _Link,
+        subscription: int,
+        pushes: asyncio.Queue[RemoteMessage | BaseException],
+    ) -> AsyncGenerator[RemoteMessage, None]:
+        """Yield the pushes of one subscription, on one socket."""
+        connection = self._connection
+        handle = self._handle
         owed = 0
         try:
             while True:
@@ -434,72 +812,91 @@ class _AsyncConsumer(_AsyncHandle):
                     raise item
                 owed += 1
                 if owed >= max(1, self.prefetch // 2):
-                    connection.send(
+                    connection.send_on(
+                        link,
                         encode_frame(
                             protocol.CREDIT,
                             FLAG_NO_REPLY,
                             subscription,
-                            self._handle,
+                            handle,
                             _U32.pack(owed),
-                        )
+                        ),
                     )
                     owed = 0
                 yield item
         finally:
-            # Unsubscribe on the server first: pushes sent before its reply
-            # still arrive here, and all that is left then goes back.
+            if link.lost is None:
+                await self._unsubscribe(link, subscription, pushes)
+            connection.unsubscribe(link, subscription)
+
+    async def _unsubscribe(
+        self,
+        link: _Link,
+        subscription: int,
+        pushes: asyncio.Queue[RemoteMessage | BaseException],
+    ) -> None:
+        connection = self._connection
+        handle = self._handle
+        # Unsubscribe on the server first: pushes sent before its reply
+        # still arrive here, and all that is left then goes back.
+        request_id = connection.next_id()
+        future: asyncio.Future[list[Frame]] = asyncio.get_running_loop().create_future()
+        link.waiting[request_id] = (future, [], None)
+        if connection.send_on(
+            link,
+            encode_frame(
+                protocol.UNSUBSCRIBE,
+                0,
+                request_id,
+                handle,
+                _U32.pack(subscription),
+            ),
+        ):
             with contextlib.suppress(errors.PymqError, OSError):
-                request_id = connection.next_id()
-                await connection.call(
-                    request_id,
-                    encode_frame(
-                        protocol.UNSUBSCRIBE,
-                        0,
-                        request_id,
-                        self._handle,
-                        _U32.pack(subscription),
-                    ),
-                )
-            connection.unsubscribe(subscription)
-            left: list[RemoteMessage] = []
-            while not pushes.empty():
-                item = pushes.get_nowait()
-                if isinstance(item, RemoteMessage):
-                    left.append(item)
-            if left:
-                with contextlib.suppress(errors.PymqError, OSError):
-                    connection.send(
-                        encode_receipts(
-                            protocol.NACK,
-                            FLAG_NO_REPLY,
-                            connection.next_id(),
-                            self._handle,
-                            left,
-                            _F64.pack(0.0),
-                        )
-                    )
+                await future
+        else:
+            link.waiting.pop(request_id, None)
+        left: list[RemoteMessage] = []
+        while not pushes.empty():
+            item = pushes.get_nowait()
+            if isinstance(item, RemoteMessage):
+                left.append(item)
+        if left:
+            connection.send_on(
+                link,
+                encode_receipts(
+                    protocol.NACK,
+                    FLAG_NO_REPLY,
+                    connection.next_id(),
+                    handle,
+                    left,
+                    _F64.pack(0.0),
+                ),
+            )
 
     async def _settle(
         self, opcode: int, items: Any, prefix: bytes, suffix: bytes, wait: bool
     ) -> None:
-        connection = self._connection
-        request_id = connection.next_id()
-        frame = encode_receipts(
-            opcode,
-            0 if wait else FLAG_NO_REPLY,
-            request_id,
-            self._handle,
-            items,
-            prefix,
-            suffix,
-        )
+        flags = 0 if wait else FLAG_NO_REPLY
+
+        def build(request_id: int, handle: int) -> bytes:
+            return encode_receipts(
+                opcode, flags, request_id, handle, items, prefix, suffix
+            )
+
         if wait:
-            await connection.call(request_id, frame)
+            await self._connection.call(opcode, build, self)
         else:
-            connection.send(frame)
+            await self._connection.send(build, self, f"{_NAMES[opcode]} of {self.name}")
 
     async def ack(self, receipt: int, *, wait: bool = True) -> None:
-        """Settle the delivery named by receipt."""
+        """Settle the delivery named by receipt.
+
+        With wait=False the ack is sent without waiting for the reply; an
+        error it gets is logged and raised by a later call on this
+        connection, and so is a ConnectionLostError when the connection
+        broke before the ack was written.
+        """
         await self._settle(protocol.ACK, [receipt], b"", b"", wait)
 
     async def ack_many(self, items: Any, *, wait: bool = True) -> None:
@@ -522,10 +919,12 @@ class _AsyncConsumer(_AsyncHandle):
 
     async def stats(self) -> QueueStats:
         """Return the counts of this queue or group."""
-        request_id = self._connection.next_id()
         frames = await self._connection.call(
-            request_id,
-            encode_frame(protocol.STATS, 0, request_id, self._handle, b""),
+            protocol.STATS,
+            lambda request_id, handle: encode_frame(
+                protocol.STATS, 0, request_id, handle, b""
+            ),
+            self,
         )
         return QueueStats(**decode_json(frames[0][4]))
 
@@ -536,6 +935,14 @@ class _AsyncConsumer(_AsyncHandle):
     async def dlq(self) -> AsyncQueue:
         """Open the dead-letter queue of this queue or group."""
         return await self._broker.queue(self.dlq_name)
+
+
+_NAMES: Final = {
+    protocol.ACK: "ack",
+    protocol.NACK: "nack",
+    protocol.EXTEND: "extend",
+    protocol.REJECT: "reject",
+}
 
 
 class AsyncQueue(_AsyncConsumer, _AsyncPublisher):
@@ -577,6 +984,7 @@ async def connect(
     *,
     token: str | None = None,
     connect_timeout: float = 10.0,
+    reconnect_attempts: int = 5,
     ssl_context: ssl.SSLContext | None = None,
     ca_file: str | None = None,
     cert_file: str | None = None,
@@ -584,15 +992,23 @@ async def connect(
 ) -> AsyncBroker:
     """Connect to a pymq server; token defaults to PYMQ_TOKEN.
 
-    The TLS options are those of pymq.connect, for pymqs:// URLs.
-
-    NOTE: unlike the blocking client, this one does not reconnect; a broken
-    connection raises ConnectionLostError from every later call.
+    The TLS options are those of pymq.connect, for pymqs:// URLs. As with
+    pymq.connect, a broken connection is opened again, with backoff (a
+    first try and reconnect_attempts more), on the next call; only
+    requests that are safe to repeat are sent again on their own, and
+    `async for` subscribes again.
     """
     if token is None:
         token = os.environ.get("PYMQ_TOKEN") or None
     address = parse_url(url)
-    context = client_ssl_context(address, ssl_context, ca_file, cert_file, key_file)
-    connection = AsyncConnection(address)
-    await connection.open(token, connect_timeout, context)
+    connection = AsyncConnection(
+        address,
+        token=token,
+        connect_timeout=connect_timeout,
+        reconnect_attempts=reconnect_attempts,
+        ssl_context=client_ssl_context(
+            address, ssl_context, ca_file, cert_file, key_file
+        ),
+    )
+    await connection.open()
     return AsyncBroker(connection)

@@ -671,13 +671,21 @@ class Broker:
 
         return dead_letter
 
-    def redrive(self, dlq_name: str, to: str | None = None) -> int:
+    def redrive(
+        self,
+        dlq_name: str,
+        to: str | None = None,
+        *,
+        progress: Callable[[int], object] | None = None,
+    ) -> int:
         """Move every message now in a dead-letter queue back, in order, once.
 
         Each message goes back where it failed: to its queue, or, for a
         group's DLQ, to that group only (the stream's other groups pass over
         it). to= names a queue to move them all to instead. The x- headers
         of the dead-letter move are removed. Returns the number moved.
+        progress, if given, is called with the number moved so far after
+        each batch of up to 1,000 messages, and before a failure is raised.
         """
         check_name("queue", dlq_name, derived=True)
         if self._kind_of(dlq_name)[0] != "queue":
@@ -705,11 +713,16 @@ class Broker:
                     # This message and the rest of the batch stay in the DLQ.
                     for rest in batch[index:]:
                         rest.nack()
+                    if progress is not None and index:
+                        # The exact count moved, for the caller to report.
+                        progress(moved)
                     raise
                 # Acked one by one, so a failure later in the batch does not
                 # leave a message both put back and still in the DLQ.
                 message.ack()
                 moved += 1
+            if progress is not None:
+                progress(moved)
         logger.info(
             "redrove %d messages from %s to %s", moved, dlq_name, to or "their sources"
         )

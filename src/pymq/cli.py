@@ -128,7 +128,13 @@ class BrokerAPI(Protocol):
 
     def groups(self, stream: str) -> list[str]: ...
 
-    def redrive(self, dlq_name: str, to: str | None = None) -> int: ...
+    def redrive(
+        self,
+        dlq_name: str,
+        to: str | None = None,
+        *,
+        progress: Any = None,
+    ) -> int: ...
 
     def close(self) -> None: ...
 
@@ -501,6 +507,11 @@ def _add_dlq(commands: Any, client: argparse.ArgumentParser) -> None:
     redrive.add_argument("queue", metavar="QUEUE", help="queue whose DLQ to redrive")
     redrive.add_argument(
         "--to", metavar="QUEUE", help="move them all to this queue instead"
+    )
+    redrive.add_argument(
+        "--progress",
+        action="store_true",
+        help="show a progress bar on stderr even when it is not a terminal",
     )
     redrive.set_defaults(handler=_dlq_redrive)
 
@@ -1004,13 +1015,58 @@ def _dlq_list(args: argparse.Namespace) -> int:
 def _dlq_redrive(args: argparse.Namespace) -> int:
     source, dlq_name = _dlq_names(args.queue)
     to: str | None = None if args.to is None else check_name("queue", args.to)
+    where = "" if to is None else f" to {to}"
     with open_broker(args, create=False) as broker:
         moved = 0
         if _dlq_exists(broker, source, dlq_name):
-            moved = broker.redrive(dlq_name, to=to)
-    where = "" if to is None else f" to {to}"
+            show_progress = args.progress or sys.stderr.isatty()
+            moved = _redrive(broker, dlq_name, to, where, show_progress)
     _write_line(f"moved {_plural(moved, 'message')} from {dlq_name}{where}")
     return ExitCode.OK
+
+
+def _redrive(
+    broker: BrokerAPI, dlq_name: str, to: str | None, where: str, show_progress: bool
+) -> int:
+    """Redrive dlq_name with a progress bar; return the number moved.
+
+    The bar's total is the DLQ's depth when the redrive starts. The broker
+    reports the count after each batch it moved, so when the redrive
+    fails, the messages already moved are reported before the error.
+    """
+    total = None
+    if show_progress:
+        # NOTE: like stats, a DLQ name over 128 characters cannot be opened
+        # with broker.queue(); the bar then has no total.
+        with contextlib.suppress(InvalidNameError):
+            total = broker.queue(dlq_name).stats().depth
+    # A disabled bar counts nothing, so the count is kept here.
+    moved = 0
+    try:
+        with tqdm(
+            desc=f"redrive {dlq_name}",
+            unit="msg",
+            total=total,
+            file=sys.stderr,
+            disable=not show_progress,
+        ) as progress:
+
+            def moved_so_far(count: int) -> None:
+                nonlocal moved
+                progress.update(count - moved)
+                moved = count
+
+            moved_so_far(broker.redrive(dlq_name, to=to, progress=moved_so_far))
+    except BaseException:
+        # After the bar's last line, as put reports a partial count.
+        if moved:
+            print(
+                f"pymq: moved {_plural(moved, 'message')} from "
+                f"{dlq_name}{where}, then failed",
+                file=sys.stderr,
+            )
+        raise
+    return moved
 
 
 def _dlq_names(source: str) -> tuple[str, str]:

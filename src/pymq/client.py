@@ -26,7 +26,9 @@ from typing import Any, Final
 from pymq import errors, protocol
 from pymq._core import (
     FrameReader,
+    MessageBatch,
     RemoteMessage,
+    decode_batch,
     decode_deliveries,
     encode_frame,
     encode_publish,
@@ -63,7 +65,8 @@ logger = logging.getLogger("pymq.client")
 _FETCH: Final = struct.Struct("<Ii")
 _F64: Final = struct.Struct("<d")
 _PUBLISHED: Final = struct.Struct("<QI")
-_SAFE_TO_RETRY: Final = frozenset(
+# Requests sent again on their own after a reconnect, by both clients.
+SAFE_TO_RETRY: Final = frozenset(
     {
         protocol.OPEN,
         protocol.STATS,
@@ -73,6 +76,7 @@ _SAFE_TO_RETRY: Final = frozenset(
         # Deliveries whose reply was lost are released by the server when
         # the connection goes, so fetching again loses nothing.
         protocol.FETCH,
+        protocol.SUBSCRIBE,
     }
 )
 _MAX_WAIT_MS: Final = 0x7FFFFFFF
@@ -97,15 +101,64 @@ def _check_timeout(timeout: float | None) -> None:
     wait_ms(timeout)
 
 
-class _Slot:
-    __slots__ = ("abandoned", "done", "error", "frames")
+def reconnect_delays(attempts: int) -> Iterator[float]:
+    """Yield the pauses between reconnect attempts: one fewer than attempts.
 
-    def __init__(self) -> None:
+    The first is 50 ms, and each is twice the one before, up to 2 s.
+    """
+    delay = 0.05
+    for _ in range(attempts - 1):
+        yield delay
+        delay = min(delay * 2, 2.0)
+
+
+def hello_payload(token: str | None, client: str) -> bytes:
+    """Return the payload of HELLO for this version of the protocol."""
+    return encode_json(
+        {
+            "versions": [protocol.PROTOCOL_VERSION, protocol.PROTOCOL_VERSION],
+            "token": token,
+            "client": f"{client} {__version__}",
+        }
+    )
+
+
+def apply_hello(connection: Any, answer: dict[str, Any]) -> None:
+    """Set the server's limits and name, from its answer to HELLO, on connection."""
+    connection.max_frame_bytes = int(
+        answer.get("max_frame_bytes", connection.max_frame_bytes)
+    )
+    limit = answer.get("max_message_bytes")
+    connection.max_message_bytes = None if limit is None else int(limit)
+    connection.max_batch = int(answer.get("max_batch", connection.max_batch))
+    connection.server = str(answer.get("server", ""))
+
+
+def fetch_payload(count: int, timeout: float | None, max_batch: int) -> bytes:
+    """Return a FETCH payload for up to count messages, checking count.
+
+    count over the server's max_batch asks for max_batch: FETCH takes at
+    most that many.
+    """
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise TypeError(f"count must be an int, not {type(count).__name__}")
+    if count <= 0:
+        raise ValueError(f"count is {count}; it must be 1 or more")
+    return _FETCH.pack(min(count, max_batch), wait_ms(timeout))
+
+
+class _Slot:
+    __slots__ = ("abandoned", "done", "error", "frames", "progress", "updates")
+
+    def __init__(self, progress: Callable[[Frame], object] | None = None) -> None:
         self.frames: list[Frame] = []
         self.done = False
         self.error: BaseException | None = None
         # The caller stopped waiting; deliveries that come are given back.
         self.abandoned = False
+        # Called, in the caller's thread, with each frame flagged MORE.
+        self.progress = progress
+        self.updates: list[Frame] = []
 
 
 class TlsChannel:
@@ -252,13 +305,7 @@ class Connection:
     def _connect(self) -> None:
         sock = self._open_socket()
         try:
-            hello = encode_json(
-                {
-                    "versions": [protocol.PROTOCOL_VERSION, protocol.PROTOCOL_VERSION],
-                    "token": self._token,
-                    "client": f"pymq-python {__version__}",
-                }
-            )
+            hello = hello_payload(self._token, "pymq-python")
             sock.sendall(PREAMBLE + encode_frame(protocol.HELLO, 0, 0, 0, hello))
             reader = FrameReader(0xFFFFFFFF)
             frames: list[Frame] = []
@@ -277,11 +324,7 @@ class Connection:
         except BaseException:
             sock.close()
             raise
-        self.max_frame_bytes = int(answer.get("max_frame_bytes", self.max_frame_bytes))
-        limit = answer.get("max_message_bytes")
-        self.max_message_bytes = None if limit is None else int(limit)
-        self.max_batch = int(answer.get("max_batch", self.max_batch))
-        self.server = str(answer.get("server", ""))
+        apply_hello(self, answer)
         self._reader = FrameReader(self.max_frame_bytes)
         self._sock = sock
         self.generation += 1
@@ -292,20 +335,20 @@ class Connection:
             return
         if self._closed:
             raise errors.ClosedError(f"connection to {self.address} is closed")
-        delay = 0.05
-        for attempt in range(self._reconnect_attempts + 1):
+        attempts = self._reconnect_attempts + 1
+        delays = reconnect_delays(attempts)
+        for attempt in range(1, attempts + 1):
             try:
                 self._connect()
                 logger.info("reconnected to %s", self.address)
                 return
             except (OSError, errors.ConnectionLostError) as exc:
-                if attempt == self._reconnect_attempts:
+                if attempt == attempts:
                     raise errors.ConnectionLostError(
                         f"could not reconnect to {self.address} after "
-                        f"{attempt + 1} attempts: {exc}"
+                        f"{attempt} attempts: {exc}"
                     ) from exc
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                time.sleep(next(delays))
 
     # Requests -----------------------------------------------------------------
 
@@ -317,26 +360,34 @@ class Connection:
         with self._cv:
             self._ensure()
 
-    def call(self, opcode: int, build: Callable[[int], bytes]) -> list[Frame]:
+    def call(
+        self,
+        opcode: int,
+        build: Callable[[int], bytes],
+        progress: Callable[[Frame], object] | None = None,
+    ) -> list[Frame]:
         """Send the frame build(request_id) returns; return its reply frames.
 
         Raises the server's error, or ConnectionLostError when the
         connection breaks. A request that is safe to repeat is built and
         sent once more after reconnecting, so it names the new handles.
+        progress, if given, is called in this thread with each frame of the
+        reply flagged MORE, as it arrives.
         """
         for attempt in (0, 1):
             self.ensure()
             request_id = self.next_id()
             frame = build(request_id)
             try:
-                frames = self._exchange(request_id, frame)
+                frames = self._exchange(request_id, frame, progress)
             except errors.ConnectionLostError:
-                if attempt or opcode not in _SAFE_TO_RETRY or self._closed:
+                if attempt or opcode not in SAFE_TO_RETRY or self._closed:
                     raise
                 continue
-            first = frames[0]
-            if first[1] & FLAG_ERROR:
-                raise decode_error(first[4])
+            # An error is the last frame of a reply.
+            last = frames[-1]
+            if last[1] & FLAG_ERROR:
+                raise decode_error(last[4])
             return frames
         raise AssertionError("unreachable")
 
@@ -366,9 +417,14 @@ class Connection:
             if late:
                 raise late[0]
 
-    def _exchange(self, request_id: int, frame: bytes) -> list[Frame]:
+    def _exchange(
+        self,
+        request_id: int,
+        frame: bytes,
+        progress: Callable[[Frame], object] | None = None,
+    ) -> list[Frame]:
         self.raise_late_errors()
-        slot = _Slot()
+        slot = _Slot(progress)
         with self._cv:
             # No reconnect here: the frame names handles of this connection.
             sock = self._sock
@@ -386,15 +442,23 @@ class Connection:
 
     def _await(self, slot: _Slot, sock: Any) -> list[Frame]:
         try:
-            with self._cv:
-                while not slot.done:
-                    if not self._reading:
-                        self._reading = True
-                        break
-                    self._cv.wait()
+            while True:
+                read = False
+                with self._cv:
+                    while not slot.done and not slot.updates:
+                        if not self._reading:
+                            self._reading = read = True
+                            break
+                        self._cv.wait()
+                    updates, slot.updates = slot.updates, []
+                if read:
+                    self._read_until(slot, sock)
+                elif updates:
+                    assert slot.progress is not None
+                    for update in updates:
+                        slot.progress(update)
                 else:
                     return self._result(slot)
-            self._read_until(slot, sock)
         except BaseException:
             # Interrupted (Ctrl-C, a signal handler): the next waiting thread
             # reads instead, and deliveries that still come for this request
@@ -403,7 +467,6 @@ class Connection:
                 slot.abandoned = True
                 self._cv.notify_all()
             raise
-        return self._result(slot)
 
     def _read_until(self, slot: _Slot, sock: Any) -> None:
         reader = self._reader
@@ -418,7 +481,8 @@ class Connection:
                     for frame in frames:
                         self._route(frame)
                     release, self._release = self._release, []
-                    done = slot.done
+                    # Back to the caller for its result, or a part to report.
+                    done = slot.done or bool(slot.updates)
                     if done:
                         self._reading = False
                     if frames:
@@ -487,6 +551,8 @@ class Connection:
                 self._late_errors.append(error)
             return
         slot.frames.append(frame)
+        if slot.progress is not None and flags & FLAG_MORE and not slot.abandoned:
+            slot.updates.append(frame)
         if slot.abandoned and frame[0] == protocol.DELIVER and not flags & FLAG_ERROR:
             self._release.append(frame)
         if not flags & FLAG_MORE:
@@ -594,14 +660,38 @@ class RemoteBroker:
             for name in self._control(protocol.GROUPS, {"stream": stream})["groups"]
         ]
 
-    def redrive(self, dlq_name: str, to: str | None = None) -> int:
-        """Move every message now in a dead-letter queue back; see Broker."""
+    def redrive(
+        self,
+        dlq_name: str,
+        to: str | None = None,
+        *,
+        progress: Callable[[int], object] | None = None,
+    ) -> int:
+        """Move every message now in a dead-letter queue back; see Broker.
+
+        progress, if given, is called in this thread with the number moved
+        so far after each batch the server moved.
+        """
         check_name("queue", dlq_name, derived=True)
         if to is not None:
             check_name("queue", to)
-        return int(
-            self._control(protocol.REDRIVE, {"dlq": dlq_name, "to": to})["moved"]
+        request: dict[str, Any] = {"dlq": dlq_name, "to": to}
+        report = None
+        if progress is not None:
+            request["progress"] = True
+
+            def report(frame: Frame) -> None:
+                progress(int(decode_json(frame[4])["moved"]))
+
+        payload = encode_json(request)
+        frames = self._connection.call(
+            protocol.REDRIVE,
+            lambda request_id: encode_frame(
+                protocol.REDRIVE, 0, request_id, 0, payload
+            ),
+            report,
         )
+        return int(decode_json(frames[-1][4])["moved"])
 
     def ping(self) -> float:
         """Send PING and return the round trip in seconds."""
@@ -794,19 +884,19 @@ class _Publisher(_Handle):
 class _RemoteConsumer(_Handle):
     """get, get_many, ack and the rest, for a queue or a group."""
 
-    def _fetch(self, count: int, timeout: float | None) -> list[RemoteMessage]:
-        if isinstance(count, bool) or not isinstance(count, int):
-            raise TypeError(f"count must be an int, not {type(count).__name__}")
-        if count <= 0:
-            raise ValueError(f"count is {count}; it must be 1 or more")
+    def _fetch_frames(self, count: int, timeout: float | None) -> list[Frame]:
+        """Send FETCH for up to count messages; return the DELIVER frames."""
         connection = self._connection
-        payload = _FETCH.pack(min(count, connection.max_batch), wait_ms(timeout))
-        replies = connection.call(
+        payload = fetch_payload(count, timeout, connection.max_batch)
+        return connection.call(
             protocol.FETCH,
             lambda request_id: encode_frame(
                 protocol.FETCH, 0, request_id, self.handle(), payload
             ),
         )
+
+    def _fetch(self, count: int, timeout: float | None) -> list[RemoteMessage]:
+        replies = self._fetch_frames(count, timeout)
         if len(replies) == 1:
             return decode_deliveries(replies[0][4], self)
         messages: list[RemoteMessage] = []
@@ -826,6 +916,16 @@ class _RemoteConsumer(_Handle):
     def get_many(self, count: int, timeout: float | None = None) -> list[RemoteMessage]:
         """Deliver up to count messages; wait up to timeout for the first one."""
         return self._fetch(count, timeout)
+
+    def get_batch(self, count: int, timeout: float | None = None) -> MessageBatch:
+        """Deliver up to count messages as one MessageBatch of numpy columns.
+
+        Waits up to timeout for the first message, like get_many; settle the
+        batch with ack_many(batch). The batch is built from the server's
+        reply in compiled code, without an object per message.
+        """
+        replies = self._fetch_frames(count, timeout)
+        return decode_batch([reply[4] for reply in replies], self)
 
     def get_nowait(self) -> RemoteMessage | None:
         """Deliver the lowest available message, or return None at once."""

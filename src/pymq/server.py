@@ -44,6 +44,7 @@ from pymq.broker import Broker
 from pymq.names import check_name
 from pymq.protocol import (
     FLAG_ERROR,
+    FLAG_MORE,
     FLAG_NO_REPLY,
     FLAG_PUSH,
     FLAG_REPLY,
@@ -535,6 +536,8 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses.
         self.transport = transport  # type: ignore[assignment]
+        self.loop = asyncio.get_running_loop()
+        self.loop_thread = threading.get_ident()
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
@@ -918,10 +921,42 @@ class _Connection(asyncio.Protocol):
             raise TypeError(
                 f"REDRIVE needs dlq (str) and to (str or null), not {dlq!r} and {to!r}"
             )
-        moved = self.server.broker.redrive(dlq, to=to)
+        progress = None
+        if request.get("progress") is True:
+
+            def progress(moved: int) -> None:
+                # A frame of the reply, flagged MORE, after each batch moved.
+                self.send_part(
+                    encode_frame(
+                        protocol.REDRIVE,
+                        FLAG_REPLY | FLAG_MORE,
+                        request_id,
+                        0,
+                        encode_json({"moved": moved}),
+                    )
+                )
+
+        moved = self.server.broker.redrive(dlq, to=to, progress=progress)
         return self.reply(
             protocol.REDRIVE, request_id, 0, encode_json({"moved": moved})
         )
+
+    def send_part(self, frame: bytes) -> None:
+        """Send a frame of a reply that is still running, from any thread.
+
+        From a pool thread the frame goes through the loop, ahead of the
+        reply's last frame, which the loop sends once the request returns.
+        """
+        if threading.get_ident() != self.loop_thread:
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.send_part, frame)
+            return
+        if self.closed or self.transport is None:
+            return
+        if self.outbox is not None:
+            self.outbox.append(frame)
+        else:
+            self.transport.write(frame)
 
     def on_names(self, flags: int, request_id: int, handle: int, payload: bytes) -> Any:
         names = self.server.broker.names()

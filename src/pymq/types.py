@@ -13,8 +13,9 @@ class QueueStats:
     or waiting for redelivery. ``acked`` and ``dead_lettered`` count since
     the broker opened. ``oldest_unacked_age`` is in seconds, None when
     nothing is unsettled. ``damaged`` counts records of the stream lost to
-    damage; ``skipped`` counts offsets this group passed over because they
-    had no readable record.
+    damage (a failed CRC, or a header block that cannot be parsed), since
+    the broker opened; ``skipped`` counts offsets this group passed over
+    because they had no readable record.
     """
 
     name: str

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from pymq import (
     ConfigError,
     InvalidNameError,
+    MessageBatch,
     MessageTooLargeError,
+    PymqError,
     QueueFull,
     QueueNotFound,
     StaleReceiptError,
@@ -93,6 +96,127 @@ def test_get_timeout_returns_none(broker, name):
     assert q.get(timeout=0.2) is None
     assert q.get(timeout=0) is None
     assert q.get_many(5, timeout=0.1) == []
+
+
+def test_get_batch_exact_columns(broker, name):
+    q = broker.queue(name, visibility_timeout=3600)
+    before = time.time_ns()
+    assert q.put_many([b"a", b"bb", b""]) == range(3)
+    assert q.put(b"dddd", headers={"kind": "demo"}) == 3
+    after = time.time_ns()
+
+    batch = q.get_batch(10, timeout=WAIT)
+    assert isinstance(batch, MessageBatch)
+    assert len(batch) == 4
+    assert batch.offsets.dtype == np.dtype("<u8")
+    assert batch.receipts.dtype == np.dtype("<u8")
+    assert batch.attempts.dtype == np.dtype("<u4")
+    assert batch.timestamps.dtype == np.dtype("<i8")
+    assert batch.lengths.dtype == np.dtype("<u8")
+    assert batch.offsets.tolist() == [0, 1, 2, 3]
+    assert batch.attempts.tolist() == [1, 1, 1, 1]
+    assert batch.lengths.tolist() == [1, 2, 0, 4]
+    assert batch.starts.tolist() == [0, 1, 3, 3]
+    assert batch.data == b"abbdddd"
+    assert [bytes(batch.body(i)) for i in range(4)] == [b"a", b"bb", b"", b"dddd"]
+    assert batch.headers == [None, None, None, {"kind": "demo"}]
+    assert all(before <= t <= after for t in batch.timestamps.tolist())
+    assert len(set(batch.receipts.tolist())) == 4
+    assert q.stats().in_flight == 4
+
+    q.ack_many(batch)
+    stats = q.stats()
+    assert (stats.depth, stats.in_flight, stats.acked) == (0, 0, 4)
+
+
+def test_get_batch_of_nothing_is_empty(broker, name):
+    q = broker.queue(name)
+    for batch in (q.get_batch(5, timeout=0), q.get_batch(5, timeout=0.1)):
+        assert len(batch) == 0
+        assert batch.data == b""
+        assert batch.headers == []
+        assert batch.offsets.tolist() == []
+        assert batch.starts.tolist() == []
+    q.ack_many(q.get_batch(5, timeout=0))
+    assert q.stats().acked == 0
+
+
+def test_get_batch_takes_count_and_redelivers(broker, name):
+    q = broker.queue(name, visibility_timeout=3600)
+    q.put_many([b"0", b"1", b"2", b"3", b"4"])
+    first = q.get_batch(2, timeout=WAIT)
+    assert first.offsets.tolist() == [0, 1]
+    assert first.data == b"01"
+
+    q.nack(int(first.receipts[1]))
+    second = q.get_batch(10, timeout=WAIT)
+    assert second.offsets.tolist() == [1, 2, 3, 4]
+    assert second.attempts.tolist() == [2, 1, 1, 1]
+    assert second.data == b"1234"
+
+    # all or none: offset 1 of the first batch is stale now.
+    with pytest.raises(StaleReceiptError):
+        q.ack_many(first)
+    assert q.stats().in_flight == 5
+    q.ack(int(first.receipts[0]))
+    q.ack_many(second)
+    stats = q.stats()
+    assert (stats.depth, stats.in_flight, stats.acked) == (0, 0, 5)
+
+
+def test_get_batch_of_other_queue_cannot_settle(broker, name):
+    first = broker.queue(f"{name}-a", visibility_timeout=3600)
+    second = broker.queue(f"{name}-b", visibility_timeout=3600)
+    first.put(b"a")
+    second.put(b"b")
+    batch = first.get_batch(1, timeout=WAIT)
+    second.get(timeout=WAIT)
+
+    with pytest.raises(StaleReceiptError):
+        second.ack_many(batch)
+    assert second.stats().in_flight == 1
+    first.ack_many(batch)
+    assert first.stats().acked == 1
+
+
+def test_get_batch_of_group(broker, name):
+    stream = broker.stream(name)
+    billing = stream.group("billing", visibility_timeout=3600)
+    stream.put_many([b"x", b"yy"])
+    stream.put(b"zzz", headers={"n": "3"})
+
+    batch = billing.get_batch(10, timeout=WAIT)
+    assert batch.offsets.tolist() == [0, 1, 2]
+    assert batch.lengths.tolist() == [1, 2, 3]
+    assert batch.data == b"xyyzzz"
+    assert batch.headers == [None, None, {"n": "3"}]
+    billing.ack_many(batch)
+    assert billing.stats().acked == 3
+    assert len(billing.get_batch(10, timeout=0)) == 0
+
+
+def test_get_batch_larger_than_a_frame(broker, name):
+    # 20 MiB of bodies: a server sends them in two DELIVER frames or more.
+    q = broker.queue(name, visibility_timeout=3600)
+    bodies = [bytes([i]) * MAX_MESSAGE_BYTES for i in range(20)]
+    for body in bodies:
+        q.put(body)
+    batch = q.get_batch(20, timeout=WAIT)
+    assert batch.offsets.tolist() == list(range(20))
+    assert batch.lengths.tolist() == [MAX_MESSAGE_BYTES] * 20
+    assert batch.data == b"".join(bodies)
+    q.ack_many(batch)
+    assert q.stats().acked == 20
+
+
+@pytest.mark.parametrize(
+    ("count", "error"),
+    [(0, ValueError), (-1, ValueError), ("3", TypeError), (2.5, TypeError)],
+)
+def test_get_batch_bad_count_raises(broker, name, count, error):
+    q = broker.queue(name)
+    with pytest.raises(error):
+        q.get_batch(count, timeout=0)
 
 
 # Settling ---------------------------------------------------------------
@@ -279,6 +403,46 @@ def test_redrive_to_other_queue(broker, name):
         0,
     )
     assert q.get(timeout=0) is None
+
+
+def put_dead_letters(broker, name, count, *, missing_at=None):
+    """Put count messages into name's DLQ, as if they had failed in name.
+
+    The message at missing_at, if any, names a source that does not exist.
+    """
+    broker.queue(name)
+    dlq = broker.queue(f"{name}.dlq")
+    headers = {"x-source": name, "x-group": "", "x-reason": "test"}
+    bodies = [b"%d" % i for i in range(count)]
+    if missing_at is None:
+        dlq.put_many(bodies, headers=headers)
+        return
+    dlq.put_many(bodies[:missing_at], headers=headers)
+    dlq.put(bodies[missing_at], headers=dict(headers, **{"x-source": f"{name}-gone"}))
+    dlq.put_many(bodies[missing_at + 1 :], headers=headers)
+
+
+def test_redrive_reports_progress_per_batch(broker, name):
+    put_dead_letters(broker, name, 2500)
+    reports = []
+    assert broker.redrive(f"{name}.dlq", progress=reports.append) == 2500
+    assert reports == [1000, 2000, 2500]
+    q = broker.queue(name)
+    assert q.stats().depth == 2500
+    assert [m.body for m in q.get_many(3, timeout=WAIT)] == [b"0", b"1", b"2"]
+
+    assert broker.redrive(f"{name}.dlq", progress=reports.append) == 0
+    assert reports == [1000, 2000, 2500]
+
+
+def test_redrive_failure_reports_exact_count(broker, name):
+    put_dead_letters(broker, name, 2000, missing_at=1500)
+    reports = []
+    with pytest.raises(PymqError, match="names no queue or group"):
+        broker.redrive(f"{name}.dlq", progress=reports.append)
+    assert reports == [1000, 1500]
+    assert broker.queue(name).stats().depth == 1500
+    assert broker.queue(f"{name}.dlq").stats().depth == 500
 
 
 def test_redrive_missing_dlq_raises(broker, name):

@@ -14,6 +14,9 @@ import pymq
 from pymq import CorruptBatchError, FrameTooLargeError, ProtocolError, protocol
 from pymq._core import (
     FrameReader,
+    crc32c,
+    decode_batch,
+    decode_deliveries,
     encode_frame,
     encode_publish,
     publish_into,
@@ -206,3 +209,112 @@ def test_publish_malformed_head_raises(stream_core, payload, message):
     with pytest.raises(ProtocolError, match=message):
         publish_into(stream_core, payload, 10_000)
     assert stream_core.store.next_offset == before
+
+
+# Deliveries: decode_batch against decode_deliveries -------------------------
+
+
+def encode_header_block(headers: dict[str, str]) -> bytes:
+    parts = [struct.pack("<H", len(headers))]
+    for key, value in headers.items():
+        raw_key, raw_value = key.encode(), value.encode()
+        parts += [struct.pack("<H", len(raw_key)), raw_key]
+        parts += [struct.pack("<I", len(raw_value)), raw_value]
+    return b"".join(parts)
+
+
+deliveries = st.lists(
+    st.tuples(
+        st.integers(0, 2**64 - 1),  # offset
+        st.integers(0, 2**64 - 1),  # receipt
+        st.integers(-(2**63), 2**63 - 1),  # timestamp
+        st.integers(0, 2**32 - 1),  # attempt
+        st.none() | st.dictionaries(st.text(max_size=5), st.text(max_size=5)),
+        st.binary(max_size=40),
+    ),
+    max_size=6,
+)
+
+
+def deliver_payload(items: list[tuple]) -> bytes:
+    """Return a DELIVER payload, laid out as docs/protocol.md says."""
+    records = []
+    for offset, receipt, timestamp, attempt, headers, body in items:
+        block = b"" if headers is None else encode_header_block(headers)
+        flags = 0 if headers is None else 1
+        records.append(
+            struct.pack(
+                "<QQqIII",
+                offset,
+                receipt,
+                timestamp,
+                attempt,
+                flags,
+                len(block) + len(body),
+            )
+            + block
+            + body
+        )
+    tail = b"".join(records)
+    return struct.pack("<II", len(items), crc32c(tail)) + tail
+
+
+def decoded_either_way(payloads: list[bytes]) -> tuple[object, object]:
+    """Return what decode_deliveries and decode_batch make of payloads.
+
+    Each is a list of per-message tuples, or the class of the error raised.
+    """
+    try:
+        messages = [m for p in payloads for m in decode_deliveries(p, None)]
+        one = [(m.offset, m.receipt, m.timestamp, m.attempt, m.body) for m in messages]
+        one_headers = [m.headers for m in messages]
+    except Exception as exc:
+        one, one_headers = type(exc), None
+    try:
+        batch = decode_batch(payloads, None)
+        two = [
+            (o, r, t, a, bytes(batch.body(i)))
+            for i, (o, r, t, a) in enumerate(
+                zip(
+                    batch.offsets.tolist(),
+                    batch.receipts.tolist(),
+                    batch.timestamps.tolist(),
+                    batch.attempts.tolist(),
+                    strict=True,
+                )
+            )
+        ]
+        # A message without a header block has {} as headers, None in a batch.
+        two_headers = [h or {} for h in batch.headers]
+        assert batch.data == b"".join(item[4] for item in two)
+    except Exception as exc:
+        two, two_headers = type(exc), None
+    return (one, one_headers), (two, two_headers)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(deliveries, max_size=3))
+def test_decode_batch_matches_decode_deliveries(frames):
+    payloads = [deliver_payload(items) for items in frames]
+    one, two = decoded_either_way(payloads)
+    assert one == two
+    expected = [
+        (offset, receipt, timestamp, attempt, body)
+        for items in frames
+        for offset, receipt, timestamp, attempt, _, body in items
+    ]
+    assert two[0] == expected
+    batch = decode_batch(payloads, None)
+    assert batch.headers == [item[4] for items in frames for item in items]
+
+
+@settings(max_examples=300, deadline=None)
+@given(items=deliveries, data=st.data())
+def test_decode_batch_damaged_payload_fails_as_deliveries_do(items, data):
+    payload = bytearray(deliver_payload(items))
+    position = data.draw(st.integers(0, len(payload) - 1))
+    payload[position] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(payload)))
+    damaged = bytes(payload[:cut])
+    one, two = decoded_either_way([deliver_payload(items), damaged])
+    assert one == two

@@ -202,6 +202,32 @@ def test_long_poll_on_group(shared_server, name):
         assert [m.body for m in messages] == [b"x", b"y"]
 
 
+def test_redrive_progress_in_caller_thread_while_another_reads(shared_server, name):
+    with pymq.connect(shared_server.url) as client:
+        client.queue(name)
+        headers = {"x-source": name, "x-group": ""}
+        client.queue(f"{name}.dlq").put_many([b"m"] * 2500, headers=headers)
+        idle = client.queue(f"{name}-idle")
+        polled: list[Any] = []
+        # This thread's long poll reads the socket for every request.
+        poller = threading.Thread(target=lambda: polled.append(idle.get(timeout=30.0)))
+        poller.start()
+        time.sleep(0.3)
+        reports: list[tuple[int, int]] = []
+        moved = client.redrive(
+            f"{name}.dlq",
+            progress=lambda count: reports.append((threading.get_ident(), count)),
+        )
+        assert poller.is_alive()
+        me = threading.get_ident()
+        assert moved == 2500
+        assert reports == [(me, 1000), (me, 2000), (me, 2500)]
+        idle.put(b"ends the poll")
+        poller.join(timeout=JOIN_TIMEOUT)
+        assert [message.body for message in polled] == [b"ends the poll"]
+        assert client.queue(name).stats().depth == 2500
+
+
 # Reconnecting ------------------------------------------------------------------
 
 
