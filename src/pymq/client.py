@@ -147,6 +147,15 @@ def fetch_payload(count: int, timeout: float | None, max_batch: int) -> bytes:
     return _FETCH.pack(min(count, max_batch), wait_ms(timeout))
 
 
+class _NotSent(Exception):
+    """A request found its connection gone or replaced before it was sent."""
+
+
+# The most times call() and send() rebuild a request whose connection was
+# replaced before it went out.
+_MAX_REBUILDS: Final = 5
+
+
 class _Slot:
     __slots__ = ("abandoned", "done", "error", "frames", "progress", "updates")
 
@@ -374,32 +383,50 @@ class Connection:
         progress, if given, is called in this thread with each frame of the
         reply flagged MORE, as it arrives.
         """
-        for attempt in (0, 1):
+        repeated = rebuilt = 0
+        while True:
             self.ensure()
+            generation = self.generation
             request_id = self.next_id()
             frame = build(request_id)
             try:
-                frames = self._exchange(request_id, frame, progress)
+                frames = self._exchange(request_id, frame, progress, generation)
+            except _NotSent as exc:
+                # Nothing went out, so any request may be built again for
+                # the new connection's handles.
+                rebuilt += 1
+                if rebuilt > _MAX_REBUILDS or self._closed:
+                    raise errors.ConnectionLostError(str(exc)) from None
+                continue
             except errors.ConnectionLostError:
-                if attempt or opcode not in SAFE_TO_RETRY or self._closed:
+                if repeated or opcode not in SAFE_TO_RETRY or self._closed:
                     raise
+                repeated += 1
                 continue
             # An error is the last frame of a reply.
             last = frames[-1]
             if last[1] & FLAG_ERROR:
                 raise decode_error(last[4])
             return frames
-        raise AssertionError("unreachable")
 
     def send(self, build: Callable[[int], bytes]) -> None:
         """Send a request flagged NO_REPLY; its error, if any, is raised later."""
         self.raise_late_errors()
-        self.ensure()
-        frame = build(self.next_id())
-        with self._cv:
-            sock = self._sock
-        if sock is None:
-            raise errors.ConnectionLostError(f"connection to {self.address} broke")
+        for _ in range(_MAX_REBUILDS + 1):
+            self.ensure()
+            generation = self.generation
+            frame = build(self.next_id())
+            with self._cv:
+                sock = self._sock
+                current = self.generation == generation
+            if sock is not None and current:
+                break
+            if self._closed:
+                raise errors.ClosedError(f"connection to {self.address} is closed")
+        else:
+            raise errors.ConnectionLostError(
+                f"connection to {self.address} broke before the request went out"
+            )
         try:
             with self._send_lock:
                 sock.sendall(frame)
@@ -421,15 +448,18 @@ class Connection:
         self,
         request_id: int,
         frame: bytes,
-        progress: Callable[[Frame], object] | None = None,
+        progress: Callable[[Frame], object] | None,
+        generation: int,
     ) -> list[Frame]:
         self.raise_late_errors()
         slot = _Slot(progress)
         with self._cv:
-            # No reconnect here: the frame names handles of this connection.
+            # The frame names handles of the connection it was built for:
+            # after a reconnect by another thread, the same numbers may
+            # name other queues.
             sock = self._sock
-            if sock is None:
-                raise errors.ConnectionLostError(
+            if sock is None or self.generation != generation:
+                raise _NotSent(
                     f"connection to {self.address} broke before the request went out"
                 )
             self._slots[request_id] = slot

@@ -231,6 +231,40 @@ def test_redrive_progress_in_caller_thread_while_another_reads(shared_server, na
 # Reconnecting ------------------------------------------------------------------
 
 
+def test_request_built_before_reconnect_is_rebuilt(shared_server, name):
+    client = pymq.connect(shared_server.url)
+    try:
+        first = client.queue(f"{name}-first")
+        second = client.queue(f"{name}-second")
+        # Handle 1 names the first queue on this connection, handle 2 the second.
+        assert first.put(b"warm") == 0
+        assert second.put(b"warm") == 0
+        connection = client._connection
+        encode = first._encode
+        frames: list[bytes] = []
+
+        def encode_then_reconnect(*args: Any) -> bytes:
+            frame = encode(*args)
+            frames.append(frame)
+            if len(frames) == 1:
+                # What another thread could do meanwhile: the socket breaks,
+                # that thread reconnects and opens the second queue first,
+                # so on the new connection handle 1 names the second queue.
+                connection._broken(OSError("broken by the test"), connection._sock)
+                assert second.put(b"other") == 1
+            return frame
+
+        first._encode = encode_then_reconnect
+        assert first.put(b"mine") == 1
+        assert len(frames) == 2
+        assert first.stats().depth == 2
+        assert second.stats().depth == 2
+        bodies = [message.body for message in take(first, 2)]
+        assert bodies == [b"warm", b"mine"]
+    finally:
+        client.close()
+
+
 def test_reconnect_after_restart(servers, name):
     server = servers(port=free_port()).start()
     client = pymq.connect(server.url, reconnect_attempts=10)
