@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import pymq
-from pymq import ConfigError, QueueNotFound
+from pymq import ConfigError, InvalidNameError, QueueNotFound
 
 X_HEADERS = {"x-source", "x-group", "x-offset", "x-attempts", "x-reason", "x-dead-at"}
 
@@ -106,7 +106,7 @@ def test_dlq_message_failing_again_stays_in_dlq(broker):
     q = broker.queue("jobs", max_deliveries=1)
     q.put(b"poison")
     q.get(timeout=0).reject("bad")
-    dlq = broker.queue("jobs.dlq", max_deliveries=1)
+    dlq = broker.queue("jobs.dlq")
     dlq.get(timeout=0).nack()
     again = dlq.get(timeout=0)
     assert again.body == b"poison"
@@ -114,6 +114,24 @@ def test_dlq_message_failing_again_stays_in_dlq(broker):
     again.reject("still bad")
     assert dlq.get(timeout=0).attempt == 3
     assert not (broker.path / "streams" / "jobs.dlq.dlq").exists()
+
+
+def test_dlq_rejects_max_deliveries(broker):
+    q = broker.queue("jobs", max_deliveries=1)
+    q.put(b"poison")
+    q.get(timeout=0).reject("bad")
+    with pytest.raises(ConfigError) as raised:
+        broker.queue("jobs.dlq", max_deliveries=1)
+    assert "max_deliveries of queue jobs.dlq is 1" in str(raised.value)
+    assert broker.queue("jobs.dlq", max_deliveries=0).stats().depth == 1
+
+
+def test_stream_name_ending_in_dlq_is_rejected(broker):
+    broker.queue("a")
+    with pytest.raises(InvalidNameError) as raised:
+        broker.stream("a.dlq")
+    assert "'a.dlq'" in str(raised.value)
+    assert not (broker.path / "streams" / "a.dlq").exists()
 
 
 def test_dlq_max_deliveries_zero_never_dead_letters(broker):

@@ -57,6 +57,30 @@ def test_max_bytes_reject_counts_record_bytes(broker: pymq.Broker) -> None:
 def test_max_bytes_below_two_segments_raises(broker: pymq.Broker) -> None:
     with pytest.raises(pymq.ConfigError, match="must be at least 8192"):
         broker.queue("jobs", max_bytes=8191)
+    assert not (broker.path / "streams" / "jobs").exists()
+    assert broker.names() == {}
+
+
+def test_max_bytes_of_open_queue_checked(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs", max_bytes=8192)
+    with pytest.raises(pymq.ConfigError, match="must be at least 8192"):
+        broker.queue("jobs", max_bytes=100)
+    assert jobs.max_bytes == 8192
+
+
+def test_failed_queue_creation_leaves_nothing(
+    broker: pymq.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full_disk(stream: str, group: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(broker, "_open_journal", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        broker.queue("jobs")
+    assert not (broker.path / "streams" / "jobs").exists()
+    monkeypatch.undo()
+    jobs = broker.queue("jobs")
+    assert jobs.put(b"after") == 0
 
 
 def test_max_bytes_drained_queue_takes_puts(broker: pymq.Broker) -> None:

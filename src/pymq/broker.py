@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -26,6 +27,7 @@ from pymq.errors import (
     ClosedError,
     ConfigError,
     CorruptSegmentError,
+    InvalidNameError,
     OffsetNotFoundError,
     PymqError,
     QueueNotFound,
@@ -326,6 +328,14 @@ class Broker:
 
     def _open_queue(self, name: str, options: dict[str, Any]) -> Queue:
         options = _check_options(options, QUEUE_DEFAULTS)
+        if name.endswith(".dlq") and options.get("max_deliveries"):
+            raise ConfigError(
+                f"max_deliveries of queue {name} is {options['max_deliveries']}; "
+                f"a dead-letter queue keeps a message that fails again, so it "
+                f"takes no max_deliveries"
+            )
+        if "max_bytes" in options:
+            self._check_queue_bytes(name, options["max_bytes"])
         with self._mutex:
             self._check_open()
             folder = self.path / "streams" / name / "groups" / QUEUE_GROUP
@@ -340,23 +350,49 @@ class Broker:
             if not name.endswith(".dlq"):
                 # Before any file is made, so a bad DLQ name creates nothing.
                 self._check_dlq_name(f"{name}.dlq")
-            stream, ready = self._open_stream(name, "queue")
-            label = f"queue {name}"
-            self._check_queue_bytes(name, options.get("max_bytes"))
-            merged = _Declared(folder, label).merge("queue", options, QUEUE_DEFAULTS)
-            journal = self._open_journal(name, QUEUE_GROUP)
-            try:
-                queue = Queue(self, name, stream, journal, ready, **merged)
-            except BaseException:
-                journal.close()
-                raise
+            with self._new_stream(name, "queue") as (stream, ready):
+                label = f"queue {name}"
+                merged = _Declared(folder, label).merge(
+                    "queue", options, QUEUE_DEFAULTS
+                )
+                journal = self._open_journal(name, QUEUE_GROUP)
+                try:
+                    queue = Queue(self, name, stream, journal, ready, **merged)
+                except BaseException:
+                    journal.close()
+                    raise
             if not name.endswith(".dlq"):
-                self._check_dlq_name(queue.dlq_name)
                 queue.on_dead = self._dead_letter_function(name, None, queue)
                 self._resume_moves(queue, name, None)
             self._queues[name] = queue
             logger.info("opened queue %s", name)
             return queue
+
+    @contextlib.contextmanager
+    def _new_stream(
+        self, name: str, kind: str
+    ) -> Iterator[tuple[StreamBase, threading.Condition]]:
+        """Open the stream name, and delete it again if the body raises.
+
+        Only a stream that this call created is deleted, so a failed call
+        leaves nothing on disk. The caller holds the broker's mutex.
+        """
+        folder = self.path / "streams" / name
+        created = name not in self._streams and not (folder / "kind").exists()
+        try:
+            entry = self._open_stream(name, kind)
+        except BaseException:
+            if created:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        try:
+            yield entry
+        except BaseException:
+            if created:
+                self._streams.pop(name, None)
+                entry[0].store.close()
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     def _check_queue_bytes(self, name: str, max_bytes: int | None) -> None:
         # Acked records count until their segment is deleted, and the segment
@@ -403,14 +439,19 @@ class Broker:
         stats() count what it passed over as skipped.
         """
         check_name("stream", name)
+        if name.endswith(".dlq"):
+            raise InvalidNameError(
+                f"stream name {name!r} ends in '.dlq', which is kept for "
+                f"dead-letter queues"
+            )
         options = _check_options(options, STREAM_DEFAULTS)
         with self._mutex:
             self._check_open()
-            core, ready = self._open_stream(name, "stream")
             folder = self.path / "streams" / name
-            merged = _Declared(folder, f"stream {name}").merge(
-                "stream", options, STREAM_DEFAULTS
-            )
+            with self._new_stream(name, "stream") as (core, ready):
+                merged = _Declared(folder, f"stream {name}").merge(
+                    "stream", options, STREAM_DEFAULTS
+                )
             if merged["max_age"] is not None or merged["max_bytes"] is not None:
                 self._retention[name] = (merged["max_age"], merged["max_bytes"])
                 self._start_retention()
