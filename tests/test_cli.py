@@ -142,6 +142,40 @@ def test_url_and_data_together_rejected(
     )
 
 
+def test_client_options_before_command(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        jobs = broker.queue("jobs", max_deliveries=1)
+        jobs.put_many([b"a", b"b"])
+        rejected = jobs.get(timeout=0)
+        assert rejected is not None
+        rejected.reject("bad input")
+    assert main(["stats", "jobs", "--data", str(data)]) == 0
+    after = table_rows(capsys.readouterr().out)
+    assert main(["--data", str(data), "stats", "jobs"]) == 0
+    before = table_rows(capsys.readouterr().out)
+    # Every column but oldest_unacked_age, which grows between the calls.
+    age = STATS_HEADER.index("oldest_unacked_age")
+    assert [row[:age] + row[age + 1 :] for row in before] == [
+        row[:age] + row[age + 1 :] for row in after
+    ]
+    assert before[1][:3] == ["jobs", "queue", "1"]
+    assert main([f"--data={data}", "dlq", "list", "jobs"]) == 0
+    assert "bad input" in capsys.readouterr().out
+
+
+def test_repeated_header_key_rejected(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["put", "jobs", "x", "--data", str(data)]
+    code = main([*args, "--header", "k=v", "--header", "k=w"])
+    assert code == 2
+    assert "header 'k' is given twice (k=v and k=w)" in capsys.readouterr().err
+    with pymq.open(data) as broker:
+        assert "jobs" not in broker.names()
+
+
 def test_token_file_with_data_rejected(
     data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

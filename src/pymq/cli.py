@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_options_after_command(argv))
     except SystemExit as exc:
         # argparse exits for --help, --version and usage errors.
         return _exit_status(exc.code)
@@ -252,6 +252,42 @@ def _plural(count: int, noun: str) -> str:
 
 
 # Parser -----------------------------------------------------------------------
+
+
+# Options that may come before the command, and whether each takes a value.
+_CLIENT_OPTIONS: Final = {
+    "--url": True,
+    "--data": True,
+    "--token-file": True,
+    "--tls-ca": True,
+    "--tls-cert": True,
+    "--tls-key": True,
+}
+_CLIENT_COMMANDS: Final = {"serve", "put", "get", "stats", "dlq"}
+
+
+def _options_after_command(argv: list[str] | None) -> list[str]:
+    """Move client options given before the command to just after it.
+
+    So "pymq --url URL stats" works as "pymq stats --url URL" does. Anything
+    else before the command leaves argv as it is, for argparse to report.
+    """
+    words = list(sys.argv[1:] if argv is None else argv)
+    leading: list[str] = []
+    index = 0
+    while index < len(words) and words[index].startswith("--"):
+        name = words[index].partition("=")[0]
+        if name not in _CLIENT_OPTIONS:
+            return words
+        takes_value = _CLIENT_OPTIONS[name] and "=" not in words[index]
+        width = 2 if takes_value else 1
+        leading.extend(words[index : index + width])
+        index += width
+    if not leading or index >= len(words) or words[index] not in _CLIENT_COMMANDS:
+        return words
+    # dlq takes its own command (list or redrive) before the options.
+    command_end = index + (2 if words[index] == "dlq" else 1)
+    return words[index:command_end] + leading + words[command_end:]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -756,8 +792,8 @@ def _put(args: argparse.Namespace) -> int:
 def parse_headers(items: Sequence[str]) -> dict[str, str] | None:
     """Parse K=V strings into a headers dict, None when there are none.
 
-    The value is everything after the first "=" and may be empty; a later
-    key replaces an earlier one.
+    The value is everything after the first "=" and may be empty. A key
+    given twice is a usage error, since one of its values would be lost.
     """
     headers: dict[str, str] = {}
     for item in items:
@@ -765,6 +801,12 @@ def parse_headers(items: Sequence[str]) -> dict[str, str] | None:
         if not equals or not key:
             raise CommandError(
                 f"invalid header {item!r}: write it as KEY=VALUE", ExitCode.USAGE
+            )
+        if key in headers:
+            raise CommandError(
+                f"header {key!r} is given twice ({key}={headers[key]} and "
+                f"{item}); give each key once",
+                ExitCode.USAGE,
             )
         headers[key] = value
     return headers or None

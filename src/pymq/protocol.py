@@ -176,22 +176,59 @@ class Address:
 
 
 def parse_url(url: str) -> Address:
-    """Parse pymq://host:port, pymqs://host:port or pymq+unix:///path."""
+    """Parse pymq://host:port, pymqs://host:port or pymq+unix:///path.
+
+    Parts that pymq does not use (a user, a query, a fragment, a path
+    after host:port) raise ConfigError rather than being ignored.
+    """
     parts = urlsplit(url)
+    if "@" in parts.netloc:
+        # Messages never repeat what may be a password.
+        url = url.replace(parts.netloc, "***@" + parts.netloc.rpartition("@")[2], 1)
+    unused = [
+        name
+        for name, value in (
+            ("query", parts.query),
+            ("fragment", parts.fragment),
+            ("user", parts.username),
+        )
+        if value
+    ]
     if parts.scheme == "pymq+unix":
         path = parts.path
         if not path:
             raise errors.ConfigError(f"URL {url!r} names no socket path")
+        if parts.netloc:
+            unused.append("host")
+        if unused:
+            raise errors.ConfigError(
+                f"URL {url!r} has a {' and a '.join(unused)}, which pymq does "
+                f"not use; write pymq+unix:///PATH"
+            )
         return Address("pymq+unix", path=path)
     if parts.scheme not in ("pymq", "pymqs"):
         raise errors.ConfigError(
             f"URL {url!r} has scheme {parts.scheme!r}; use pymq://HOST:PORT, "
             f"pymqs://HOST:PORT or pymq+unix:///PATH"
         )
+    if parts.path not in ("", "/"):
+        unused.append("path")
+    if unused:
+        raise errors.ConfigError(
+            f"URL {url!r} has a {' and a '.join(unused)}, which pymq does not "
+            f"use; write {parts.scheme}://HOST:PORT"
+        )
     try:
         port = parts.port
     except ValueError:
-        raise errors.ConfigError(f"URL {url!r} has a port outside 0-65535") from None
+        text = parts.netloc.rpartition(":")[2]
+        if text.isdigit():
+            raise errors.ConfigError(
+                f"URL {url!r} has port {text}; it must be from 0 to 65535"
+            ) from None
+        raise errors.ConfigError(
+            f"URL {url!r} has port {text!r}; it must be a number from 0 to 65535"
+        ) from None
     if not parts.hostname:
         raise errors.ConfigError(f"URL {url!r} names no host")
     return Address(parts.scheme, parts.hostname, DEFAULT_PORT if port is None else port)
