@@ -116,6 +116,8 @@ cdef class GroupBase:
     cdef object taken_headers         # set by take_record: dict or None
     cdef size_t taken_used            # and the size of its header block
     cdef set moving                   # offsets whose move to the DLQ began
+    cdef set unrecorded_dead          # moved to the DLQ; DEAD record failed
+    cdef int64_t error_logged_ns      # when a journal error was last logged
 
     cdef int acquire(self) except -1
     cdef void release(self) noexcept
@@ -138,3 +140,7 @@ cdef class GroupBase:
     cdef int retain(self) except -1
     cdef int replay(self, uint64_t start) except -1
     cdef int write_checkpoint(self) except -1
+    cdef int try_checkpoint(self, str when) except -1
+    cdef int record_dead(self) except -1
+    cdef int skip_offset(self, uint64_t offset) except -1
+    cdef int log_journal_error(self, str what, object exc) except -1

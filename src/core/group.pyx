@@ -6,9 +6,13 @@ from cpython.mem cimport PyMem_Realloc
 from libc.stdlib cimport qsort
 from libc.string cimport memcpy
 
+import logging
 import time
 
+cdef object broker_logger = logging.getLogger("pymq.broker")
 cdef int64_t NS_PER_SECOND = 1000000000
+# Journal errors that a call does not raise are logged at most this often.
+cdef int64_t ERROR_LOG_NS = 10 * NS_PER_SECOND
 cdef int64_t FOREVER = 0x7FFFFFFFFFFFFFFF
 cdef enum:
     MAX_HEADER_KEY_BYTES = 0xFFFF
@@ -467,6 +471,8 @@ cdef class GroupBase:
             raise MemoryError()
         self.dead_due = []
         self.moving = set()
+        self.unrecorded_dead = set()
+        self.error_logged_ns = -ERROR_LOG_NS
 
     def __init__(self, StreamBase stream not None,
                  SegmentStore journal not None, *, uint64_t start=0,
@@ -556,18 +562,21 @@ cdef class GroupBase:
         """
         cdef RingBuffer ring = self.ring
         cdef uint64_t offset, first
-        cdef uint32_t entries = 0
-        cdef bytes record
+        cdef uint32_t entries = 0, moves = len(self.moving)
+        cdef bytes record, moving = None
         cdef uint8_t *out
         cdef Slot *slot
-        cdef BodyRef ref
+        cdef BodyRef refs[2]
 
         for offset in range(ring.low, ring.cursor):
             if ring.slot(offset).state != SLOT_SETTLED:
                 entries += 1
-        if 21 + entries * CHECKPOINT_ENTRY_BYTES > self.journal.max_message_bytes:
+        if (21 + entries * CHECKPOINT_ENTRY_BYTES >
+                self.journal.max_message_bytes or
+                5 + 8 * moves > self.journal.max_message_bytes):
             # NOTE: this many unsettled offsets are not checkpointed, so the
-            # journal keeps growing until fewer are unsettled.
+            # journal keeps growing until fewer are unsettled, and on a full
+            # disk its reserve runs out (docs/reliability.md).
             return 0
         record = PyBytes_FromStringAndSize(
             NULL, 21 + entries * CHECKPOINT_ENTRY_BYTES)
@@ -585,18 +594,95 @@ cdef class GroupBase:
             memcpy(out + 8, &slot.attempt, 4)
             out[12] = 0
             out += CHECKPOINT_ENTRY_BYTES
-        ref.data = <const uint8_t *>PyBytes_AS_STRING(record)
-        ref.length = PyBytes_GET_SIZE(record)
+        refs[0].data = <const uint8_t *>PyBytes_AS_STRING(record)
+        refs[0].length = PyBytes_GET_SIZE(record)
+        if moves:
+            # Moves still under way outlive the records dropped below. One
+            # append with the checkpoint: both are written, or neither.
+            moving = PyBytes_FromStringAndSize(NULL, 5 + 8 * moves)
+            out = <uint8_t *>PyBytes_AS_STRING(moving)
+            out[0] = JOURNAL_MOVING
+            memcpy(out + 1, &moves, 4)
+            out += 5
+            for offset in sorted(self.moving):
+                memcpy(out, &offset, 8)
+                out += 8
+            refs[1].data = <const uint8_t *>PyBytes_AS_STRING(moving)
+            refs[1].length = PyBytes_GET_SIZE(moving)
         self.journal.acquire()
         try:
-            self.journal.append_locked(&ref, 1, 0, 0, &first)
+            self.journal.append_locked(refs, 2 if moves else 1, 0, 0, &first)
             self.journal_written = self.journal.written_bytes
         finally:
             self.journal.release()
-        # Moves still under way outlive the records dropped below.
-        for offset in sorted(self.moving):
-            self.write_journal(JOURNAL_MOVING, &offset, NULL, 1)
+        if self.journal.policy != FSYNC_NEVER:
+            # The records below are dropped (or zeroed, to be the journal's
+            # reserve): the checkpoint that sums them up must be on disk
+            # first, or a power loss could undo acks that were synced.
+            self.journal.sync_to(self.journal_written)
         self.journal.delete_below(first)
+        return 0
+
+    cdef int try_checkpoint(self, str when) except -1:
+        """write_checkpoint(), logging an OSError instead of raising it.
+
+        A checkpoint only lets older journal segments go: the records it
+        sums up stay until it is written, so a failed one loses nothing and
+        is tried again later. The group lock is held.
+        """
+        try:
+            self.write_checkpoint()
+        except OSError as exc:
+            self.log_journal_error(f"writing a checkpoint {when}", exc)
+        return 0
+
+    cdef int record_dead(self) except -1:
+        """Write the DEAD records that failed earlier; the lock is held."""
+        cdef list offsets = sorted(self.unrecorded_dead)
+        cdef Py_ssize_t count = len(offsets), i
+        cdef uint64_t *values = <uint64_t *>PyMem_Malloc(count * 8)
+
+        if values == NULL:
+            raise MemoryError()
+        try:
+            for i in range(count):
+                values[i] = offsets[i]
+            try:
+                self.write_journal(JOURNAL_DEAD, values, NULL, count)
+            except OSError as exc:
+                self.log_journal_error(
+                    "recording moves to the dead-letter queue", exc)
+                return 0
+        finally:
+            PyMem_Free(values)
+        for offset in offsets:
+            self.moving.discard(offset)
+        self.unrecorded_dead.clear()
+        return 0
+
+    cdef int skip_offset(self, uint64_t offset) except -1:
+        """Settle an offset with nothing for this group; the lock is held.
+
+        If its ACK cannot be written, it is settled all the same: after a
+        restart the offset is found again and skipped again.
+        """
+        try:
+            self.write_journal(JOURNAL_ACK, &offset, NULL, 1)
+        except OSError as exc:
+            self.log_journal_error(f"recording skipped offset {offset}", exc)
+        self.ring.settle(offset)
+        return 0
+
+    cdef int log_journal_error(self, str what, object exc) except -1:
+        cdef int64_t now = coarse_monotonic_ns()
+
+        if now - self.error_logged_ns >= ERROR_LOG_NS:
+            self.error_logged_ns = now
+            if self.group_name is None:
+                label = f"queue {self.stream.name}"
+            else:
+                label = f"group {self.group_name} of stream {self.stream.name}"
+            broker_logger.error("%s: %s failed: %s", label, what, exc)
         return 0
 
     cdef int replay(self, uint64_t start) except -1:
@@ -665,7 +751,8 @@ cdef class GroupBase:
         self.stream.store.ensure_next_offset(self.ring.cursor)
         self.acquire()
         try:
-            self.write_checkpoint()
+            # On a full disk the group opens all the same, from the records.
+            self.try_checkpoint("at open")
         finally:
             self.release()
         self.journal.sync_to(self.journal_written)
@@ -816,13 +903,11 @@ cdef class GroupBase:
             if status == FOUND:
                 # Redriven for another group of this stream: pass over it.
                 ring.slot(offset).attempt = attempt - 1
-                self.write_journal(JOURNAL_ACK, &offset, NULL, 1)
-                ring.settle(offset)
+                self.skip_offset(offset)
                 continue
             # No readable record at this offset (a gap, or damage): skip it
             # for good.
-            self.write_journal(JOURNAL_ACK, &offset, NULL, 1)
-            ring.settle(offset)
+            self.skip_offset(offset)
             self.skipped += 1
         return False
 
@@ -836,13 +921,22 @@ cdef class GroupBase:
         cdef list due
         cdef uint64_t offset
         cdef int64_t now
+        cdef object error
 
         if settled and self.stream.waiters > 0:
             # A settled delivery frees room under max_in_flight, and a
             # nacked one is available again.
             self.stream.published()
         if self.journal.policy == FSYNC_ALWAYS:
+            # Raised: the caller's own record may not be on disk. Errors
+            # below are about other work, which is logged and tried again.
             self.journal.sync_to(self.journal_written)
+        if self.unrecorded_dead:
+            self.acquire()
+            try:
+                self.record_dead()
+            finally:
+                self.release()
         if self.dead_due:
             self.acquire()
             due = self.dead_due
@@ -851,14 +945,30 @@ cdef class GroupBase:
             for i, (offset, attempt, reason) in enumerate(due):
                 # Journaled first, so a crash between the DLQ's put and the
                 # DEAD record below cannot leave the message in both places.
+                error = None
                 self.acquire()
                 try:
                     self.write_journal(JOURNAL_MOVING, &offset, NULL, 1)
                     self.moving.add(offset)
+                except OSError as exc:
+                    error = exc
                 finally:
                     self.release()
-                if self.journal.policy == FSYNC_ALWAYS:
-                    self.journal.sync_to(self.journal_written)
+                if error is None and self.journal.policy == FSYNC_ALWAYS:
+                    try:
+                        self.journal.sync_to(self.journal_written)
+                    except OSError as exc:
+                        # A restart that finds the MOVING record looks for
+                        # the message in the DLQ, and finds it missing.
+                        self.moving.discard(offset)
+                        error = exc
+                if error is not None:
+                    # Not moved: the message and those after it are
+                    # available here again, and move at their next failure.
+                    self.log_journal_error(
+                        "recording a move to the dead-letter queue", error)
+                    self.restore_due(due[i:])
+                    break
                 try:
                     moved = self.on_dead(self, offset, attempt, reason)
                 except BaseException:
@@ -873,23 +983,43 @@ cdef class GroupBase:
                     continue
                 self.acquire()
                 try:
-                    self.write_journal(JOURNAL_DEAD, &offset, NULL, 1)
-                    self.moving.discard(offset)
+                    try:
+                        self.write_journal(JOURNAL_DEAD, &offset, NULL, 1)
+                    except OSError as exc:
+                        # The message is in the DLQ: settled here all the
+                        # same. Its MOVING record stays (checkpoints repeat
+                        # it), so a restart finds it in the DLQ, and the
+                        # DEAD record is tried again at the next call.
+                        self.unrecorded_dead.add(offset)
+                        error = exc
+                    else:
+                        self.moving.discard(offset)
                     self.ring.settle(offset)
                     self.dead_lettered += 1
                     self.dead_pending -= 1
                 finally:
                     self.release()
+                if error is not None:
+                    self.log_journal_error(
+                        "recording a move to the dead-letter queue", error)
             if self.journal.policy == FSYNC_ALWAYS:
-                self.journal.sync_to(self.journal_written)
+                try:
+                    self.journal.sync_to(self.journal_written)
+                except OSError as exc:
+                    # The MOVING records are synced: a restart settles
+                    # these moves from the DLQ.
+                    self.log_journal_error(
+                        "syncing moves to the dead-letter queue", exc)
         # With one segment there is nothing to delete: the active one stays.
         if (self.deletes_acked and self.ring.low >= self.delete_mark and
                 len(self.stream.store.segments) > 1):
             self.retain()
         if len(self.journal.segments) > 1:
+            # Promptly after a rollover, so that the older segment goes (or,
+            # on a full disk, becomes the journal's reserve again).
             self.acquire()
             try:
-                self.write_checkpoint()
+                self.try_checkpoint("after a rollover")
             finally:
                 self.release()
         return 0
@@ -905,7 +1035,8 @@ cdef class GroupBase:
                 kept.append(item)
         self.dead_due = kept
         self.skipped += self.ring.skip_to(offset)
-        self.write_checkpoint()
+        # If it fails, the skip is found again after a restart.
+        self.try_checkpoint("after a skip")
         return 0
 
     cdef int restore_due(self, list items) except -1:
@@ -968,8 +1099,14 @@ cdef class GroupBase:
             self.expire(now)
             message = self.take_one(now)
             if message is not None:
-                self.write_journal(JOURNAL_DELIVER, &message.offset,
-                                   &message.attempt, 1)
+                try:
+                    self.write_journal(JOURNAL_DELIVER, &message.offset,
+                                       &message.attempt, 1)
+                except BaseException:
+                    # Not journaled, so not handed out: available again,
+                    # with this attempt not counted.
+                    self.ring.untake(message.offset)
+                    raise
         finally:
             self.release()
         self.finish()
@@ -992,26 +1129,32 @@ cdef class GroupBase:
                     DELIVER_ENTRY_BYTES)
         self.acquire()
         try:
-            self.expire(now)
-            while len(messages) < count:
-                message = self.take_one(now)
-                if message is None:
-                    break
-                messages.append(message)
-            if messages:
-                offsets = <uint64_t *>PyMem_Malloc(len(messages) * 8)
-                attempts = <uint32_t *>PyMem_Malloc(len(messages) * 4)
-                try:
-                    if offsets == NULL or attempts == NULL:
-                        raise MemoryError()
-                    for i in range(len(messages)):
-                        offsets[i] = (<Message>messages[i]).offset
-                        attempts[i] = (<Message>messages[i]).attempt
-                    self.write_journal(JOURNAL_DELIVER, offsets, attempts,
-                                       len(messages))
-                finally:
-                    PyMem_Free(offsets)
-                    PyMem_Free(attempts)
+            try:
+                self.expire(now)
+                while len(messages) < count:
+                    message = self.take_one(now)
+                    if message is None:
+                        break
+                    messages.append(message)
+                if messages:
+                    offsets = <uint64_t *>PyMem_Malloc(len(messages) * 8)
+                    attempts = <uint32_t *>PyMem_Malloc(len(messages) * 4)
+                    try:
+                        if offsets == NULL or attempts == NULL:
+                            raise MemoryError()
+                        for i in range(len(messages)):
+                            offsets[i] = (<Message>messages[i]).offset
+                            attempts[i] = (<Message>messages[i]).attempt
+                        self.write_journal(JOURNAL_DELIVER, offsets, attempts,
+                                           len(messages))
+                    finally:
+                        PyMem_Free(offsets)
+                        PyMem_Free(attempts)
+            except BaseException:
+                # None was journaled, so none is handed out (see take_now).
+                for message in messages:
+                    self.ring.untake(message.offset)
+                raise
         finally:
             self.release()
         self.finish()
@@ -1025,7 +1168,7 @@ cdef class GroupBase:
         """
         cdef int64_t now = self.now()
         cdef SegmentStore store = self.stream.store
-        cdef Py_ssize_t taken = 0
+        cdef Py_ssize_t taken = 0, i
         cdef const uint8_t *record
         cdef const uint8_t *body
         cdef uint64_t offset, length
@@ -1060,38 +1203,47 @@ cdef class GroupBase:
         try:
             self.acquire()
             try:
-                self.expire(now)
-                while taken < count:
-                    if not self.take_record(now, &offset, &attempt, &record):
-                        break
-                    try:
-                        length = load_u32(record + REC_OFF_LENGTH)
-                        body = record + REC_HEADER_SIZE
-                        used = self.taken_used
-                        header_map = self.taken_headers
-                        self.taken_headers = None
-                        if size + length - used > capacity:
-                            capacity = max(2 * capacity, size + length - used,
-                                           <size_t>count * 256)
-                            grown = <uint8_t *>PyMem_Realloc(data, capacity)
-                            if grown == NULL:
-                                raise MemoryError()
-                            data = grown
-                        memcpy(data + size, body + used, length - used)
-                        timestamps[taken] = <int64_t>load_u64(
-                            record + REC_OFF_TIMESTAMP)
-                    finally:
-                        store.release()
-                    size += length - used
-                    offsets[taken] = offset
-                    attempts[taken] = attempt
-                    receipts[taken] = make_receipt(offset, attempt)
-                    lengths[taken] = length - used
-                    headers.append(header_map)
-                    taken += 1
-                if taken:
-                    self.write_journal(JOURNAL_DELIVER, offsets, attempts,
-                                       taken)
+                try:
+                    self.expire(now)
+                    while taken < count:
+                        if not self.take_record(now, &offset, &attempt,
+                                                &record):
+                            break
+                        try:
+                            length = load_u32(record + REC_OFF_LENGTH)
+                            body = record + REC_HEADER_SIZE
+                            used = self.taken_used
+                            header_map = self.taken_headers
+                            self.taken_headers = None
+                            if size + length - used > capacity:
+                                capacity = max(2 * capacity,
+                                               size + length - used,
+                                               <size_t>count * 256)
+                                grown = <uint8_t *>PyMem_Realloc(data,
+                                                                 capacity)
+                                if grown == NULL:
+                                    raise MemoryError()
+                                data = grown
+                            memcpy(data + size, body + used, length - used)
+                            timestamps[taken] = <int64_t>load_u64(
+                                record + REC_OFF_TIMESTAMP)
+                        finally:
+                            store.release()
+                        size += length - used
+                        offsets[taken] = offset
+                        attempts[taken] = attempt
+                        receipts[taken] = make_receipt(offset, attempt)
+                        lengths[taken] = length - used
+                        headers.append(header_map)
+                        taken += 1
+                    if taken:
+                        self.write_journal(JOURNAL_DELIVER, offsets, attempts,
+                                           taken)
+                except BaseException:
+                    # None was journaled, so none is handed out (take_now).
+                    for i in range(taken):
+                        self.ring.untake(offsets[i])
+                    raise
             finally:
                 self.release()
             if store.events_pending:
@@ -1354,7 +1506,9 @@ cdef class GroupBase:
             return
         self.acquire()
         try:
-            self.write_checkpoint()
+            # A checkpoint that fails (a full disk) loses nothing: the next
+            # open replays the records. The journal is closed either way.
+            self.try_checkpoint("at close")
             self.closed = True
         finally:
             pymq_mutex_unlock(self.lock)

@@ -83,6 +83,7 @@ cdef class RingBuffer:
     cdef int lookup(self, uint64_t receipt, uint64_t *offset) except -1
     cdef int settle(self, uint64_t offset) except -1
     cdef int make_available(self, uint64_t offset, int64_t not_before) except -1
+    cdef int untake(self, uint64_t offset) except -1
     cdef int set_deadline(self, uint64_t offset, int64_t deadline) except -1
     cdef int pop_expired(self, int64_t now, uint64_t *offset) except -1
     cdef int restore(self, uint64_t offset, uint32_t attempt,

@@ -329,6 +329,24 @@ cdef class RingBuffer:
         timed_push(&self.delayed, not_before, offset, slot.attempt)
         return 0
 
+    cdef int untake(self, uint64_t offset) except -1:
+        """Undo take() of offset: available at once, its attempt not counted.
+
+        For a delivery that was never handed out because its journal record
+        could not be written.
+        """
+        cdef Slot *slot
+
+        if offset < self.low or offset >= self.cursor:
+            return 0
+        slot = self.slot(offset)
+        if slot.state != SLOT_DELIVERED:
+            return 0
+        # Before make_available, whose heap entry carries the attempt.
+        slot.attempt -= 1
+        self.make_available(offset, 0)
+        return 0
+
     cdef int set_deadline(self, uint64_t offset, int64_t deadline) except -1:
         cdef Slot *slot = self.slot(offset)
 
@@ -476,6 +494,10 @@ cdef class RingBuffer:
 
         self.settle(offset)
         return offset
+
+    def untake_offset(self, uint64_t offset):
+        """Undo the delivery of offset; see untake()."""
+        self.untake(offset)
 
     def nack(self, uint64_t receipt, int64_t not_before):
         """Make the delivery's offset available again from not_before."""

@@ -121,12 +121,15 @@ cdef class Segment:
 
     @staticmethod
     cdef Segment create(str directory, str name, uint64_t base,
-                        size_t capacity)
+                        size_t capacity, bint full_index=*)
     @staticmethod
     cdef Segment open(str path, uint64_t base, size_t capacity, bint last)
+    @staticmethod
+    cdef Segment open_spare(str directory, str name)
 
     cdef int map_files(self) except -1
     cdef int rename_to(self, str directory, uint64_t base) except -1
+    cdef int recycle(self, str directory, str name) except -1
     cdef int start_prefault(self, size_t start, size_t length) except -1
     cdef int ensure_index(self, uint64_t entries) except -1
     cdef int load_checkpoint(self) except -1

@@ -24,6 +24,21 @@ cdef str segment_name(uint64_t base):
     return "%020d" % base
 
 
+cdef int reserve_space(int fd, size_t length, str path, str purpose) except -1:
+    """posix_fallocate the first length bytes of fd; errors name path.
+
+    os.posix_fallocate raises OSError without a file name, so a full disk
+    would not say which file could not grow.
+    """
+    try:
+        os.posix_fallocate(fd, 0, length)
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"cannot reserve {length} bytes on disk for {purpose} "
+            f"({os.strerror(exc.errno)})", path) from None
+    return 0
+
+
 cdef inline size_t page_floor(size_t position) noexcept nogil:
     return position - position % PAGE_SIZE
 
@@ -135,8 +150,12 @@ cdef class Segment:
 
     @staticmethod
     cdef Segment create(str directory, str name, uint64_t base,
-                        size_t capacity):
-        """Create, preallocate and map name.log and name.idx."""
+                        size_t capacity, bint full_index=False):
+        """Create, preallocate and map name.log and name.idx.
+
+        With full_index the index is preallocated at its largest size, so
+        no append into this segment needs disk space.
+        """
         cdef Segment seg = Segment.__new__(Segment)
 
         seg.base = base
@@ -148,11 +167,13 @@ cdef class Segment:
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
             seg.fd = os.open(seg.path, flags, 0o644)
-            os.posix_fallocate(seg.fd, 0, capacity)
+            reserve_space(seg.fd, capacity, seg.path, "a new segment")
             seg.index_fd = os.open(
                 seg.index_path, flags & ~os.O_EXCL | os.O_TRUNC, 0o644)
-            seg.index_alloc = min(seg.index_max, IDX_GROW_BYTES)
-            os.posix_fallocate(seg.index_fd, 0, seg.index_alloc)
+            seg.index_alloc = (seg.index_max if full_index else
+                               min(seg.index_max, IDX_GROW_BYTES))
+            reserve_space(seg.index_fd, seg.index_alloc, seg.index_path,
+                          "a new index")
             seg.map_files()
         except BaseException:
             seg.release()
@@ -182,7 +203,8 @@ cdef class Segment:
             seg.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             size = os.fstat(seg.fd).st_size
             if last and size < capacity:
-                os.posix_fallocate(seg.fd, 0, capacity)
+                reserve_space(seg.fd, capacity, path,
+                              "extending the last segment")
                 size = capacity
             size = min(size, MAX_SEGMENT_BYTES)
             seg.capacity = size & ~(<size_t>REC_ALIGN - 1)
@@ -193,7 +215,8 @@ cdef class Segment:
             seg.index_alloc = os.fstat(seg.index_fd).st_size
             if seg.index_alloc < IDX_HEADER_SIZE:
                 seg.index_alloc = min(seg.index_max, IDX_GROW_BYTES)
-                os.posix_fallocate(seg.index_fd, 0, seg.index_alloc)
+                reserve_space(seg.index_fd, seg.index_alloc, seg.index_path,
+                              "a new index")
             seg.index_alloc = min(seg.index_alloc, seg.index_max)
             if seg.capacity >= REC_HEADER_SIZE:
                 seg.map_files()
@@ -201,6 +224,56 @@ cdef class Segment:
         except BaseException:
             seg.release()
             raise
+        return seg
+
+    @staticmethod
+    cdef Segment open_spare(str directory, str name):
+        """Map the spare files name.log and name.idx left by a close, or
+        return None when they are missing or cannot be trusted to be empty.
+
+        Only a spare whose index header was synced saying "empty, base 0"
+        is trusted: that header is written after the log is known to be
+        zero (a new file, or a recycled one whose zeroing was synced).
+        """
+        cdef Segment seg = Segment.__new__(Segment)
+        cdef const uint8_t *header
+        cdef size_t size
+
+        seg.path = os.path.join(directory, name + ".log")
+        seg.index_path = os.path.join(directory, name + ".idx")
+        try:
+            seg.fd = os.open(seg.path, os.O_RDWR | os.O_CLOEXEC)
+            seg.index_fd = os.open(seg.index_path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            seg.release()
+            return None
+        try:
+            size = os.fstat(seg.fd).st_size
+            seg.index_alloc = os.fstat(seg.index_fd).st_size
+            if (size < REC_HEADER_SIZE or size > MAX_SEGMENT_BYTES or
+                    size % REC_ALIGN or seg.index_alloc < IDX_HEADER_SIZE):
+                seg.release()
+                return None
+            seg.capacity = size
+            seg.index_max = IDX_HEADER_SIZE + (
+                size // REC_HEADER_SIZE) * IDX_ENTRY_SIZE
+            seg.index_alloc = min(seg.index_alloc, seg.index_max)
+            seg.map_files()
+        except BaseException:
+            seg.release()
+            raise
+        header = seg.index
+        if not (load_u32(header + IDX_OFF_MAGIC) == IDX_MAGIC and
+                load_u32(header + IDX_OFF_VERSION) == IDX_VERSION and
+                pymq_crc32c(0, header, IDX_OFF_CRC) ==
+                load_u32(header + IDX_OFF_CRC) and
+                load_u64(header + IDX_OFF_BASE) == 0 and
+                load_u64(header + IDX_OFF_COUNT) == 0 and
+                load_u64(header + IDX_OFF_LENGTH) == 0 and
+                load_u32(header + IDX_OFF_FLAGS) == 0 and
+                load_u32(header + IDX_OFF_CAPACITY) == seg.capacity):
+            seg.release()
+            return None
         return seg
 
     cdef int map_files(self) except -1:
@@ -233,17 +306,84 @@ cdef class Segment:
         return 0
 
     cdef int rename_to(self, str directory, uint64_t base) except -1:
-        """Give an empty segment a new first offset, renaming its files."""
+        """Give an empty segment a new first offset, renaming its files.
+
+        When it raises, path still names the log file, which keeps its old
+        name unless renaming it back failed too.
+        """
         cdef str name = segment_name(base)
         cdef str path = os.path.join(directory, name + ".log")
         cdef str index_path = os.path.join(directory, name + ".idx")
 
-        os.rename(self.path, path)
-        os.rename(self.index_path, index_path)
+        try:
+            os.rename(self.path, path)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot rename {self.path} to "
+                          f"{path} for a new segment "
+                          f"({os.strerror(exc.errno)})", self.path) from None
+        try:
+            os.rename(self.index_path, index_path)
+        except OSError as exc:
+            try:
+                # Back to the old name, so the segment is as it was.
+                os.rename(path, self.path)
+            except OSError:
+                self.path = path
+            raise OSError(exc.errno, f"cannot rename {self.index_path} to "
+                          f"{index_path} for a new segment "
+                          f"({os.strerror(exc.errno)})",
+                          self.index_path) from None
         self.base = base
         self.path = path
         self.index_path = index_path
         self.write_checkpoint(0, 0, 0, False)
+        return 0
+
+    cdef int recycle(self, str directory, str name) except -1:
+        """Turn this segment, whose records are no longer needed, into an
+        empty one named name, keeping its disk space.
+
+        The files are renamed first and zeroed after, so a crash in between
+        leaves files that the next open deletes (spare files), not a
+        segment with damaged records.
+        """
+        cdef str path = os.path.join(directory, name + ".log")
+        cdef str index_path = os.path.join(directory, name + ".idx")
+        cdef size_t entries_end
+
+        with nogil:
+            pymq_prefault_stop(&self.prefault)
+        os.rename(self.path, path)
+        self.path = path
+        os.rename(self.index_path, index_path)
+        self.index_path = index_path
+        # Made durable before the records are zeroed, so that a power loss
+        # cannot bring back the old name with empty contents.
+        fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # Past length the log is zero already (recovery zeroes a torn tail).
+        # Synced, so that the header below, which a later open trusts (see
+        # open_spare), never covers bytes that are not zero on disk.
+        memset(self.data, 0, self.length)
+        self.sync_range(0, self.length)
+        entries_end = min(IDX_HEADER_SIZE + self.count * IDX_ENTRY_SIZE,
+                          self.index_alloc)
+        if entries_end > IDX_HEADER_SIZE:
+            memset(self.index + IDX_HEADER_SIZE, 0,
+                   entries_end - IDX_HEADER_SIZE)
+        self.base = 0
+        self.length = 0
+        self.count = 0
+        self.synced_length = 0
+        self.synced_count = 0
+        self.checkpoint_count = 0
+        self.sealed = False
+        self.damaged = 0
+        self.events.clear()
+        self.write_checkpoint(0, 0, 0, True)
         return 0
 
     cdef int start_prefault(self, size_t start, size_t length) except -1:
@@ -274,7 +414,7 @@ cdef class Segment:
         grown = min(grown, self.index_max)
         fd = os.open(self.index_path, os.O_RDWR | os.O_CLOEXEC)
         try:
-            os.posix_fallocate(fd, 0, grown)
+            reserve_space(fd, grown, self.index_path, "growing the index")
         finally:
             os.close(fd)
         self.index_alloc = grown

@@ -36,6 +36,13 @@ cdef class SegmentStore:
     cdef list pending                # sealed segments not yet checkpointed
     cdef Segment spare               # prefaulted, takes the next roll
     cdef bint spare_failed           # creating a spare failed since the roll
+    # reserve_ahead (group journals): the spare is created at open and after
+    # every roll, and every index at its full size, so appends need no new
+    # disk space until the spare is used.
+    cdef readonly bint reserve_ahead
+    cdef int64_t spare_retry_ns      # when to try a failed spare again
+    cdef bint reserve_lost           # the last try to reserve failed (logged)
+    cdef bint spare_warm             # the spare's pages are being touched
     cdef readonly size_t segment_bytes
     cdef readonly size_t max_message_bytes
     cdef FsyncPolicy policy
@@ -71,6 +78,11 @@ cdef class SegmentStore:
     cdef report_events(self, Segment seg)
     cdef Segment new_segment(self, uint64_t base)
     cdef int make_spare(self) except -1
+    cdef bint reserve_index(self, Segment seg) except -1
+    cdef int refill_reserve(self) except -1
+    cdef int keep_reserve(self, Segment seg) except -1
+    cdef bint recycle(self, Segment seg) except -1
+    cdef int reserve_failed(self, str what, object exc) except -1
     cdef int install(self, Segment seg) except -1
     cdef int skip_to(self, uint64_t offset) except -1
     cdef int reserve(self, const BodyRef *bodies, Py_ssize_t count,

@@ -11,6 +11,7 @@ from libc.string cimport memcpy
 
 import fcntl
 from errno import EIO as errno_EIO
+import logging
 import re
 
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
@@ -18,6 +19,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 MIN_SEGMENT_BYTES = 64
 # Bytes of the active segment prefaulted when a store opens.
 cdef size_t OPEN_PREFAULT_BYTES = 4 * 1024 * 1024
+# With reserve_ahead, how long a failed reservation waits before the next
+# try, so that appends on a full disk do not each create and delete files.
+cdef int64_t RESERVE_RETRY_NS = 1000000000
+cdef object storage_logger = logging.getLogger("pymq.storage")
 # Largest next offset that ensure_next_offset() and min_next_offset accept.
 # It leaves 2**63 offsets before a uint64 offset could wrap around to 0.
 MAX_NEXT_OFFSET = 2**63 - 1
@@ -196,7 +201,8 @@ cdef class SegmentStore:
 
     def __init__(self, path, *, segment_bytes=DEFAULT_SEGMENT_BYTES,
                  max_message_bytes=None, fsync="interval",
-                 uint64_t min_next_offset=0, on_damage=None):
+                 uint64_t min_next_offset=0, on_damage=None,
+                 bint reserve_ahead=False):
         max_message_bytes = check_store_options(segment_bytes,
                                                 max_message_bytes, fsync)
         if on_damage is not None and not callable(on_damage):
@@ -211,6 +217,7 @@ cdef class SegmentStore:
         self.max_message_bytes = max_message_bytes
         self.policy = FSYNC_POLICIES[fsync]
         self.on_damage = on_damage
+        self.reserve_ahead = reserve_ahead
         make_directories(self.path)
         self.owner_lock = DirectoryLock(self.path)
         try:
@@ -219,6 +226,9 @@ cdef class SegmentStore:
             for seg in self.segments:
                 (<Segment>seg).release()
             self.segments = []
+            if self.spare is not None:
+                self.spare.release()
+                self.spare = None
             self.owner_lock.release()
             raise
         self.closed = False
@@ -275,11 +285,20 @@ cdef class SegmentStore:
         cdef Segment seg, previous = None
         cdef uint64_t previous_end
 
-        for suffix in (".log", ".idx"):
-            try:
-                os.unlink(os.path.join(self.path, SPARE_NAME + suffix))
-            except FileNotFoundError:
-                pass
+        if self.reserve_ahead:
+            # Kept by close(): the reserve outlives a restart, so that no
+            # other writer can take its space meanwhile.
+            self.spare = Segment.open_spare(self.path, SPARE_NAME)
+            if self.spare is not None and self.spare.capacity < record_size(
+                    self.max_message_bytes):
+                self.spare.release()
+                self.spare = None
+        if self.spare is None:
+            for suffix in (".log", ".idx"):
+                try:
+                    os.unlink(os.path.join(self.path, SPARE_NAME + suffix))
+                except FileNotFoundError:
+                    pass
         names = sorted(name for name in os.listdir(self.path)
                        if SEGMENT_FILE.match(name))
         for name in os.listdir(self.path):
@@ -339,6 +358,10 @@ cdef class SegmentStore:
         self.active.start_prefault(self.active.length, OPEN_PREFAULT_BYTES)
         if min_next_offset > self.active.base + self.active.count:
             self.skip_to(min_next_offset)
+        if self.reserve_ahead:
+            # A failure is logged and tried again later: the store still
+            # opens on a full disk.
+            self.refill_reserve()
         return 0
 
     cdef report_events(self, Segment seg):
@@ -523,7 +546,9 @@ cdef class SegmentStore:
                              flags)
             self.written_bytes += record_size(bodies[0].length)
             self.stored_bytes += record_size(bodies[0].length)
-            if self.spare is None and seg.length > seg.capacity // 2:
+            if self.reserve_ahead:
+                self.keep_reserve(seg)
+            elif self.spare is None and seg.length > seg.capacity // 2:
                 if (self.segment_bytes >= PREFAULT_MIN_BYTES and
                         not self.spare_failed):
                     self.make_spare()
@@ -541,7 +566,9 @@ cdef class SegmentStore:
                              flags)
             self.written_bytes += size
             self.stored_bytes += size
-        if (self.spare is None and seg.length > seg.capacity // 2 and
+        if self.reserve_ahead:
+            self.keep_reserve(seg)
+        elif (self.spare is None and seg.length > seg.capacity // 2 and
                 self.segment_bytes >= PREFAULT_MIN_BYTES and
                 not self.spare_failed):
             self.make_spare()
@@ -588,12 +615,16 @@ cdef class SegmentStore:
 
         if seg is None:
             return Segment.create(self.path, segment_name(base), base,
-                                  self.segment_bytes)
+                                  self.segment_bytes, self.reserve_ahead)
         self.spare = None
         try:
             seg.rename_to(self.path, base)
         except BaseException:
-            seg.release()
+            if os.path.basename(seg.path) == SPARE_NAME + ".log":
+                # Still the spare, files and all: the next roll tries again.
+                self.spare = seg
+            else:
+                seg.release()
             raise
         return seg
 
@@ -601,13 +632,98 @@ cdef class SegmentStore:
         """Create the next segment early, so its pages fault in meanwhile."""
         try:
             self.spare = Segment.create(self.path, SPARE_NAME, 0,
-                                        self.segment_bytes)
-            self.spare.start_prefault(0, self.segment_bytes)
-        except OSError:
+                                        self.segment_bytes, self.reserve_ahead)
+            # A reserved spare may wait long for its rollover: its pages are
+            # touched only once the active segment is half full.
+            self.spare_warm = not self.reserve_ahead
+            if self.spare_warm:
+                self.spare.start_prefault(0, self.segment_bytes)
+        except OSError as exc:
             # A full disk, say: the next roll creates its segment itself
             # and raises there if it still fails.
             self.spare_failed = True
+            if self.reserve_ahead:
+                self.reserve_failed("its next segment", exc)
         return 0
+
+    cdef bint reserve_index(self, Segment seg) except -1:
+        """Preallocate seg's whole index; False (logged) when it fails."""
+        if seg.data == NULL or seg.index_alloc >= seg.index_max:
+            return True
+        try:
+            seg.ensure_index(seg.capacity // REC_HEADER_SIZE)
+        except OSError as exc:
+            self.reserve_failed(
+                f"the index of {os.path.basename(seg.path)}", exc)
+            return False
+        return True
+
+    cdef int refill_reserve(self) except -1:
+        """reserve_ahead: reserve the active index and a spare, if missing.
+
+        A failure is logged once, on the first failure after a success, and
+        tried again after RESERVE_RETRY_NS, at an append or a flush.
+        """
+        if not self.reserve_index(self.active):
+            return 0
+        if self.spare is None:
+            self.make_spare()
+            if self.spare is None:
+                return 0
+        if self.reserve_lost:
+            self.reserve_lost = False
+            storage_logger.warning(
+                "segment store %s: disk space for the next segment is "
+                "reserved again", self.path)
+        return 0
+
+    cdef int keep_reserve(self, Segment seg) except -1:
+        """reserve_ahead, after an append to seg (the active segment)."""
+        if ((self.spare is None or seg.index_alloc < seg.index_max) and
+                coarse_monotonic_ns() >= self.spare_retry_ns):
+            self.refill_reserve()
+        if (self.spare is not None and not self.spare_warm and
+                seg.length > seg.capacity // 2):
+            self.spare_warm = True
+            self.spare.start_prefault(0, self.spare.capacity)
+        return 0
+
+    cdef int reserve_failed(self, str what, object exc) except -1:
+        self.spare_retry_ns = coarse_monotonic_ns() + RESERVE_RETRY_NS
+        if not self.reserve_lost:
+            self.reserve_lost = True
+            storage_logger.warning(
+                "segment store %s: cannot reserve disk space for %s: %s; "
+                "appends go on until the active segment and the spare are "
+                "used up, and it is tried again meanwhile", self.path, what,
+                exc)
+        return 0
+
+    cdef bint recycle(self, Segment seg) except -1:
+        """Make a segment that delete_below() drops the spare, keeping its
+        disk space; False when it cannot be reused (it is then deleted).
+
+        A store that had to roll into its spare on a full disk gets its
+        reserve back this way, without asking the disk for space that
+        another writer may have taken meanwhile.
+        """
+        if (seg.exports > 0 or seg.data == NULL or
+                seg.capacity < record_size(self.max_message_bytes)):
+            return False
+        try:
+            seg.recycle(self.path, SPARE_NAME)
+        except OSError as exc:
+            storage_logger.warning(
+                "segment store %s: could not reuse %s as the spare: %s",
+                self.path, os.path.basename(seg.path), exc)
+            return False
+        self.spare = seg
+        self.spare_failed = False
+        # Its pages are in memory already: they held the dropped records.
+        self.spare_warm = True
+        self.reserve_index(seg)
+        self.refill_reserve()
+        return True
 
     cdef int install(self, Segment seg) except -1:
         """Make seg the active segment; the previous one is sealed."""
@@ -618,6 +734,8 @@ cdef class SegmentStore:
         self.segments.append(seg)
         self.active = seg
         self.directory_dirty = True
+        if self.reserve_ahead:
+            self.refill_reserve()
         return 0
 
     cdef int skip_to(self, uint64_t offset) except -1:
@@ -800,6 +918,16 @@ cdef class SegmentStore:
         try:
             if self.closed:
                 return
+            if self.reserve_ahead and self.spare is None:
+                # Tried here too, so that a reserve lost to a full disk
+                # comes back without waiting for an append.
+                self.acquire()
+                try:
+                    if (self.spare is None and
+                            coarse_monotonic_ns() >= self.spare_retry_ns):
+                        self.refill_reserve()
+                finally:
+                    self.release()
             self.sync_segments(self.policy != FSYNC_NEVER, True)
         finally:
             pymq_mutex_unlock(self.sync_lock)
@@ -1046,10 +1174,13 @@ cdef class SegmentStore:
                         self.pending.remove(seg)
                     self.deleted_damaged += seg.damaged
                     self.stored_bytes -= seg.length
+                    deleted += 1
+                    if (self.reserve_ahead and self.spare is None and
+                            self.recycle(seg)):
+                        continue
                     seg.release()
                     os.unlink(seg.path)
                     os.unlink(seg.index_path)
-                    deleted += 1
                 if deleted:
                     self.last_read = None
                     self.directory_dirty = True
@@ -1088,9 +1219,19 @@ cdef class SegmentStore:
             self.acquire_raw()
             try:
                 if self.spare is not None:
+                    kept = False
+                    if self.reserve_ahead and error is None:
+                        # Kept for the next open (see open_spare), with a
+                        # synced header that says it is empty.
+                        try:
+                            self.spare.write_checkpoint(0, 0, 0, True)
+                            kept = True
+                        except OSError:
+                            pass
                     self.spare.release()
-                    os.unlink(self.spare.path)
-                    os.unlink(self.spare.index_path)
+                    if not kept:
+                        os.unlink(self.spare.path)
+                        os.unlink(self.spare.index_path)
                     self.spare = None
                 for seg in self.segments:
                     seg.release()
@@ -1164,6 +1305,19 @@ cdef class SegmentStore:
         self.acquire()
         try:
             return self.count_gaps()
+        finally:
+            self.release()
+
+    @property
+    def reserved(self):
+        """True while the next segment is created ahead (the spare) and the
+        active segment's index is preallocated whole: the appends that fill
+        the active segment and the next one need no new disk space.
+        """
+        self.acquire()
+        try:
+            return (self.spare is not None and
+                    self.active.index_alloc >= self.active.index_max)
         finally:
             self.release()
 

@@ -307,6 +307,8 @@ class Broker:
         options = dict(self._store_options)
         options["segment_bytes"] = self._journal_bytes
         options["max_message_bytes"] = None
+        # Journal space is reserved ahead, so that acks go on on a full disk.
+        options["reserve_ahead"] = True
         return open_store(self.path / "streams" / stream / "groups" / group, **options)
 
     def queue(self, name: str, **options: Any) -> Queue:

@@ -120,6 +120,7 @@ def open_store(
     max_message_bytes: int | None = None,
     fsync: str = "interval",
     flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+    reserve_ahead: bool = False,
 ) -> SegmentStore:
     """Open the segment store in path, creating the folder if it is missing.
 
@@ -139,6 +140,13 @@ def open_store(
     flush_interval
         Seconds between background flushes. Under ``"never"`` they sync
         only sealed segments, so that reopening stays fast.
+    reserve_ahead
+        Keep the next segment created (the spare) from the moment the store
+        opens and again right after each rollover, and preallocate every
+        index at its full size, so that appends need no new disk space
+        until the spare is used. A segment dropped by ``delete_below`` while
+        the spare is missing becomes the spare. The broker sets it for the
+        journals of its groups.
 
     Damage found while opening or reading is logged at WARNING on the
     ``pymq.storage`` logger. Raises BrokerLockedError when another open
@@ -151,6 +159,7 @@ def open_store(
         max_message_bytes=max_message_bytes,
         fsync=fsync,
         on_damage=_log_damage,
+        reserve_ahead=reserve_ahead,
     )
     _flusher.add(store, float(flush_interval))
     return store

@@ -598,6 +598,41 @@ def test_ring_rejects_capacity_too_large(capacity: int) -> None:
 # restore_offset --------------------------------------------------------
 
 
+def test_untake_offset_undoes_a_delivery() -> None:
+    ring = RingBuffer()
+    first = take(ring)
+    second = take(ring)
+    before = snapshot(ring)
+    ring.untake_offset(second[0])
+    assert ring.state(second[0]) == "available"
+    assert ring.attempts(second[0]) == 0
+    assert (ring.delivered, ring.waiting) == (1, 1)
+    # Delivered again at once, as the same attempt, before newer offsets.
+    assert take(ring) == second
+    assert snapshot(ring) == before
+    with pytest.raises(StaleReceiptError):
+        ring.ack(make_receipt(second[0], 2))
+    ring.ack(first[2])
+    ring.ack(second[2])
+    assert (ring.low, ring.delivered, ring.waiting) == (2, 0, 0)
+
+
+def test_untake_offset_of_a_redelivery_keeps_earlier_attempts() -> None:
+    ring = RingBuffer()
+    offset, _, receipt = take(ring)
+    ring.nack(receipt, 0)
+    again = take(ring)
+    assert again[1] == 2
+    ring.untake_offset(offset)
+    assert ring.attempts(offset) == 1
+    assert take(ring) == again
+    # Nothing happens to an offset that is not delivered.
+    ring.untake_offset(offset + 5)
+    ring.ack(again[2])
+    ring.untake_offset(offset)
+    assert ring.state(offset) == "settled"
+
+
 def test_restore_offset_rebuilds_window() -> None:
     ring = RingBuffer()
     saved = [(0, 1, True), (1, 2, False), (2, 1, True), (3, 0, False), (4, 5, False)]

@@ -21,6 +21,7 @@ import pytest
 
 from pymq import _core
 from tests.recovery import writer
+from tests.recovery.tmpfs import fill_until_free, mounted_tmpfs
 from tests.recovery.writer import batch_bodies, make_body, run_writer
 
 # Seconds to wait for the writer at each step.
@@ -30,35 +31,8 @@ TIMEOUT = 60.0
 @pytest.fixture
 def small_tmpfs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
     """Mount a tmpfs of request.param bytes under tmp_path, unmounted after."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount_point = tmp_path / "tmpfs"
-    mount_point.mkdir()
-    command = ["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs"]
-    try:
-        result = subprocess.run(
-            [*command, str(mount_point)], capture_output=True, text=True, check=False
-        )
-    except FileNotFoundError:
-        pytest.skip("the mount command is not installed")
-    if result.returncode != 0:
-        pytest.skip(f"mount -t tmpfs failed: {result.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tmpfs", request.param) as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
-
-
-def fill_until_free(directory: Path, free_bytes: int) -> Path:
-    """Create a filler file that leaves about free_bytes free, return its path."""
-    stats = os.statvfs(directory)
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.posix_fallocate(fd, 0, stats.f_bavail * stats.f_frsize - free_bytes)
-    finally:
-        os.close(fd)
-    return filler
 
 
 def writer_exited(proc: subprocess.Popen[str], expected: str) -> AssertionError:
