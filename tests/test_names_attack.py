@@ -417,9 +417,18 @@ def test_layout_like_group_name(side, name):
 
 
 def test_dlq_named_queue_used_as_source(side):
-    """A queue named like a DLQ has no DLQ of its own: failures stay in it."""
+    """A queue named like a DLQ has no DLQ of its own: failures stay in it.
+
+    Such a queue never dead-letters, so max_deliveries is rejected before
+    any file is made.
+    """
     name = unique("orphan") + ".dlq"
-    queue = side.broker.queue(name, max_deliveries=1, visibility_timeout=60)
+    before = side.listing()
+    with pytest.raises(ConfigError) as raised:
+        side.broker.queue(name, max_deliveries=1, visibility_timeout=60)
+    assert f"max_deliveries of queue {name} is 1" in str(raised.value)
+    assert changes(before, side.listing()) == NO_CHANGES
+    queue = side.broker.queue(name, visibility_timeout=60)
     queue.put(b"fails")
     message = queue.get(timeout=10.0)
     message.nack()
@@ -431,14 +440,23 @@ def test_dlq_named_queue_used_as_source(side):
 
 
 def test_queue_whose_dlq_name_is_a_stream(side):
-    """A queue x cannot be created while a stream x.dlq exists, and leaves nothing.
+    """Names ending in .dlq are kept for DLQs, and a stream x.dlq blocks queue x.
 
-    The broker checks the DLQ name after it created the queue's folder and
-    opened its journal. The files stay, and the journal stays open, so a
-    second try raises BrokerLockedError instead of the same ConfigError.
+    stream() rejects such a name before any file is made. A data directory
+    written by an older version may still contain such a stream: then
+    queue(x) raises ConfigError, twice in a row, and leaves nothing.
     """
     name = unique("shadowed")
-    side.broker.stream(f"{name}.dlq")
+    before = side.listing()
+    with pytest.raises(InvalidNameError) as rejected:
+        side.broker.stream(f"{name}.dlq")
+    assert f"'{name}.dlq'" in str(rejected.value)
+    assert "kept for dead-letter queues" in str(rejected.value)
+    assert changes(before, side.listing()) == NO_CHANGES
+
+    folder = side.data / "streams" / f"{name}.dlq"
+    folder.mkdir(parents=True)
+    (folder / "kind").write_text("stream")
     before = side.listing()
     for _ in range(2):
         with pytest.raises(ConfigError) as raised:
