@@ -15,19 +15,14 @@ it waiting for the disk, which tests nothing here.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import pymq
-from tests.server.helpers import START_TIMEOUT, STOP_TIMEOUT
+from tests.server.helpers import ServerProcess
 
 SEGMENT_BYTES = 64
 # A body that fits a 64-byte segment: 32 bytes of record header, then 16.
@@ -173,79 +168,25 @@ def test_spare_segments_are_released():
 
 # Through a server ------------------------------------------------------------
 
+
 # A server like `pymq serve`, with segment_bytes, which the command line does
 # not take. argv[1] is a JSON object with "data", "port_file" and
 # "segment_bytes".
-SERVE_SMALL_SEGMENTS = """
-import asyncio, json, os, signal, sys
-from pathlib import Path
-
-import pymq
-from pymq.server import Server
-
-config = json.loads(sys.argv[1])
-
-
-async def main():
-    broker = pymq.open(config["data"], segment_bytes=config["segment_bytes"])
-    server = Server(broker)
-    try:
-        await server.start("127.0.0.1", 0)
-        port_file = Path(config["port_file"])
-        scratch = port_file.with_name(port_file.name + ".tmp")
-        scratch.write_text(f"{server.port}\\n")
-        os.replace(scratch, port_file)
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
-        await server.stop()
-    finally:
-        broker.close()
-        server.close()
-
-
-asyncio.run(main())
-"""
-
-
 @pytest.fixture
-def small_segment_server(
-    tmp_path: Path,
-) -> Iterator[tuple[subprocess.Popen[bytes], Path, int]]:
-    """Start a server with 64-byte segments; yield it, its data and its port."""
-    data = tmp_path / "data"
-    port_file = tmp_path / "port"
-    config = {
-        "data": str(data),
-        "port_file": str(port_file),
-        "segment_bytes": SEGMENT_BYTES,
-    }
-    with open(tmp_path / "server.log", "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-c", SERVE_SMALL_SEGMENTS, json.dumps(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )
+def small_segment_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """Start a server with 64-byte segments; stop it after the test."""
+    server = ServerProcess(tmp_path, segment_bytes=SEGMENT_BYTES).start()
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not port_file.exists():
-            assert process.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        yield process, data, int(port_file.read_text())
-        os.kill(process.pid, signal.SIGTERM)
-        assert process.wait(timeout=STOP_TIMEOUT) == 0, (
-            tmp_path / "server.log"
-        ).read_text()
+        yield server
+        assert server.stop() == 0, server.log()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT)
+        server.kill()
 
 
 def test_many_server_queues_release_segments(small_segment_server):
-    process, folder, port = small_segment_server
+    process = small_segment_server.process
+    folder = small_segment_server.data
+    port = small_segment_server.port
     before = open_fds(process.pid)
     names = [f"s{index:03d}" for index in range(SERVER_QUEUES)]
     with pymq.connect(f"pymq://127.0.0.1:{port}", reconnect_attempts=0) as client:

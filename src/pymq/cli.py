@@ -50,6 +50,42 @@ PUT_BATCH: Final = 1000
 GET_BATCH: Final = 1000
 # Maximum wait a command accepts, in seconds: the limit of the broker's get.
 MAX_SECONDS: Final = 1e9
+# The pymq.server.ServerLimits fields that pymq serve sets: field, unit, help.
+# The defaults in the help are the dataclass's, which a test compares,
+# because this module imports the server only to run it.
+SERVE_LIMITS: Final = (
+    ("max_frame_bytes", "BYTES", "largest frame in either direction (default: 16MiB)"),
+    ("max_batch", "COUNT", "most messages in one publish or fetch (default: 10000)"),
+    ("max_connections", "COUNT", "open connections; more are refused (default: 1024)"),
+    (
+        "max_handles",
+        "COUNT",
+        "queues, streams and groups one connection may open (default: 10000)",
+    ),
+    (
+        "handshake_timeout",
+        "SECONDS",
+        "time from connect to a valid HELLO (default: 10)",
+    ),
+    ("frame_timeout", "SECONDS", "time a frame may stay partly received (default: 30)"),
+    (
+        "idle_timeout",
+        "SECONDS",
+        "time without a frame, with no request waiting, before a connection is "
+        "dropped; 0 never drops (default: 0)",
+    ),
+    (
+        "max_waiting",
+        "COUNT",
+        "long polls and subscriptions one connection may have waiting (default: 1024)",
+    ),
+    (
+        "max_failed_logins",
+        "COUNT",
+        "failed logins one address may make within --login-window (default: 10)",
+    ),
+    ("login_window", "SECONDS", "time over which failed logins count (default: 60)"),
+)
 # The x- headers of a dead-letter move, in the order dlq list prints them.
 DEAD_LETTER_HEADERS: Final = (
     "x-source",
@@ -411,6 +447,35 @@ def _add_serve(commands: Any) -> None:
         default="INFO",
         help="minimum level of the log on stderr (default: %(default)s)",
     )
+    storage = serve.add_argument_group(
+        "storage",
+        "They apply while this server runs. Segments already on disk keep their size.",
+    )
+    storage.add_argument(
+        "--segment-bytes",
+        type=_byte_size,
+        metavar="BYTES",
+        help="size of each new segment file, e.g. 64MiB (default: 64MiB)",
+    )
+    storage.add_argument(
+        "--max-message-bytes",
+        type=_byte_size,
+        metavar="BYTES",
+        help="largest message body accepted, e.g. 1MiB (default: 1MiB)",
+    )
+    storage.add_argument(
+        "--flush-interval",
+        type=_seconds,
+        metavar="SECONDS",
+        help="seconds between background flushes (default: 0.1)",
+    )
+    limits = serve.add_argument_group(
+        "limits", "Per-server and per-connection limits; see docs/server.md."
+    )
+    parsers = {"BYTES": _byte_size, "COUNT": _count, "SECONDS": _seconds}
+    for field, unit, text in SERVE_LIMITS:
+        option = "--" + field.replace("_", "-")
+        limits.add_argument(option, type=parsers[unit], metavar=unit, help=text)
     serve.set_defaults(handler=_serve)
 
 
@@ -574,6 +639,29 @@ def _seconds(text: str) -> float:
             f"{text} seconds must be from 0 to less than {MAX_SECONDS:g}"
         )
     return seconds
+
+
+_BYTE_UNITS: Final = {"": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+_BYTE_SIZE: Final = re.compile(r"([0-9]+)\s*([a-z]*)")
+
+
+def _byte_size(text: str) -> int:
+    """Parse a size in bytes: 65536, 64KiB, 64MiB or 1GiB."""
+    match = _BYTE_SIZE.fullmatch(text.strip().lower())
+    if match is None or match[2] not in _BYTE_UNITS:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}; give bytes, or a number with KiB, MiB or GiB"
+        )
+    return int(match[1]) * _BYTE_UNITS[match[2]]
+
+
+def _count(text: str) -> int:
+    """Parse a whole number; ServerLimits checks its range."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}") from None
+    return number
 
 
 def _positive_int(text: str) -> int:
@@ -743,6 +831,11 @@ def _serve(args: argparse.Namespace) -> int:
     address = f"{args.host}:{args.port}"
     if args.unix is not None:
         address += f" and {args.unix}"
+    chosen = {}
+    for field, _, _ in SERVE_LIMITS:
+        if getattr(args, field) is not None:
+            chosen[field] = getattr(args, field)
+    limits = server.ServerLimits(**chosen)
     try:
         server.run(
             args.data,
@@ -752,9 +845,13 @@ def _serve(args: argparse.Namespace) -> int:
             fsync=args.fsync,
             token=token,
             port_file=args.port_file,
+            limits=limits,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,
+            segment_bytes=args.segment_bytes,
+            max_message_bytes=args.max_message_bytes,
+            flush_interval=args.flush_interval,
         )
     except OSError as exc:
         raise CommandError(

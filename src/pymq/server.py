@@ -142,6 +142,15 @@ class ServerLimits:
                 )
 
 
+def _check_frame_room(limits: ServerLimits, max_message_bytes: int) -> None:
+    """Raise ConfigError unless a frame can carry the largest message."""
+    if max_message_bytes + 4096 > limits.max_frame_bytes:
+        raise errors.ConfigError(
+            f"max_frame_bytes is {limits.max_frame_bytes}; it must be at "
+            f"least max_message_bytes ({max_message_bytes}) plus 4096"
+        )
+
+
 class _Park:
     """A handler's result meaning the request waits: a long poll."""
 
@@ -254,11 +263,7 @@ class Server:
         self.max_message_bytes: int = (
             DEFAULT_MAX_MESSAGE_BYTES if limit is None else int(limit)
         )
-        if self.max_message_bytes + 4096 > self.limits.max_frame_bytes:
-            raise errors.ConfigError(
-                f"max_frame_bytes is {self.limits.max_frame_bytes}; it must be at "
-                f"least max_message_bytes ({self.max_message_bytes}) plus 4096"
-            )
+        _check_frame_room(self.limits, self.max_message_bytes)
         self._executor = ThreadPoolExecutor(
             max_workers=32, thread_name_prefix="pymq-server"
         )
@@ -1414,17 +1419,34 @@ def run(
     tls_cert: str | os.PathLike[str] | None = None,
     tls_key: str | os.PathLike[str] | None = None,
     tls_client_ca: str | os.PathLike[str] | None = None,
+    segment_bytes: int | None = None,
+    max_message_bytes: int | None = None,
+    flush_interval: float | None = None,
 ) -> None:
     """Open the broker in data and serve it until SIGTERM or SIGINT.
 
     With port 0 the system picks a free port; port_file then receives it.
     With tls_cert (and tls_key, unless the key is in the same file) TCP
     connections use TLS; with tls_client_ca, clients must also present a
-    certificate signed by that authority.
+    certificate signed by that authority. fsync, segment_bytes,
+    max_message_bytes and flush_interval are passed to the Broker, whose
+    defaults apply where they are None.
     """
     context = server_ssl_context(tls_cert, tls_key, tls_client_ca)
+    limits = limits or ServerLimits()
+    # Checked before the broker opens, so that a bad value creates no files.
+    _check_frame_room(
+        limits,
+        DEFAULT_MAX_MESSAGE_BYTES if max_message_bytes is None else max_message_bytes,
+    )
     keep_large_buffers()
-    broker = Broker(data, fsync=fsync)
+    store_options: dict[str, Any] = {
+        "segment_bytes": segment_bytes,
+        "max_message_bytes": max_message_bytes,
+    }
+    if flush_interval is not None:
+        store_options["flush_interval"] = flush_interval
+    broker = Broker(data, fsync=fsync, **store_options)
     loop = _new_loop()
     server: Server | None = None
     try:

@@ -16,12 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +26,7 @@ import pytest
 import pymq
 from pymq import _core
 from tests.recovery.tmpfs import Fillers, mounted_tmpfs
-from tests.server.helpers import START_TIMEOUT, STOP_TIMEOUT
+from tests.server.helpers import ServerProcess
 
 pytestmark = pytest.mark.root
 
@@ -316,64 +311,17 @@ def test_full_disk_journal_without_reserve_fails_cleanly(tmpfs: Path) -> None:
 # A server like `pymq serve`, with segment_bytes, which the command line does
 # not take. argv[1] is a JSON object with "data", "port_file" and
 # "segment_bytes".
-SERVE = """
-import asyncio, json, logging, os, signal, sys
-from pathlib import Path
-
-import pymq
-from pymq.server import Server
-
-config = json.loads(sys.argv[1])
-logging.basicConfig(level="INFO")
-
-
-async def main():
-    broker = pymq.open(config["data"], segment_bytes=config["segment_bytes"])
-    server = Server(broker)
-    try:
-        await server.start("127.0.0.1", 0)
-        port_file = Path(config["port_file"])
-        scratch = port_file.with_name(port_file.name + ".tmp")
-        scratch.write_text(f"{server.port}\\n")
-        os.replace(scratch, port_file)
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
-        await server.stop()
-    finally:
-        broker.close()
-        server.close()
-
-
-asyncio.run(main())
-"""
 
 
 def test_full_disk_through_server(tmpfs: Path, tmp_path: Path) -> None:
     data = tmpfs / "data"
-    port_file = tmp_path / "port"
-    log_file = tmp_path / "server.log"
-    config = {
-        "data": str(data),
-        "port_file": str(port_file),
-        "segment_bytes": SEGMENT_BYTES,
-    }
+    # The log and the port file go outside the full tmpfs.
+    server = ServerProcess(tmp_path, data=data, segment_bytes=SEGMENT_BYTES)
     fillers = Fillers(tmpfs)
     count = 22_000
-    with open(log_file, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-c", SERVE, json.dumps(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )
+    server.start()
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not port_file.exists():
-            assert process.poll() is None, log_file.read_text()
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        url = f"pymq://127.0.0.1:{int(port_file.read_text())}"
+        url = server.url
         with pymq.connect(url, reconnect_attempts=0) as client:
             queue = client.queue("jobs")
             for start in range(0, count, 1000):
@@ -406,12 +354,9 @@ def test_full_disk_through_server(tmpfs: Path, tmp_path: Path) -> None:
                 queue.put(BIG_BODY)
             fillers.free()
             queue.put(b"after")
-        os.kill(process.pid, signal.SIGTERM)
-        assert process.wait(timeout=STOP_TIMEOUT) == 0, log_file.read_text()
+        assert server.stop() == 0, server.log()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT)
+        server.kill()
     check_stores_sound(data)
     with pymq.open(data, segment_bytes=SEGMENT_BYTES) as broker:
         message = broker.queue("jobs").get_nowait()

@@ -67,9 +67,11 @@ class ServerProcess:
         token: str | None = None,
         limits: dict[str, Any] | None = None,
         log_level: str = "INFO",
+        data: Path | None = None,
+        segment_bytes: int | None = None,
     ) -> None:
         self.folder = folder
-        self.data = folder / "data"
+        self.data = folder / "data" if data is None else data
         self.port_file = folder / "port"
         self.log_file = folder / "server.log"
         self.port = port
@@ -83,6 +85,7 @@ class ServerProcess:
             "limits": limits,
             "log_level": log_level,
             "port_file": str(self.port_file),
+            "segment_bytes": segment_bytes,
         }
         self.unix = unix
         self.process: subprocess.Popen[bytes] | None = None

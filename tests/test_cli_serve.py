@@ -1,0 +1,176 @@
+"""pymq serve's storage and limit options, through a real server process."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pymq
+from pymq import MessageTooLargeError, ServerError
+from pymq.cli import SERVE_LIMITS, _byte_size, main
+from pymq.server import ServerLimits
+from tests.server.helpers import take
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+
+
+@dataclasses.dataclass
+class Served:
+    url: str
+    data: Path
+    log: Path
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Any]:
+    """Start `pymq serve` with extra options; stop each with SIGTERM at the end."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(*options: str) -> Served:
+        number = len(processes)
+        data = tmp_path / f"data{number}"
+        port_file = tmp_path / f"port{number}"
+        log = tmp_path / f"server{number}.log"
+        command = [sys.executable, "-m", "pymq", "serve", "--data", str(data)]
+        command += ["--port", "0", "--port-file", str(port_file), *options]
+        env = {key: value for key, value in os.environ.items() if key != "PYMQ_TOKEN"}
+        with open(log, "wb") as output:
+            process = subprocess.Popen(command, stdout=output, stderr=output, env=env)
+        processes.append(process)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not port_file.exists():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "pymq serve wrote no port file"
+            time.sleep(0.05)
+        return Served(f"pymq://127.0.0.1:{int(port_file.read_text())}", data, log)
+
+    try:
+        yield start
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=STOP_TIMEOUT) == 0
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=STOP_TIMEOUT)
+
+
+def test_serve_limit_help_matches_defaults() -> None:
+    defaults = ServerLimits()
+    assert [field for field, _, _ in SERVE_LIMITS] == [
+        field.name for field in dataclasses.fields(ServerLimits)
+    ]
+    for field, unit, text in SERVE_LIMITS:
+        match = re.search(r"\(default: ([^)]+)\)$", text)
+        assert match is not None, field
+        if unit == "BYTES":
+            shown: float = _byte_size(match[1])
+        else:
+            shown = float(match[1])
+        assert shown == getattr(defaults, field), field
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4096", 4096),
+        ("64KiB", 64 << 10),
+        ("64 MiB", 64 << 20),
+        ("1gib", 1 << 30),
+    ],
+)
+def test_byte_size_parses_units(text: str, expected: int) -> None:
+    assert _byte_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "-1", "1.5MiB", "64MB", "12parsecs", "MiB"])
+def test_byte_size_rejects_bad_text(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="invalid size"):
+        _byte_size(text)
+
+
+def test_serve_options_reach_broker_and_server(serve: Any) -> None:
+    served = serve(
+        "--segment-bytes",
+        "256KiB",
+        "--max-message-bytes",
+        "1000",
+        "--max-batch",
+        "5",
+        "--max-connections",
+        "1",
+        "--log-level",
+        "WARNING",
+    )
+    with pymq.connect(served.url, reconnect_attempts=0) as client:
+        jobs = client.queue("jobs")
+        with pytest.raises(MessageTooLargeError) as too_large:
+            jobs.put(bytes(1001))
+        assert "1001 bytes" in str(too_large.value)
+        assert "1000" in str(too_large.value)
+
+        # 12 bodies go as batches of at most 5, and all arrive in order.
+        bodies = [b"%d" % index for index in range(12)]
+        assert list(jobs.put_many(bodies)) == list(range(12))
+        first = jobs.get_many(12, timeout=5.0)
+        assert [message.body for message in first] == bodies[:5]
+        messages = first + take(jobs, 7)
+        assert [message.body for message in messages] == bodies
+        jobs.ack_many(messages)
+
+        with pytest.raises(ServerError) as refused:
+            pymq.connect(served.url, reconnect_attempts=0)
+        assert refused.value.code == 16
+
+    segments = sorted((served.data / "streams" / "jobs" / "log").glob("*.log"))
+    assert [path.stat().st_size for path in segments] == [256 << 10]
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (
+            ["--max-batch", "0"],
+            "max_batch is 0; it must be from 1 to 1000000",
+        ),
+        (
+            ["--max-message-bytes", "32MiB"],
+            "max_frame_bytes is 16777216; it must be at least max_message_bytes "
+            "(33554432) plus 4096",
+        ),
+        (
+            ["--segment-bytes", "32"],
+            "segment_bytes is 32",
+        ),
+    ],
+)
+def test_serve_rejects_bad_values(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    options: list[str],
+    expected: str,
+) -> None:
+    data = tmp_path / "data"
+    code = main(["serve", "--data", str(data), "--port", "0", *options])
+    assert code == 2
+    assert expected in caplog.records[-1].getMessage()
+    assert not data.exists()
+
+
+def test_serve_rejects_bad_size_text(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--data", "unused", "--segment-bytes", "64MB"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --segment-bytes: invalid size '64MB'" in err
