@@ -13,13 +13,13 @@ default of 64 MiB, preallocated, the few hundred queues here took 18 GiB
 of disk.
 
 Names follow docs/broker.md: 1 to 128 characters of ASCII letters, digits,
-".", "_", "-" and ":", not starting with ".". Names are case-sensitive:
-"Jobs" and "jobs" are two queues in two folders.
+".", "_", "-" and ":", not starting with ".". A name that differs from an
+existing one only in case is rejected, because on a case-insensitive file
+system the two would share one folder.
 
-NOTE: on a case-insensitive file system (ext4 or tmpfs with casefold) the
-two would share one folder, and the second to open would raise
-BrokerLockedError. That is not tested, because the kernel of this
-project's machines has no casefold support to mount such a file system.
+NOTE: the tests run on a case-sensitive file system only, because the
+kernel of this project's machines has no casefold support to mount
+another.
 """
 
 from __future__ import annotations
@@ -369,23 +369,44 @@ def test_server_rejects_non_str_name_in_raw_open(server, raw):
 # Names that pass the rule ----------------------------------------------------
 
 
-def test_case_makes_two_queues(side):
-    """Jobs and jobs are two queues, each with its own messages and folder."""
+def test_case_variant_names_are_rejected(side):
+    """A name that differs from an existing one only in case is rejected.
+
+    Queues, streams, groups and DLQ names are all checked, before any file
+    is made, and the existing one still works.
+    """
     upper = unique("Jobs")
-    lower = upper.lower()
     side.broker.queue(upper).put(b"to the upper one")
-    side.broker.queue(lower).put(b"to the lower one")
+    stream_name = unique("Events")
+    side.broker.stream(stream_name).group("Billing")
+    before = side.listing()
+    cases = [
+        lambda: side.broker.queue(upper.lower()),
+        lambda: side.broker.stream(upper.upper()),
+        lambda: side.broker.queue(stream_name.lower()),
+        lambda: side.broker.stream(stream_name).group("billing"),
+    ]
+    for make in cases:
+        with pytest.raises(InvalidNameError) as raised:
+            make()
+        assert "differs from the existing" in str(raised.value)
+        assert "only in case" in str(raised.value)
+    assert changes(before, side.listing()) == NO_CHANGES
     message = side.broker.queue(upper).get(timeout=10.0)
     assert message.body == b"to the upper one"
     message.ack()
-    message = side.broker.queue(lower).get(timeout=10.0)
-    assert message.body == b"to the lower one"
-    message.ack()
-    names = side.broker.names()
-    assert names[upper] == "queue"
-    assert names[lower] == "queue"
-    assert (side.data / "streams" / upper).is_dir()
-    assert (side.data / "streams" / lower).is_dir()
+    assert side.broker.groups(stream_name) == ["Billing"]
+
+
+def test_case_variant_dlq_name_is_rejected(side):
+    """Queue x is rejected while a queue X.DLQ exists: their DLQs would clash."""
+    name = unique("mixed")
+    side.broker.queue(f"{name}.DLQ")
+    before = side.listing()
+    with pytest.raises(InvalidNameError) as raised:
+        side.broker.queue(name)
+    assert f"'{name}.dlq' differs from the existing '{name}.DLQ'" in str(raised.value)
+    assert changes(before, side.listing()) == NO_CHANGES
 
 
 @pytest.mark.parametrize("name", LAYOUT_NAMES)

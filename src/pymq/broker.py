@@ -137,6 +137,29 @@ def _remove_temporary_folders() -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _check_case(folder: Path, name: str, kind: str) -> None:
+    """Raise InvalidNameError if folder has an entry that differs from name
+    only in case.
+
+    Such names would share one folder on a case-insensitive file system,
+    and a data directory may be copied to one, so they are rejected on all.
+    """
+    try:
+        entries = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    if name in entries:
+        return
+    lowered = name.lower()
+    for entry in entries:
+        if entry.lower() == lowered:
+            raise InvalidNameError(
+                f"{kind} name {name!r} differs from the existing {entry!r} only "
+                f"in case; names that differ only in case are rejected, because "
+                f"they would share a folder on a case-insensitive file system"
+            )
+
+
 class _Declared:
     """Options stored beside a queue or group, in options.json."""
 
@@ -380,6 +403,8 @@ class Broker:
         leaves nothing on disk. The caller holds the broker's mutex.
         """
         folder = self.path / "streams" / name
+        if name not in self._streams:
+            _check_case(folder.parent, name, kind)
         created = name not in self._streams and not (folder / "kind").exists()
         try:
             entry = self._open_stream(name, kind)
@@ -547,6 +572,7 @@ class Broker:
                     _Declared(folder, label).merge("group", options)
                     self._apply(group, label, options)
                 return group
+            _check_case(folder.parent, name, "group")
             self._check_dlq_name(f"{stream.name}.{name}.dlq")
             core, ready = self._open_stream(stream.name, "stream")
             store = core.store
@@ -594,6 +620,7 @@ class Broker:
 
     def _check_dlq_name(self, dlq_name: str) -> None:
         check_name("dead-letter queue", dlq_name, derived=True)
+        _check_case(self.path / "streams", dlq_name, "dead-letter queue")
         kind = self._kind_of(dlq_name)[0]
         if kind not in ("", "queue"):
             raise ConfigError(
