@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import pymq
 from pymq import ConnectionLostError
-from tests.server.helpers import take
+from tests.server.helpers import START_TIMEOUT, STOP_TIMEOUT, take
 
 PUT_LIMIT = 5000  # bounds the putting loop of the SIGKILL test in count
 PUT_SECONDS = 10.0  # and in time
@@ -196,3 +203,77 @@ def test_tcp_and_unix_listeners_share_broker(servers, tmp_path, name):
         message.ack()
         assert over_tcp.queue(name).stats().acked == 1
     assert server.stop() == 0
+
+
+def test_sigint_stops_like_sigterm(servers, name):
+    server = servers().start()
+    assert server.process is not None
+    with pymq.connect(server.url) as client:
+        q = client.queue(name, visibility_timeout=3600)
+        q.put_many([b"a", b"b", b"c"])
+        held = q.get(timeout=10.0)
+        assert held is not None
+        os.kill(server.process.pid, signal.SIGINT)
+        assert server.process.wait(timeout=STOP_TIMEOUT) == 0
+    assert "INFO:pymq.server:stopped; broker in" in server.log()
+
+    server.start()
+    with pymq.connect(server.url) as client:
+        messages = take(client.queue(name), 3)
+        assert [m.body for m in messages] == [b"a", b"b", b"c"]
+        assert [m.attempt for m in messages] == [2, 1, 1]
+
+
+def serve_in_network_namespace(
+    tmp_path: Path, *options: str
+) -> subprocess.CompletedProcess[str]:
+    """Run pymq serve on 0.0.0.0 in a new network namespace, then SIGTERM it.
+
+    The namespace has only its own loopback device, so the listener on every
+    address cannot be reached from outside it.
+    """
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a new network namespace needs root and unshare")
+    port_file = tmp_path / "port"
+    serve = [sys.executable, "-m", "pymq", "serve", "--data", str(tmp_path / "d")]
+    serve += ["--host", "0.0.0.0", "--port", "0", "--port-file", str(port_file)]
+    script = f"ip link set lo up && exec {shlex.join([*serve, *options])}"
+    process = subprocess.Popen(
+        ["unshare", "--net", "sh", "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not port_file.exists() and process.poll() is None:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=STOP_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=STOP_TIMEOUT)
+    if "unshare failed" in output:
+        pytest.skip(f"no network namespace here: {output.strip()}")
+    return subprocess.CompletedProcess(process.args, process.returncode, output)
+
+
+def test_public_address_without_token_warns(tmp_path):
+    result = serve_in_network_namespace(tmp_path)
+    assert result.returncode == 0, result.stdout
+    assert "listening on 0.0.0.0:" in result.stdout
+    assert (
+        "WARNING pymq.server: listening on 0.0.0.0 without a token: anyone who "
+        "can reach it can read and write every queue; set --token-file"
+    ) in result.stdout
+
+
+def test_public_address_with_token_does_not_warn(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    result = serve_in_network_namespace(tmp_path, "--token-file", str(token))
+    assert result.returncode == 0, result.stdout
+    assert "listening on 0.0.0.0:" in result.stdout
+    assert "WARNING" not in result.stdout
