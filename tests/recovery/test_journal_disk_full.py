@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -357,6 +358,15 @@ def test_full_disk_through_server(tmpfs: Path, tmp_path: Path) -> None:
         assert server.stop() == 0, server.log()
     finally:
         server.kill()
+    # Each failed put is logged for the operator, with the peer and the file.
+    failed_put = re.compile(
+        r"^ERROR:pymq.server:request [0-9]+ \(opcode 0x20\) from "
+        r"127\.0\.0\.1:[0-9]+ failed: \[Errno 28\] cannot reserve [0-9]+ bytes "
+        r"on disk for a new segment \(No space left on device\): '"
+        + re.escape(str(data / "streams" / "jobs" / "log")),
+        re.MULTILINE,
+    )
+    assert failed_put.search(server.log()), server.log()
     check_stores_sound(data)
     with pymq.open(data, segment_bytes=SEGMENT_BYTES) as broker:
         message = broker.queue("jobs").get_nowait()
