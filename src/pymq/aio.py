@@ -775,6 +775,9 @@ class _AsyncConsumer(_AsyncHandle):
         not yet handed out are nacked at once. When the connection breaks,
         the loop reconnects and subscribes again; the messages received
         but not handed out were released by the server, so none is lost.
+        A message handed out after the break but before the read task saw
+        it belongs to the old connection: its ack raises StaleReceiptError
+        or ConnectionLostError, and it comes again.
         """
         connection = self._connection
         while True:

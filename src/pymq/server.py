@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import errno
 import hmac
 import importlib
 import ipaddress
@@ -140,6 +141,30 @@ class ServerLimits:
                 raise errors.ConfigError(
                     f"{name} is {value}; it must be from {low} to {high}"
                 )
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Delete a Unix socket file left by a server that is gone.
+
+    A server that still accepts on path keeps it: OSError(EADDRINUSE), as
+    for a TCP port in use.
+    """
+    if not Path(path).is_socket():
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+    raise OSError(
+        errno.EADDRINUSE,
+        f"Unix socket {path} is in use by a running server; stop it or choose "
+        f"another path",
+        path,
+    )
 
 
 def _check_frame_room(limits: ServerLimits, max_message_bytes: int) -> None:
@@ -320,9 +345,7 @@ class Server:
                     host,
                 )
         if unix is not None:
-            with contextlib.suppress(FileNotFoundError):
-                if Path(unix).is_socket():
-                    os.unlink(unix)
+            _remove_stale_socket(unix)
             listener = await loop.create_unix_server(lambda: _Connection(self), unix)
             self._listeners.append(listener)
             self.addresses.append(unix)

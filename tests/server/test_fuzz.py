@@ -449,14 +449,18 @@ def predict_open(request: dict[str, Any], state: ModelState) -> Expect:
         # Broker.queue(name, **options) binds name first.
         if "name" in options:
             return fails(17)
-        checks: list[Callable[[], object]] = [
-            lambda: check_name(str(kind), name),
-            lambda: _check_options(options, defaults),
-        ]
-        for check in checks:
-            error = expected_error(check)
-            if error is not None:
-                return error
+        error = expected_error(lambda: check_name(str(kind), name))
+        if error is not None:
+            return error
+        # Names ending in .dlq are kept for DLQs: no stream may take one.
+        if kind == "stream" and name.endswith(".dlq"):
+            return fails(7)
+        error = expected_error(lambda: _check_options(options, defaults))
+        if error is not None:
+            return error
+        # A DLQ never dead-letters, so it takes no max_deliveries.
+        if kind == "queue" and name.endswith(".dlq") and options.get("max_deliveries"):
+            return fails(8)
         assert name in KINDS, f"the strategy would create {kind} {name!r}"
         if KINDS[name] != kind:
             return fails(8)

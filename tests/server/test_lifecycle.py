@@ -277,3 +277,34 @@ def test_public_address_with_token_does_not_warn(tmp_path):
     assert result.returncode == 0, result.stdout
     assert "listening on 0.0.0.0:" in result.stdout
     assert "WARNING" not in result.stdout
+
+
+def test_unix_socket_of_live_server_is_kept(servers, tmp_path, name):
+    path = tmp_path / "pymq.sock"
+    first = servers(host=None, unix=path).start()
+    command = [sys.executable, "-m", "pymq", "serve", "--data", str(tmp_path / "b")]
+    command += ["--port", "0", "--unix", str(path)]
+    second = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+    )
+    assert second.returncode == 2
+    assert f"Unix socket {path} is in use by a running server" in second.stderr
+    with pymq.connect(f"pymq+unix://{path}") as client:
+        assert client.queue(name).put(b"still the first") == 0
+    assert first.stop() == 0
+    assert (first.data / "streams" / name).is_dir()
+    assert not (tmp_path / "b" / "streams" / name).exists()
+
+
+def test_unix_socket_of_killed_server_is_replaced(servers, tmp_path, name):
+    path = tmp_path / "pymq.sock"
+    server = servers(host=None, unix=path).start()
+    server.kill()
+    assert path.is_socket()
+    server.start()
+    with pymq.connect(f"pymq+unix://{path}") as client:
+        assert client.queue(name).put(b"after the kill") == 0
+    assert server.stop() == 0
