@@ -149,7 +149,7 @@ def test_serve_options_reach_broker_and_server(serve: Any) -> None:
         (
             ["--max-message-bytes", "32MiB"],
             "max_frame_bytes is 16777216; it must be at least max_message_bytes "
-            "(33554432) plus 4096",
+            "(33554432) plus 8192",
         ),
         (
             ["--segment-bytes", "32"],

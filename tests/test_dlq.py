@@ -260,3 +260,37 @@ def test_redrive_group_dlq_twice_keeps_one_target(broker):
     again = billing.get_nowait()
     assert again.body == b"invoice"
     assert again.headers == {}
+
+
+@pytest.mark.parametrize("body_bytes", [1024, 1024 - 200])
+def test_dlq_takes_message_of_max_size(tmp_path: Path, body_bytes: int) -> None:
+    """A message at max_message_bytes, with headers or not, still moves."""
+    with pymq.open(tmp_path, max_message_bytes=1024, segment_bytes=1 << 20) as broker:
+        jobs = broker.queue("jobs", max_deliveries=1, visibility_timeout=60)
+        headers = {} if body_bytes == 1024 else {"h": "v" * 190}
+        jobs.put(b"x" * body_bytes, headers=headers)
+        jobs.put(b"small")
+        jobs.get(timeout=0).nack()
+        after = jobs.get(timeout=0)
+        assert after is not None
+        assert after.body == b"small"
+        after.ack()
+        assert jobs.get(timeout=0) is None
+        stats = jobs.stats()
+        assert (stats.depth, stats.dead_lettered) == (0, 1)
+        moved = broker.queue("jobs.dlq").get(timeout=0)
+        assert moved is not None
+        assert moved.body == b"x" * body_bytes
+        assert moved.headers["x-reason"] == "nack; max_deliveries reached"
+        assert {key: moved.headers[key] for key in headers} == headers
+        moved.ack()
+
+
+def test_dlq_reject_cuts_long_reason(broker):
+    jobs = broker.queue("jobs")
+    jobs.put(b"bad")
+    jobs.get(timeout=0).reject("r" * 5000)
+    assert jobs.stats().depth == 0
+    moved = broker.queue("jobs.dlq").get(timeout=0)
+    assert moved is not None
+    assert moved.headers["x-reason"] == "r" * 1000 + "..."

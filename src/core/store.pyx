@@ -17,6 +17,8 @@ import re
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 MIN_SEGMENT_BYTES = 64
+# Bytes of the header in front of every record's body (docs/storage.md).
+RECORD_HEADER_BYTES = REC_HEADER_SIZE
 # Bytes of the active segment prefaulted when a store opens.
 cdef size_t OPEN_PREFAULT_BYTES = 4 * 1024 * 1024
 # With reserve_ahead, how long a failed reservation waits before the next

@@ -10,6 +10,7 @@ from typing_extensions import Buffer
 DEFAULT_SEGMENT_BYTES: Final[int]
 DEFAULT_MAX_MESSAGE_BYTES: Final[int]
 MIN_SEGMENT_BYTES: Final[int]
+RECORD_HEADER_BYTES: Final[int]
 CRC32C_IMPLEMENTATION: Final[str]
 
 FsyncPolicy = Literal["never", "interval", "always"]

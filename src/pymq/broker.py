@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from pymq._core import (
+    RECORD_HEADER_BYTES,
     DirectoryLock,
     GroupBase,
     Message,
     StreamBase,
+    check_store_options,
     make_directories,
     split_body,
 )
@@ -47,6 +49,11 @@ logger = logging.getLogger(__name__)
 
 # A failing dead-letter move logs at most one error per this many seconds.
 _ERROR_LOG_SECONDS: Final = 10.0
+# A DLQ takes records this much larger than max_message_bytes, so that a
+# message of the largest size still fits with the x- headers a move adds.
+DLQ_HEADROOM_BYTES: Final = 4096
+# Longest x-reason a move writes; a longer reason is cut to this and "...".
+MAX_REASON_CHARS: Final = 1000
 # Journals hold small records; compaction runs when one rolls over.
 JOURNAL_SEGMENT_BYTES: Final = 4 * 1024 * 1024
 # Segments of a broker without a path, which live in memory.
@@ -302,7 +309,10 @@ class Broker:
         if not marker.exists():
             make_directories(folder)
             _write_durably(marker, kind)
-        store = open_store(folder / "log", **self._store_options)
+        options = self._store_options
+        if name.endswith(".dlq"):
+            options = dict(options, max_message_bytes=self._dlq_max_message_bytes())
+        store = open_store(folder / "log", **options)
         core = StreamBase(store, name)
         ready = threading.Condition()
         listeners = self._listeners.setdefault(name, [])
@@ -316,6 +326,17 @@ class Broker:
         core.wake = wake
         self._streams[name] = (core, ready, kind)
         return core, ready
+
+    def _dlq_max_message_bytes(self) -> int:
+        """Return the largest record a DLQ takes: DLQ_HEADROOM_BYTES above
+        max_message_bytes, unless the segment is too small for that."""
+        segment_bytes = self._store_options["segment_bytes"]
+        limit = check_store_options(
+            segment_bytes, self._store_options["max_message_bytes"], "never"
+        )
+        return int(
+            min(limit + DLQ_HEADROOM_BYTES, segment_bytes - RECORD_HEADER_BYTES)
+        )
 
     def _listen(self, stream: str, listener: Callable[[], object]) -> None:
         """Call listener after each put or settlement on stream with waiters.
@@ -667,7 +688,8 @@ class Broker:
         for offset in wanted.values():
             consumer.forget_move(offset)
         logger.warning(
-            "%s: %d moves to %s were interrupted by a crash; %d had reached it",
+            "%s: %d moves to %s were not finished (the process stopped, or the "
+            "move failed); %d had reached it",
             source if group_name is None else f"{source}.{group_name}",
             len(moves),
             consumer.dlq_name,
@@ -717,6 +739,8 @@ class Broker:
                 )
                 return
             headers, payload = split_body(flags, body)
+            if len(reason) > MAX_REASON_CHARS:
+                reason = reason[:MAX_REASON_CHARS] + "..."
             headers.update(
                 {
                     "x-source": source,

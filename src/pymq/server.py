@@ -41,7 +41,7 @@ from pymq._core import (
     publish_into,
 )
 from pymq._version import __version__
-from pymq.broker import Broker
+from pymq.broker import DLQ_HEADROOM_BYTES, Broker
 from pymq.names import check_name
 from pymq.protocol import (
     FLAG_ERROR,
@@ -168,11 +168,16 @@ def _remove_stale_socket(path: str) -> None:
 
 
 def _check_frame_room(limits: ServerLimits, max_message_bytes: int) -> None:
-    """Raise ConfigError unless a frame can carry the largest message."""
-    if max_message_bytes + 4096 > limits.max_frame_bytes:
+    """Raise ConfigError unless a frame can carry the largest message.
+
+    The largest is a DLQ's, which takes DLQ_HEADROOM_BYTES more for its x-
+    headers, and 4096 bytes are left for the frame's own fields.
+    """
+    room = DLQ_HEADROOM_BYTES + 4096
+    if max_message_bytes + room > limits.max_frame_bytes:
         raise errors.ConfigError(
             f"max_frame_bytes is {limits.max_frame_bytes}; it must be at "
-            f"least max_message_bytes ({max_message_bytes}) plus 4096"
+            f"least max_message_bytes ({max_message_bytes}) plus {room}"
         )
 
 
