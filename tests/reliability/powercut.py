@@ -9,9 +9,17 @@ tests/recovery/test_power_cut.py does for a single store.
 
 The synced lengths come from the owner before it is stopped, so more may
 have been synced by the time of the copy. The cut is then deeper than a
-real power cut could make, which a store must survive too, with one
-exception: a checkpoint written since promises that its log is synced up
-to its length, so the cut never goes below a sound checkpoint's length.
+real power cut could make, which a store must survive too, with two
+exceptions, because a cut must never go below a byte that was synced:
+
+- a checkpoint written since promises that its log is synced up to its
+  length, so the cut never goes below a sound checkpoint's length;
+- an owner started after a kill reports as synced only what its
+  checkpoints cover and what it synced itself (a reopened store cannot
+  know more), while the killed owner may have synced records past them and
+  returned their puts. indexed_lengths(), read before the owner starts,
+  gives for each segment the end of its last record, so the cut keeps at
+  least what any earlier owner wrote.
 """
 
 from __future__ import annotations
@@ -34,6 +42,14 @@ INDEX_HEADER: Final = struct.Struct("<IIQQQ")
 INDEX_MAGIC: Final = 0x58514D50
 INDEX_HEADER_BYTES: Final = 64
 INDEX_ENTRY_BYTES: Final = 4
+# An index entry whose offset has no record (lost to damage, or a gap).
+INDEX_MISSING: Final = 0xFFFFFFFF
+# The first 8 bytes of a record's 32-byte header (src/core/segment.pxd):
+# magic, body length. Bodies are padded to a multiple of 8 bytes.
+RECORD_START: Final = struct.Struct("<II")
+RECORD_MAGIC: Final = 0x52514D50
+RECORD_HEADER_BYTES: Final = 32
+RECORD_ALIGN: Final = 8
 MODES: Final = ("zero", "garble", "pages")
 
 
@@ -94,6 +110,51 @@ def read_checkpoint(index: Path, base: int) -> tuple[int, int] | None:
     return count, length
 
 
+def indexed_lengths(data: Path) -> dict[str, int]:
+    """Return {segment log path relative to data: end of its last indexed record}.
+
+    No process may be writing to data. A store writes a record's index
+    entry in the same locked step as the record, before any sync can cover
+    it, so every record that an owner synced ends at or before this length.
+    """
+    lengths: dict[str, int] = {}
+    for folder, _, names in os.walk(data):
+        for name in names:
+            if SEGMENT_NAME.match(name) and name.endswith(".log"):
+                log = Path(folder) / name
+                relative = os.path.normpath(os.path.relpath(log, data))
+                lengths[relative] = _indexed_length(log, log.with_suffix(".idx"))
+    return lengths
+
+
+def _indexed_length(log: Path, index: Path) -> int:
+    try:
+        entries = index.read_bytes()[INDEX_HEADER_BYTES:]
+    except FileNotFoundError:
+        return 0
+    # Entries past the last record are zero, and positions grow with the
+    # offset, so the last record has the last entry that is neither zero nor
+    # missing. Only the first record, at byte 0, has a zero entry.
+    used = entries.rstrip(b"\0")
+    end = -(-len(used) // INDEX_ENTRY_BYTES) * INDEX_ENTRY_BYTES
+    position = 0
+    for start in range(end - INDEX_ENTRY_BYTES, -1, -INDEX_ENTRY_BYTES):
+        (entry,) = struct.unpack_from("<I", entries, start)
+        if entry != INDEX_MISSING:
+            position = entry
+            break
+    with open(log, "rb") as file:
+        file.seek(position)
+        start_bytes = file.read(RECORD_START.size)
+    if len(start_bytes) < RECORD_START.size:
+        return position
+    magic, length = RECORD_START.unpack(start_bytes)
+    if magic != RECORD_MAGIC:
+        return position
+    padded = -(-length // RECORD_ALIGN) * RECORD_ALIGN
+    return position + RECORD_HEADER_BYTES + padded
+
+
 def damage_copy(
     copy: Path,
     source: Path,
@@ -101,12 +162,17 @@ def damage_copy(
     data_ends: dict[str, int],
     mode: str,
     rng: random.Random,
+    earlier_synced: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Damage every segment and index file of copy past what a power cut keeps.
 
     synced is {segment path under source: synced length}, as
-    SegmentStore.synced_lengths() returns it. A segment missing from it (one
-    created after the lengths were taken) keeps only its checkpoint. A store
+    SegmentStore.synced_lengths() returns it. earlier_synced is
+    {segment path relative to source: bytes an earlier owner may have
+    synced}, the indexed_lengths() of source before the owner started. A
+    log keeps the largest of its synced length, its earlier synced length
+    and its checkpoint's length. A segment missing from synced (one created
+    after the lengths were taken) keeps only its checkpoint. A store
     with no segment in it was not open in the owner: the owner appended
     nothing to it, and it is left whole, which is one outcome of a power
     cut. mode is "zero", "garble" or "pages" (each page past the kept length
@@ -130,6 +196,7 @@ def damage_copy(
         if name.endswith(".log"):
             keep = max(
                 kept_lengths.get(relative, 0),
+                (earlier_synced or {}).get(relative, 0),
                 0 if checkpoint is None else checkpoint[1],
             )
         else:

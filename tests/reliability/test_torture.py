@@ -11,13 +11,17 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from pymq._core import SegmentStore
 from tests.reliability.ledger import Ledger
-from tests.reliability.powercut import copy_sparse, damage_copy
+from tests.reliability.powercut import copy_sparse, damage_copy, indexed_lengths
 from tests.reliability.records import LineLog, inspect_message, make_payload
 from tests.reliability.state import (
     ACKS,
@@ -268,6 +272,127 @@ def test_power_cut_pages_leave_only_sound_records(tmp_path: Path) -> None:
     assert len(records) < 200
     for body in records:
         assert inspect_message(7, body, {})[1]
+
+
+# Power cuts after a restart ---------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RESTART_SEGMENT_BYTES = 1 << 17
+RESTART_RECORDS = 200
+# argv: folder. Appends RESTART_RECORDS payloads with fsync="always", in
+# segments of RESTART_SEGMENT_BYTES, then dies by SIGKILL: no checkpoint
+# covers any of them, but every append returned, so every one was synced.
+KILLED_WRITER = textwrap.dedent(
+    f"""
+    import os, signal, sys
+    from pymq._core import SegmentStore
+    from tests.reliability.records import make_payload
+
+    store = SegmentStore(
+        sys.argv[1], segment_bytes={RESTART_SEGMENT_BYTES}, fsync="always"
+    )
+    for seq in range({RESTART_RECORDS}):
+        store.append(make_payload(7, seq))
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def run_killed_writer(folder: Path) -> None:
+    writer = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(folder)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert writer.returncode == -signal.SIGKILL, writer.stderr
+
+
+def copy_restarted_store(
+    tmp_path: Path,
+) -> tuple[Path, Path, dict[str, int], dict[str, int], dict[str, int]]:
+    """Kill a writer of 200 synced records, reopen its store and copy it idle.
+
+    Returns the folders, the indexed lengths read before the reopen, the
+    synced lengths of the reopened store and the data ends of the copy.
+    """
+    source, copy = tmp_path / "live", tmp_path / "copy"
+    run_killed_writer(source)
+    earlier = indexed_lengths(source)
+    with SegmentStore(
+        source, segment_bytes=RESTART_SEGMENT_BYTES, fsync="always"
+    ) as store:
+        synced = store.synced_lengths()
+        data_ends = copy_sparse(source, copy)
+    return source, copy, earlier, synced, data_ends
+
+
+def read_restarted_copy(copy: Path) -> list[bytes]:
+    with SegmentStore(copy, segment_bytes=RESTART_SEGMENT_BYTES) as store:
+        return store.read_range(store.first_offset, store.next_offset)
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 200])
+def test_indexed_lengths_end_at_last_record(tmp_path: Path, count: int) -> None:
+    with SegmentStore(tmp_path, segment_bytes=RESTART_SEGMENT_BYTES) as store:
+        for seq in range(count):
+            store.append(make_payload(7, seq))
+        ranges = store.segment_ranges()
+    expected = {f"{base:020d}.log": length for base, _, length in ranges}
+    assert indexed_lengths(tmp_path) == expected
+    assert len(expected) == (4 if count == 200 else 1)
+
+
+def test_restarted_owner_reports_only_checkpoints(tmp_path: Path) -> None:
+    # A restarted owner's synced lengths are not what a power cut keeps: the
+    # killed writer synced every record, but the reopened store reports as
+    # synced only what its checkpoints cover, and the writer made none.
+    source, _, earlier, synced, _ = copy_restarted_store(tmp_path)
+    assert len(earlier) == 4
+    assert sum(earlier.values()) > 0
+    relative = {
+        os.path.relpath(path, source): length for path, length in synced.items()
+    }
+    assert relative == dict.fromkeys(earlier, 0)
+
+
+def test_restarted_owner_counts_records_once_synced(tmp_path: Path) -> None:
+    run_killed_writer(tmp_path)
+    earlier = indexed_lengths(tmp_path)
+    with SegmentStore(
+        tmp_path, segment_bytes=RESTART_SEGMENT_BYTES, fsync="always"
+    ) as store:
+        offset = store.append(b"after the restart")
+        synced = store.synced_lengths()
+        ranges = store.segment_ranges()
+    assert offset == RESTART_RECORDS
+    relative = {
+        os.path.relpath(path, tmp_path): length for path, length in synced.items()
+    }
+    assert relative == {f"{base:020d}.log": length for base, _, length in ranges}
+    for name, length in earlier.items():
+        assert relative[name] >= length, name
+
+
+@pytest.mark.parametrize("mode", ["zero", "garble", "pages"])
+def test_power_cut_after_restart_keeps_records(tmp_path: Path, mode: str) -> None:
+    source, copy, earlier, synced, data_ends = copy_restarted_store(tmp_path)
+    damaged = damage_copy(
+        copy, source, synced, data_ends, mode, random.Random(4), earlier_synced=earlier
+    )
+    assert all(name.endswith(".idx") for name in damaged)
+    expected = [make_payload(7, seq) for seq in range(RESTART_RECORDS)]
+    assert read_restarted_copy(copy) == expected
+
+
+def test_cut_at_restarted_synced_loses_records(tmp_path: Path) -> None:
+    # Cut at the restarted owner's synced lengths alone, the copy loses every
+    # append that the killed owner returned.
+    source, copy, _, synced, data_ends = copy_restarted_store(tmp_path)
+    damage_copy(copy, source, synced, data_ends, "zero", random.Random(5))
+    assert read_restarted_copy(copy) == []
 
 
 # Real runs ----------------------------------------------------------------------
