@@ -19,10 +19,26 @@ from pathlib import Path
 
 import pytest
 
+import pymq
 from pymq._core import SegmentStore
+from tests.reliability import probe_serve
 from tests.reliability.ledger import Ledger
-from tests.reliability.powercut import copy_sparse, damage_copy, indexed_lengths
-from tests.reliability.records import LineLog, inspect_message, make_payload
+from tests.reliability.powercut import (
+    copy_sparse,
+    damage_copy,
+    indexed_lengths,
+    relative_lengths,
+    unsynced_records,
+)
+from tests.reliability.records import (
+    CONSUMER_OPTIONS,
+    MAX_DELIVERIES,
+    QUEUE,
+    QUEUE_DLQ,
+    LineLog,
+    inspect_message,
+    make_payload,
+)
 from tests.reliability.state import (
     ACKS,
     BOUNDS,
@@ -39,6 +55,7 @@ from tests.reliability.state import (
     LedgerSnapshot,
     TargetState,
     check_states,
+    read_offline,
 )
 from tests.reliability.torture import TortureConfig, format_summary, run_torture
 
@@ -272,6 +289,103 @@ def test_power_cut_pages_leave_only_sound_records(tmp_path: Path) -> None:
     assert len(records) < 200
     for body in records:
         assert inspect_message(7, body, {})[1]
+
+
+def test_unsynced_records_flags_records_past_claims(tmp_path: Path) -> None:
+    source, copy, synced, _ = copy_live_store(tmp_path)
+    returned = {seq: seq for seq in range(200)}
+    claimed = relative_lengths(synced, source)
+    assert unsynced_records(copy, ".", returned, claimed, {}) == []
+
+    nothing = dict.fromkeys(claimed, 0)
+    problems = unsynced_records(copy, ".", returned, nothing, {})
+    assert len(problems) == 200
+    assert problems[0].startswith("00000000000000000000.log: seq 0 (offset 0) returned")
+    # An earlier owner may have synced every record the segment had.
+    assert unsynced_records(copy, ".", returned, nothing, indexed_lengths(copy)) == []
+
+
+# Power cuts during a move to a dead-letter queue -------------------------------
+
+MOVE_BODY_SEED = 11
+
+
+def copy_during_move(
+    tmp_path: Path,
+) -> tuple[Path, Path, dict[str, int], dict[str, int], dict[str, int]]:
+    """Move message 1 of the queue to its DLQ between two readings of synced lengths.
+
+    Message 0 is moved first, so the DLQ's store is open before. The copy
+    is taken once the move returned. Returns the folders, the lengths read
+    before the move and after the copy, and the data ends of the copy.
+    """
+    data, copy = tmp_path / "data", tmp_path / "copy"
+    # No background flush: a checkpoint written meanwhile would cover the move.
+    with pymq.open(
+        data, fsync="always", segment_bytes=1 << 20, flush_interval=3600
+    ) as broker:
+        queue = broker.queue(QUEUE, **CONSUMER_OPTIONS)
+        for seq in range(2):
+            queue.put(make_payload(MOVE_BODY_SEED, seq), headers={"seq": str(seq)})
+        for _ in range(MAX_DELIVERIES):
+            message = queue.get(timeout=1.0)
+            assert message is not None
+            assert message.offset == 0
+            message.nack()
+        for _ in range(MAX_DELIVERIES - 1):
+            message = queue.get(timeout=1.0)
+            assert message is not None
+            message.nack()
+        last = queue.get(timeout=1.0)
+        assert last is not None
+        assert (last.offset, last.attempt) == (1, MAX_DELIVERIES)
+        before = probe_serve.synced_lengths()
+        last.nack()
+        data_ends = copy_sparse(data, copy)
+        after = probe_serve.synced_lengths()
+    return data, copy, before, after, data_ends
+
+
+def dead_lettered_and_available(copy: Path) -> tuple[list[int], set[int]]:
+    """Return the source offsets in the copy's DLQ and its available offsets."""
+    states = read_offline(copy, MOVE_BODY_SEED, 1 << 20, drain=True)
+    queue = states["queue"]
+    assert queue.available is not None
+    offsets = sorted(dead.source_offset for dead in queue.dead_letters)
+    return offsets, queue.available
+
+
+def test_cut_before_move_can_lose_dead_letter(tmp_path: Path) -> None:
+    # Lengths read before the copy may be shorter than what was synced when
+    # it was taken. Here the DLQ's put was synced before the journal wrote
+    # that the move ended. A cut of the DLQ at the earlier length, with the
+    # journal's last page written back, leaves a state no power cut can:
+    # the message is settled, and in no queue.
+    data, copy, before, after, data_ends = copy_during_move(tmp_path)
+    dlq_log = data / "streams" / QUEUE_DLQ / "log" / "00000000000000000000.log"
+    assert before[str(dlq_log)] < after[str(dlq_log)]
+    damage_copy(
+        copy,
+        data,
+        {str(dlq_log): before[str(dlq_log)]},
+        data_ends,
+        "zero",
+        random.Random(6),
+    )
+    dead_lettered, available = dead_lettered_and_available(copy)
+    assert dead_lettered == [0]
+    assert available == set()
+
+
+@pytest.mark.parametrize(
+    ("mode", "seed"), [("zero", 7), ("garble", 8), ("pages", 9), ("pages", 10)]
+)
+def test_cut_after_copy_keeps_move_whole(tmp_path: Path, mode: str, seed: int) -> None:
+    data, copy, _, after, data_ends = copy_during_move(tmp_path)
+    damage_copy(copy, data, after, data_ends, mode, random.Random(seed))
+    dead_lettered, available = dead_lettered_and_available(copy)
+    assert dead_lettered == [0, 1]
+    assert available == set()
 
 
 # Power cuts after a restart ---------------------------------------------------

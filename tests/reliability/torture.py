@@ -19,11 +19,13 @@ A run has two phases, each in a data directory of its own:
 
 With --fsync always, some events are power cuts instead of kills. The
 broker's owner reports the synced length of each segment, and is stopped
-with SIGSTOP while its data directory is copied. Then it goes on, and the
-copy is cut and garbled past the synced lengths (powercut.py) and checked.
-The cut keeps at least the records each segment held when the owner last
-started, because the owner killed before it may have synced them, and a
-reopened store reports as synced only what its checkpoints cover.
+with SIGSTOP while its data directory is copied. Then it goes on and
+reports the synced lengths again. Every returned put must lie within the
+first lengths, and the copy is cut and garbled past the second ones
+(powercut.py) and checked. The cut keeps at least the records each segment
+held when the owner last started, because the owner killed before it may
+have synced them, and a reopened store reports as synced only what its
+checkpoints cover.
 The server runs as tests/reliability/probe_serve.py then, which is `pymq
 serve` with a probe of the synced lengths, because a server has no request
 that returns them.
@@ -67,6 +69,8 @@ from tests.reliability.powercut import (
     copy_sparse,
     damage_copy,
     indexed_lengths,
+    relative_lengths,
+    unsynced_records,
 )
 from tests.reliability.records import (
     AUDIT_GROUP,
@@ -531,15 +535,30 @@ class Phase:
     def _power_cut(self, owner: Child, label: str) -> None:
         before = LedgerSnapshot.take(self.ledger)
         snapshot_ns = time.monotonic_ns()
-        synced = owner.request_synced()
+        # Read after the snapshot, so every put in it returned before.
+        claimed = relative_lengths(owner.request_synced(), self.data)
         copy = self.folder / "power-cut"
         owner.send(signal.SIGSTOP)
         try:
             data_ends = copy_sparse(self.data, copy)
         finally:
             owner.send(signal.SIGCONT)
+        # Read after the copy, so at least what was synced when it was taken.
+        synced = owner.request_synced()
 
         mode = self.rng.choice(MODES)
+        context = f"{label} ({mode})"
+        unsynced = []
+        for target, name in (("queue", QUEUE), ("stream", STREAM)):
+            unsynced += unsynced_records(
+                copy,
+                os.path.join("streams", name, "log"),
+                before.returned[target],
+                claimed,
+                self.earlier_synced,
+            )
+        self.findings.add(POWER_PRESENT, unsynced, context)
+
         # A generator of its own: how much it draws depends on what the copy
         # contains, which must not shift the seeded choices of later events.
         damage_rng = random.Random(self.rng.randrange(1 << 30))
@@ -552,7 +571,6 @@ class Phase:
             damage_rng,
             earlier_synced=self.earlier_synced,
         )
-        context = f"{label} ({mode})"
         self.note(
             f"{context}: {sum(damaged.values())} bytes damaged in {len(damaged)} files"
         )
