@@ -945,7 +945,12 @@ cdef class SegmentStore:
             self.release()
 
     def synced_lengths(self):
-        """Return {segment path: bytes known to be on stable storage}."""
+        """Return {segment path: bytes known to be on stable storage}.
+
+        A segment counts what this store synced since it opened, or what
+        its checkpoint covers when that is more. Records that an earlier
+        process synced past the checkpoint count from the next sync.
+        """
         self.acquire()
         try:
             return {seg.path: (<Segment>seg).synced_length

@@ -19,8 +19,13 @@ A run has two phases, each in a data directory of its own:
 
 With --fsync always, some events are power cuts instead of kills. The
 broker's owner reports the synced length of each segment, and is stopped
-with SIGSTOP while its data directory is copied. Then it goes on, and the
-copy is cut and garbled past the synced lengths (powercut.py) and checked.
+with SIGSTOP while its data directory is copied. Then it goes on and
+reports the synced lengths again. Every returned put must lie within the
+first lengths, and the copy is cut and garbled past the second ones
+(powercut.py) and checked. The cut keeps at least the records each segment
+held when the owner last started, because the owner killed before it may
+have synced them, and a reopened store reports as synced only what its
+checkpoints cover.
 The server runs as tests/reliability/probe_serve.py then, which is `pymq
 serve` with a probe of the synced lengths, because a server has no request
 that returns them.
@@ -51,6 +56,7 @@ import tempfile
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -58,7 +64,14 @@ from typing import Any, Final
 import pymq
 from pymq.storage import DEFAULT_SEGMENT_BYTES
 from tests.reliability.ledger import Ledger
-from tests.reliability.powercut import MODES, copy_sparse, damage_copy
+from tests.reliability.powercut import (
+    MODES,
+    copy_sparse,
+    damage_copy,
+    indexed_lengths,
+    relative_lengths,
+    unsynced_records,
+)
 from tests.reliability.records import (
     AUDIT_GROUP,
     AUDIT_OPTIONS,
@@ -215,6 +228,8 @@ class Child:
         self.output_path = output / f"{name}.out"
         self.probe = probe
         self.process: subprocess.Popen[bytes] | None = None
+        # Called before every start, while no process of this child runs.
+        self.before_start: Callable[[], None] | None = None
         self.starts = 0
         self._pending = b""
         self.environment = {
@@ -222,6 +237,8 @@ class Child:
         }
 
     def start(self) -> None:
+        if self.before_start is not None:
+            self.before_start()
         self.starts += 1
         self._pending = b""
         with open(self.output_path, "ab") as output:
@@ -424,6 +441,9 @@ class Phase:
         self.findings = self.result.findings
         self.children: list[Child] = []
         self.broker_kills = 0
+        # {segment log path relative to data: bytes an earlier owner may
+        # have synced}, read each time the owner starts.
+        self.earlier_synced: dict[str, int] = {}
 
     def worker_config(self, seconds: float) -> dict[str, Any]:
         return {
@@ -473,6 +493,15 @@ class Phase:
     def restart(self, child: Child) -> None:
         child.start()
 
+    def read_earlier_synced(self) -> None:
+        """Read the end of every segment's records before the owner starts.
+
+        The owner killed before may have synced all of them, and returned
+        their puts, but the next owner reports as synced only what its
+        checkpoints cover until it syncs again.
+        """
+        self.earlier_synced = indexed_lengths(self.data)
+
     def offline_check(
         self, label: str, *, drain: bool = False
     ) -> dict[str, TargetState] | None:
@@ -506,20 +535,42 @@ class Phase:
     def _power_cut(self, owner: Child, label: str) -> None:
         before = LedgerSnapshot.take(self.ledger)
         snapshot_ns = time.monotonic_ns()
-        synced = owner.request_synced()
+        # Read after the snapshot, so every put in it returned before.
+        claimed = relative_lengths(owner.request_synced(), self.data)
         copy = self.folder / "power-cut"
         owner.send(signal.SIGSTOP)
         try:
             data_ends = copy_sparse(self.data, copy)
         finally:
             owner.send(signal.SIGCONT)
+        # Read after the copy, so at least what was synced when it was taken.
+        synced = owner.request_synced()
 
         mode = self.rng.choice(MODES)
+        context = f"{label} ({mode})"
+        unsynced = []
+        for target, name in (("queue", QUEUE), ("stream", STREAM)):
+            unsynced += unsynced_records(
+                copy,
+                os.path.join("streams", name, "log"),
+                before.returned[target],
+                claimed,
+                self.earlier_synced,
+            )
+        self.findings.add(POWER_PRESENT, unsynced, context)
+
         # A generator of its own: how much it draws depends on what the copy
         # contains, which must not shift the seeded choices of later events.
         damage_rng = random.Random(self.rng.randrange(1 << 30))
-        damaged = damage_copy(copy, self.data, synced, data_ends, mode, damage_rng)
-        context = f"{label} ({mode})"
+        damaged = damage_copy(
+            copy,
+            self.data,
+            synced,
+            data_ends,
+            mode,
+            damage_rng,
+            earlier_synced=self.earlier_synced,
+        )
         self.note(
             f"{context}: {sum(damaged.values())} bytes damaged in {len(damaged)} files"
         )
@@ -661,6 +712,7 @@ class RemotePhase(Phase):
         self.port = pick_port()
         self.url = f"pymq://127.0.0.1:{self.port}"
         self.server = ServerChild(self.data, self.port, config.fsync, self.output)
+        self.server.before_start = self.read_earlier_synced
         self.audit = Audit()
         worker = self.worker_config(worker_seconds)
         self.producer = Child(
@@ -862,6 +914,7 @@ class EmbeddedPhase(Phase):
             probe=True,
             start_log=self.log_dir / "producer.log",
         )
+        self.worker.before_start = self.read_earlier_synced
         self.children = [self.worker]
 
     def run(self, kills: int, deadline: float) -> None:
