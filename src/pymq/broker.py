@@ -690,6 +690,9 @@ class Broker:
                 )
                 return
             headers, payload = split_body(flags, body)
+            # x-for-group routes a redriven record to its group, which never
+            # receives the header, so the DLQ message does not carry it either.
+            headers.pop("x-for-group", None)
             headers.update(
                 {
                     "x-source": source,
@@ -785,7 +788,7 @@ class Broker:
         kind = self._kind_of(source)[0]
         if kind == "queue" and not group:
             self.queue(source).put(message.body, headers=headers or None)
-        elif kind == "stream" and group:
+        elif kind == "stream" and self._has_group(source, group):
             stream, _ = self._open_stream(source, "stream")
             stream.put_for_group(message.body, headers, group)
         else:
@@ -793,6 +796,14 @@ class Broker:
                 f"message {message.offset} names no queue or group to go back to "
                 f"(x-source {source!r}, x-group {group!r}); pass to= a queue"
             )
+
+    def _has_group(self, stream: str, group: str) -> bool:
+        """Return whether the stream has a group of that name on disk."""
+        try:
+            check_name("group", group)
+        except InvalidNameError:
+            return False
+        return (self.path / "streams" / stream / "groups" / group).is_dir()
 
     # Listing ---------------------------------------------------------------
 
