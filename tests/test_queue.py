@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -607,3 +608,36 @@ def test_close_wakes_blocked_get_with_closed_error(tmp_path):
     assert not waiter.is_alive()
     assert len(outcome) == 1
     assert isinstance(outcome[0], pymq.ClosedError)
+
+
+def option_changes(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "pymq.broker" and "changed from" in record.getMessage()
+    ]
+
+
+def test_option_change_logged_once_at_info(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pymq.broker")
+    data = tmp_path / "data"
+    with pymq.open(data) as broker:
+        broker.queue("jobs")
+        broker.queue("jobs", visibility_timeout=5.0)
+        events = broker.stream("events")
+        events.group("billing")
+        events.group("billing", max_in_flight=7)
+        assert option_changes(caplog) == [
+            "queue jobs: visibility_timeout changed from 30.0 to 5.0",
+            "group billing of events: max_in_flight changed from 10000 to 7",
+        ]
+    caplog.clear()
+
+    with pymq.open(data) as broker:
+        broker.queue("jobs", visibility_timeout=6.0)
+        broker.queue("jobs", visibility_timeout=6.0)
+    assert option_changes(caplog) == [
+        "queue jobs: visibility_timeout changed from 5.0 to 6.0"
+    ]
+    records = [r for r in caplog.records if "changed from" in r.getMessage()]
+    assert [record.levelno for record in records] == [logging.INFO]

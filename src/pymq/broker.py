@@ -347,7 +347,7 @@ class Broker:
                     # Store the new values too, so a restart keeps them.
                     label = f"queue {name}"
                     _Declared(folder, label).merge("queue", options, QUEUE_DEFAULTS)
-                    self._apply(queue, name, options)
+                    self._apply(queue, options)
                 return queue
             if not name.endswith(".dlq"):
                 # Before any file is made, so a bad DLQ name creates nothing.
@@ -419,16 +419,13 @@ class Broker:
             ready.notify_all()
         core.store.close()
 
-    def _apply(self, consumer: GroupBase, label: str, options: dict[str, Any]) -> None:
+    def _apply(self, consumer: GroupBase, options: dict[str, Any]) -> None:
+        """Set changed options on an open queue or group.
+
+        _Declared.merge, which stores them first, logs each change.
+        """
         for key, value in options.items():
             if getattr(consumer, key) != value:
-                logger.info(
-                    "%s: %s changed from %r to %r",
-                    label,
-                    key,
-                    getattr(consumer, key),
-                    value,
-                )
                 setattr(consumer, key, value)
 
     def stream(self, name: str, **options: Any) -> Stream:
@@ -545,7 +542,7 @@ class Broker:
                 if options:
                     # Store the new values too, so a restart keeps them.
                     _Declared(folder, label).merge("group", options)
-                    self._apply(group, label, options)
+                    self._apply(group, options)
                 return group
             self._check_dlq_name(f"{stream.name}.{name}.dlq")
             core, ready = self._open_stream(stream.name, "stream")
