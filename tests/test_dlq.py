@@ -117,6 +117,27 @@ def test_dlq_message_failing_again_stays_in_dlq(broker):
     assert not (broker.path / "streams" / "jobs.dlq.dlq").exists()
 
 
+def test_dlq_message_timed_out_stays_in_dlq(broker):
+    q = broker.queue("jobs", max_deliveries=1)
+    q.put(b"poison")
+    q.get(timeout=0).reject("bad")
+    dlq = broker.queue("jobs.dlq")
+    now = [10**12]
+    dlq.clock = lambda: now[0]
+
+    # Seven timeouts, more than the default max_deliveries of 5, and none moves it.
+    for attempt in range(1, 8):
+        message = dlq.get_nowait()
+        assert message is not None
+        assert message.body == b"poison"
+        assert message.attempt == attempt
+        now[0] += int(dlq.visibility_timeout * 1e9)
+
+    assert dlq.stats().depth == 1
+    assert dlq.stats().dead_lettered == 0
+    assert not (broker.path / "streams" / "jobs.dlq.dlq").exists()
+
+
 def test_dlq_rejects_max_deliveries(broker):
     q = broker.queue("jobs", max_deliveries=1)
     q.put(b"poison")

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -530,6 +535,46 @@ def test_open_without_path_leaves_nothing(tmp_path):
     assert path.exists()
     broker.close()
     assert not path.exists()
+
+
+def test_open_without_path_removed_at_exit():
+    script = "import pymq; b = pymq.open(); b.queue('jobs').put(b'x'); print(b.path)"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    path = Path(result.stdout.strip())
+    try:
+        assert path.name.startswith("pymq-memory-")
+        # The process ended without closing its broker.
+        assert not path.exists()
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_open_locked_by_other_process_raises_with_pid(tmp_path):
+    data = tmp_path / "data"
+    # The holder sleeps until it is killed; the bound only ends an orphan.
+    script = (
+        "import sys, time, pymq; broker = pymq.open(sys.argv[1]); "
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, str(data)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(BrokerLockedError, match="is locked by process") as info:
+            pymq.open(data)
+        assert info.value.pid == holder.pid
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=60)
+        holder.stdout.close()
+    with pymq.open(data) as reopened:
+        assert reopened.path == data
 
 
 def test_open_locked_path_raises_with_pid(tmp_path):
