@@ -15,6 +15,7 @@ events.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -185,6 +186,9 @@ def _delivered(message: pymq.Message) -> Delivered:
 
 def _serve(conn: Connection, folder: str, layout: Layout, segment_bytes: int) -> None:
     """Run requests from conn until a close request, in the child process."""
+    # The broker logs each crash recovery and DLQ move at WARNING. A failing
+    # command's traceback goes to the test, so the log would only be noise.
+    logging.getLogger("pymq").addHandler(logging.NullHandler())
     try:
         child = _Child(folder, layout, segment_bytes)
     except BaseException:
