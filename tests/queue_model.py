@@ -1,7 +1,10 @@
-"""A pure-Python model of one pymq queue and its dead-letter queue.
+"""A pure-Python model of pymq queues, consumer groups and their DLQs.
 
-The model follows the delivery rules of docs/broker.md, one dict entry per
-offset, with each result computed by scanning the entries:
+QueueModel models one queue, or one group of a stream, and its dead-letter
+queue. LogModel models the records of one stream (or queue) and hands each
+put to the models of its groups. The models follow the delivery rules of
+docs/broker.md, one dict entry per offset, with each result computed by
+scanning the entries:
 
 - the lowest available offset whose not-before time has come is delivered
   first, and every delivery gets the next attempt number;
@@ -14,7 +17,12 @@ offset, with each result computed by scanning the entries:
   lost (a restart with the delivery in flight) moves to the DLQ when it
   would be delivered again;
 - a restart keeps acks and attempt counts, makes deliveries in flight
-  available at once and drops nack delays.
+  available at once and drops nack delays. A crash of the process does the
+  same, because every delivery and settlement is journaled before its call
+  returns;
+- a message redriven from a group's DLQ is appended to the stream for that
+  group only: the other groups pass over it, settling it without a delivery,
+  when it is the lowest offset they would deliver.
 
 Times are integer nanoseconds of the caller's clock.
 """
@@ -31,6 +39,8 @@ AVAILABLE = "available"
 DELIVERED = "delivered"
 ACKED = "acked"
 DEAD = "dead"
+# Settled without a delivery: a record redriven for another group.
+PASSED = "passed"
 
 
 def seconds_to_ns(seconds: float) -> int:
@@ -49,6 +59,8 @@ class ModelMessage:
     # The deadline of a delivered message, or the not-before time of an
     # available one.
     time: int = 0
+    # True for a record redriven for another group of the stream.
+    for_other_group: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,17 @@ class QueueModel:
         self.messages[offset] = ModelMessage(body, dict(headers))
         return offset
 
+    def add(
+        self,
+        offset: int,
+        body: bytes,
+        headers: dict[str, str],
+        for_other_group: bool = False,
+    ) -> None:
+        """Add the record at offset of the stream this group reads."""
+        message = ModelMessage(body, dict(headers), for_other_group=for_other_group)
+        self.messages[offset] = message
+
     # Delivering ---------------------------------------------------------
 
     def get(self, now: int) -> ModelDelivery | None:
@@ -121,6 +144,9 @@ class QueueModel:
                 return None
             offset = min(due)
             message = self.messages[offset]
+            if message.for_other_group:
+                message.state = PASSED
+                continue
             if self.max_deliveries and message.attempt >= self.max_deliveries:
                 self._dead_letter(offset, "consumer lost; max_deliveries reached")
                 continue
@@ -222,6 +248,27 @@ class QueueModel:
         self.acked_since_open = 0
         self.dead_lettered_since_open = 0
 
+    def undo_dead_letters(self, first: int) -> None:
+        """Make dead_letters[first:] available again, as if never moved.
+
+        A crash while the first of them was being moved leaves the others
+        available in the queue or group, with their attempts counted.
+        """
+        for dead in self.dead_letters[first:]:
+            message = self.messages[dead.offset]
+            message.state = AVAILABLE
+            message.time = 0
+        undone = len(self.dead_letters) - first
+        del self.dead_letters[first:]
+        self.dlq_unread -= undone
+        self.dead_lettered_since_open -= undone
+
+    def take_dead_letters(self) -> list[DeadLetter]:
+        """Read every unread DLQ message at once, as a redrive does."""
+        unread = self.dead_letters[len(self.dead_letters) - self.dlq_unread :]
+        self.dlq_unread = 0
+        return unread
+
     def read_dead_letter(self) -> tuple[int, DeadLetter] | None:
         """Return the oldest unread DLQ message and its offset in the DLQ."""
         if self.dlq_unread == 0:
@@ -249,9 +296,18 @@ class QueueModel:
         )
 
     @property
+    def passed(self) -> int:
+        """Records redriven for another group, which this group passed over."""
+        return self._count(PASSED)
+
+    @property
     def backlog(self) -> int:
-        """Messages never delivered."""
-        return sum(1 for message in self.messages.values() if message.attempt == 0)
+        """Messages never delivered, records for other groups included until passed."""
+        return sum(
+            1
+            for message in self.messages.values()
+            if message.state == AVAILABLE and message.attempt == 0
+        )
 
     def counts(self, now: int) -> dict[str, int]:
         """Return in_flight, waiting and backlog as GroupBase.counts() does."""
@@ -264,3 +320,43 @@ class QueueModel:
 
     def state(self, offset: int) -> str:
         return self.messages[offset].state
+
+
+@dataclass
+class LogModel:
+    """The records of one stream or queue, and the groups that read them.
+
+    A queue is a log with one group. put hands each record to every group,
+    and put_for_group hands it to the others as a record to pass over.
+    """
+
+    groups: dict[str, QueueModel]
+    is_queue: bool = False
+    next_offset: int = 0
+
+    def put(self, body: bytes, headers: dict[str, str]) -> int:
+        return self.put_for_group(body, headers, None)
+
+    def put_for_group(
+        self, body: bytes, headers: dict[str, str], target: str | None
+    ) -> int:
+        offset = self.next_offset
+        self.next_offset += 1
+        for name, group in self.groups.items():
+            skip = target is not None and name != target
+            group.add(offset, body, headers, for_other_group=skip)
+        return offset
+
+    def redrive(self, name: str) -> int:
+        """Move the unread DLQ messages of group name back to that group only."""
+        moved = self.groups[name].take_dead_letters()
+        for dead in moved:
+            if self.is_queue:
+                self.put(dead.body, dead.headers)
+            else:
+                self.put_for_group(dead.body, dead.headers, name)
+        return len(moved)
+
+    def restart(self) -> None:
+        for group in self.groups.values():
+            group.restart()

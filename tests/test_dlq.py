@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 import pymq
-from pymq import ConfigError, InvalidNameError, QueueNotFound
+from pymq import ConfigError, InvalidNameError, PymqError, QueueNotFound
 
 X_HEADERS = {"x-source", "x-group", "x-offset", "x-attempts", "x-reason", "x-dead-at"}
 
@@ -113,6 +114,27 @@ def test_dlq_message_failing_again_stays_in_dlq(broker):
     assert again.attempt == 2
     again.reject("still bad")
     assert dlq.get(timeout=0).attempt == 3
+    assert not (broker.path / "streams" / "jobs.dlq.dlq").exists()
+
+
+def test_dlq_message_timed_out_stays_in_dlq(broker):
+    q = broker.queue("jobs", max_deliveries=1)
+    q.put(b"poison")
+    q.get(timeout=0).reject("bad")
+    dlq = broker.queue("jobs.dlq")
+    now = [10**12]
+    dlq.clock = lambda: now[0]
+
+    # Seven timeouts, more than the default max_deliveries of 5, and none moves it.
+    for attempt in range(1, 8):
+        message = dlq.get_nowait()
+        assert message is not None
+        assert message.body == b"poison"
+        assert message.attempt == attempt
+        now[0] += int(dlq.visibility_timeout * 1e9)
+
+    assert dlq.stats().depth == 1
+    assert dlq.stats().dead_lettered == 0
     assert not (broker.path / "streams" / "jobs.dlq.dlq").exists()
 
 
@@ -294,3 +316,47 @@ def test_dlq_reject_cuts_long_reason(broker):
     moved = broker.queue("jobs.dlq").get(timeout=0)
     assert moved is not None
     assert moved.headers["x-reason"] == "r" * 1000 + "..."
+
+
+def test_redriven_message_dead_again_has_own_headers(broker):
+    events = broker.stream("events")
+    billing = events.group("billing", max_deliveries=1)
+    events.group("audit")
+    events.put(b"invoice", headers={"kind": "bill"})
+    events.put(b"receipt")
+    billing.get_nowait().reject("first")
+    billing.get_nowait().reject("first")
+    assert broker.redrive("events.billing.dlq") == 2
+
+    billing.get_nowait().reject("second")
+    billing.get_nowait().nack()
+
+    with_headers = billing.dlq.get_nowait()
+    assert set(with_headers.headers) == X_HEADERS | {"kind"}
+    assert with_headers.headers["kind"] == "bill"
+    assert with_headers.headers["x-offset"] == "2"
+    assert with_headers.headers["x-reason"] == "second"
+    without_headers = billing.dlq.get_nowait()
+    assert set(without_headers.headers) == X_HEADERS
+    assert without_headers.headers["x-offset"] == "3"
+    assert without_headers.headers["x-reason"] == "nack; max_deliveries reached"
+
+
+def test_redrive_gone_group_raises_keeps_messages(tmp_path):
+    data = tmp_path / "data"
+    with pymq.open(data) as broker:
+        events = broker.stream("events")
+        billing = events.group("billing", max_deliveries=1)
+        events.group("audit")
+        events.put_many([b"a", b"b"])
+        billing.get_nowait().reject("bad")
+        billing.get_nowait().reject("bad")
+    # The group's folder is removed while the broker is closed, and its DLQ stays.
+    shutil.rmtree(data / "streams" / "events" / "groups" / "billing")
+
+    with pymq.open(data) as broker:
+        with pytest.raises(PymqError, match="names no queue or group"):
+            broker.redrive("events.billing.dlq")
+        assert broker.queue("events.billing.dlq").stats().depth == 2
+        assert broker.stream("events").store.next_offset == 2
+        assert broker.groups("events") == ["audit"]

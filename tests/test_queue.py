@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -531,6 +537,46 @@ def test_open_without_path_leaves_nothing(tmp_path):
     assert not path.exists()
 
 
+def test_open_without_path_removed_at_exit():
+    script = "import pymq; b = pymq.open(); b.queue('jobs').put(b'x'); print(b.path)"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    path = Path(result.stdout.strip())
+    try:
+        assert path.name.startswith("pymq-memory-")
+        # The process ended without closing its broker.
+        assert not path.exists()
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_open_locked_by_other_process_raises_with_pid(tmp_path):
+    data = tmp_path / "data"
+    # The holder sleeps until it is killed; the bound only ends an orphan.
+    script = (
+        "import sys, time, pymq; broker = pymq.open(sys.argv[1]); "
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, str(data)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(BrokerLockedError, match="is locked by process") as info:
+            pymq.open(data)
+        assert info.value.pid == holder.pid
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=60)
+        holder.stdout.close()
+    with pymq.open(data) as reopened:
+        assert reopened.path == data
+
+
 def test_open_locked_path_raises_with_pid(tmp_path):
     import os
 
@@ -607,3 +653,36 @@ def test_close_wakes_blocked_get_with_closed_error(tmp_path):
     assert not waiter.is_alive()
     assert len(outcome) == 1
     assert isinstance(outcome[0], pymq.ClosedError)
+
+
+def option_changes(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "pymq.broker" and "changed from" in record.getMessage()
+    ]
+
+
+def test_option_change_logged_once_at_info(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pymq.broker")
+    data = tmp_path / "data"
+    with pymq.open(data) as broker:
+        broker.queue("jobs")
+        broker.queue("jobs", visibility_timeout=5.0)
+        events = broker.stream("events")
+        events.group("billing")
+        events.group("billing", max_in_flight=7)
+        assert option_changes(caplog) == [
+            "queue jobs: visibility_timeout changed from 30.0 to 5.0",
+            "group billing of events: max_in_flight changed from 10000 to 7",
+        ]
+    caplog.clear()
+
+    with pymq.open(data) as broker:
+        broker.queue("jobs", visibility_timeout=6.0)
+        broker.queue("jobs", visibility_timeout=6.0)
+    assert option_changes(caplog) == [
+        "queue jobs: visibility_timeout changed from 5.0 to 6.0"
+    ]
+    records = [r for r in caplog.records if "changed from" in r.getMessage()]
+    assert [record.levelno for record in records] == [logging.INFO]

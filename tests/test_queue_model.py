@@ -9,7 +9,6 @@ delivery invariants must match the model.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from hypothesis.stateful import (
 
 import pymq
 from pymq import StaleReceiptError
+from tests.broker_host import scratch_folder
 from tests.queue_model import QueueModel, seconds_to_ns
 
 # Small segments, so puts roll segments and acks delete them.
@@ -62,7 +62,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.folder = Path(tempfile.mkdtemp(prefix="pymq-queue-model-"))
+        self.folder = scratch_folder("pymq-queue-model-")
         self.clock = FakeClock(START_NS)
         self.broker: pymq.Broker | None = None
         self.queue: pymq.Queue | None = None

@@ -334,9 +334,7 @@ class Broker:
         limit = check_store_options(
             segment_bytes, self._store_options["max_message_bytes"], "never"
         )
-        return int(
-            min(limit + DLQ_HEADROOM_BYTES, segment_bytes - RECORD_HEADER_BYTES)
-        )
+        return int(min(limit + DLQ_HEADROOM_BYTES, segment_bytes - RECORD_HEADER_BYTES))
 
     def _listen(self, stream: str, listener: Callable[[], object]) -> None:
         """Call listener after each put or settlement on stream with waiters.
@@ -391,7 +389,7 @@ class Broker:
                     # Store the new values too, so a restart keeps them.
                     label = f"queue {name}"
                     _Declared(folder, label).merge("queue", options, QUEUE_DEFAULTS)
-                    self._apply(queue, name, options)
+                    self._apply(queue, options)
                 return queue
             if not name.endswith(".dlq"):
                 # Before any file is made, so a bad DLQ name creates nothing.
@@ -465,16 +463,13 @@ class Broker:
             ready.notify_all()
         core.store.close()
 
-    def _apply(self, consumer: GroupBase, label: str, options: dict[str, Any]) -> None:
+    def _apply(self, consumer: GroupBase, options: dict[str, Any]) -> None:
+        """Set changed options on an open queue or group.
+
+        _Declared.merge, which stores them first, logs each change.
+        """
         for key, value in options.items():
             if getattr(consumer, key) != value:
-                logger.info(
-                    "%s: %s changed from %r to %r",
-                    label,
-                    key,
-                    getattr(consumer, key),
-                    value,
-                )
                 setattr(consumer, key, value)
 
     def stream(self, name: str, **options: Any) -> Stream:
@@ -591,7 +586,7 @@ class Broker:
                 if options:
                     # Store the new values too, so a restart keeps them.
                     _Declared(folder, label).merge("group", options)
-                    self._apply(group, label, options)
+                    self._apply(group, options)
                 return group
             _check_case(folder.parent, name, "group")
             self._check_dlq_name(f"{stream.name}.{name}.dlq")
@@ -741,6 +736,9 @@ class Broker:
             headers, payload = split_body(flags, body)
             if len(reason) > MAX_REASON_CHARS:
                 reason = reason[:MAX_REASON_CHARS] + "..."
+            # x-for-group routes a redriven record to its group, which never
+            # receives the header, so the DLQ message does not carry it either.
+            headers.pop("x-for-group", None)
             headers.update(
                 {
                     "x-source": source,
@@ -836,7 +834,7 @@ class Broker:
         kind = self._kind_of(source)[0]
         if kind == "queue" and not group:
             self.queue(source).put(message.body, headers=headers or None)
-        elif kind == "stream" and group:
+        elif kind == "stream" and self._has_group(source, group):
             stream, _ = self._open_stream(source, "stream")
             stream.put_for_group(message.body, headers, group)
         else:
@@ -844,6 +842,14 @@ class Broker:
                 f"message {message.offset} names no queue or group to go back to "
                 f"(x-source {source!r}, x-group {group!r}); pass to= a queue"
             )
+
+    def _has_group(self, stream: str, group: str) -> bool:
+        """Return whether the stream has a group of that name on disk."""
+        try:
+            check_name("group", group)
+        except InvalidNameError:
+            return False
+        return (self.path / "streams" / stream / "groups" / group).is_dir()
 
     # Listing ---------------------------------------------------------------
 
