@@ -32,6 +32,10 @@ cdef class FrameReader:
     cdef bytearray buffer
     cdef readonly uint32_t max_frame_bytes
 
+    cdef list take(self, const uint8_t *data, Py_ssize_t size)
+    cdef Py_ssize_t split(self, const uint8_t *p, Py_ssize_t available,
+                          list frames) except -1
+
 
 @cython.final
 @cython.no_gc

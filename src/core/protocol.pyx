@@ -2,7 +2,8 @@
 # docs/protocol.md. The server and the client both use it, so neither
 # handles a message byte by byte in Python.
 
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.bytearray cimport (PyByteArray_AS_STRING, PyByteArray_GET_SIZE,
+                                PyByteArray_Resize)
 
 
 cdef inline void put_u16(uint8_t *p, uint16_t value) noexcept nogil:
@@ -28,11 +29,8 @@ cdef inline void put_header(uint8_t *p, uint32_t length, uint8_t opcode,
     put_u32(p + 12, handle)
 
 
-def encode_frame(uint8_t opcode, uint16_t flags, uint32_t request_id,
-                 uint32_t handle, payload=b""):
-    """Return one frame: the 16 bytes of length and header, then payload."""
-    cdef const uint8_t[::1] view = memoryview(payload).cast("B")
-    cdef Py_ssize_t size = view.shape[0]
+cdef bytes build_frame(uint8_t opcode, uint16_t flags, uint32_t request_id,
+                       uint32_t handle, const char *payload, Py_ssize_t size):
     cdef bytes frame
 
     if size > 0xFFFFFFFF - FRAME_HEADER_BYTES:
@@ -43,8 +41,26 @@ def encode_frame(uint8_t opcode, uint16_t flags, uint32_t request_id,
                <uint32_t>(FRAME_HEADER_BYTES + size), opcode, flags,
                request_id, handle)
     if size:
-        memcpy(PyBytes_AS_STRING(frame) + 16, &view[0], size)
+        memcpy(PyBytes_AS_STRING(frame) + 16, payload, size)
     return frame
+
+
+def encode_frame(uint8_t opcode, uint16_t flags, uint32_t request_id,
+                 uint32_t handle, payload=b""):
+    """Return one frame: the 16 bytes of length and header, then payload."""
+    cdef const uint8_t[::1] view
+
+    # Replies and requests on the hot path carry bytes, which need no
+    # buffer view.
+    if type(payload) is bytes:
+        return build_frame(opcode, flags, request_id, handle,
+                           PyBytes_AS_STRING(payload),
+                           PyBytes_GET_SIZE(payload))
+    view = memoryview(payload).cast("B")
+    if view.shape[0] == 0:
+        return build_frame(opcode, flags, request_id, handle, NULL, 0)
+    return build_frame(opcode, flags, request_id, handle,
+                       <const char *>&view[0], view.shape[0])
 
 
 @cython.final
@@ -68,15 +84,55 @@ cdef class FrameReader:
         """Bytes received that do not make a whole frame yet."""
         return PyByteArray_GET_SIZE(self.buffer)
 
-    def feed(self, data):
-        cdef const uint8_t *p
-        cdef Py_ssize_t available, used = 0
-        cdef uint32_t length
-        cdef list frames = []
+    def feed(self, data, Py_ssize_t size=-1):
+        """Take received bytes; return the frames they complete.
 
-        self.buffer += data
-        p = <const uint8_t *>PyByteArray_AS_STRING(self.buffer)
-        available = PyByteArray_GET_SIZE(self.buffer)
+        data is bytes or another contiguous buffer; with size, only its
+        first size bytes were received.
+        """
+        cdef Py_buffer view
+
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if size < 0:
+                size = view.len
+            elif size > view.len:
+                raise ValueError(f"size is {size}, but the buffer holds "
+                                 f"{view.len} bytes")
+            return self.take(<const uint8_t *>view.buf, size)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef list take(self, const uint8_t *data, Py_ssize_t size):
+        cdef list frames = []
+        cdef Py_ssize_t used, kept = PyByteArray_GET_SIZE(self.buffer)
+
+        if kept == 0:
+            # Nothing is left over from before, so the frames are read
+            # straight from data and only an incomplete tail is kept.
+            used = self.split(data, size, frames)
+            if used < size:
+                PyByteArray_Resize(self.buffer, size - used)
+                memcpy(PyByteArray_AS_STRING(self.buffer), data + used,
+                       size - used)
+            return frames
+        PyByteArray_Resize(self.buffer, kept + size)
+        memcpy(PyByteArray_AS_STRING(self.buffer) + kept, data, size)
+        used = self.split(<const uint8_t *>PyByteArray_AS_STRING(self.buffer),
+                          kept + size, frames)
+        if used:
+            del self.buffer[:used]
+        return frames
+
+    cdef Py_ssize_t split(self, const uint8_t *p, Py_ssize_t available,
+                          list frames) except -1:
+        """Append the whole frames at p to frames; return the bytes used.
+
+        Raises before any frame past a bad length is read.
+        """
+        cdef Py_ssize_t used = 0
+        cdef uint32_t length
+
         while available - used >= 4:
             length = load_u32(p + used)
             if length < FRAME_HEADER_BYTES:
@@ -97,9 +153,7 @@ cdef class FrameReader:
                                           length - FRAME_HEADER_BYTES),
             ))
             used += 4 + length
-        if used:
-            del self.buffer[:used]
-        return frames
+        return used
 
 
 cdef Py_ssize_t body_size(object body) except -1:
@@ -171,10 +225,43 @@ def publish_into(StreamBase stream not None, bytes payload not None,
     batch and CorruptBatchError when its CRC32C does not match; either way
     nothing is written.
     """
+    cdef uint32_t count
+    cdef uint64_t first = publish_batch(stream, payload, max_count, &count)
+
+    return first, count
+
+
+def serve_publish(StreamBase stream not None, bytes payload not None,
+                  uint32_t max_count, uint16_t flags, uint32_t request_id,
+                  uint32_t handle):
+    """Append a PUBLISH request's batch to stream; return the reply frame.
+
+    Checks and appends as publish_into does. Returns None when flags has
+    NO_REPLY, else the reply: u64 first offset, u32 count.
+    """
+    cdef uint32_t count
+    cdef uint64_t first = publish_batch(stream, payload, max_count, &count)
+    cdef uint8_t reply[12]
+
+    if flags & FRAME_NO_REPLY:
+        return None
+    put_u64(reply, first)
+    put_u32(reply + 8, count)
+    return build_frame(OP_PUBLISH, FRAME_REPLY, request_id, handle,
+                       <const char *>reply, 12)
+
+
+cdef uint64_t publish_batch(StreamBase stream, bytes payload,
+                            uint32_t max_count, uint32_t *appended) except? 0:
+    """Check a PUBLISH payload, append its records; return the first offset.
+
+    Sets appended to the number of records.
+    """
     cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(payload)
     cdef Py_ssize_t size = PyBytes_GET_SIZE(payload), pos
     cdef uint32_t flags, count, crc, length, i
     cdef int32_t timeout_ms
+    cdef BodyRef one
     cdef BodyRef *refs
     cdef uint64_t first
     cdef size_t used
@@ -200,7 +287,8 @@ def publish_into(StreamBase stream not None, bytes payload not None,
         raise CorruptBatchError(
             f"publish batch of {count} messages failed its CRC32C check; "
             f"nothing was written")
-    refs = <BodyRef *>PyMem_Malloc(count * sizeof(BodyRef))
+    # A batch of one, the usual put, needs no allocation.
+    refs = &one if count == 1 else <BodyRef *>PyMem_Malloc(count * sizeof(BodyRef))
     if refs == NULL:
         raise MemoryError()
     try:
@@ -233,18 +321,27 @@ def publish_into(StreamBase stream not None, bytes payload not None,
             refs, count, REC_FLAG_HEADERS if flags & BATCH_HEADERS else 0,
             None if timeout_ms < 0 else timeout_ms / 1000.0)
     finally:
-        PyMem_Free(refs)
-    return first, count
+        if refs != &one:
+            PyMem_Free(refs)
+    appended[0] = count
+    return first
 
 
 def encode_deliveries(uint16_t flags, uint32_t request_id, uint32_t handle,
-                      list messages, size_t max_frame_bytes):
+                      list messages not None, size_t max_frame_bytes):
     """Return DELIVER frames holding messages (core Message objects).
 
     Messages go into as few frames as max_frame_bytes allows; every frame
     but the last has FRAME_MORE set. A message too large for any frame
     raises MessageTooLargeError.
     """
+    return delivery_frames(flags, request_id, handle, messages,
+                           max_frame_bytes)
+
+
+cdef list delivery_frames(uint16_t flags, uint32_t request_id,
+                          uint32_t handle, list messages,
+                          size_t max_frame_bytes):
     cdef list frames = []
     cdef Py_ssize_t start = 0, stop, count = len(messages)
     cdef size_t size, message_size
@@ -270,10 +367,65 @@ def encode_deliveries(uint16_t flags, uint32_t request_id, uint32_t handle,
                 f"delivery; max_frame_bytes is {max_frame_bytes}")
         frames.append(encode_delivery_frame(
             flags | (FRAME_MORE if stop < count else 0), request_id, handle,
-            messages[start:stop]))
+            messages if start == 0 and stop == count
+            else messages[start:stop]))
         start = stop
         if start >= count:
             return frames
+
+
+def serve_fetch(consumer, bytes payload not None, uint32_t max_count,
+                set outstanding not None, uint32_t request_id,
+                uint32_t handle, size_t max_frame_bytes):
+    """Run a FETCH request on consumer, a queue or group; return the reply.
+
+    The payload is u32 count, i32 wait in ms. Returns the DELIVER frames,
+    or None when no message is available and the request may wait: the
+    caller then waits for one. The receipts delivered are added to
+    outstanding.
+    """
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(payload)
+    cdef uint32_t count
+    cdef int32_t wait_ms
+    cdef list messages
+    cdef Py_ssize_t i
+
+    if PyBytes_GET_SIZE(payload) != 8:
+        raise ProtocolError(f"FETCH payload is {PyBytes_GET_SIZE(payload)} "
+                            f"bytes, not 8")
+    count = load_u32(p)
+    wait_ms = <int32_t>load_u32(p + 4)
+    if count < 1 or count > max_count:
+        raise ConfigError(f"fetch count is {count}; it must be from 1 to "
+                          f"max_batch ({max_count})")
+    messages = consumer.get_many_nowait(count)
+    if not messages and wait_ms != 0:
+        return None
+    for i in range(len(messages)):
+        outstanding.add((<Message?>messages[i]).receipt)
+    return delivery_frames(FRAME_REPLY, request_id, handle, messages,
+                           max_frame_bytes)
+
+
+def serve_ack(consumer, bytes payload not None, set outstanding not None,
+              uint16_t flags, uint32_t request_id, uint32_t handle):
+    """Run an ACK request on consumer, a queue or group; return the reply.
+
+    The payload is a receipt list. Either every receipt is acked, or none
+    when one is stale. The acked receipts leave outstanding. Returns None
+    when flags has NO_REPLY.
+    """
+    cdef Py_ssize_t end
+    cdef list receipts = read_receipts(payload, 0, &end)
+
+    if end != PyBytes_GET_SIZE(payload):
+        raise ProtocolError("ACK payload has bytes past its receipts")
+    consumer.ack_many(receipts)
+    for receipt in receipts:
+        outstanding.discard(receipt)
+    if flags & FRAME_NO_REPLY:
+        return None
+    return build_frame(OP_ACK, FRAME_REPLY, request_id, handle, NULL, 0)
 
 
 cdef size_t header_block_size(dict headers) except 0:
@@ -548,6 +700,14 @@ def decode_receipts(bytes payload not None, Py_ssize_t start):
 
     Returns (receipts as a list of ints, the position after them).
     """
+    cdef Py_ssize_t end
+    cdef list receipts = read_receipts(payload, start, &end)
+
+    return receipts, end
+
+
+cdef list read_receipts(bytes payload, Py_ssize_t start, Py_ssize_t *end):
+    """Return the receipts of the list at start; set end to the position after it."""
     cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(payload)
     cdef Py_ssize_t size = PyBytes_GET_SIZE(payload), i
     cdef uint32_t count
@@ -562,7 +722,8 @@ def decode_receipts(bytes payload not None, Py_ssize_t start):
     receipts = [None] * count
     for i in range(count):
         receipts[i] = load_u64(p + start + 4 + 8 * i)
-    return receipts, start + 4 + 8 * <Py_ssize_t>count
+    end[0] = start + 4 + 8 * <Py_ssize_t>count
+    return receipts
 
 
 @cython.final

@@ -223,7 +223,9 @@ class FrameReader:
     def __init__(self, max_frame_bytes: int) -> None: ...
     @property
     def buffered(self) -> int: ...
-    def feed(self, data: Buffer) -> list[tuple[int, int, int, int, bytes]]: ...
+    def feed(
+        self, data: Buffer, size: int = -1
+    ) -> list[tuple[int, int, int, int, bytes]]: ...
 
 def encode_publish(
     request_id: int,
@@ -235,6 +237,31 @@ def encode_publish(
 def publish_into(
     stream: StreamBase, payload: bytes, max_count: int
 ) -> tuple[int, int]: ...
+def serve_publish(
+    stream: StreamBase,
+    payload: bytes,
+    max_count: int,
+    flags: int,
+    request_id: int,
+    handle: int,
+) -> bytes | None: ...
+def serve_fetch(
+    consumer: GroupBase,
+    payload: bytes,
+    max_count: int,
+    outstanding: set[int],
+    request_id: int,
+    handle: int,
+    max_frame_bytes: int,
+) -> list[bytes] | None: ...
+def serve_ack(
+    consumer: GroupBase,
+    payload: bytes,
+    outstanding: set[int],
+    flags: int,
+    request_id: int,
+    handle: int,
+) -> bytes | None: ...
 def encode_deliveries(
     flags: int,
     request_id: int,

@@ -80,6 +80,8 @@ SAFE_TO_RETRY: Final = frozenset(
     }
 )
 _MAX_WAIT_MS: Final = 0x7FFFFFFF
+# Bytes one read of the socket takes at most.
+_RECV_BYTES: Final = 262144
 
 Frame = tuple[int, int, int, int, bytes]
 
@@ -219,6 +221,11 @@ class TlsChannel:
                 out = self._outgoing.read()
             self.sock.sendall(out)
 
+    def recv_into(self, buffer: bytearray) -> int:
+        data = self.recv(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
     def recv(self, size: int) -> bytes:
         while True:
             with self._lock:
@@ -268,12 +275,21 @@ class Connection:
         self._connect_timeout = connect_timeout
         self._reconnect_attempts = reconnect_attempts
         self._send_lock = threading.Lock()
-        self._cv = threading.Condition(threading.Lock())
+        # _lock guards the state below. _cv, over the same lock, wakes the
+        # threads that wait for another thread to read their reply. Hot
+        # paths call _lock.acquire() and release(), which cost less than a
+        # with statement on the condition.
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._waiting = 0
         self._ids = itertools.count(1)
         self._slots: dict[int, _Slot] = {}
         self._reading = False
         self._sock: Any = None  # a socket, or a TlsChannel over one
         self._reader: FrameReader | None = None
+        # Received bytes land here, so a read allocates nothing. Only the
+        # thread that reads (see _reading) uses it.
+        self._buffer = bytearray(_RECV_BYTES)
         self._late_errors: list[errors.PymqError] = []
         # Replies to abandoned requests, to give back once out of the lock.
         self._release: list[Frame] = []
@@ -366,6 +382,9 @@ class Connection:
 
     def ensure(self) -> None:
         """Reconnect now if the connection broke."""
+        if self._sock is not None:
+            # Connected: a break from now on is found by the request itself.
+            return
         with self._cv:
             self._ensure()
 
@@ -385,9 +404,10 @@ class Connection:
         """
         repeated = rebuilt = 0
         while True:
-            self.ensure()
+            if self._sock is None:
+                self.ensure()
             generation = self.generation
-            request_id = self.next_id()
+            request_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
             frame = build(request_id)
             try:
                 frames = self._exchange(request_id, frame, progress, generation)
@@ -411,14 +431,20 @@ class Connection:
 
     def send(self, build: Callable[[int], bytes]) -> None:
         """Send a request flagged NO_REPLY; its error, if any, is raised later."""
-        self.raise_late_errors()
+        if self._late_errors:
+            self.raise_late_errors()
         for _ in range(_MAX_REBUILDS + 1):
             self.ensure()
             generation = self.generation
             frame = build(self.next_id())
-            with self._cv:
+            # Read together: a reconnect sets both under the lock.
+            lock = self._lock
+            lock.acquire()
+            try:
                 sock = self._sock
                 current = self.generation == generation
+            finally:
+                lock.release()
             if sock is not None and current:
                 break
             if self._closed:
@@ -451,9 +477,12 @@ class Connection:
         progress: Callable[[Frame], object] | None,
         generation: int,
     ) -> list[Frame]:
-        self.raise_late_errors()
+        if self._late_errors:
+            self.raise_late_errors()
         slot = _Slot(progress)
-        with self._cv:
+        lock = self._lock
+        lock.acquire()
+        try:
             # The frame names handles of the connection it was built for:
             # after a reconnect by another thread, the same numbers may
             # name other queues.
@@ -463,32 +492,43 @@ class Connection:
                     f"connection to {self.address} broke before the request went out"
                 )
             self._slots[request_id] = slot
+        finally:
+            lock.release()
+        send_lock = self._send_lock
         try:
-            with self._send_lock:
+            send_lock.acquire()
+            try:
                 sock.sendall(frame)
+            finally:
+                send_lock.release()
         except OSError as exc:
             self._broken(exc, sock)
-        return self._await(slot, sock)
-
-    def _await(self, slot: _Slot, sock: Any) -> list[Frame]:
         try:
             while True:
-                read = False
-                with self._cv:
-                    while not slot.done and not slot.updates:
-                        if not self._reading:
-                            self._reading = read = True
-                            break
-                        self._cv.wait()
-                    updates, slot.updates = slot.updates, []
+                lock.acquire()
+                try:
+                    if slot.done or slot.updates or self._reading:
+                        read = self._take_turn(slot)
+                    else:
+                        # No thread is reading, so this one reads now.
+                        self._reading = read = True
+                    updates = slot.updates
+                    if updates:
+                        slot.updates = []
+                finally:
+                    lock.release()
                 if read:
                     self._read_until(slot, sock)
+                    if slot.done and not slot.updates:
+                        # Finished by this thread: nothing else changes the
+                        # slot now, so no lock is needed to return it.
+                        break
                 elif updates:
                     assert slot.progress is not None
                     for update in updates:
                         slot.progress(update)
                 else:
-                    return self._result(slot)
+                    break
         except BaseException:
             # Interrupted (Ctrl-C, a signal handler): the next waiting thread
             # reads instead, and deliveries that still come for this request
@@ -497,28 +537,57 @@ class Connection:
                 slot.abandoned = True
                 self._cv.notify_all()
             raise
+        if slot.error is not None:
+            raise slot.error
+        return slot.frames
+
+    def _take_turn(self, slot: _Slot) -> bool:
+        """Wait, holding _lock, until slot has news or nobody reads.
+
+        Returns True when this thread is now the reader.
+        """
+        while not slot.done and not slot.updates:
+            if not self._reading:
+                self._reading = True
+                return True
+            self._waiting += 1
+            try:
+                self._cv.wait()
+            finally:
+                self._waiting -= 1
+        return False
 
     def _read_until(self, slot: _Slot, sock: Any) -> None:
         reader = self._reader
         assert reader is not None
+        buffer = self._buffer
+        lock = self._lock
         try:
             while True:
-                data = sock.recv(262144)
-                if not data:
+                size = sock.recv_into(buffer)
+                if not size:
                     raise ConnectionResetError("the server closed the connection")
-                frames = reader.feed(data)
-                with self._cv:
+                frames = reader.feed(buffer, size)
+                if not frames:
+                    continue
+                release = None
+                lock.acquire()
+                try:
                     for frame in frames:
                         self._route(frame)
-                    release, self._release = self._release, []
+                    if self._release:
+                        release, self._release = self._release, []
                     # Back to the caller for its result, or a part to report.
                     done = slot.done or bool(slot.updates)
                     if done:
                         self._reading = False
-                    if frames:
+                    if self._waiting:
                         self._cv.notify_all()
-                for frame in release:
-                    self._give_back(frame)
+                finally:
+                    lock.release()
+                if release:
+                    for frame in release:
+                        self._give_back(frame)
                 if done:
                     return
         except (OSError, errors.ProtocolError) as exc:
@@ -559,11 +628,6 @@ class Connection:
                 frame[2],
                 exc,
             )
-
-    def _result(self, slot: _Slot) -> list[Frame]:
-        if slot.error is not None:
-            raise slot.error
-        return slot.frames
 
     def _route(self, frame: Frame) -> None:
         flags, request_id = frame[1], frame[2]
@@ -780,8 +844,10 @@ class _Handle:
 
     def handle(self) -> int:
         """This object's handle on the current connection, opened again if new."""
-        self._connection.ensure()
-        if self._generation != self._connection.generation:
+        connection = self._connection
+        if connection._sock is None:
+            connection.ensure()
+        if self._generation != connection.generation:
             self.reopen({})
         return self._handle
 
@@ -871,15 +937,17 @@ class _Publisher(_Handle):
         timeout: float | None = None,
     ) -> int:
         """Append one message and return its offset; see Queue.put."""
-        check_size(
-            _nbytes(body) + _header_block_bytes(headers),
-            self._connection.max_message_bytes,
-        )
-        frames = self._connection.call(
+        connection = self._connection
+        size = len(body) if type(body) is bytes else _nbytes(body)
+        if headers:
+            size += _header_block_bytes(headers)
+        check_size(size, connection.max_message_bytes)
+        milliseconds = -1 if timeout is None else wait_ms(timeout)
+        frames = connection.call(
             protocol.PUBLISH,
-            functools.partial(self._encode, [body], headers, wait_ms(timeout)),
+            functools.partial(self._encode, [body], headers, milliseconds),
         )
-        return int(_PUBLISHED.unpack(frames[0][4])[0])
+        return int(_PUBLISHED.unpack_from(frames[0][4])[0])
 
     def put_many(
         self,
@@ -914,19 +982,19 @@ class _Publisher(_Handle):
 class _RemoteConsumer(_Handle):
     """get, get_many, ack and the rest, for a queue or a group."""
 
+    def _encode_fetch(self, payload: bytes, request_id: int) -> bytes:
+        return encode_frame(protocol.FETCH, 0, request_id, self.handle(), payload)
+
     def _fetch_frames(self, count: int, timeout: float | None) -> list[Frame]:
         """Send FETCH for up to count messages; return the DELIVER frames."""
         connection = self._connection
         payload = fetch_payload(count, timeout, connection.max_batch)
         return connection.call(
-            protocol.FETCH,
-            lambda request_id: encode_frame(
-                protocol.FETCH, 0, request_id, self.handle(), payload
-            ),
+            protocol.FETCH, functools.partial(self._encode_fetch, payload)
         )
 
-    def _fetch(self, count: int, timeout: float | None) -> list[RemoteMessage]:
-        replies = self._fetch_frames(count, timeout)
+    def _messages(self, replies: list[Frame]) -> list[RemoteMessage]:
+        """Return the messages of the DELIVER frames of one FETCH."""
         if len(replies) == 1:
             return decode_deliveries(replies[0][4], self)
         messages: list[RemoteMessage] = []
@@ -934,13 +1002,21 @@ class _RemoteConsumer(_Handle):
             messages.extend(decode_deliveries(reply[4], self))
         return messages
 
+    def _fetch(self, count: int, timeout: float | None) -> list[RemoteMessage]:
+        return self._messages(self._fetch_frames(count, timeout))
+
     def get(self, timeout: float | None = None) -> RemoteMessage | None:
         """Deliver the lowest available message, waiting up to timeout seconds.
 
         Returns None when the timeout passes first; None waits without a
         limit.
         """
-        messages = self._fetch(1, timeout)
+        # A count of 1 needs none of fetch_payload's checks.
+        replies = self._connection.call(
+            protocol.FETCH,
+            functools.partial(self._encode_fetch, _FETCH.pack(1, wait_ms(timeout))),
+        )
+        messages = self._messages(replies)
         return messages[0] if messages else None
 
     def get_many(self, count: int, timeout: float | None = None) -> list[RemoteMessage]:
@@ -972,20 +1048,35 @@ class _RemoteConsumer(_Handle):
             if message is not None:
                 yield message
 
+    def _encode_settle(
+        self,
+        opcode: int,
+        flags: int,
+        items: Any,
+        prefix: bytes,
+        suffix: bytes,
+        request_id: int,
+    ) -> bytes:
+        return encode_receipts(
+            opcode, flags, request_id, self.handle(), items, prefix, suffix, self
+        )
+
     def _settle(
         self, opcode: int, items: Any, prefix: bytes, suffix: bytes, wait: bool
     ) -> None:
-        flags = 0 if wait else FLAG_NO_REPLY
-
-        def build(request_id: int) -> bytes:
-            return encode_receipts(
-                opcode, flags, request_id, self.handle(), items, prefix, suffix, self
-            )
-
         if wait:
-            self._connection.call(opcode, build)
+            self._connection.call(
+                opcode,
+                functools.partial(
+                    self._encode_settle, opcode, 0, items, prefix, suffix
+                ),
+            )
         else:
-            self._connection.send(build)
+            self._connection.send(
+                functools.partial(
+                    self._encode_settle, opcode, FLAG_NO_REPLY, items, prefix, suffix
+                )
+            )
 
     def ack(self, receipt: int, *, wait: bool = True) -> None:
         """Settle the delivery named by receipt.

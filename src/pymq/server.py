@@ -33,12 +33,15 @@ from typing import Any, Final
 from pymq import errors, protocol
 from pymq._core import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    PROTOCOL_OPCODES,
     FrameReader,
     decode_receipts,
     encode_deliveries,
     encode_frame,
     keep_large_buffers,
-    publish_into,
+    serve_ack,
+    serve_fetch,
+    serve_publish,
 )
 from pymq._version import __version__
 from pymq.broker import DLQ_HEADROOM_BYTES, Broker
@@ -64,7 +67,6 @@ logger = logging.getLogger("pymq.server")
 _FETCH: Final = struct.Struct("<Ii")
 _U32: Final = struct.Struct("<I")
 _F64: Final = struct.Struct("<d")
-_PUBLISHED: Final = struct.Struct("<QI")
 # Requests queued on one connection before the server stops reading it.
 _MAX_PENDING: Final = 1024
 # The most peer addresses whose failed logins are kept in memory.
@@ -82,6 +84,10 @@ _SYNCING: Final = frozenset(
         protocol.REJECT,
     }
 )
+# Requests that offloaded() never sends to a pool, by fsync policy. A
+# PUBLISH runs in a pool when its queue blocks on overflow.
+_INLINE: Final = frozenset(PROTOCOL_OPCODES.values()) - _CONTROL - {protocol.PUBLISH}
+_INLINE_WHEN_SYNCING: Final = _INLINE - _SYNCING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -523,6 +529,8 @@ class _Connection(asyncio.Protocol):
         self.peer = "?"
         self.peer_host = "?"
         self.preamble = b""
+        # The preamble has been read and checked.
+        self.spoke = False
         self.hello = False
         self.closed = False
         self.handles: dict[int, _Target] = {}
@@ -545,6 +553,7 @@ class _Connection(asyncio.Protocol):
         self.holds: set[str] = set()
         # Replies gathered while one read's requests run; see data_received.
         self.outbox: list[bytes] | None = None
+        self.inline = _INLINE_WHEN_SYNCING if server.syncs else _INLINE
         self.handlers: dict[int, Callable[[int, int, int, bytes], Any]] = {
             protocol.HELLO: self.on_hello,
             protocol.PING: self.on_ping,
@@ -641,33 +650,27 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        if len(self.preamble) < len(PREAMBLE):
-            need = len(PREAMBLE) - len(self.preamble)
-            self.preamble += data[:need]
-            data = data[need:]
-            if len(self.preamble) < len(PREAMBLE):
+        if not self.spoke:
+            data = self.read_preamble(data)
+            if not data:
                 return
-            if self.preamble[:5] != PREAMBLE[:5]:
-                logger.info(
-                    "closed a connection from %s: it does not speak the pymq "
-                    "protocol (first bytes %r)",
-                    self.peer,
-                    self.preamble,
-                )
-                self.send_error(
-                    protocol.HELLO, 0, 0, 3, "expected the pymq protocol preamble"
-                )
-                self.close()
-                return
+        reader = self.reader
         try:
-            frames = self.reader.feed(data)
+            frames = reader.feed(data)
         except errors.ProtocolError as exc:
             self.fail(0, 0, exc)
             return
-        self.partial_since = time.monotonic() if self.reader.buffered else None
         if not frames:
+            self.partial_since = time.monotonic() if reader.buffered else None
             return
-        self.last_frame = time.monotonic()
+        now = time.monotonic()
+        self.partial_since = now if reader.buffered else None
+        self.last_frame = now
+        if len(frames) == 1:
+            # A read with one request is the usual case for a client that
+            # waits for each reply. Its reply is written at once.
+            self.dispatch(frames[0])
+            return
         # The replies to the requests of one read go out in one write.
         self.outbox = []
         try:
@@ -680,20 +683,41 @@ class _Connection(asyncio.Protocol):
             if outbox and not self.closed and self.transport is not None:
                 self.transport.writelines(outbox)
 
+    def read_preamble(self, data: bytes) -> bytes:
+        """Take the preamble's bytes from data; return the bytes after it.
+
+        Returns b"" while the preamble is incomplete, and after closing a
+        connection whose preamble is not pymq's.
+        """
+        need = len(PREAMBLE) - len(self.preamble)
+        self.preamble += data[:need]
+        if len(self.preamble) < len(PREAMBLE):
+            return b""
+        if self.preamble[:5] != PREAMBLE[:5]:
+            logger.info(
+                "closed a connection from %s: it does not speak the pymq "
+                "protocol (first bytes %r)",
+                self.peer,
+                self.preamble,
+            )
+            self.send_error(
+                protocol.HELLO, 0, 0, 3, "expected the pymq protocol preamble"
+            )
+            self.close()
+            return b""
+        self.spoke = True
+        return data[need:]
+
     # Requests -------------------------------------------------------------------
 
     def dispatch(self, frame: tuple[int, int, int, int, bytes]) -> None:
-        opcode, _, request_id, handle, _ = frame
+        opcode = frame[0]
         if not self.hello and opcode != protocol.HELLO:
-            self.fail(
-                opcode,
-                request_id,
-                errors.ProtocolError(
-                    f"opcode {opcode:#x} before HELLO; a connection starts with HELLO"
-                ),
-            )
+            self.reject_before_hello(frame)
             return
-        if self.pending or self.offloaded(opcode, handle) is not None:
+        if self.pending or (
+            opcode not in self.inline and self.offloaded(opcode, frame[3]) is not None
+        ):
             self.pending.append(frame)
             if len(self.pending) >= _MAX_PENDING:
                 self.hold_reading("pending")
@@ -702,18 +726,29 @@ class _Connection(asyncio.Protocol):
             return
         self.finish(frame, self.handle(frame))
 
+    def reject_before_hello(self, frame: tuple[int, int, int, int, bytes]) -> None:
+        opcode = frame[0]
+        self.fail(
+            opcode,
+            frame[2],
+            errors.ProtocolError(
+                f"opcode {opcode:#x} before HELLO; a connection starts with HELLO"
+            ),
+        )
+
     def offloaded(self, opcode: int, handle: int) -> ThreadPoolExecutor | None:
         """Return the pool that runs this request, or None to run it inline."""
-        if opcode in _CONTROL:
-            return self.server.executor
         if opcode == protocol.PUBLISH:
             target = self.handles.get(handle)
+            # The stream of a queue with overflow="block" has overflow_block set.
             if (
                 target is not None
-                and isinstance(target.target, Queue)
-                and target.target.overflow == "block"
+                and target.kind == "queue"
+                and target.core.overflow_block
             ):
                 return self.server.waiting_executor
+        elif opcode in _CONTROL:
+            return self.server.executor
         if self.server.syncs and opcode in _SYNCING:
             return self.server.executor
         return None
@@ -783,6 +818,23 @@ class _Connection(asyncio.Protocol):
             )
 
     def finish(self, frame: tuple[int, int, int, int, bytes], result: Any) -> None:
+        kind = type(result)
+        if kind is bytes or kind is list:
+            # Reply frames, the common case.
+            if self.closed or self.transport is None:
+                return
+            if self.outbox is not None:
+                if kind is bytes:
+                    self.outbox.append(result)
+                else:
+                    self.outbox.extend(result)
+            elif kind is bytes:
+                self.transport.write(result)
+            elif len(result) == 1:
+                self.transport.write(result[0])
+            else:
+                self.transport.writelines(result)
+            return
         if result is None:
             return
         if isinstance(result, _Fatal):
@@ -799,18 +851,6 @@ class _Connection(asyncio.Protocol):
             task = asyncio.ensure_future(self.long_poll(result))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
-            return
-        if self.closed or self.transport is None:
-            return
-        if self.outbox is not None:
-            if isinstance(result, list):
-                self.outbox.extend(result)
-            else:
-                self.outbox.append(result)
-        elif isinstance(result, list):
-            self.transport.writelines(result)
-        else:
-            self.transport.write(result)
 
     def reply(self, opcode: int, request_id: int, handle: int, payload: bytes) -> bytes:
         return encode_frame(opcode, FLAG_REPLY, request_id, handle, payload)
@@ -822,8 +862,9 @@ class _Connection(asyncio.Protocol):
         return target
 
     def consumer(self, handle: int) -> tuple[_Target, Queue | Group]:
-        target = self.target(handle)
-        if target.consumer is None:
+        target = self.handles.get(handle)
+        if target is None or target.consumer is None:
+            target = self.target(handle)
             raise errors.ConfigError(
                 f"{target.name} is a stream: consume it through one of its groups"
             )
@@ -1016,32 +1057,32 @@ class _Connection(asyncio.Protocol):
             raise errors.ConfigError(
                 f"{target.name} is a group: publish to its stream instead"
             )
-        first, count = publish_into(target.core, payload, self.limits.max_batch)
-        if flags & FLAG_NO_REPLY:
-            return None
-        return self.reply(
-            protocol.PUBLISH, request_id, handle, _PUBLISHED.pack(first, count)
+        return serve_publish(
+            target.core, payload, self.limits.max_batch, flags, request_id, handle
         )
 
     def on_fetch(self, flags: int, request_id: int, handle: int, payload: bytes) -> Any:
         target, consumer = self.consumer(handle)
-        if len(payload) != _FETCH.size:
-            raise errors.ProtocolError(f"FETCH payload is {len(payload)} bytes, not 8")
-        count, wait_ms = _FETCH.unpack(payload)
-        if not 1 <= count <= self.limits.max_batch:
+        limits = self.limits
+        frames = serve_fetch(
+            consumer,
+            payload,
+            limits.max_batch,
+            target.outstanding,
+            request_id,
+            handle,
+            limits.max_frame_bytes,
+        )
+        if frames is not None:
+            return frames
+        # Nothing to deliver yet, and the request may wait for a message.
+        if len(self.tasks) >= limits.max_waiting:
             raise errors.ConfigError(
-                f"fetch count is {count}; it must be from 1 to max_batch "
-                f"({self.limits.max_batch})"
+                f"this connection has max_waiting ({limits.max_waiting}) "
+                f"requests waiting already"
             )
-        messages = consumer.get_many_nowait(count)
-        if not messages and wait_ms != 0:
-            if len(self.tasks) >= self.limits.max_waiting:
-                raise errors.ConfigError(
-                    f"this connection has max_waiting ({self.limits.max_waiting}) "
-                    f"requests waiting already"
-                )
-            return _Park(request_id, handle, count, wait_ms)
-        return self.deliver(FLAG_REPLY, request_id, target, messages)
+        count, wait_ms = _FETCH.unpack(payload)
+        return _Park(request_id, handle, count, wait_ms)
 
     def deliver(
         self, flags: int, request_id: int, target: _Target, messages: list[Any]
@@ -1210,12 +1251,9 @@ class _Connection(asyncio.Protocol):
 
     def on_ack(self, flags: int, request_id: int, handle: int, payload: bytes) -> Any:
         target, consumer = self.consumer(handle)
-        receipts, end = decode_receipts(payload, 0)
-        if end != len(payload):
-            raise errors.ProtocolError("ACK payload has bytes past its receipts")
-        consumer.ack_many(receipts)
-        target.outstanding.difference_update(receipts)
-        return self.settled(flags, protocol.ACK, request_id, handle)
+        return serve_ack(
+            consumer, payload, target.outstanding, flags, request_id, handle
+        )
 
     def on_nack(self, flags: int, request_id: int, handle: int, payload: bytes) -> Any:
         target, consumer = self.consumer(handle)
