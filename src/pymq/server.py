@@ -69,6 +69,9 @@ _U32: Final = struct.Struct("<I")
 _F64: Final = struct.Struct("<d")
 # Requests queued on one connection before the server stops reading it.
 _MAX_PENDING: Final = 1024
+# Replies to the requests of one read are written once they pass this
+# size, so that a peer that does not read them is noticed (pause_writing).
+_OUTBOX_BYTES: Final = 64 * 1024
 # The most peer addresses whose failed logins are kept in memory.
 _MAX_LOGIN_HOSTS: Final = 10_000
 # Control requests that may take long (files created and synced, or a
@@ -671,17 +674,43 @@ class _Connection(asyncio.Protocol):
             # waits for each reply. Its reply is written at once.
             self.dispatch(frames[0])
             return
-        # The replies to the requests of one read go out in one write.
-        self.outbox = []
+        # The replies to the requests of one read go out in one write, or
+        # in several once they pass _OUTBOX_BYTES.
+        outbox: list[bytes] = []
+        self.outbox = outbox
+        counted = 0
+        size = 0
         try:
-            for frame in frames:
+            for index, frame in enumerate(frames):
                 if self.closed:
                     return
+                if self.hello and not self.writable.is_set():
+                    # The peer reads its replies slower than it sends
+                    # requests: the rest wait for the worker, which answers
+                    # each once the replies before it have gone out.
+                    self.defer(frames[index:])
+                    return
                 self.dispatch(frame)
+                while counted < len(outbox):
+                    size += len(outbox[counted])
+                    counted += 1
+                if size >= _OUTBOX_BYTES and self.transport is not None:
+                    # May call pause_writing(), which the next turn sees.
+                    self.transport.writelines(outbox)
+                    outbox.clear()
+                    counted = size = 0
         finally:
-            outbox, self.outbox = self.outbox, None
+            self.outbox = None
             if outbox and not self.closed and self.transport is not None:
                 self.transport.writelines(outbox)
+
+    def defer(self, frames: list[tuple[int, int, int, int, bytes]]) -> None:
+        """Queue frames, in order, for the worker."""
+        self.pending.extend(frames)
+        if len(self.pending) >= _MAX_PENDING:
+            self.hold_reading("pending")
+        if self.worker is None:
+            self.worker = asyncio.ensure_future(self.work())
 
     def read_preamble(self, data: bytes) -> bytes:
         """Take the preamble's bytes from data; return the bytes after it.
@@ -718,11 +747,7 @@ class _Connection(asyncio.Protocol):
         if self.pending or (
             opcode not in self.inline and self.offloaded(opcode, frame[3]) is not None
         ):
-            self.pending.append(frame)
-            if len(self.pending) >= _MAX_PENDING:
-                self.hold_reading("pending")
-            if self.worker is None:
-                self.worker = asyncio.ensure_future(self.work())
+            self.defer([frame])
             return
         self.finish(frame, self.handle(frame))
 
@@ -761,6 +786,10 @@ class _Connection(asyncio.Protocol):
                     # The peer is gone, so no reply would arrive: run no more.
                     self.pending.clear()
                     break
+                if not self.writable.is_set():
+                    # Bounds the replies waiting for the peer to read them.
+                    await self.writable.wait()
+                    continue
                 frame = self.pending[0]
                 executor = self.offloaded(frame[0], frame[3])
                 if executor is not None:

@@ -14,8 +14,6 @@ import struct
 import time
 from collections.abc import Callable
 
-import pytest
-
 import pymq
 from pymq import protocol
 from pymq._core import decode_deliveries, encode_frame
@@ -127,11 +125,6 @@ def test_stalled_subscriber_keeps_server_memory_bounded(
         stalled.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the server answers every FETCH of one read before it checks the "
-    "peer's write buffer",
-)
 def test_unread_fetch_replies_keep_server_memory_bounded(
     servers: Callable[..., ServerProcess],
 ) -> None:
