@@ -1005,6 +1005,10 @@ class _Connection(asyncio.Protocol):
                 f"fetch count is {count}; it must be from 1 to max_batch "
                 f"({self.limits.max_batch})"
             )
+        if wait_ms < -1:
+            raise errors.ConfigError(
+                f"fetch wait is {wait_ms} ms; it must be -1 (no limit) or 0 or more"
+            )
         messages = consumer.get_many_nowait(count)
         if not messages and wait_ms != 0:
             if len(self.tasks) >= self.limits.max_waiting:
