@@ -190,6 +190,10 @@ class AsyncConnection:
             if flags & FLAG_ERROR:
                 raise decode_error(payload)
             answer = decode_json(payload)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            # A server that closes with the HELLO unread sends a reset, not a FIN.
+            writer.close()
+            raise errors.ConnectionLostError(handshake_closed(address)) from exc
         except BaseException:
             writer.close()
             raise

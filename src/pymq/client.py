@@ -391,6 +391,10 @@ class Connection:
                 raise decode_error(payload)
             answer = decode_json(payload)
             sock.settimeout(None)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            # A server that closes with the HELLO unread sends a reset, not a FIN.
+            sock.close()
+            raise errors.ConnectionLostError(handshake_closed(self.address)) from exc
         except BaseException:
             sock.close()
             raise
