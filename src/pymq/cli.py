@@ -1123,11 +1123,14 @@ def _get(args: argparse.Namespace) -> int:
                 written += 1
         except BaseException:
             # The lines the pipe accepted count as written, as when every
-            # write succeeds; the rest were not printed, so not consumed.
-            if args.ack and written:
-                with contextlib.suppress(PymqError, OSError):
-                    queue.ack_many(messages[:written])
-            for message in messages[written:] if args.ack else messages:
+            # write succeeds. The rest were not printed, so not consumed.
+            unprinted = messages
+            if args.ack:
+                unprinted = messages[written:]
+                if written:
+                    with contextlib.suppress(PymqError, OSError):
+                        queue.ack_many(messages[:written])
+            for message in unprinted:
                 with contextlib.suppress(PymqError, OSError):
                     message.nack()
             raise
