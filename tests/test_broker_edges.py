@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import math
 import threading
 import time
@@ -145,6 +147,48 @@ def test_open_bad_option_creates_nothing(
     with pytest.raises(pymq.ConfigError, match=match):
         pymq.open(tmp_path / "data", **options)  # type: ignore[arg-type]
     assert not (tmp_path / "data").exists()
+
+
+def test_open_empty_path_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    # Path("") is Path("."), so only the str can be told from the working
+    # directory.
+    with pytest.raises(pymq.ConfigError) as raised:
+        pymq.open("")
+    assert str(raised.value) == (
+        "data directory path is empty (''); give a directory, or no path for a "
+        "broker in memory"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_open_file_path_raises(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("data\n")
+    with pytest.raises(NotADirectoryError) as raised:
+        pymq.open(afile)
+    assert raised.value.errno == errno.ENOTDIR
+    assert str(raised.value) == (
+        f"[Errno {errno.ENOTDIR}] data directory {afile} is not a directory"
+    )
+    assert afile.read_text() == "data\n"
+
+
+def test_dead_letter_log_counts_one_attempt(
+    broker: pymq.Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    jobs = broker.queue("jobs", max_deliveries=1)
+    jobs.put_many([b"a", b"b"])
+    first = jobs.get(timeout=0)
+    assert first is not None
+    with caplog.at_level(logging.WARNING, logger="pymq.broker"):
+        first.nack()
+    assert [record.getMessage() for record in caplog.records] == [
+        "message 0 of jobs moved to jobs.dlq after 1 attempt: nack; "
+        "max_deliveries reached"
+    ]
 
 
 def test_queue_context_manager_closes_queue(broker: pymq.Broker) -> None:

@@ -6,16 +6,22 @@ the tests of --url start their own server on 127.0.0.1.
 
 from __future__ import annotations
 
+import bisect
 import datetime
 import errno
+import fcntl
 import importlib.util
 import io
+import itertools
 import json
 import os
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,6 +131,27 @@ def test_help_lists_every_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
         assert f"  {int(code):<4} {meaning}" in lines
 
 
+def test_help_lists_client_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    heading = (
+        "client options of put, get, stats and dlq, which may also come before COMMAND:"
+    )
+    assert heading in lines
+    listed = lines[lines.index(heading) + 1 : lines.index(heading) + 7]
+    assert [line.split()[:2] for line in listed] == [
+        ["--url", "URL"],
+        ["--data", "DIR"],
+        ["--token-file", "PATH"],
+        ["--tls-ca", "PATH"],
+        ["--tls-cert", "PATH"],
+        ["--tls-key", "PATH"],
+    ]
+    assert listed[0].endswith(
+        "a running pymq serve (default: $PYMQ_URL, else pymq://127.0.0.1:7420)"
+    )
+
+
 def test_no_command_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     err = capsys.readouterr().err
@@ -206,6 +233,106 @@ def test_missing_data_dir_not_created(
     assert main(["stats", "--data", str(missing)]) == 2
     assert capsys.readouterr().err == f"pymq: data directory {missing} does not exist\n"
     assert not missing.exists()
+
+
+def test_data_dir_that_is_a_file_rejected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory\n")
+    for command in (["put", "jobs", "body"], ["stats"], ["get", "jobs"]):
+        assert main([*command, "--data", str(afile)]) == 2
+        assert capsys.readouterr().err == (
+            f"pymq: data directory {afile} is not a directory\n"
+        )
+    assert afile.read_text() == "not a directory\n"
+
+
+def test_data_dir_under_a_file_rejected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main(["put", "jobs", "body", "--data", str(afile / "sub")]) == 2
+    assert capsys.readouterr().err == (
+        f"pymq: cannot open data directory {afile / 'sub'}: NotADirectoryError: "
+        f"[Errno {errno.ENOTDIR}] {os.strerror(errno.ENOTDIR)}: '{afile / 'sub'}'\n"
+    )
+
+
+def test_empty_data_dir_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for command in (["put", "jobs", "body"], ["stats"]):
+        assert main([*command, "--data", ""]) == 2
+        assert capsys.readouterr().err == (
+            "pymq: data directory path is empty (''); give a directory, or no "
+            "path for a broker in memory\n"
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def without_permissions() -> list[str]:
+    """Return the command prefix that runs a command without root's rights.
+
+    root passes every permission check, so as root the command runs in a
+    new user namespace, where the files of the real root are not its own
+    to override.
+    """
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("unshare") is None:
+        pytest.skip("running as root without the unshare command")
+    probe = subprocess.run(["unshare", "--user", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("running as root, and user namespaces are not allowed")
+    return ["unshare", "--user"]
+
+
+def run_without_permissions(*args: str) -> subprocess.CompletedProcess[bytes]:
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("PYMQ_")
+    }
+    return subprocess.run(
+        [*without_permissions(), sys.executable, "-m", "pymq", *args],
+        capture_output=True,
+        env=env,
+        timeout=PROCESS_TIMEOUT,
+    )
+
+
+def test_data_dir_without_permission_exits_2(tmp_path: Path) -> None:
+    folder = tmp_path / "readonly"
+    folder.mkdir(mode=0o500)
+    denied = f"[Errno {errno.EACCES}] {os.strerror(errno.EACCES)}"
+    try:
+        for command in (["put", "jobs", "body"], ["stats"]):
+            result = run_without_permissions(*command, "--data", str(folder))
+            assert result.returncode == 2
+            assert result.stdout == b""
+            assert result.stderr.decode() == (
+                f"pymq: cannot open data directory {folder}: PermissionError: "
+                f"{denied}: '{folder / 'LOCK'}'\n"
+            )
+    finally:
+        folder.chmod(0o755)
+    assert list(folder.iterdir()) == []
+
+
+def test_queue_folder_without_permission_exits_2(data: Path) -> None:
+    # The broker opens, but cannot make the folder of a new queue.
+    data.chmod(0o500)
+    try:
+        result = run_without_permissions("put", "jobs", "body", "--data", str(data))
+    finally:
+        data.chmod(0o755)
+    assert result.returncode == 2
+    assert result.stdout == b""
+    assert result.stderr.decode() == (
+        f"pymq: put failed: PermissionError: [Errno {errno.EACCES}] "
+        f"{os.strerror(errno.EACCES)}: '{data / 'streams'}'\n"
+    )
 
 
 # Tokens --------------------------------------------------------------------------
@@ -297,6 +424,54 @@ def test_put_single_body_prints_offset(
         messages = broker.queue("jobs").get_many(3, timeout=0)
         assert [m.body for m in messages] == [b"first", b"second"]
         assert [m.headers for m in messages] == [{}, {}]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--header", "kind=resize"],
+        ["--progress", "--header", "kind=resize"],
+        ["--timeout", "1.5", "--header", "kind=resize"],
+    ],
+    ids=["header", "progress", "timeout"],
+)
+def test_put_options_between_queue_and_body(
+    data: Path, capsys: pytest.CaptureFixture[str], options: list[str]
+) -> None:
+    assert main(["put", "jobs", *options, "the body", "--data", str(data)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "put 1 message to jobs at offset 0\n"
+    assert captured.err == ""
+    with pymq.open(data) as broker:
+        message = broker.queue("jobs").get(timeout=0)
+        assert message is not None
+        assert message.body == b"the body"
+        assert message.headers == {"kind": "resize"}
+
+
+def test_put_stdin_with_options_between(
+    data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    feed_stdin(monkeypatch, b"one\ntwo\n")
+    assert main(["put", "jobs", "--header", "k=v", "-", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == "put 2 messages to jobs\n"
+    with pymq.open(data) as broker:
+        messages = broker.queue("jobs").get_many(3, timeout=0)
+        assert [m.body for m in messages] == [b"one", b"two"]
+        assert [m.headers for m in messages] == [{"k": "v"}, {"k": "v"}]
+
+
+def test_put_two_bodies_rejected(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(["put", "jobs", "one", "--header", "k=v", "two", "--data", str(data)]) == 2
+    )
+    assert capsys.readouterr().err.endswith(
+        "pymq: error: unrecognized arguments: two\n"
+    )
+    with pymq.open(data) as broker:
+        assert broker.names() == {}
 
 
 def test_put_creates_queue_and_directory(
@@ -465,6 +640,22 @@ def test_get_prints_fields_and_acks(
     )
     with pymq.open(data) as broker:
         assert broker.queue("jobs").stats().depth == 0
+
+
+def test_get_prints_non_ascii_headers_as_text(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        broker.queue("jobs").put("naïve".encode(), headers={"é": "ü"})
+    assert main(["get", "jobs", "--no-ack", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == (
+        'offset=0 attempt=1 headers={"é": "ü"} body=naïve\n'
+    )
+    # JSON output stays ASCII, the body included.
+    assert main(["get", "jobs", "--json", "--data", str(data)]) == 0
+    record = capsys.readouterr().out
+    assert '"headers": {"\\u00e9": "\\u00fc"}' in record
+    assert '"body": "na\\u00efve"' in record
 
 
 def test_get_count_limits_messages(
@@ -637,6 +828,109 @@ def test_get_broken_pipe_nacks_messages(data: Path) -> None:
         stats = broker.queue("jobs").stats()
         assert stats.depth == 5000
         assert stats.acked == 0
+
+
+class ClosingStdout(io.StringIO):
+    """A stdout whose reader goes away after it has taken `accepted` lines."""
+
+    def __init__(self, accepted: int) -> None:
+        super().__init__()
+        self.accepted = accepted
+
+    def flush(self) -> None:
+        if self.getvalue().count("\n") > self.accepted:
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+@pytest.mark.parametrize("accepted", [0, 1, 7])
+def test_get_broken_pipe_acks_accepted_lines(
+    data: Path, monkeypatch: pytest.MonkeyPatch, accepted: int
+) -> None:
+    with pymq.open(data) as broker:
+        broker.queue("jobs").put_many([b"%d" % i for i in range(10)])
+    monkeypatch.setattr(sys, "stdout", ClosingStdout(accepted))
+    assert main(["get", "jobs", "-n", "10", "--data", str(data)]) == 141
+    with pymq.open(data) as broker:
+        jobs = broker.queue("jobs")
+        assert jobs.stats().depth == 10 - accepted
+        again = jobs.get_many(20, timeout=0)
+        assert [m.offset for m in again] == list(range(accepted, 10))
+        assert [m.attempt for m in again] == [2] * (10 - accepted)
+
+
+def test_get_broken_pipe_no_ack_nacks_all(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pymq.open(data) as broker:
+        broker.queue("jobs").put_many([b"%d" % i for i in range(10)])
+    monkeypatch.setattr(sys, "stdout", ClosingStdout(4))
+    assert main(["get", "jobs", "-n", "10", "--no-ack", "--data", str(data)]) == 141
+    with pymq.open(data) as broker:
+        assert broker.queue("jobs").stats().depth == 10
+
+
+def expected_get_lines(count: int, body: bytes) -> list[bytes]:
+    return [
+        b"offset=%d attempt=1 headers={} body=%s\n" % (offset, body)
+        for offset in range(count)
+    ]
+
+
+@pytest.mark.skipif(
+    not hasattr(fcntl, "F_SETPIPE_SZ"), reason="F_SETPIPE_SZ is Linux only"
+)
+def test_get_into_closed_pipe_acks_what_the_pipe_took(data: Path) -> None:
+    """A real pipe of one page: get fills it and blocks, then the reader goes.
+
+    Each line is one write of less than PIPE_BUF bytes, so the pipe holds
+    whole lines only, and FIONREAD tells how many. Nothing is read, since
+    that would make room for more.
+    """
+    count, body = 1000, b"x" * 40
+    with pymq.open(data) as broker:
+        broker.queue("jobs").put_many([body] * count)
+    lines = expected_get_lines(count, body)
+    # Where each line ends in get's output.
+    ends = list(itertools.accumulate(len(line) for line in lines))
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    capacity = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("PYMQ_")
+    }
+    command = ["get", "jobs", "-n", str(count), "--data", str(data)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pymq", *command],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    os.close(write_end)
+    try:
+        # Wait until the next line cannot fit: get is blocked in its write.
+        deadline = time.monotonic() + PROCESS_TIMEOUT
+        while True:
+            raw = fcntl.ioctl(read_end, termios.FIONREAD, b"\0\0\0\0")
+            pending = struct.unpack("i", raw)[0]
+            taken = bisect.bisect_right(ends, pending)
+            if pending + len(lines[taken]) > capacity:
+                break
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, f"{pending} bytes in the pipe"
+            time.sleep(0.01)
+    finally:
+        os.close(read_end)
+    _, stderr = process.communicate(timeout=PROCESS_TIMEOUT)
+    assert process.returncode == 141
+    assert stderr == b""
+    assert pending == ends[taken - 1]
+    assert 1 <= taken < count
+    with pymq.open(data) as broker:
+        jobs = broker.queue("jobs")
+        assert jobs.stats().depth == count - taken
+        again = jobs.get_many(count, timeout=0)
+        assert [m.offset for m in again] == list(range(taken, count))
+        assert {m.attempt for m in again} == {2}
 
 
 # stats -----------------------------------------------------------------------------
@@ -860,11 +1154,46 @@ def test_dlq_redrive_to_other_queue(
     data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     reject_two(data)
+    with pymq.open(data) as broker:
+        broker.queue("review")
     assert main(["dlq", "redrive", "jobs", "--to", "review", "--data", str(data)]) == 0
     assert capsys.readouterr().out == "moved 2 messages from jobs.dlq to review\n"
     with pymq.open(data) as broker:
         assert broker.queue("jobs").stats().depth == 0
         assert broker.queue("review").stats().depth == 2
+
+
+def test_dlq_redrive_to_missing_queue_exits_5(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reject_two(data)
+    assert main(["dlq", "redrive", "jobs", "--to", "jbos", "--data", str(data)]) == 5
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "pymq: queue jbos (--to) does not exist; redrive moves messages only "
+        "into an existing queue\n"
+    )
+    with pymq.open(data) as broker:
+        assert broker.names() == {"jobs": "queue", "jobs.dlq": "queue"}
+        assert broker.queue("jobs.dlq").stats().depth == 2
+
+
+def test_dlq_redrive_to_missing_queue_without_dlq(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        broker.queue("jobs")
+        broker.stream("events")
+    assert main(["dlq", "redrive", "jobs", "--to", "jbos", "--data", str(data)]) == 5
+    assert capsys.readouterr().err == (
+        "pymq: queue jbos (--to) does not exist; redrive moves messages only "
+        "into an existing queue\n"
+    )
+    assert main(["dlq", "redrive", "jobs", "--to", "events", "--data", str(data)]) == 5
+    assert capsys.readouterr().err == "pymq: events (--to) is a stream, not a queue\n"
+    with pymq.open(data) as broker:
+        assert broker.names() == {"events": "stream", "jobs": "queue"}
 
 
 def test_dlq_redrive_without_dlq_moves_none(
@@ -920,7 +1249,11 @@ def test_dlq_redrive_failure_reports_moved_count(
     err = captured.err.splitlines()
     assert "1500/2000" in captured.err
     assert err[-2] == "pymq: moved 1500 messages from jobs.dlq, then failed"
-    assert err[-1].startswith("pymq: dlq redrive failed: PymqError: message 1500 ")
+    assert err[-1] == (
+        "pymq: dlq redrive failed: PymqError: message 1500 names no queue or "
+        "group to go back to (x-source 'gone', x-group ''); pass --to QUEUE to "
+        "move the messages to a queue"
+    )
     with pymq.open(data) as broker:
         assert broker.queue("jobs").stats().depth == 1500
         assert broker.queue("jobs.dlq").stats().depth == 500
@@ -1000,6 +1333,24 @@ def test_refused_connection_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.skipif(not HAS_CLIENT, reason="pymq.connect is not in this build")
+def test_refused_connection_names_default_port(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A URL without a port goes to the default port, here one nothing
+    # listens on, rather than 7420, where a server may run.
+    port = free_port()
+    monkeypatch.setattr(pymq.protocol, "DEFAULT_PORT", port)
+    assert main(["stats", "--url", "pymq://127.0.0.1"]) == 3
+    refused = ConnectionRefusedError(
+        errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED)
+    )
+    assert capsys.readouterr().err == (
+        f"pymq: could not connect to pymq://127.0.0.1 (port {port}, the default): "
+        f"ConnectionRefusedError: {refused}; is `pymq serve` running there?\n"
+    )
+
+
+@pytest.mark.skipif(not HAS_CLIENT, reason="pymq.connect is not in this build")
 def test_refused_connection_url_from_environment(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1070,6 +1421,12 @@ def test_serve_then_client_commands(
     assert main(["get", "missing", *remote]) == 5
     assert capsys.readouterr().err == "pymq: queue missing does not exist\n"
 
+    assert main(["dlq", "redrive", "jobs", "--to", "jbos", *remote]) == 5
+    assert capsys.readouterr().err == (
+        "pymq: queue jbos (--to) does not exist; redrive moves messages only "
+        "into an existing queue\n"
+    )
+
     monkeypatch.setenv("PYMQ_TOKEN", "s3cret")
     assert main(["get", "jobs", "--url", url]) == 0
     assert capsys.readouterr().out == "offset=2 attempt=1 headers={} body=three\n"
@@ -1097,7 +1454,11 @@ def test_dlq_redrive_progress_through_server(
     assert "2500/2511" in captured.err
     err = captured.err.splitlines()
     assert err[-2] == "pymq: moved 2500 messages from jobs.dlq, then failed"
-    assert err[-1].startswith("pymq: dlq redrive failed: ServerError: message 2500 ")
+    assert err[-1] == (
+        "pymq: dlq redrive failed: ServerError: message 2500 names no queue or "
+        "group to go back to (x-source 'gone', x-group ''); pass --to QUEUE to "
+        "move the messages to a queue"
+    )
 
     with pymq.connect(url, token="s3cret") as broker:
         dlq = broker.queue("jobs.dlq")
@@ -1128,6 +1489,49 @@ def test_serve_port_in_use_exits_2(tmp_path: Path) -> None:
     log = result.stderr.decode()
     assert f" ERROR pymq.cli: could not serve {data} on 127.0.0.1:{port}: " in log
     assert log.lower().endswith("address already in use\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not HAS_SERVER, reason="pymq.server is not in this build")
+def test_serve_port_in_use_removes_new_parents(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data = tmp_path / "existing" / "new" / "data"
+        (tmp_path / "existing").mkdir()
+        result = cli_process("serve", "--data", str(data), "--port", str(port))
+    assert result.returncode == 2
+    assert list(tmp_path.iterdir()) == [tmp_path / "existing"]
+    assert list((tmp_path / "existing").iterdir()) == []
+
+
+@pytest.mark.skipif(not HAS_SERVER, reason="pymq.server is not in this build")
+def test_serve_port_in_use_keeps_existing_data(data: Path) -> None:
+    with pymq.open(data) as broker:
+        broker.queue("jobs").put(b"kept")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli_process("serve", "--data", str(data), "--port", str(port))
+    assert result.returncode == 2
+    with pymq.open(data) as broker:
+        assert broker.queue("jobs").stats().depth == 1
+
+
+@pytest.mark.skipif(not HAS_SERVER, reason="pymq.server is not in this build")
+def test_serve_port_in_use_keeps_existing_empty_dir(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli_process("serve", "--data", str(data), "--port", str(port))
+    assert result.returncode == 2
+    # Not made by this serve, so its LOCK file stays, as after any run.
+    assert sorted(path.name for path in data.iterdir()) == ["LOCK"]
 
 
 @pytest.mark.skipif(

@@ -222,6 +222,7 @@ def test_redrive_to_another_queue(broker):
     q = broker.queue("jobs", max_deliveries=1)
     q.put(b"a", headers={"kind": "demo"})
     q.get(timeout=0).reject("bad")
+    broker.queue("retry")
     assert broker.redrive("jobs.dlq", to="retry") == 1
     msg = broker.queue("retry").get(timeout=0)
     assert msg.body == b"a"
@@ -234,8 +235,22 @@ def test_redrive_group_dlq_to_queue(broker):
     g = s.group("billing")
     s.put(b"e")
     g.get(timeout=0).reject("bad")
+    broker.queue("retry")
     assert broker.redrive("events.billing.dlq", to="retry") == 1
     assert broker.queue("retry").get(timeout=0).body == b"e"
+
+
+def test_redrive_to_missing_queue_raises_not_found(broker):
+    q = broker.queue("jobs", max_deliveries=1)
+    q.put(b"a")
+    q.get(timeout=0).reject("bad")
+    with pytest.raises(QueueNotFound) as raised:
+        broker.redrive("jobs.dlq", to="retyr")
+    assert str(raised.value) == (
+        "queue retyr does not exist; redrive moves messages only into an existing queue"
+    )
+    assert broker.names() == {"jobs": "queue", "jobs.dlq": "queue"}
+    assert q.dlq.stats().depth == 1
 
 
 def test_redrive_missing_dlq_raises_not_found(broker):

@@ -20,6 +20,13 @@ cdef enum:
     CHECKPOINT_ENTRY_BYTES = 13
 
 
+cdef str consumer_label(GroupBase group):
+    """Return "queue Q" or "group G of stream S", for messages."""
+    if group.group_name is None:
+        return f"queue {group.stream.name}"
+    return f"group {group.group_name} of stream {group.stream.name}"
+
+
 cdef bytes encode_headers(dict headers):
     """Return the header block for headers (str keys and values)."""
     cdef list parts
@@ -678,11 +685,8 @@ cdef class GroupBase:
 
         if now - self.error_logged_ns >= ERROR_LOG_NS:
             self.error_logged_ns = now
-            if self.group_name is None:
-                label = f"queue {self.stream.name}"
-            else:
-                label = f"group {self.group_name} of stream {self.stream.name}"
-            broker_logger.error("%s: %s failed: %s", label, what, exc)
+            broker_logger.error("%s: %s failed: %s", consumer_label(self),
+                                what, exc)
         return 0
 
     cdef int replay(self, uint64_t start) except -1:
@@ -1316,7 +1320,7 @@ cdef class GroupBase:
 
         if self.ring.lookup(receipt, &offset):
             raise StaleReceiptError(
-                f"receipt {receipt} of stream {self.stream.name} names a "
+                f"receipt {receipt} of {consumer_label(self)} names a "
                 f"delivery that expired or was already settled")
         return offset
 
@@ -1357,7 +1361,7 @@ cdef class GroupBase:
             if (<MessageBatch>items).group is not self:
                 raise StaleReceiptError(
                     f"the batch was delivered by another queue or group, not "
-                    f"by this one of stream {self.stream.name}")
+                    f"by this one, {consumer_label(self)}")
             listed = None
             count = len((<MessageBatch>items).receipt_bytes) // 8
         else:
@@ -1381,7 +1385,7 @@ cdef class GroupBase:
                             raise StaleReceiptError(
                                 f"message at offset {(<Message>item).offset} "
                                 f"was delivered by another queue or group, "
-                                f"not by this one of stream {self.stream.name}")
+                                f"not by this one, {consumer_label(self)}")
                         receipts[i] = (<Message>item).receipt
                     else:
                         receipts[i] = item

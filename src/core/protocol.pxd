@@ -16,6 +16,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef enum:
     FRAME_HEADER_BYTES = 12
+    FRAME_VERSION = 1    # the only payload layout version there is
     FRAME_REPLY = 1
     FRAME_ERROR = 2
     FRAME_NO_REPLY = 4

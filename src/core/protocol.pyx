@@ -23,7 +23,7 @@ cdef inline void put_header(uint8_t *p, uint32_t length, uint8_t opcode,
                             uint32_t handle) noexcept nogil:
     put_u32(p, length)
     p[4] = opcode
-    p[5] = 1
+    p[5] = FRAME_VERSION
     put_u16(p + 6, flags)
     put_u32(p + 8, request_id)
     put_u32(p + 12, handle)
@@ -69,7 +69,8 @@ cdef class FrameReader:
 
     feed() returns the frames completed so far as tuples (opcode, flags,
     request_id, handle, payload). A length under 12 or over max_frame_bytes
-    raises ProtocolError before any memory is set aside for the frame.
+    raises ProtocolError before any memory is set aside for the frame, and
+    so does a version other than FRAME_VERSION.
     """
 
     def __cinit__(self, uint32_t max_frame_bytes):
@@ -142,6 +143,9 @@ cdef class FrameReader:
                 raise FrameTooLargeError(
                     f"frame length is {length} bytes; max_frame_bytes is "
                     f"{self.max_frame_bytes}")
+            if available - used >= 6 and p[used + 5] != FRAME_VERSION:
+                raise ProtocolError(f"frame version is {p[used + 5]}; it must "
+                                    f"be {FRAME_VERSION}")
             if available - used < 4 + <Py_ssize_t>length:
                 break
             frames.append((
@@ -187,7 +191,8 @@ def encode_publish(uint32_t request_id, uint32_t handle, list bodies,
     total += FRAME_HEADER_BYTES + PUBLISH_HEAD_BYTES
     if total > 0xFFFFFFFF:
         raise MessageTooLargeError(
-            total, 0xFFFFFFFF, f"batch of {count} messages is {total} bytes; "
+            total, 0xFFFFFFFF, f"batch of {count} message"
+            f"{'' if count == 1 else 's'} is {total} bytes; "
             f"a frame holds at most 4 GiB")
     frame = PyBytes_FromStringAndSize(NULL, 4 + total)
     out = <uint8_t *>PyBytes_AS_STRING(frame)
@@ -280,13 +285,14 @@ cdef uint64_t publish_batch(StreamBase stream, bytes payload,
         raise ProtocolError(f"publish batch holds {count} messages; it must "
                             f"hold 1 to {max_count}")
     if count > <uint32_t>((size - PUBLISH_HEAD_BYTES) // 4):
-        raise ProtocolError(f"publish batch says {count} messages but its "
-                            f"{size} bytes cannot hold them")
+        raise ProtocolError(f"publish batch says {count} message"
+                            f"{'' if count == 1 else 's'} but its {size} "
+                            f"bytes cannot hold them")
     if pymq_crc32c(0, p + PUBLISH_HEAD_BYTES,
                    size - PUBLISH_HEAD_BYTES) != crc:
         raise CorruptBatchError(
-            f"publish batch of {count} messages failed its CRC32C check; "
-            f"nothing was written")
+            f"publish batch of {count} message{'' if count == 1 else 's'} "
+            f"failed its CRC32C check; nothing was written")
     # A batch of one, the usual put, needs no allocation.
     refs = &one if count == 1 else <BodyRef *>PyMem_Malloc(count * sizeof(BodyRef))
     if refs == NULL:
@@ -506,8 +512,9 @@ def decode_deliveries(bytes payload not None, object owner):
                             f"alone is 8")
     count = load_u32(p)
     if pymq_crc32c(0, p + 8, size - 8) != load_u32(p + 4):
-        raise CorruptBatchError(f"batch of {count} deliveries failed its "
-                                f"CRC32C check")
+        raise CorruptBatchError(f"batch of {count} "
+                                f"{'delivery' if count == 1 else 'deliveries'} "
+                                f"failed its CRC32C check")
     for i in range(count):
         if size - pos < DELIVERY_HEAD_BYTES:
             raise ProtocolError(f"delivery {i} of {count} is cut off")
@@ -547,8 +554,9 @@ cdef Py_ssize_t check_deliveries(bytes payload, size_t *record_bytes) except -1:
                             f"alone is 8")
     count = load_u32(p)
     if pymq_crc32c(0, p + 8, size - 8) != load_u32(p + 4):
-        raise CorruptBatchError(f"batch of {count} deliveries failed its "
-                                f"CRC32C check")
+        raise CorruptBatchError(f"batch of {count} "
+                                f"{'delivery' if count == 1 else 'deliveries'} "
+                                f"failed its CRC32C check")
     for i in range(count):
         if size - pos < DELIVERY_HEAD_BYTES:
             raise ProtocolError(f"delivery {i} of {count} is cut off")

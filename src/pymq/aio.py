@@ -38,12 +38,16 @@ from pymq.broker import GROUP_DEFAULTS, QUEUE_DEFAULTS, STREAM_DEFAULTS, _check_
 from pymq.client import (
     SAFE_TO_RETRY,
     apply_hello,
+    check_receipt,
     client_ssl_context,
     fetch_payload,
+    handshake_closed,
     hello_payload,
     join_offsets,
     plan_batches,
+    reconnect_attempts_failed,
     reconnect_delays,
+    tls_failed,
     wait_ms,
 )
 from pymq.names import check_name
@@ -166,7 +170,12 @@ class AsyncConnection:
             )
         else:
             opening = asyncio.open_connection(address.host, address.port)
-        reader, writer = await asyncio.wait_for(opening, timeout)
+        try:
+            reader, writer = await asyncio.wait_for(opening, timeout)
+        except ssl.SSLCertVerificationError:
+            raise
+        except ssl.SSLError as exc:
+            raise errors.ConnectionLostError(tls_failed(address, exc)) from exc
         try:
             hello = hello_payload(self._token, "pymq-python-asyncio")
             writer.write(PREAMBLE + encode_frame(protocol.HELLO, 0, 0, 0, hello))
@@ -175,14 +184,16 @@ class AsyncConnection:
             while not frames:
                 data = await asyncio.wait_for(reader.read(65536), timeout)
                 if not data:
-                    raise errors.ConnectionLostError(
-                        f"{address} closed the connection during the handshake"
-                    )
+                    raise errors.ConnectionLostError(handshake_closed(address))
                 frames = handshake.feed(data)
             _, flags, _, _, payload = frames[0]
             if flags & FLAG_ERROR:
                 raise decode_error(payload)
             answer = decode_json(payload)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            # A server that closes with the HELLO unread sends a reset, not a FIN.
+            writer.close()
+            raise errors.ConnectionLostError(handshake_closed(address)) from exc
         except BaseException:
             writer.close()
             raise
@@ -221,8 +232,7 @@ class AsyncConnection:
                     # Any other error, such as a refused token, is raised.
                     if attempt == attempts:
                         raise errors.ConnectionLostError(
-                            f"could not reconnect to {self.address} after "
-                            f"{attempt} attempts: {exc}"
+                            reconnect_attempts_failed(self.address, attempt, exc)
                         ) from exc
                     await asyncio.sleep(next(delays))
                     continue
@@ -900,6 +910,7 @@ class _AsyncConsumer(_AsyncHandle):
         connection, and so is a ConnectionLostError when the connection
         broke before the ack was written.
         """
+        check_receipt(receipt)
         await self._settle(protocol.ACK, [receipt], b"", b"", wait)
 
     async def ack_many(self, items: Any, *, wait: bool = True) -> None:
@@ -908,14 +919,17 @@ class _AsyncConsumer(_AsyncHandle):
 
     async def nack(self, receipt: int, delay: float = 0.0) -> None:
         """Give the message back, for redelivery after delay seconds."""
+        check_receipt(receipt)
         await self._settle(protocol.NACK, [receipt], _F64.pack(delay), b"", True)
 
     async def extend(self, receipt: int, seconds: float) -> None:
         """Set the delivery's deadline to now plus seconds."""
+        check_receipt(receipt)
         await self._settle(protocol.EXTEND, [receipt], _F64.pack(seconds), b"", True)
 
     async def reject(self, receipt: int, reason: str = "rejected") -> None:
         """Move the message to the dead-letter queue now, with reason."""
+        check_receipt(receipt)
         await self._settle(
             protocol.REJECT, [receipt], b"", reason.encode("utf-8"), True
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -61,6 +62,9 @@ MEMORY_SEGMENT_BYTES: Final = 1024 * 1024
 QUEUE_GROUP: Final = ".queue"
 # DLQ records searched for a move that a crash interrupted.
 _RESUME_SCAN: Final = 10_000
+# The end of redrive's error for a message with nowhere to go back to. The
+# CLI, whose option is --to, replaces it.
+REDRIVE_TO_ADVICE: Final = "pass to= a queue"
 DEAD_LETTER_HEADERS: Final = (
     "x-for-group",
     "x-source",
@@ -235,6 +239,12 @@ class Broker:
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
     ) -> None:
         self._temporary = path is None
+        if path is not None and not os.fspath(path):
+            # Path("") is the working directory, which was never meant.
+            raise ConfigError(
+                "data directory path is empty (''); give a directory, or no "
+                "path for a broker in memory"
+            )
         if path is None:
             if fsync not in (None, "never"):
                 raise ConfigError(
@@ -260,6 +270,10 @@ class Broker:
             # process killed by a signal leaves the folder behind.
             _TEMPORARY_FOLDERS.add(path)
         self.path = Path(path).absolute()
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(
+                errno.ENOTDIR, f"data directory {self.path} is not a directory"
+            )
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = DirectoryLock(str(self.path))
 
@@ -753,11 +767,12 @@ class Broker:
             # the get that moves the message. The move is retried instead.
             self._open_queue(dlq_name, {}).put(payload, headers=headers, timeout=0)
             logger.warning(
-                "message %d of %s moved to %s after %d attempts: %s",
+                "message %d of %s moved to %s after %d %s: %s",
                 offset,
                 source,
                 dlq_name,
                 attempt,
+                "attempt" if attempt == 1 else "attempts",
                 reason,
             )
 
@@ -784,8 +799,17 @@ class Broker:
             raise QueueNotFound(f"queue {dlq_name} does not exist")
         if to is None and not dlq_name.endswith(".dlq"):
             raise ConfigError(f"{dlq_name} is not a dead-letter queue; pass to=")
+        target = None
+        if to is not None:
+            check_name("queue", to)
+            # A mistyped to= must not create a queue that no consumer reads.
+            if not self._kind_of(to)[0]:
+                raise QueueNotFound(
+                    f"queue {to} does not exist; redrive moves messages only "
+                    f"into an existing queue"
+                )
+            target = self.queue(to)
         source = self._open_queue(dlq_name, {})
-        target = None if to is None else self.queue(to)
         moved = 0
         end = source.stream.store.next_offset
         while True:
@@ -840,7 +864,7 @@ class Broker:
         else:
             raise PymqError(
                 f"message {message.offset} names no queue or group to go back to "
-                f"(x-source {source!r}, x-group {group!r}); pass to= a queue"
+                f"(x-source {source!r}, x-group {group!r}); {REDRIVE_TO_ADVICE}"
             )
 
     def _has_group(self, stream: str, group: str) -> bool:

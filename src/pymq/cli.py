@@ -21,11 +21,14 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
+from urllib.parse import urlsplit
 
 from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
 
 import pymq
+from pymq._core import DirectoryLock
 from pymq._version import __version__
+from pymq.broker import REDRIVE_TO_ADVICE
 from pymq.errors import (
     AuthenticationError,
     BrokerLockedError,
@@ -35,6 +38,7 @@ from pymq.errors import (
     QueueNotFound,
 )
 from pymq.names import check_name
+from pymq.protocol import parse_url
 
 __all__ = ["EXIT_CODES", "ExitCode", "build_parser", "main"]
 
@@ -218,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InvalidNameError) as exc:
         _report(args, str(exc))
         return ExitCode.USAGE
+    except PermissionError as exc:
+        # A permission error on the data directory or its files is a
+        # configuration error.
+        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+        _report(args, f"{command} failed: {_describe(exc)}")
+        return ExitCode.USAGE
     except (PymqError, OSError) as exc:
         command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
         _report(args, f"{command} failed: {_describe(exc)}")
@@ -300,6 +310,15 @@ _CLIENT_OPTIONS: Final = {
     "--tls-key": True,
 }
 _CLIENT_COMMANDS: Final = {"serve", "put", "get", "stats", "dlq"}
+# The value and a summary of each client option, for `pymq --help`.
+_CLIENT_OPTION_SUMMARIES: Final = {
+    "--url": ("URL", f"a running pymq serve (default: $PYMQ_URL, else {DEFAULT_URL})"),
+    "--data": ("DIR", "open this data directory directly instead"),
+    "--token-file": ("PATH", "file with the server's token (default: $PYMQ_TOKEN)"),
+    "--tls-ca": ("PATH", "authority to check a pymqs:// server against"),
+    "--tls-cert": ("PATH", "client certificate for a pymqs:// server"),
+    "--tls-key": ("PATH", "key of --tls-cert, if not in its file"),
+}
 
 
 def _options_after_command(argv: list[str] | None) -> list[str]:
@@ -326,17 +345,50 @@ def _options_after_command(argv: list[str] | None) -> list[str]:
     return words[index:command_end] + leading + words[command_end:]
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A parser that takes options between positionals, as in `put Q --header K=V B`.
+
+    argparse assigns positionals in runs: QUEUE and the optional BODY of
+    put are matched together at QUEUE, so a BODY after an option would be
+    left over. Intermixed parsing matches the options first and then every
+    positional. A parser with subcommands parses as usual, because
+    intermixed parsing does not support them.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: Any = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        has_subcommands = any(
+            action.nargs == argparse.PARSER for action in self._get_positional_actions()
+        )
+        if self._intermixing or has_subcommands:
+            return super().parse_known_args(args, namespace)
+        # parse_known_intermixed_args calls parse_known_args twice itself.
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of the pymq command and its subcommands."""
     parser = argparse.ArgumentParser(
         prog="pymq",
         description="A durable message broker: serve a data directory, put and "
         "get messages, show stats and manage dead-letter queues.",
-        epilog=_exit_code_help(),
+        epilog=_client_option_help() + "\n\n" + _exit_code_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"pymq {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        parser_class=_IntermixedParser,
+    )
     client = _client_options()
     _add_serve(commands)
     _add_put(commands, client)
@@ -344,6 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stats(commands, client)
     _add_dlq(commands, client)
     return parser
+
+
+def _client_option_help() -> str:
+    lines = [
+        "client options of put, get, stats and dlq, which may also come before COMMAND:"
+    ]
+    for option, (value, summary) in _CLIENT_OPTION_SUMMARIES.items():
+        lines.append(f"  {option + ' ' + value:<19}{summary}")
+    return "\n".join(lines)
 
 
 def _exit_code_help() -> str:
@@ -732,11 +793,23 @@ def open_broker(args: argparse.Namespace, *, create: bool) -> Iterator[BrokerAPI
                 "--url, not with --data",
                 ExitCode.USAGE,
             )
-        if not create and not Path(args.data).is_dir():
+        folder = Path(args.data)
+        if folder.exists() and not folder.is_dir():
+            raise CommandError(
+                f"data directory {args.data} is not a directory", ExitCode.USAGE
+            )
+        if not create and not folder.is_dir():
             raise CommandError(
                 f"data directory {args.data} does not exist", ExitCode.USAGE
             )
-        broker = pymq.open(args.data)
+        try:
+            broker = pymq.open(args.data)
+        except (PermissionError, NotADirectoryError) as exc:
+            # The directory, or a folder on its path, cannot be used as it is.
+            raise CommandError(
+                f"cannot open data directory {args.data}: {_describe(exc)}",
+                ExitCode.USAGE,
+            ) from None
         try:
             yield broker
         finally:
@@ -788,12 +861,27 @@ def _connect(
             _authentication_message(url, exc), ExitCode.AUTHENTICATION
         ) from None
     except OSError as exc:
+        # A refused or timed-out connection may mean that no server runs
+        # there. The other errors, TLS ones included, explain themselves.
+        hint = ""
+        if isinstance(exc, (ConnectionRefusedError, TimeoutError)):
+            hint = "; is `pymq serve` running there?"
         raise CommandError(
-            f"could not connect to {url}: {_describe(exc)}; is `pymq serve` "
-            f"running there?",
+            f"could not connect to {_url_with_port(url)}: {_describe(exc)}{hint}",
             ExitCode.CONNECTION,
         ) from None
     return remote
+
+
+def _url_with_port(url: str) -> str:
+    """Return url, with the port it stands for when it gives none."""
+    try:
+        address = parse_url(url)
+    except ConfigError:
+        return url
+    if address.path is not None or urlsplit(url).port is not None:
+        return url
+    return f"{url} (port {address.port}, the default)"
 
 
 def _authentication_message(url: str, exc: AuthenticationError) -> str:
@@ -836,6 +924,7 @@ def _serve(args: argparse.Namespace) -> int:
         if getattr(args, field) is not None:
             chosen[field] = getattr(args, field)
     limits = server.ServerLimits(**chosen)
+    created = _missing_folders(Path(args.data))
     try:
         server.run(
             args.data,
@@ -853,12 +942,61 @@ def _serve(args: argparse.Namespace) -> int:
             max_message_bytes=args.max_message_bytes,
             flush_interval=args.flush_interval,
         )
-    except OSError as exc:
-        raise CommandError(
-            f"could not serve {args.data} on {address}: {_describe(exc)}",
-            ExitCode.USAGE,
-        ) from None
+    except BaseException as exc:
+        # A server that fails to start (on a port in use, for example)
+        # leaves no new data directory behind.
+        _remove_unused_folders(created)
+        if isinstance(exc, OSError):
+            raise CommandError(
+                f"could not serve {args.data} on {address}: {_describe(exc)}",
+                ExitCode.USAGE,
+            ) from None
+        raise
     return ExitCode.OK
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """Return path and its ancestors that do not exist, deepest first."""
+    missing = []
+    for folder in [path.absolute(), *path.absolute().parents]:
+        if folder.exists() or folder.is_symlink():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _remove_unused_folders(created: list[Path]) -> None:
+    """Remove the folders in created that hold nothing a broker left in use.
+
+    created lists the folders made by this command, deepest first. The data
+    directory may hold only the LOCK file of a broker that has closed: a
+    lock that another process holds now keeps everything.
+    """
+    if not created:
+        return
+    data = created[0]
+    lock_path = data / "LOCK"
+    try:
+        entries = os.listdir(data)
+    except OSError:
+        return
+    if entries not in ([], ["LOCK"]):
+        return
+    if entries:
+        try:
+            lock = DirectoryLock(str(data))
+        except (BrokerLockedError, OSError):
+            return
+        try:
+            lock_path.unlink()
+        finally:
+            lock.release()
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            # Not empty: something else is using it now.
+            return
 
 
 # put --------------------------------------------------------------------------
@@ -975,13 +1113,24 @@ def _get(args: argparse.Namespace) -> int:
                 f"queue {name} had no message available{within}",
                 ExitCode.NOTHING_FOUND,
             )
+        written = 0
         try:
             for message in messages:
                 _write_line(format_message(message, args.json))
-            _flush_output()
+                # Flushed line by line, so that a broken pipe leaves no
+                # doubt about which lines the pipe accepted.
+                _flush_output()
+                written += 1
         except BaseException:
-            # Not printed, so not consumed: make them available again.
-            for message in messages:
+            # The lines the pipe accepted count as written, as when every
+            # write succeeds. The rest were not printed, so not consumed.
+            unprinted = messages
+            if args.ack:
+                unprinted = messages[written:]
+                if written:
+                    with contextlib.suppress(PymqError, OSError):
+                        queue.ack_many(messages[:written])
+            for message in unprinted:
                 with contextlib.suppress(PymqError, OSError):
                     message.nack()
             raise
@@ -1013,6 +1162,8 @@ def format_message(message: Any, as_json: bool) -> str:
 
     The body is text when it decodes as UTF-8. Otherwise it is the repr of
     the bytes, or in JSON, base64 under "body_base64" instead of "body".
+    In key=value fields the headers are JSON with their text unescaped,
+    as the body is.
     """
     body: bytes = message.body
     try:
@@ -1034,7 +1185,7 @@ def format_message(message: Any, as_json: bool) -> str:
     body_text = repr(body) if text is None else text
     return (
         f"offset={message.offset} attempt={message.attempt} "
-        f"headers={json.dumps(message.headers)} body={body_text}"
+        f"headers={json.dumps(message.headers, ensure_ascii=False)} body={body_text}"
     )
 
 
@@ -1156,12 +1307,43 @@ def _dlq_redrive(args: argparse.Namespace) -> int:
     to: str | None = None if args.to is None else check_name("queue", args.to)
     where = "" if to is None else f" to {to}"
     with open_broker(args, create=False) as broker:
+        if to is not None:
+            # Checked before the DLQ, so a mistyped --to is reported even
+            # when there is nothing to move.
+            _check_redrive_target(broker, to)
         moved = 0
         if _dlq_exists(broker, source, dlq_name):
             show_progress = args.progress or sys.stderr.isatty()
-            moved = _redrive(broker, dlq_name, to, where, show_progress)
+            try:
+                moved = _redrive(broker, dlq_name, to, where, show_progress)
+            except PymqError as exc:
+                text = str(exc)
+                if not text.endswith(REDRIVE_TO_ADVICE):
+                    raise
+                # The broker's advice names its argument to=; here it is --to.
+                advice = "pass --to QUEUE to move the messages to a queue"
+                raise CommandError(
+                    f"dlq redrive failed: {type(exc).__name__}: "
+                    f"{text.removesuffix(REDRIVE_TO_ADVICE)}{advice}",
+                    ExitCode.FAILED,
+                ) from None
     _write_line(f"moved {_plural(moved, 'message')} from {dlq_name}{where}")
     return ExitCode.OK
+
+
+def _check_redrive_target(broker: BrokerAPI, to: str) -> None:
+    """Raise CommandError unless the queue to exists: redrive never creates it."""
+    kind = broker.names().get(to)
+    if kind is None:
+        raise CommandError(
+            f"queue {to} (--to) does not exist; redrive moves messages only "
+            f"into an existing queue",
+            ExitCode.QUEUE_NOT_FOUND,
+        )
+    if kind != "queue":
+        raise CommandError(
+            f"{to} (--to) is a {kind}, not a queue", ExitCode.QUEUE_NOT_FOUND
+        )
 
 
 def _redrive(
@@ -1254,14 +1436,18 @@ def format_dead_letter(message: Any) -> str:
             continue
         if key == "x-dead-at":
             value = _utc_time(value)
-        quoted = value if _PLAIN_VALUE.fullmatch(value) else json.dumps(value)
+        quoted = (
+            value
+            if _PLAIN_VALUE.fullmatch(value)
+            else json.dumps(value, ensure_ascii=False)
+        )
         fields.append(f"{key}={quoted}")
     body: bytes = message.body
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         text = repr(body)
-    fields.append(f"headers={json.dumps(headers)}")
+    fields.append(f"headers={json.dumps(headers, ensure_ascii=False)}")
     fields.append(f"body={text}")
     return " ".join(fields)
 

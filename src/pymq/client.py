@@ -82,6 +82,7 @@ SAFE_TO_RETRY: Final = frozenset(
 _MAX_WAIT_MS: Final = 0x7FFFFFFF
 # Bytes one read of the socket takes at most.
 _RECV_BYTES: Final = 262144
+_MAX_RECEIPT: Final = (1 << 64) - 1
 
 Frame = tuple[int, int, int, int, bytes]
 
@@ -90,6 +91,8 @@ def wait_ms(timeout: float | None) -> int:
     """Return the FETCH wait for timeout seconds: -1 waits without a limit."""
     if timeout is None:
         return -1
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
     if not 0 <= timeout < 1e9:
         raise ValueError(
             f"timeout is {timeout} seconds; it must be from 0 to 1e9, or None "
@@ -101,6 +104,60 @@ def wait_ms(timeout: float | None) -> int:
 
 def _check_timeout(timeout: float | None) -> None:
     wait_ms(timeout)
+
+
+def check_receipt(receipt: object) -> None:
+    """Raise as the embedded broker does for a receipt that is not a u64 int.
+
+    A receipt is a u64 on the wire, so a negative or larger int cannot name
+    a delivery. Such an int raises OverflowError, as in the embedded broker.
+    """
+    if isinstance(receipt, bool) or not isinstance(receipt, int):
+        raise TypeError(f"receipt must be an int, not {type(receipt).__name__}")
+    if not 0 <= receipt <= _MAX_RECEIPT:
+        raise OverflowError(
+            f"receipt {receipt} is out of range; a receipt is from 0 to 2**64 - 1"
+        )
+
+
+def reconnect_attempts_failed(
+    address: object, attempts: int, exc: BaseException
+) -> str:
+    """Return the message for a reconnect that failed attempts times."""
+    tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+    return f"could not reconnect to {address} after {tries}: {exc}"
+
+
+def handshake_closed(address: Address) -> str:
+    """Return the message for a server that closed before it replied to HELLO.
+
+    A TLS server closes the connection of a client that sends a plain
+    preamble, and a server that requires client certificates closes one
+    that sent none, or one it does not trust, after the TLS handshake.
+    """
+    if address.tls:
+        hint = (
+            "a server that requires a client certificate does this when the "
+            "client sends none, or one it does not trust"
+        )
+    else:
+        hint = (
+            "a TLS server does this to a plain client, so if it serves TLS, "
+            "use pymqs://"
+        )
+    return f"{address} closed the connection during the handshake; {hint}"
+
+
+def tls_failed(address: Address, exc: ssl.SSLError) -> str:
+    """Return the message for a TLS handshake that failed with exc."""
+    reason = str(exc.reason)
+    hint = ""
+    if reason == "WRONG_VERSION_NUMBER":
+        # The server's first bytes are not a TLS record.
+        hint = "; the server does not speak TLS there, so use pymq:// for it"
+    elif "CERTIFICATE" in reason:
+        hint = "; check the client certificate and the authority that signed it"
+    return f"the TLS handshake with {address} failed: {exc}{hint}"
 
 
 def reconnect_delays(attempts: int) -> Iterator[float]:
@@ -322,6 +379,12 @@ class Connection:
                 context = self._ssl_context or ssl.create_default_context()
                 try:
                     return TlsChannel(sock, context, address.host)
+                except ssl.SSLCertVerificationError:
+                    sock.close()
+                    raise
+                except ssl.SSLError as exc:
+                    sock.close()
+                    raise errors.ConnectionLostError(tls_failed(address, exc)) from exc
                 except BaseException:
                     sock.close()
                     raise
@@ -337,15 +400,17 @@ class Connection:
             while not frames:
                 data = sock.recv(65536)
                 if not data:
-                    raise errors.ConnectionLostError(
-                        f"{self.address} closed the connection during the handshake"
-                    )
+                    raise errors.ConnectionLostError(handshake_closed(self.address))
                 frames = reader.feed(data)
             _, flags, _, _, payload = frames[0]
             if flags & FLAG_ERROR:
                 raise decode_error(payload)
             answer = decode_json(payload)
             sock.settimeout(None)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            # A server that closes with the HELLO unread sends a reset, not a FIN.
+            sock.close()
+            raise errors.ConnectionLostError(handshake_closed(self.address)) from exc
         except BaseException:
             sock.close()
             raise
@@ -370,8 +435,7 @@ class Connection:
             except (OSError, errors.ConnectionLostError) as exc:
                 if attempt == attempts:
                     raise errors.ConnectionLostError(
-                        f"could not reconnect to {self.address} after "
-                        f"{attempt} attempts: {exc}"
+                        reconnect_attempts_failed(self.address, attempt, exc)
                     ) from exc
                 time.sleep(next(delays))
 
@@ -864,9 +928,22 @@ def _nbytes(body: Any) -> int:
 
 
 def _header_block_bytes(headers: dict[str, str] | None) -> int:
-    """Return the size of the header block stored with each message."""
+    """Return the size of the header block stored with each message.
+
+    Raises TypeError, with the embedded broker's message, for a header
+    name or value that is not a str.
+    """
     if not headers:
         return 0
+    for key, value in headers.items():
+        if type(key) is not str:
+            raise TypeError(
+                f"header names must be str, not {type(key).__name__} ({key!r})"
+            )
+        if type(value) is not str:
+            raise TypeError(
+                f"value of header {key!r} must be str, not {type(value).__name__}"
+            )
     return 2 + sum(
         6 + len(key.encode("utf-8")) + len(value.encode("utf-8"))
         for key, value in headers.items()
@@ -1084,6 +1161,7 @@ class _RemoteConsumer(_Handle):
         With wait=False the ack is sent without waiting for the reply; an
         error it gets is logged and raised by a later call on this connection.
         """
+        check_receipt(receipt)
         self._settle(protocol.ACK, [receipt], b"", b"", wait)
 
     def ack_many(self, items: Any, *, wait: bool = True) -> None:
@@ -1095,16 +1173,19 @@ class _RemoteConsumer(_Handle):
 
     def nack(self, receipt: int, delay: float = 0.0) -> None:
         """Give the message back, for redelivery after delay seconds."""
+        check_receipt(receipt)
         self._settle(protocol.NACK, [receipt], _seconds("delay", delay), b"", True)
 
     def extend(self, receipt: int, seconds: float) -> None:
         """Set the delivery's deadline to now plus seconds."""
+        check_receipt(receipt)
         self._settle(
             protocol.EXTEND, [receipt], _seconds("seconds", seconds), b"", True
         )
 
     def reject(self, receipt: int, reason: str = "rejected") -> None:
         """Move the message to the dead-letter queue now, with reason."""
+        check_receipt(receipt)
         if not isinstance(reason, str):
             raise TypeError(f"reason must be a str, not {type(reason).__name__}")
         self._settle(protocol.REJECT, [receipt], b"", reason.encode("utf-8"), True)
@@ -1231,11 +1312,24 @@ def client_ssl_context(
         return None
     if context is not None:
         return context
-    context = ssl.create_default_context(cafile=ca_file)
-    if cert_file is not None:
-        context.load_cert_chain(cert_file, key_file)
-    elif key_file is not None:
+    if cert_file is None and key_file is not None:
         raise errors.ConfigError("key_file is given without cert_file")
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except OSError as exc:
+        # ssl.SSLError, raised for a file without a certificate, is an
+        # OSError too.
+        raise errors.ConfigError(
+            f"cannot load the TLS authority file {ca_file}: {exc}"
+        ) from exc
+    if cert_file is not None:
+        try:
+            context.load_cert_chain(cert_file, key_file)
+        except OSError as exc:
+            raise errors.ConfigError(
+                f"cannot load the TLS client certificate {cert_file} (key "
+                f"{key_file or 'in the same file'}): {exc}"
+            ) from exc
     return context
 
 

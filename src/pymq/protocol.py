@@ -144,8 +144,16 @@ def encode_json(value: Any) -> bytes:
 def decode_json(payload: bytes) -> dict[str, Any]:
     """Parse a control frame's payload; raise ProtocolError unless an object."""
     try:
-        value = json.loads(payload)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # Decoded here: json.loads guesses UTF-16 or UTF-32 for some bytes.
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise errors.ProtocolError(
+            f"control payload is not valid UTF-8 JSON: {exc.reason} "
+            f"{payload[exc.start]:#04x} at byte {exc.start}"
+        ) from None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
         raise errors.ProtocolError(
             f"control payload is not JSON, or nested too deeply: {exc}"
         ) from None

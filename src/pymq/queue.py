@@ -56,6 +56,12 @@ class _Consumer(GroupBase):
         return waited if isinstance(waited, MessageBatch) else batch
 
     def _wait(self, timeout: float | None, attempt: Any) -> Any:
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+        ):
+            raise TypeError(
+                f"timeout must be a number of seconds or None, not {timeout!r}"
+            )
         if timeout is not None and not 0 <= timeout < 1e9:
             raise ValueError(
                 f"timeout is {timeout} seconds; it must be from 0 to 1e9, or None "

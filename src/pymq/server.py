@@ -1093,6 +1093,12 @@ class _Connection(asyncio.Protocol):
     def on_fetch(self, flags: int, request_id: int, handle: int, payload: bytes) -> Any:
         target, consumer = self.consumer(handle)
         limits = self.limits
+        if len(payload) == _FETCH.size:
+            wait_ms = _FETCH.unpack(payload)[1]
+            if wait_ms < -1:
+                raise errors.ConfigError(
+                    f"fetch wait is {wait_ms} ms; it must be -1 (no limit) or 0 or more"
+                )
         frames = serve_fetch(
             consumer,
             payload,

@@ -10,7 +10,11 @@ class QueueStats:
     """Counts for one queue, or for one group of a stream.
 
     ``depth`` counts messages not yet settled: never delivered, in flight,
-    or waiting for redelivery. ``acked`` and ``dead_lettered`` count since
+    or waiting for redelivery. ``waiting`` counts those delivered before
+    that are available again, or will be after a nack's delay: nacked,
+    timed out, or in flight when the broker was last closed. A message
+    nacked with no delay counts there although a get can take it at once.
+    ``acked`` and ``dead_lettered`` count since
     the broker opened. ``oldest_unacked_age`` is in seconds, None when
     nothing is unsettled. ``damaged`` counts records of the stream lost to
     damage (a failed CRC, or a header block that cannot be parsed), since

@@ -333,6 +333,87 @@ def test_stale_receipt_changes_nothing(broker, name):
     b.ack()
 
 
+def test_stale_receipt_message_names_queue(broker, name):
+    q = broker.queue(name, visibility_timeout=3600)
+    q.put(b"a")
+    message = q.get(timeout=WAIT)
+    message.ack()
+    with pytest.raises(StaleReceiptError) as raised:
+        q.ack(message.receipt)
+    assert str(raised.value) == (
+        f"receipt {message.receipt} of queue {name} names a delivery that "
+        f"expired or was already settled"
+    )
+
+
+def test_stale_receipt_message_names_group(broker, name):
+    group = broker.stream(name).group("billing", visibility_timeout=3600)
+    broker.stream(name).put(b"a")
+    message = group.get(timeout=WAIT)
+    message.ack()
+    with pytest.raises(StaleReceiptError) as raised:
+        group.ack(message.receipt)
+    assert str(raised.value) == (
+        f"receipt {message.receipt} of group billing of stream {name} names a "
+        f"delivery that expired or was already settled"
+    )
+
+
+@pytest.mark.parametrize("receipt", [-1, 1 << 64], ids=["negative", "2^64"])
+def test_receipt_out_of_range_raises(broker, name, receipt):
+    q = broker.queue(name)
+    q.put(b"kept")
+    message = q.get(timeout=WAIT)
+    for settle in (q.ack, q.nack):
+        with pytest.raises(OverflowError):
+            settle(receipt)
+    with pytest.raises(OverflowError):
+        q.extend(receipt, 10.0)
+    with pytest.raises(OverflowError):
+        q.reject(receipt, "never")
+    assert q.stats().in_flight == 1
+    message.ack()
+
+
+def test_receipt_of_wrong_type_raises(broker, name):
+    q = broker.queue(name)
+    with pytest.raises(TypeError):
+        q.ack("1")
+    with pytest.raises(TypeError):
+        q.nack("1")
+
+
+def test_header_of_wrong_type_raises(broker, name):
+    q = broker.queue(name)
+    with pytest.raises(TypeError) as raised:
+        q.put(b"body", headers={"k": 1})
+    assert str(raised.value) == "value of header 'k' must be str, not int"
+    with pytest.raises(TypeError) as raised:
+        q.put_many([b"a", b"b"], headers={"k": None})
+    assert str(raised.value) == "value of header 'k' must be str, not NoneType"
+    with pytest.raises(TypeError) as raised:
+        q.put(b"body", headers={1: "v"})
+    assert str(raised.value) == "header names must be str, not int (1)"
+    assert q.stats().depth == 0
+
+
+@pytest.mark.parametrize("timeout", ["1", True, [1]], ids=["str", "bool", "list"])
+def test_timeout_of_wrong_type_raises(broker, name, timeout):
+    q = broker.queue(name)
+    expected = f"timeout must be a number of seconds or None, not {timeout!r}"
+    # An empty queue: the embedded broker checks the timeout when it waits.
+    with pytest.raises(TypeError) as raised:
+        q.get(timeout=timeout)
+    assert str(raised.value) == expected
+    with pytest.raises(TypeError) as raised:
+        q.get_many(5, timeout=timeout)
+    assert str(raised.value) == expected
+    with pytest.raises(TypeError) as raised:
+        q.put(b"body", timeout=timeout)
+    assert str(raised.value) == expected
+    assert q.stats().depth == 0
+
+
 def test_ack_many_all_or_none(broker, name):
     q = broker.queue(name, visibility_timeout=3600)
     q.put_many([b"a", b"b", b"c"])
@@ -448,6 +529,35 @@ def test_redrive_failure_reports_exact_count(broker, name):
 def test_redrive_missing_dlq_raises(broker, name):
     with pytest.raises(QueueNotFound):
         broker.redrive(f"{name}.dlq")
+
+
+def test_redrive_to_missing_queue_creates_nothing(broker, name):
+    q = broker.queue(name)
+    q.put(b"kept")
+    q.get(timeout=WAIT).reject("failed")
+    target = f"{name}-typo"
+
+    with pytest.raises(QueueNotFound) as raised:
+        broker.redrive(q.dlq_name, to=target)
+    assert str(raised.value) == (
+        f"queue {target} does not exist; redrive moves messages only into an "
+        f"existing queue"
+    )
+    assert target not in broker.names()
+    assert q.dlq.stats().depth == 1
+    assert q.dlq.stats().in_flight == 0
+
+
+def test_redrive_to_stream_raises(broker, name):
+    q = broker.queue(name)
+    q.put(b"kept")
+    q.get(timeout=WAIT).reject("failed")
+    broker.stream(f"{name}-events")
+
+    with pytest.raises(ConfigError) as raised:
+        broker.redrive(q.dlq_name, to=f"{name}-events")
+    assert str(raised.value) == f"{name}-events is a stream, not a queue"
+    assert q.dlq.stats().depth == 1
 
 
 # Streams and groups -------------------------------------------------------

@@ -156,6 +156,17 @@ def test_garbage_after_handshake(server, raw):
     assert_serves(server)
 
 
+def test_frame_version_other_than_1(server, raw):
+    raw.handshake()
+    frame = bytearray(encode_frame(protocol.PING, 0, 7, 0, b""))
+    frame[5] = 9
+    raw.send(bytes(frame))
+    frames = raw.read_until_closed()
+    assert len(frames) == 1
+    assert error_of(frames[0]) == (1, "frame version is 9; it must be 1")
+    assert_serves(server)
+
+
 def test_truncated_frame_then_close(server, raw):
     raw.handshake()
     handle = raw.open_queue(queue_name())
@@ -234,6 +245,20 @@ def test_fetch_count_zero(server, raw):
     assert_serves(server)
 
 
+@pytest.mark.parametrize("wait", [-2, -5, -(1 << 31)])
+def test_fetch_wait_below_minus_one(server, raw, wait):
+    raw.handshake()
+    handle = raw.open_queue(queue_name())
+    reply = raw.request(protocol.FETCH, 4, handle, struct.pack("<Ii", 1, wait))
+    assert reply[:3] == (protocol.FETCH, FLAG_REPLY | FLAG_ERROR, 4)
+    assert error_of(reply) == (
+        8,
+        f"fetch wait is {wait} ms; it must be -1 (no limit) or 0 or more",
+    )
+    assert_open(raw)
+    assert_serves(server)
+
+
 def test_ack_of_garbage_receipts(server, raw):
     name = queue_name()
     raw.handshake()
@@ -263,6 +288,42 @@ def test_ack_with_cut_off_receipts(server, raw):
     frames = raw.read_until_closed()
     assert len(frames) == 1
     assert error_of(frames[0])[0] == 1
+    assert_serves(server)
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        (
+            b'{"kind": "queue", "name": "caf\xe9"}',
+            "invalid continuation byte 0xe9 at byte 30",
+        ),
+        # json.loads alone would take this for UTF-16 and fail in that codec.
+        (b'{\x00"\xff\xfe', "invalid start byte 0xff at byte 3"),
+    ],
+    ids=["latin-1", "utf-16-like"],
+)
+def test_open_with_invalid_utf8(server, raw, payload, problem):
+    raw.handshake()
+    raw.send(encode_frame(protocol.OPEN, 0, 3, 0, payload))
+    frames = raw.read_until_closed()
+    assert len(frames) == 1
+    assert error_of(frames[0]) == (
+        1,
+        f"control payload is not valid UTF-8 JSON: {problem}",
+    )
+    assert_serves(server)
+
+
+def test_open_with_utf16_json(server, raw):
+    raw.handshake()
+    payload = '{"kind": "queue", "name": "utf16"}'.encode("utf-16-le")
+    raw.send(encode_frame(protocol.OPEN, 0, 3, 0, payload))
+    frames = raw.read_until_closed()
+    assert len(frames) == 1
+    code, text = error_of(frames[0])
+    assert code == 1
+    assert text.startswith("control payload is not JSON, or nested too deeply: ")
     assert_serves(server)
 
 

@@ -33,7 +33,8 @@ def split_reference(data: bytes, max_frame_bytes: int) -> tuple[list[Frame], str
     """Split data by the frame layout: return frames, the error, leftover bytes.
 
     The error is "" when every length was valid, "small" for a length under
-    12 and "large" for one over max_frame_bytes.
+    12, "large" for one over max_frame_bytes and "version" for a version
+    byte other than 1.
     """
     frames: list[Frame] = []
     position = 0
@@ -43,6 +44,8 @@ def split_reference(data: bytes, max_frame_bytes: int) -> tuple[list[Frame], str
             return frames, "small", len(data) - position
         if length > max_frame_bytes:
             return frames, "large", len(data) - position
+        if len(data) - position >= 6 and data[position + 5] != 1:
+            return frames, "version", len(data) - position
         if len(data) - position < 4 + length:
             break
         opcode, _, flags, request_id, handle = struct.unpack_from(
@@ -87,7 +90,7 @@ def test_frame_reader_whole_matches_reference(data):
     if error == "large":
         with pytest.raises(FrameTooLargeError):
             reader.feed(data)
-    elif error == "small":
+    elif error in ("small", "version"):
         with pytest.raises(ProtocolError):
             reader.feed(data)
     else:
@@ -120,6 +123,19 @@ def test_frame_reader_split_matches_whole(data):
         assert raised is None
         assert received == frames
         assert reader.buffered == leftover
+
+
+def test_frame_reader_rejects_other_version():
+    frame = bytearray(encode_frame(protocol.PING, 0, 7, 0, b""))
+    frame[5] = 9
+    reader = FrameReader(1 << 20)
+    with pytest.raises(ProtocolError) as raised:
+        reader.feed(bytes(frame))
+    assert str(raised.value) == "frame version is 9; it must be 1"
+    # Checked as soon as the byte arrives, before the rest of the frame.
+    reader = FrameReader(1 << 20)
+    with pytest.raises(ProtocolError):
+        reader.feed(struct.pack("<IBB", 1000, protocol.PUBLISH, 0))
 
 
 def test_frame_reader_checks_length_first():
@@ -173,6 +189,32 @@ def test_publish_round_trip(stream_core, bodies, headers, request_id):
     for index, body in enumerate(bodies):
         _, _, flags, stored = store.read_record(first + index)
         assert split_body(flags, stored) == (headers or {}, bytes(body))
+
+
+@pytest.mark.parametrize(
+    ("count", "noun"), [(1, "1 message"), (2, "2 messages")], ids=["one", "two"]
+)
+def test_publish_crc_error_counts_messages(stream_core, count, noun):
+    payload = bytearray(encode_publish(1, 1, [b"body"] * count, None, 0)[16:])
+    payload[8] ^= 0xFF
+    before = stream_core.store.next_offset
+    with pytest.raises(CorruptBatchError) as raised:
+        publish_into(stream_core, bytes(payload), 10_000)
+    assert str(raised.value) == (
+        f"publish batch of {noun} failed its CRC32C check; nothing was written"
+    )
+    assert stream_core.store.next_offset == before
+
+
+@pytest.mark.parametrize(
+    ("count", "noun"), [(1, "1 delivery"), (3, "3 deliveries")], ids=["one", "three"]
+)
+def test_deliver_crc_error_counts_deliveries(count, noun):
+    # A DELIVER head whose CRC32C cannot match: the count, then zeros.
+    payload = struct.pack("<II", count, crc32c(b"") ^ 1)
+    with pytest.raises(CorruptBatchError) as raised:
+        decode_deliveries(payload, None)
+    assert str(raised.value) == f"batch of {noun} failed its CRC32C check"
 
 
 @settings(max_examples=100, deadline=None)

@@ -353,6 +353,25 @@ def test_put_during_crash_raises_connection_lost(servers, name):
         client.close()
 
 
+@pytest.mark.parametrize(("attempts", "tries"), [(0, "1 attempt"), (1, "2 attempts")])
+def test_failed_reconnect_counts_attempts(servers, name, attempts, tries):
+    server = servers(port=free_port()).start()
+    client = pymq.connect(server.url, reconnect_attempts=attempts)
+    try:
+        q = client.queue(name)
+        assert server.stop() == 0
+        # The first STATS may only find the connection broken; the second
+        # starts with a reconnect.
+        with contextlib.suppress(ConnectionLostError):
+            q.stats()
+        with pytest.raises(ConnectionLostError) as raised:
+            q.stats()
+        text = str(raised.value)
+        assert text.startswith(f"could not reconnect to {server.url} after {tries}: ")
+    finally:
+        client.close()
+
+
 def test_connect_to_closed_port_raises():
     port = free_port()
     with pytest.raises(OSError):

@@ -505,7 +505,8 @@ def predict_open(request: dict[str, Any], state: ModelState) -> Expect:
 
 def predict_control(opcode: int, payload: bytes, state: ModelState) -> Expect:
     try:
-        request = json.loads(payload)
+        # UTF-8 only: json.loads would take UTF-16 and UTF-32 bytes too.
+        request = json.loads(payload.decode("utf-8"))
     except ValueError:
         return fails(1)
     if not isinstance(request, dict):
@@ -564,6 +565,8 @@ def predict_fetch(request: Request, state: ModelState) -> Expect:
         return fails(1)
     count, wait_ms = struct.unpack("<Ii", request.payload)
     if not 1 <= count <= state.max_batch:
+        return fails(8)
+    if wait_ms < -1:
         return fails(8)
     return succeeds("deliver" if wait_ms == 0 else "maybe-deliver")
 

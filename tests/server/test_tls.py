@@ -8,6 +8,8 @@ on 127.0.0.1 and connect with pymqs:// URLs.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import shutil
 import signal
 import ssl
@@ -23,7 +25,8 @@ import pytest
 
 import pymq
 import pymq.aio
-from pymq.errors import ConfigError, PymqError
+from pymq.errors import ConfigError, ConnectionLostError, PymqError
+from tests.server.helpers import ServerProcess
 
 pytestmark = pytest.mark.skipif(
     shutil.which("openssl") is None, reason="the openssl command is not installed"
@@ -250,10 +253,48 @@ def test_plain_client_to_tls_server_fails(
     tls_server: TlsServer, certificates: Certificates
 ) -> None:
     plain = tls_server.url.replace("pymqs://", "pymq://")
-    with pytest.raises((PymqError, OSError)):
+    expected = (
+        f"{plain} closed the connection during the handshake; a TLS server does "
+        f"this to a plain client, so if it serves TLS, use pymqs://"
+    )
+    with pytest.raises(ConnectionLostError) as raised:
         pymq.connect(plain, connect_timeout=5.0, reconnect_attempts=0)
+    assert str(raised.value) == expected
+
+    async def connect_plain() -> None:
+        await pymq.aio.connect(plain, connect_timeout=5.0, reconnect_attempts=0)
+
+    with pytest.raises(ConnectionLostError) as raised:
+        asyncio.run(connect_plain())
+    assert str(raised.value) == expected
     with pymq.connect(tls_server.url, ca_file=str(certificates.ca)) as broker:
         assert broker.queue("after").put(b"still served") == 0
+
+
+def test_tls_client_to_plain_server_fails(
+    tmp_path: Path, certificates: Certificates
+) -> None:
+    server = ServerProcess(tmp_path / "plain").start()
+    try:
+        url = f"pymqs://127.0.0.1:{server.port}"
+        prefix = f"the TLS handshake with {url} failed: [SSL: WRONG_VERSION_NUMBER] "
+        advice = "; the server does not speak TLS there, so use pymq:// for it"
+        with pytest.raises(ConnectionLostError) as raised:
+            pymq.connect(url, ca_file=str(certificates.ca), reconnect_attempts=0)
+        assert str(raised.value).startswith(prefix)
+        assert str(raised.value).endswith(advice)
+
+        async def connect_tls() -> None:
+            await pymq.aio.connect(
+                url, ca_file=str(certificates.ca), reconnect_attempts=0
+            )
+
+        with pytest.raises(ConnectionLostError) as raised:
+            asyncio.run(connect_tls())
+        assert str(raised.value).startswith(prefix)
+        assert str(raised.value).endswith(advice)
+    finally:
+        assert server.stop() == 0, server.log()
 
 
 def test_client_certificate_required(
@@ -270,6 +311,118 @@ def test_client_certificate_required(
         key_file=str(certificates.client_key),
     ) as broker:
         assert broker.queue("jobs").put(b"with certificate") == 0
+
+
+def test_client_certificate_missing_message(
+    mutual_server: TlsServer, certificates: Certificates
+) -> None:
+    with pytest.raises((ssl.SSLError, PymqError)) as raised:
+        broker = pymq.connect(
+            mutual_server.url, ca_file=str(certificates.ca), reconnect_attempts=0
+        )
+        broker.queue("jobs").put(b"no certificate")
+    # TLS 1.3 reports the missing certificate after the handshake: as an
+    # alert, or by closing the connection.
+    assert "certificate" in str(raised.value).lower()
+
+
+def test_tls_authority_file_missing_or_empty(
+    tmp_path: Path, certificates: Certificates
+) -> None:
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(ConfigError) as raised:
+        pymq.connect("pymqs://127.0.0.1:1", ca_file=str(missing))
+    assert str(raised.value) == (
+        f"cannot load the TLS authority file {missing}: [Errno {errno.ENOENT}] "
+        f"{os.strerror(errno.ENOENT)}"
+    )
+    empty = tmp_path / "empty.pem"
+    empty.write_text("")
+    with pytest.raises(ConfigError) as raised:
+        pymq.connect("pymqs://127.0.0.1:1", ca_file=str(empty))
+    assert str(raised.value).startswith(
+        f"cannot load the TLS authority file {empty}: [X509: "
+        f"NO_CERTIFICATE_OR_CRL_FOUND]"
+    )
+    with pytest.raises(ConfigError) as raised:
+        pymq.connect(
+            "pymqs://127.0.0.1:1", ca_file=str(certificates.ca), cert_file=str(missing)
+        )
+    assert str(raised.value) == (
+        f"cannot load the TLS client certificate {missing} (key in the same "
+        f"file): [Errno {errno.ENOENT}] {os.strerror(errno.ENOENT)}"
+    )
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if key != "PYMQ_TOKEN"}
+    return subprocess.run(
+        [sys.executable, "-m", "pymq", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_cli_tls_authority_file_errors_exit_2(
+    tls_server: TlsServer, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.pem"
+    result = run_cli("stats", "--url", tls_server.url, "--tls-ca", str(missing))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"pymq: cannot load the TLS authority file {missing}: [Errno "
+        f"{errno.ENOENT}] {os.strerror(errno.ENOENT)}\n"
+    )
+    empty = tmp_path / "empty.pem"
+    empty.write_text("")
+    result = run_cli("stats", "--url", tls_server.url, "--tls-ca", str(empty))
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        f"pymq: cannot load the TLS authority file {empty}: [X509: "
+        f"NO_CERTIFICATE_OR_CRL_FOUND]"
+    )
+
+
+def test_cli_tls_failures_say_tls(
+    tls_server: TlsServer, certificates: Certificates, tmp_path: Path
+) -> None:
+    plain = tls_server.url.replace("pymqs://", "pymq://")
+    result = run_cli("stats", "--url", plain)
+    assert result.returncode == 3
+    assert result.stderr == (
+        f"pymq: could not connect to {plain}: ConnectionLostError: {plain} closed "
+        f"the connection during the handshake; a TLS server does this to a plain "
+        f"client, so if it serves TLS, use pymqs://\n"
+    )
+
+    server = ServerProcess(tmp_path / "plain").start()
+    try:
+        url = f"pymqs://127.0.0.1:{server.port}"
+        result = run_cli("stats", "--url", url, "--tls-ca", str(certificates.ca))
+    finally:
+        assert server.stop() == 0, server.log()
+    assert result.returncode == 3
+    assert result.stderr.startswith(
+        f"pymq: could not connect to {url}: ConnectionLostError: the TLS "
+        f"handshake with {url} failed: [SSL: WRONG_VERSION_NUMBER] "
+    )
+    assert result.stderr.endswith(
+        "; the server does not speak TLS there, so use pymq:// for it\n"
+    )
+
+
+def test_cli_missing_client_certificate_says_certificate(
+    mutual_server: TlsServer, certificates: Certificates
+) -> None:
+    result = run_cli(
+        "stats", "--url", mutual_server.url, "--tls-ca", str(certificates.ca)
+    )
+    assert result.returncode == 3
+    assert result.stderr.startswith(f"pymq: could not connect to {mutual_server.url}: ")
+    assert "certificate" in result.stderr
 
 
 def test_tls_options_need_pymqs_url(certificates: Certificates) -> None:
