@@ -45,8 +45,7 @@ cdef inline size_t page_floor(size_t position) noexcept nogil:
 
 cdef uint32_t record_crc(const uint8_t *header, const uint8_t *body,
                          size_t length) noexcept nogil:
-    cdef uint32_t crc = pymq_crc32c(0, header, REC_OFF_CRC)
-    return pymq_crc32c(crc, body, length)
+    return pymq_crc32c_pair(header, REC_OFF_CRC, body, length)
 
 
 cdef bint valid_record(const uint8_t *data, size_t capacity, size_t pos,

@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ from pymq import (
     MessageTooLargeError,
     OffsetNotFoundError,
     SegmentStore,
+    _core,
 )
 from tests.model import record_size, segment_file_names
 
@@ -87,6 +89,34 @@ def fill_lone_segments(store: SegmentStore, count: int) -> list[bytes]:
 
 
 # append ---------------------------------------------------------------------
+
+
+def test_record_crc_and_padding_on_disk(segment_dir: Path) -> None:
+    # Lengths around the 8-byte words, and around 3 x 128 bytes, where the
+    # CRC of a longer body runs in three lanes.
+    lengths = [*range(20), 100, 383, 384, 385, 1000]
+    bodies = [bytes((7 * n + i) % 251 for i in range(n)) for n in lengths]
+    with SegmentStore(segment_dir, segment_bytes=65536, fsync="never") as store:
+        for body in bodies[:10]:
+            store.append(body, flags=3)
+        store.append_many(bodies[10:], flags=3)
+    data = (segment_dir / segment_file_names(0)[0]).read_bytes()
+    position = 0
+    for offset, body in enumerate(bodies):
+        header = data[position : position + 32]
+        magic, length, stored_offset, _, flags, crc = struct.unpack("<IIQqII", header)
+        assert magic == 0x52514D50
+        assert length == len(body)
+        assert stored_offset == offset
+        assert flags == 3
+        assert data[position + 32 : position + 32 + length] == body
+        expected_crc = _core.crc32c_portable(header[:28] + body)
+        assert crc == expected_crc, offset
+        size = record_size(length)
+        assert data[position + 32 + length : position + size] == bytes(
+            size - 32 - length
+        )
+        position += size
 
 
 def test_append_returns_consecutive_offsets(store: SegmentStore) -> None:
