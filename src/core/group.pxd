@@ -96,7 +96,7 @@ cdef class GroupBase:
     cdef readonly StreamBase stream
     cdef SegmentStore journal         # this group's journal
     cdef RingBuffer ring
-    cdef pymq_mutex *lock      # ring and counters; before store locks
+    cdef pymq_lock *lock       # ring and counters; before store locks
     cdef int64_t visibility_ns
     cdef public uint32_t max_deliveries
     cdef public size_t max_in_flight

@@ -466,7 +466,7 @@ cdef class GroupBase:
     """
 
     def __cinit__(self):
-        self.lock = pymq_mutex_new()
+        self.lock = pymq_lock_new()
         if self.lock == NULL:
             raise MemoryError()
         self.dead_due = []
@@ -488,17 +488,17 @@ cdef class GroupBase:
 
     def __dealloc__(self):
         if self.lock != NULL:
-            pymq_mutex_free(self.lock)
+            pymq_lock_free(self.lock)
 
     cdef int acquire(self) except -1:
-        lock_without_gil(self.lock)
+        take_lock(self.lock)
         if self.closed:
-            pymq_mutex_unlock(self.lock)
+            pymq_lock_unlock(self.lock)
             raise ClosedError(f"group of stream {self.stream.name} is closed")
         return 0
 
     cdef void release(self) noexcept:
-        pymq_mutex_unlock(self.lock)
+        pymq_lock_unlock(self.lock)
 
     cdef int64_t now(self) except? -1:
         """Return the group's clock: monotonic ns, or clock() when it is set."""
@@ -1511,7 +1511,7 @@ cdef class GroupBase:
             self.try_checkpoint("at close")
             self.closed = True
         finally:
-            pymq_mutex_unlock(self.lock)
+            pymq_lock_unlock(self.lock)
         self.journal.close()
 
 

@@ -187,7 +187,7 @@ cdef class SegmentStore:
     """
 
     def __cinit__(self):
-        self.lock = pymq_mutex_new()
+        self.lock = pymq_lock_new()
         self.sync_lock = pymq_mutex_new()
         self.commit_lock = pymq_mutex_new()
         self.commit_done = pymq_cond_new()
@@ -236,7 +236,7 @@ cdef class SegmentStore:
 
     def __dealloc__(self):
         if self.lock != NULL:
-            pymq_mutex_free(self.lock)
+            pymq_lock_free(self.lock)
         if self.sync_lock != NULL:
             pymq_mutex_free(self.sync_lock)
         pymq_mutex_free(self.commit_lock)
@@ -258,17 +258,17 @@ cdef class SegmentStore:
         """Take lock, waiting without the GIL; raise if the store closed."""
         self.acquire_raw()
         if self.closed:
-            pymq_mutex_unlock(self.lock)
+            pymq_lock_unlock(self.lock)
             raise ClosedError(f"segment store {self.path} is closed")
         return 0
 
     cdef int acquire_raw(self) except -1:
         """Take lock, waiting without the GIL, whether closed or not."""
-        lock_without_gil(self.lock)
+        take_lock(self.lock)
         return 0
 
     cdef void release(self) noexcept:
-        pymq_mutex_unlock(self.lock)
+        pymq_lock_unlock(self.lock)
 
     cdef int acquire_sync(self) except -1:
         lock_without_gil(self.sync_lock)

@@ -1439,6 +1439,30 @@ def test_append_from_threads_keeps_every_record(segment_dir: Path) -> None:
         )
 
 
+def test_large_appends_from_threads_share_lock(segment_dir: Path) -> None:
+    # Bodies of 16 KiB and more are copied with the GIL released while the
+    # store's lock is held, so the other threads wait for that lock.
+    thread_count, per_thread, size = 4, 100, 20_000
+    offsets: list[list[int]] = [[] for _ in range(thread_count)]
+
+    def body(index: int, i: int) -> bytes:
+        return (b"%d:%05d:" % (index, i)) * (size // 8)
+
+    def work(index: int) -> None:
+        for i in range(per_thread):
+            offsets[index].append(store.append(body(index, i)))
+            if i % 10 == 0:
+                store.read_range(max(0, store.next_offset - 5), store.next_offset)
+
+    with SegmentStore(segment_dir, segment_bytes=1 << 20) as store:
+        assert run_threads(thread_count, work) == []
+        for index in range(thread_count):
+            for i, offset in enumerate(offsets[index]):
+                assert store.read(offset) == body(index, i), (index, i)
+        assert store.next_offset == thread_count * per_thread
+        assert store.damaged == 0
+
+
 def test_append_many_from_threads_keeps_batches_whole(segment_dir: Path) -> None:
     thread_count, batches, batch_size = 4, 200, 10
     firsts: list[list[int]] = [[] for _ in range(thread_count)]

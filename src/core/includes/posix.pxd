@@ -74,6 +74,13 @@ cdef extern from "includes/mutex.h" nogil:
     void pymq_cond_free(pymq_cond *cond)
     void pymq_cond_wait(pymq_cond *cond, pymq_mutex *mutex)
     void pymq_cond_broadcast(pymq_cond *cond)
+    ctypedef struct pymq_lock:
+        pass
+    pymq_lock *pymq_lock_new()
+    void pymq_lock_free(pymq_lock *lock)
+    bint pymq_lock_trylock(pymq_lock *lock)
+    void pymq_lock_lock(pymq_lock *lock)
+    void pymq_lock_unlock(pymq_lock *lock)
 
 
 cdef inline void lock_without_gil(pymq_mutex *mutex) noexcept:
@@ -85,6 +92,16 @@ cdef inline void lock_without_gil(pymq_mutex *mutex) noexcept:
     if not pymq_mutex_trylock(mutex):
         with nogil:
             pymq_mutex_lock(mutex)
+
+
+cdef inline void take_lock(pymq_lock *lock) noexcept:
+    """Lock lock; when it is taken, wait for it with the GIL released.
+
+    As in lock_without_gil(), waiting with the GIL held could deadlock.
+    """
+    if not pymq_lock_trylock(lock):
+        with nogil:
+            pymq_lock_lock(lock)
 
 
 cdef extern from "includes/allocator.h" nogil:
