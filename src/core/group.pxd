@@ -130,6 +130,9 @@ cdef class GroupBase:
     cdef bint take_record(self, int64_t now, uint64_t *offset_out,
                           uint32_t *attempt_out,
                           const uint8_t **record) except -1
+    cdef Py_ssize_t take_fresh(self, int64_t now, Py_ssize_t limit,
+                               const uint8_t **records, size_t *used,
+                               list headers) except -1
     cdef Message take_now(self)
     cdef int fail(self, uint64_t offset, int64_t not_before, str reason,
                   bint dead_now) except -1
