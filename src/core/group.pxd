@@ -121,11 +121,13 @@ cdef class GroupBase:
 
     cdef int acquire(self) except -1
     cdef void release(self) noexcept
-    cdef int64_t now(self) except? -1
+    cdef inline int64_t now(self) except? -1
     cdef int write_journal(self, uint8_t op, const uint64_t *offsets,
                            const uint32_t *attempts, Py_ssize_t count) except -1
-    cdef int finish(self, bint settled=*) except -1
-    cdef int expire(self, int64_t now) except -1
+    cdef int finish(self, bint settled) except -1
+    cdef int finish_work(self, bint settled) except -1
+    cdef inline int expire(self, int64_t now) except -1
+    cdef int expire_due(self, int64_t now) except -1
     cdef Message take_one(self, int64_t now)
     cdef bint take_record(self, int64_t now, uint64_t *offset_out,
                           uint32_t *attempt_out,

@@ -87,6 +87,7 @@ cdef dict decode_headers(const uint8_t *data, size_t length, size_t *used):
 
 @cython.final
 @cython.no_gc
+@cython.freelist(64)
 cdef class Message:
     """One delivery of a message: its body, headers and position.
 
@@ -544,6 +545,7 @@ cdef class GroupBase:
         if self.lock != NULL:
             pymq_lock_free(self.lock)
 
+    @cython.final
     cdef int acquire(self) except -1:
         take_lock(self.lock)
         if self.closed:
@@ -551,10 +553,11 @@ cdef class GroupBase:
             raise ClosedError(f"group of stream {self.stream.name} is closed")
         return 0
 
+    @cython.final
     cdef void release(self) noexcept:
         pymq_lock_unlock(self.lock)
 
-    cdef int64_t now(self) except? -1:
+    cdef inline int64_t now(self) except? -1:
         """Return the group's clock: monotonic ns, or clock() when it is set."""
         if self.clock is None:
             return coarse_monotonic_ns()
@@ -572,6 +575,7 @@ cdef class GroupBase:
 
     # Journal -------------------------------------------------------------
 
+    @cython.final
     cdef int write_journal(self, uint8_t op, const uint64_t *offsets,
                            const uint32_t *attempts,
                            Py_ssize_t count) except -1:
@@ -814,7 +818,16 @@ cdef class GroupBase:
 
     # Delivering ----------------------------------------------------------
 
-    cdef int expire(self, int64_t now) except -1:
+    cdef inline int expire(self, int64_t now) except -1:
+        """Fail the deliveries whose deadline passed. The lock is held."""
+        cdef RingBuffer ring = self.ring
+
+        if ring.deadlines.size and ring.deadlines.entries[0].time <= now:
+            # Inline, so that the common case, nothing due, costs no call.
+            self.expire_due(now)
+        return 0
+
+    cdef int expire_due(self, int64_t now) except -1:
         cdef uint64_t offset
 
         while self.ring.pop_expired(now, &offset):
@@ -844,6 +857,7 @@ cdef class GroupBase:
         self.ring.make_available(offset, not_before)
         return 0
 
+    @cython.final
     cdef Message take_one(self, int64_t now):
         """Deliver the next message, or return None; lock held."""
         cdef SegmentStore store = self.stream.store
@@ -871,6 +885,7 @@ cdef class GroupBase:
             store.report()
         return message
 
+    @cython.final
     cdef bint take_record(self, int64_t now, uint64_t *offset_out,
                           uint32_t *attempt_out,
                           const uint8_t **record) except -1:
@@ -972,6 +987,7 @@ cdef class GroupBase:
             self.skipped += 1
         return False
 
+    @cython.final
     cdef Py_ssize_t take_fresh(self, int64_t now, Py_ssize_t limit,
                                const uint8_t **records, size_t *used,
                                list headers) except -1:
@@ -1064,13 +1080,26 @@ cdef class GroupBase:
                 store.release()
         return taken
 
-    cdef int finish(self, bint settled=False) except -1:
+    @cython.final
+    cdef int finish(self, bint settled) except -1:
         """Sync the journal, move dead letters, delete acked segments.
 
         settled is True after an ack, nack or reject, which wakes waiters.
         A get wakes nobody: a waiter woken by every empty get would retry
-        at once, wake the others in turn, and spin.
+        at once, wake the others in turn, and spin. Most calls have none of
+        this to do, which is checked here before finish_work() runs.
         """
+        if ((settled and self.stream.waiters > 0) or
+                self.journal.policy == FSYNC_ALWAYS or
+                self.unrecorded_dead or self.dead_due or
+                (self.deletes_acked and self.ring.low >= self.delete_mark and
+                 len(self.stream.store.segments) > 1) or
+                len(self.journal.segments) > 1):
+            return self.finish_work(settled)
+        return 0
+
+    cdef int finish_work(self, bint settled) except -1:
+        """Do the work of finish(), each step under its own condition."""
         cdef list due
         cdef uint64_t offset
         cdef int64_t now
@@ -1243,6 +1272,7 @@ cdef class GroupBase:
         """Deliver the lowest available message, or return None."""
         return self.take_now()
 
+    @cython.final
     cdef Message take_now(self):
         cdef int64_t now = self.now()
         cdef Message message = None
@@ -1262,7 +1292,7 @@ cdef class GroupBase:
                     raise
         finally:
             self.release()
-        self.finish()
+        self.finish(False)
         return message
 
     def get_many_nowait(self, Py_ssize_t count):
@@ -1341,7 +1371,7 @@ cdef class GroupBase:
             PyMem_Free(attempts)
             PyMem_Free(records)
             PyMem_Free(used)
-        self.finish()
+        self.finish(False)
         return messages
 
     def get_batch_nowait(self, Py_ssize_t count):
@@ -1479,7 +1509,7 @@ cdef class GroupBase:
             batch.length_bytes = batch.length_bytes[:taken * 8]
         batch.headers = headers
         batch.group = self
-        self.finish()
+        self.finish(False)
         return batch
 
     def unfinished_moves(self):
@@ -1531,6 +1561,7 @@ cdef class GroupBase:
 
     # Settling ------------------------------------------------------------
 
+    @cython.final
     cdef uint64_t check_receipt(self, uint64_t receipt) except? 0:
         cdef uint64_t offset
 
@@ -1544,6 +1575,7 @@ cdef class GroupBase:
         """Settle the delivery named by receipt."""
         self.ack_receipt(receipt)
 
+    @cython.final
     cdef int ack_receipt(self, uint64_t receipt) except -1:
         cdef uint64_t offset
 
@@ -1668,7 +1700,7 @@ cdef class GroupBase:
         finally:
             self.release()
         # expire() may have queued dead letters for finish() to move.
-        self.finish()
+        self.finish(False)
 
     def reject(self, uint64_t receipt, str reason not None="rejected"):
         """Move a delivery's message to the dead-letter queue now."""
@@ -1698,7 +1730,7 @@ cdef class GroupBase:
             self.release()
         # expire() may have queued dead letters: move them before counting,
         # so a message past its last attempt is counted in the DLQ.
-        self.finish()
+        self.finish(False)
         self.acquire()
         try:
             end = store.active.base + store.active.count

@@ -541,13 +541,19 @@ cdef class SegmentStore:
         first[0] = seg.base + seg.count
         if count == 1 and record_size(bodies[0].length) <= (
                 seg.capacity - seg.length):
-            seg.ensure_index(seg.count + 1)
+            if (IDX_HEADER_SIZE + (seg.count + 1) * IDX_ENTRY_SIZE >
+                    seg.index_alloc):
+                seg.ensure_index(seg.count + 1)
             seg.write_record(bodies[0].data, bodies[0].length, timestamp,
                              flags)
             self.written_bytes += record_size(bodies[0].length)
             self.stored_bytes += record_size(bodies[0].length)
             if self.reserve_ahead:
-                self.keep_reserve(seg)
+                if (self.spare is None or seg.index_alloc < seg.index_max or
+                        (not self.spare_warm and
+                         seg.length > seg.capacity // 2)):
+                    # keep_reserve() has nothing to do otherwise.
+                    self.keep_reserve(seg)
             elif self.spare is None and seg.length > seg.capacity // 2:
                 if (self.segment_bytes >= PREFAULT_MIN_BYTES and
                         not self.spare_failed):
