@@ -57,6 +57,17 @@ class Delivery:
     attempt: int
 
 
+@dataclass(frozen=True)
+class BatchItem:
+    """One delivery of a MessageBatch, with the fields a Message has."""
+
+    receipt: int
+    offset: int
+    attempt: int
+    body: bytes
+    headers: dict[str, str]
+
+
 class QueueMachine(RuleBasedStateMachine):
     """Drive pymq's queue jobs and QueueModel with the same calls."""
 
@@ -132,7 +143,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     # Delivering -----------------------------------------------------------
 
-    def _record(self, message: pymq.Message) -> None:
+    def _record(self, message: pymq.Message | BatchItem) -> None:
         previous = self.holders.get(message.offset)
         if previous is not None:
             # A message has at most one holder at a time, so the previous
@@ -149,7 +160,7 @@ class QueueMachine(RuleBasedStateMachine):
             return data.draw(st.sampled_from(live))
         return data.draw(st.sampled_from(self.deliveries))
 
-    def _check_message(self, message: pymq.Message, expected) -> None:
+    def _check_message(self, message: pymq.Message | BatchItem, expected) -> None:
         assert message.offset == expected.offset
         assert message.attempt == expected.attempt
         assert message.body == expected.body
@@ -174,6 +185,22 @@ class QueueMachine(RuleBasedStateMachine):
         for message, expected_delivery in zip(messages, expected, strict=True):
             self._check_message(message, expected_delivery)
             self._record(message)
+
+    @rule(count=st.integers(min_value=1, max_value=6))
+    def get_batch_nowait(self, count: int) -> None:
+        expected = self.model.get_many(count, self.clock.now)
+        batch = self.queue.get_batch_nowait(count)
+        assert len(batch) == len(expected)
+        for index, expected_delivery in enumerate(expected):
+            item = BatchItem(
+                receipt=int(batch.receipts[index]),
+                offset=int(batch.offsets[index]),
+                attempt=int(batch.attempts[index]),
+                body=bytes(batch.body(index)),
+                headers=batch.headers[index] or {},
+            )
+            self._check_message(item, expected_delivery)
+            self._record(item)
 
     # Settling -------------------------------------------------------------
 

@@ -96,7 +96,7 @@ cdef class GroupBase:
     cdef readonly StreamBase stream
     cdef SegmentStore journal         # this group's journal
     cdef RingBuffer ring
-    cdef pymq_mutex *lock      # ring and counters; before store locks
+    cdef pymq_lock *lock       # ring and counters; before store locks
     cdef int64_t visibility_ns
     cdef public uint32_t max_deliveries
     cdef public size_t max_in_flight
@@ -121,15 +121,20 @@ cdef class GroupBase:
 
     cdef int acquire(self) except -1
     cdef void release(self) noexcept
-    cdef int64_t now(self) except? -1
+    cdef inline int64_t now(self) except? -1
     cdef int write_journal(self, uint8_t op, const uint64_t *offsets,
                            const uint32_t *attempts, Py_ssize_t count) except -1
-    cdef int finish(self, bint settled=*) except -1
-    cdef int expire(self, int64_t now) except -1
+    cdef int finish(self, bint settled) except -1
+    cdef int finish_work(self, bint settled) except -1
+    cdef inline int expire(self, int64_t now) except -1
+    cdef int expire_due(self, int64_t now) except -1
     cdef Message take_one(self, int64_t now)
     cdef bint take_record(self, int64_t now, uint64_t *offset_out,
                           uint32_t *attempt_out,
                           const uint8_t **record) except -1
+    cdef Py_ssize_t take_fresh(self, int64_t now, Py_ssize_t limit,
+                               const uint8_t **records, size_t *used,
+                               list headers) except -1
     cdef Message take_now(self)
     cdef int fail(self, uint64_t offset, int64_t not_before, str reason,
                   bint dead_now) except -1

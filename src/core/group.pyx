@@ -1,8 +1,10 @@
 # Message, StreamBase and GroupBase bodies; layouts are in group.pxd.
 
+from cpython.bytes cimport _PyBytes_Resize
 from cpython.dict cimport PyDict_New, PyDict_SetItem
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from cpython.mem cimport PyMem_Realloc
 from libc.stdlib cimport qsort
 from libc.string cimport memcpy
 
@@ -18,6 +20,10 @@ cdef enum:
     MAX_HEADER_KEY_BYTES = 0xFFFF
     DELIVER_ENTRY_BYTES = 12
     CHECKPOINT_ENTRY_BYTES = 13
+    # A run of take_fresh() holds the stream store's lock, which puts wait
+    # for, so it ends after this many records or bytes of records.
+    FRESH_RUN_RECORDS = 1024
+    FRESH_RUN_BYTES = 1024 * 1024
 
 
 cdef str consumer_label(GroupBase group):
@@ -88,6 +94,7 @@ cdef dict decode_headers(const uint8_t *data, size_t length, size_t *used):
 
 @cython.final
 @cython.no_gc
+@cython.freelist(64)
 cdef class Message:
     """One delivery of a message: its body, headers and position.
 
@@ -208,6 +215,54 @@ cdef class MessageBatch:
                              f"{len(starts)}")
         start = int(starts[index])
         return memoryview(self.data)[start:start + int(self.lengths[index])]
+
+
+cdef struct BodyBuffer:
+    PyObject *bytes        # a new bytes object being filled (owned), or NULL
+    size_t size            # bytes filled so far
+    size_t capacity        # the size of bytes
+
+
+cdef extern from "Python.h":
+    char *bytes_pointer "PyBytes_AS_STRING" (PyObject *bytes)
+
+
+cdef int reserve_body_bytes(BodyBuffer *buffer, size_t extra,
+                            Py_ssize_t count) except -1:
+    """Make room for extra more bytes, and at first for count 256-byte bodies.
+
+    The bodies are copied straight into the bytes object that becomes the
+    batch's data. _PyBytes_Resize grows it in place, and take_body_bytes
+    cuts it to size, so no second copy is made.
+    """
+    cdef size_t capacity
+    cdef object created
+
+    if buffer.bytes != NULL and buffer.size + extra <= buffer.capacity:
+        return 0
+    capacity = max(2 * buffer.capacity, buffer.size + extra,
+                   <size_t>count * 256)
+    if buffer.bytes == NULL:
+        created = PyBytes_FromStringAndSize(NULL, capacity)
+        Py_INCREF(created)
+        buffer.bytes = <PyObject *>created
+    else:
+        _PyBytes_Resize(&buffer.bytes, capacity)
+    buffer.capacity = capacity
+    return 0
+
+
+cdef bytes take_body_bytes(BodyBuffer *buffer):
+    """Return the bodies copied so far as bytes, which buffer no longer owns."""
+    cdef object result
+
+    if buffer.bytes == NULL:
+        return b""
+    _PyBytes_Resize(&buffer.bytes, buffer.size)
+    result = <object>buffer.bytes
+    Py_DECREF(result)
+    buffer.bytes = NULL
+    return result
 
 
 cdef int compare_u64(const void *left, const void *right) noexcept nogil:
@@ -473,7 +528,7 @@ cdef class GroupBase:
     """
 
     def __cinit__(self):
-        self.lock = pymq_mutex_new()
+        self.lock = pymq_lock_new()
         if self.lock == NULL:
             raise MemoryError()
         self.dead_due = []
@@ -495,19 +550,21 @@ cdef class GroupBase:
 
     def __dealloc__(self):
         if self.lock != NULL:
-            pymq_mutex_free(self.lock)
+            pymq_lock_free(self.lock)
 
+    @cython.final
     cdef int acquire(self) except -1:
-        lock_without_gil(self.lock)
+        take_lock(self.lock)
         if self.closed:
-            pymq_mutex_unlock(self.lock)
+            pymq_lock_unlock(self.lock)
             raise ClosedError(f"group of stream {self.stream.name} is closed")
         return 0
 
+    @cython.final
     cdef void release(self) noexcept:
-        pymq_mutex_unlock(self.lock)
+        pymq_lock_unlock(self.lock)
 
-    cdef int64_t now(self) except? -1:
+    cdef inline int64_t now(self) except? -1:
         """Return the group's clock: monotonic ns, or clock() when it is set."""
         if self.clock is None:
             return coarse_monotonic_ns()
@@ -525,6 +582,7 @@ cdef class GroupBase:
 
     # Journal -------------------------------------------------------------
 
+    @cython.final
     cdef int write_journal(self, uint8_t op, const uint64_t *offsets,
                            const uint32_t *attempts,
                            Py_ssize_t count) except -1:
@@ -764,7 +822,16 @@ cdef class GroupBase:
 
     # Delivering ----------------------------------------------------------
 
-    cdef int expire(self, int64_t now) except -1:
+    cdef inline int expire(self, int64_t now) except -1:
+        """Fail the deliveries whose deadline passed. The lock is held."""
+        cdef RingBuffer ring = self.ring
+
+        if ring.deadlines.size and ring.deadlines.entries[0].time <= now:
+            # Inline, so that the common case, nothing due, costs no call.
+            self.expire_due(now)
+        return 0
+
+    cdef int expire_due(self, int64_t now) except -1:
         cdef uint64_t offset
 
         while self.ring.pop_expired(now, &offset):
@@ -794,14 +861,22 @@ cdef class GroupBase:
         self.ring.make_available(offset, not_before)
         return 0
 
+    @cython.final
     cdef Message take_one(self, int64_t now):
         """Deliver the next message, or return None; lock held."""
         cdef SegmentStore store = self.stream.store
         cdef const uint8_t *record
         cdef uint64_t offset
         cdef uint32_t attempt
+        cdef size_t used
         cdef Message message
 
+        if self.take_fresh(now, 1, &record, &used, None):
+            try:
+                return Message.new(self, record, self.ring.cursor - 1, 1,
+                                   None, 0)
+            finally:
+                store.release()
         if not self.take_record(now, &offset, &attempt, &record):
             return None
         try:
@@ -814,6 +889,7 @@ cdef class GroupBase:
             store.report()
         return message
 
+    @cython.final
     cdef bint take_record(self, int64_t now, uint64_t *offset_out,
                           uint32_t *attempt_out,
                           const uint8_t **record) except -1:
@@ -915,13 +991,119 @@ cdef class GroupBase:
             self.skipped += 1
         return False
 
-    cdef int finish(self, bint settled=False) except -1:
+    @cython.final
+    cdef Py_ssize_t take_fresh(self, int64_t now, Py_ssize_t limit,
+                               const uint8_t **records, size_t *used,
+                               list headers) except -1:
+        """Deliver a run of up to limit never-delivered offsets in one step.
+
+        take_record() hands out the cursor and the offsets after it only
+        while nothing below the cursor is due. This takes such a run with
+        one pass over the records and one ring update. The run stops before
+        an offset that take_record() must handle: one with no record, a
+        record that fails its check (the CRC included), one routed to a
+        group, or one whose header block cannot be read. With headers None,
+        it also stops before a record with headers. A run ends after
+        FRESH_RUN_RECORDS records or FRESH_RUN_BYTES bytes of records, so
+        that puts wait little for the store lock. The group lock is held.
+
+        Returns the number taken. When it is more than 0, the stream store's
+        lock is still held, records[i] points at the record of offset
+        ring.cursor - taken + i, used[i] is the size of its header block,
+        and headers (unless None) has one more entry, a dict or None, per
+        record. The caller copies what it needs and releases the store
+        lock. When nothing was taken, no store lock is held.
+        """
+        cdef RingBuffer ring = self.ring
+        cdef SegmentStore store = self.stream.store
+        cdef Segment seg
+        cdef uint64_t offset, end
+        cdef Py_ssize_t taken = 0
+        cdef size_t size, header_size, run_bytes = 0
+        cdef uint32_t pos, flags
+        cdef const uint8_t *record
+        cdef bint keep_lock = False
+
+        if ring.ready_due(now):
+            return 0
+        if ring.delivered - self.dead_pending >= self.max_in_flight:
+            return 0
+        limit = min(<size_t>limit, self.max_in_flight -
+                    (ring.delivered - self.dead_pending))
+        store.acquire_raw()
+        try:
+            if store.closed or not store.segments or (
+                    ring.low < (<Segment>store.segments[0]).base):
+                # take_record() raises for a closed store, and skips
+                # offsets that retention deleted.
+                return 0
+            end = store.active.base + store.active.count
+            if end <= ring.cursor:
+                return 0
+            limit = min(<uint64_t>limit, end - ring.cursor,
+                        FRESH_RUN_RECORDS)
+            offset = ring.cursor
+            seg = store.last_read
+            while taken < limit and run_bytes < FRESH_RUN_BYTES:
+                if (seg is None or offset < seg.base or
+                        offset - seg.base >= seg.count):
+                    seg = store.find(offset)
+                    if seg is None:
+                        break
+                pos = seg.position(offset)
+                if pos == IDX_MISSING or not valid_record(
+                        seg.data, seg.length, pos, offset, offset + 1, &size):
+                    break
+                record = seg.data + pos
+                flags = load_u32(record + REC_OFF_FLAGS)
+                header_size = 0
+                if flags & REC_FLAG_TARGETED:
+                    break
+                if flags & REC_FLAG_HEADERS:
+                    if headers is None:
+                        break
+                    try:
+                        header_map = decode_headers(
+                            record + REC_HEADER_SIZE,
+                            load_u32(record + REC_OFF_LENGTH), &header_size)
+                    except (ValueError, UnicodeDecodeError):
+                        break
+                    headers.append(header_map)
+                elif headers is not None:
+                    headers.append(None)
+                records[taken] = record
+                used[taken] = header_size
+                run_bytes += size
+                taken += 1
+                offset += 1
+            if taken:
+                ring.take_fresh(taken, now + self.visibility_ns)
+                keep_lock = True
+        finally:
+            if not keep_lock:
+                store.release()
+        return taken
+
+    @cython.final
+    cdef int finish(self, bint settled) except -1:
         """Sync the journal, move dead letters, delete acked segments.
 
         settled is True after an ack, nack or reject, which wakes waiters.
         A get wakes nobody: a waiter woken by every empty get would retry
-        at once, wake the others in turn, and spin.
+        at once, wake the others in turn, and spin. Most calls have none of
+        this to do, which is checked here before finish_work() runs.
         """
+        if ((settled and self.stream.waiters > 0) or
+                self.journal.policy == FSYNC_ALWAYS or
+                self.unrecorded_dead or self.dead_due or
+                (self.deletes_acked and self.ring.low >= self.delete_mark and
+                 len(self.stream.store.segments) > 1) or
+                len(self.journal.segments) > 1):
+            return self.finish_work(settled)
+        return 0
+
+    cdef int finish_work(self, bint settled) except -1:
+        """Do the work of finish(), each step under its own condition."""
         cdef list due
         cdef uint64_t offset
         cdef int64_t now
@@ -1094,6 +1276,7 @@ cdef class GroupBase:
         """Deliver the lowest available message, or return None."""
         return self.take_now()
 
+    @cython.final
     cdef Message take_now(self):
         cdef int64_t now = self.now()
         cdef Message message = None
@@ -1113,17 +1296,22 @@ cdef class GroupBase:
                     raise
         finally:
             self.release()
-        self.finish()
+        self.finish(False)
         return message
 
     def get_many_nowait(self, Py_ssize_t count):
         """Deliver up to count available messages, lowest offsets first."""
         cdef int64_t now = self.now()
+        cdef SegmentStore store = self.stream.store
         cdef list messages = []
+        cdef list run_headers = []
         cdef Message message
-        cdef uint64_t *offsets
-        cdef uint32_t *attempts
-        cdef Py_ssize_t i
+        cdef uint64_t *offsets = NULL
+        cdef uint32_t *attempts = NULL
+        cdef const uint8_t **records = NULL
+        cdef size_t *used = NULL
+        cdef Py_ssize_t taken = 0, run, i
+        cdef uint64_t first
 
         if count <= 0:
             raise ValueError(f"count is {count}; it must be 1 or more")
@@ -1131,37 +1319,63 @@ cdef class GroupBase:
         # what fits in one record.
         count = min(count, (self.journal.max_message_bytes - 5) //
                     DELIVER_ENTRY_BYTES)
-        self.acquire()
         try:
+            offsets = <uint64_t *>PyMem_Malloc(count * 8)
+            attempts = <uint32_t *>PyMem_Malloc(count * 4)
+            records = <const uint8_t **>PyMem_Malloc(
+                count * sizeof(const uint8_t *))
+            used = <size_t *>PyMem_Malloc(count * sizeof(size_t))
+            if (offsets == NULL or attempts == NULL or records == NULL or
+                    used == NULL):
+                raise MemoryError()
+            self.acquire()
             try:
-                self.expire(now)
-                while len(messages) < count:
-                    message = self.take_one(now)
-                    if message is None:
-                        break
-                    messages.append(message)
-                if messages:
-                    offsets = <uint64_t *>PyMem_Malloc(len(messages) * 8)
-                    attempts = <uint32_t *>PyMem_Malloc(len(messages) * 4)
-                    try:
-                        if offsets == NULL or attempts == NULL:
-                            raise MemoryError()
-                        for i in range(len(messages)):
-                            offsets[i] = (<Message>messages[i]).offset
-                            attempts[i] = (<Message>messages[i]).attempt
+                try:
+                    self.expire(now)
+                    while taken < count:
+                        run = self.take_fresh(now, count - taken, records,
+                                              used, run_headers)
+                        if run:
+                            # Counted as taken first, so that a failure
+                            # below hands the whole run back.
+                            first = self.ring.cursor - run
+                            for i in range(run):
+                                offsets[taken + i] = first + i
+                                attempts[taken + i] = 1
+                            taken += run
+                            try:
+                                for i in range(run):
+                                    messages.append(Message.new(
+                                        self, records[i], first + i, 1,
+                                        run_headers[i], used[i]))
+                            finally:
+                                store.release()
+                            del run_headers[:]
+                            continue
+                        message = self.take_one(now)
+                        if message is None:
+                            break
+                        offsets[taken] = message.offset
+                        attempts[taken] = message.attempt
+                        taken += 1
+                        messages.append(message)
+                    if taken:
                         self.write_journal(JOURNAL_DELIVER, offsets, attempts,
-                                           len(messages))
-                    finally:
-                        PyMem_Free(offsets)
-                        PyMem_Free(attempts)
-            except BaseException:
-                # None was journaled, so none is handed out (see take_now).
-                for message in messages:
-                    self.ring.untake(message.offset)
-                raise
+                                           taken)
+                except BaseException:
+                    # None was journaled, so none is handed out (see
+                    # take_now).
+                    for i in range(taken):
+                        self.ring.untake(offsets[i])
+                    raise
+            finally:
+                self.release()
         finally:
-            self.release()
-        self.finish()
+            PyMem_Free(offsets)
+            PyMem_Free(attempts)
+            PyMem_Free(records)
+            PyMem_Free(used)
+        self.finish(False)
         return messages
 
     def get_batch_nowait(self, Py_ssize_t count):
@@ -1172,14 +1386,14 @@ cdef class GroupBase:
         """
         cdef int64_t now = self.now()
         cdef SegmentStore store = self.stream.store
-        cdef Py_ssize_t taken = 0, i
+        cdef Py_ssize_t taken = 0, run, i, index
         cdef const uint8_t *record
-        cdef const uint8_t *body
-        cdef uint64_t offset, length
+        cdef uint64_t offset, length, first
         cdef uint32_t attempt
-        cdef size_t used, size = 0, capacity = 0
-        cdef uint8_t *data = NULL
-        cdef uint8_t *grown
+        cdef size_t size = 0, needed
+        cdef BodyBuffer data
+        cdef const uint8_t **records = NULL
+        cdef size_t *used = NULL
         cdef uint64_t *offsets
         cdef uint64_t *receipts
         cdef uint32_t *attempts
@@ -1193,6 +1407,8 @@ cdef class GroupBase:
             raise ValueError(f"count is {count}; it must be 1 or more")
         count = min(count, (self.journal.max_message_bytes - 5) //
                     DELIVER_ENTRY_BYTES)
+        data.bytes = NULL
+        data.size = data.capacity = 0
         batch = MessageBatch.__new__(MessageBatch)
         batch.offset_bytes = PyBytes_FromStringAndSize(NULL, count * 8)
         batch.receipt_bytes = PyBytes_FromStringAndSize(NULL, count * 8)
@@ -1205,41 +1421,73 @@ cdef class GroupBase:
         timestamps = <int64_t *>PyBytes_AS_STRING(batch.timestamp_bytes)
         lengths = <uint64_t *>PyBytes_AS_STRING(batch.length_bytes)
         try:
+            records = <const uint8_t **>PyMem_Malloc(
+                count * sizeof(const uint8_t *))
+            used = <size_t *>PyMem_Malloc(count * sizeof(size_t))
+            if records == NULL or used == NULL:
+                raise MemoryError()
             self.acquire()
             try:
                 try:
                     self.expire(now)
                     while taken < count:
+                        run = self.take_fresh(now, count - taken, records,
+                                              used, headers)
+                        if run:
+                            # Counted as taken first, so that a failure
+                            # below hands the whole run back.
+                            first = self.ring.cursor - run
+                            for i in range(run):
+                                offsets[taken + i] = first + i
+                                attempts[taken + i] = 1
+                                receipts[taken + i] = make_receipt(first + i,
+                                                                   1)
+                            index = taken
+                            taken += run
+                            try:
+                                needed = 0
+                                for i in range(run):
+                                    needed += load_u32(
+                                        records[i] + REC_OFF_LENGTH) - used[i]
+                                reserve_body_bytes(&data, needed, count)
+                                for i in range(run):
+                                    record = records[i]
+                                    length = load_u32(
+                                        record + REC_OFF_LENGTH) - used[i]
+                                    memcpy(bytes_pointer(data.bytes) +
+                                           data.size,
+                                           record + REC_HEADER_SIZE + used[i],
+                                           length)
+                                    data.size += length
+                                    lengths[index + i] = length
+                                    timestamps[index + i] = <int64_t>load_u64(
+                                        record + REC_OFF_TIMESTAMP)
+                            finally:
+                                store.release()
+                            continue
                         if not self.take_record(now, &offset, &attempt,
                                                 &record):
                             break
-                        try:
-                            length = load_u32(record + REC_OFF_LENGTH)
-                            body = record + REC_HEADER_SIZE
-                            used = self.taken_used
-                            header_map = self.taken_headers
-                            self.taken_headers = None
-                            if size + length - used > capacity:
-                                capacity = max(2 * capacity,
-                                               size + length - used,
-                                               <size_t>count * 256)
-                                grown = <uint8_t *>PyMem_Realloc(data,
-                                                                 capacity)
-                                if grown == NULL:
-                                    raise MemoryError()
-                                data = grown
-                            memcpy(data + size, body + used, length - used)
-                            timestamps[taken] = <int64_t>load_u64(
-                                record + REC_OFF_TIMESTAMP)
-                        finally:
-                            store.release()
-                        size += length - used
                         offsets[taken] = offset
                         attempts[taken] = attempt
                         receipts[taken] = make_receipt(offset, attempt)
-                        lengths[taken] = length - used
-                        headers.append(header_map)
                         taken += 1
+                        try:
+                            header_map = self.taken_headers
+                            self.taken_headers = None
+                            headers.append(header_map)
+                            length = load_u32(
+                                record + REC_OFF_LENGTH) - self.taken_used
+                            reserve_body_bytes(&data, length, count)
+                            memcpy(bytes_pointer(data.bytes) + data.size,
+                                   record + REC_HEADER_SIZE + self.taken_used,
+                                   length)
+                            data.size += length
+                            lengths[taken - 1] = length
+                            timestamps[taken - 1] = <int64_t>load_u64(
+                                record + REC_OFF_TIMESTAMP)
+                        finally:
+                            store.release()
                     if taken:
                         self.write_journal(JOURNAL_DELIVER, offsets, attempts,
                                            taken)
@@ -1252,9 +1500,11 @@ cdef class GroupBase:
                 self.release()
             if store.events_pending:
                 store.report()
-            batch.data = PyBytes_FromStringAndSize(<const char *>data, size)
+            batch.data = take_body_bytes(&data)
         finally:
-            PyMem_Free(data)
+            Py_XDECREF(data.bytes)
+            PyMem_Free(records)
+            PyMem_Free(used)
         if taken < count:
             batch.offset_bytes = batch.offset_bytes[:taken * 8]
             batch.receipt_bytes = batch.receipt_bytes[:taken * 8]
@@ -1263,7 +1513,7 @@ cdef class GroupBase:
             batch.length_bytes = batch.length_bytes[:taken * 8]
         batch.headers = headers
         batch.group = self
-        self.finish()
+        self.finish(False)
         return batch
 
     def unfinished_moves(self):
@@ -1315,6 +1565,7 @@ cdef class GroupBase:
 
     # Settling ------------------------------------------------------------
 
+    @cython.final
     cdef uint64_t check_receipt(self, uint64_t receipt) except? 0:
         cdef uint64_t offset
 
@@ -1328,6 +1579,7 @@ cdef class GroupBase:
         """Settle the delivery named by receipt."""
         self.ack_receipt(receipt)
 
+    @cython.final
     cdef int ack_receipt(self, uint64_t receipt) except -1:
         cdef uint64_t offset
 
@@ -1403,11 +1655,11 @@ cdef class GroupBase:
             self.acquire()
             try:
                 self.expire(self.now())
-                for i in range(count):
-                    offsets[i] = self.check_receipt(receipts[i])
+                i = self.ring.lookup_many(receipts, offsets, count)
+                if i >= 0:
+                    self.check_receipt(receipts[i])
                 self.write_journal(JOURNAL_ACK, offsets, NULL, count)
-                for i in range(count):
-                    self.ring.settle(offsets[i])
+                self.ring.settle_many(offsets, count)
                 self.acked += count
             finally:
                 self.release()
@@ -1452,7 +1704,7 @@ cdef class GroupBase:
         finally:
             self.release()
         # expire() may have queued dead letters for finish() to move.
-        self.finish()
+        self.finish(False)
 
     def reject(self, uint64_t receipt, str reason not None="rejected"):
         """Move a delivery's message to the dead-letter queue now."""
@@ -1482,7 +1734,7 @@ cdef class GroupBase:
             self.release()
         # expire() may have queued dead letters: move them before counting,
         # so a message past its last attempt is counted in the DLQ.
-        self.finish()
+        self.finish(False)
         self.acquire()
         try:
             end = store.active.base + store.active.count
@@ -1515,7 +1767,7 @@ cdef class GroupBase:
             self.try_checkpoint("at close")
             self.closed = True
         finally:
-            pymq_mutex_unlock(self.lock)
+            pymq_lock_unlock(self.lock)
         self.journal.close()
 
 

@@ -78,10 +78,17 @@ cdef class RingBuffer:
     cdef int compact(self) except -1
     cdef int advance_low(self) except -1
     cdef int promote(self, int64_t now) except -1
+    cdef int ready_due(self, int64_t now) except -1
     cdef int take(self, int64_t now, uint64_t end, int64_t deadline,
                   uint64_t *offset, uint32_t *attempt) except -1
+    cdef int take_fresh(self, uint64_t count, int64_t deadline) except -1
     cdef int lookup(self, uint64_t receipt, uint64_t *offset) except -1
+    cdef Py_ssize_t lookup_many(self, const uint64_t *receipts,
+                                uint64_t *offsets,
+                                Py_ssize_t count) except -2
     cdef int settle(self, uint64_t offset) except -1
+    cdef int settle_many(self, const uint64_t *offsets,
+                         Py_ssize_t count) except -1
     cdef int make_available(self, uint64_t offset, int64_t not_before) except -1
     cdef int untake(self, uint64_t offset) except -1
     cdef int set_deadline(self, uint64_t offset, int64_t deadline) except -1

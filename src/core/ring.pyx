@@ -37,6 +37,43 @@ cdef int timed_push(TimedHeap *heap, int64_t time, uint64_t offset,
     return 0
 
 
+cdef int timed_push_run(TimedHeap *heap, int64_t time, uint64_t first,
+                        uint64_t count, uint32_t attempt) except -1:
+    """Push the entries (time, first + i, attempt), for i < count, as
+    timed_push() does.
+
+    Deadlines grow with the clock, so each new entry usually stays where it
+    is appended, after one comparison with its parent.
+    """
+    cdef size_t i, parent, needed = heap.size + count, capacity
+    cdef TimedEntry *grown
+    cdef TimedEntry entry
+    cdef uint64_t offset
+
+    if needed > heap.capacity:
+        capacity = max(heap.capacity * 2, needed, HEAP_INITIAL_ENTRIES)
+        grown = <TimedEntry *>realloc(heap.entries,
+                                      capacity * sizeof(TimedEntry))
+        if grown == NULL:
+            raise MemoryError()
+        heap.entries = grown
+        heap.capacity = capacity
+    entry.time = time
+    entry.attempt = attempt
+    for offset in range(first, first + count):
+        entry.offset = offset
+        i = heap.size
+        heap.size += 1
+        while i > 0:
+            parent = (i - 1) // 2
+            if not timed_before(&entry, &heap.entries[parent]):
+                break
+            heap.entries[i] = heap.entries[parent]
+            i = parent
+        heap.entries[i] = entry
+    return 0
+
+
 cdef inline bint timed_before(const TimedEntry *a,
                               const TimedEntry *b) noexcept nogil:
     return a.time < b.time or (a.time == b.time and a.offset < b.offset)
@@ -224,6 +261,31 @@ cdef class RingBuffer:
             timed_pop(&self.delayed)
         return 0
 
+    cdef int ready_due(self, int64_t now) except -1:
+        """Return 1 when a due offset is at the top of ready, else 0.
+
+        Delayed slots that are due are promoted first, and stale entries on
+        top are dropped. The entry left at the top, if any, is the lowest
+        available offset below cursor.
+        """
+        cdef Slot *slot
+        cdef uint64_t candidate
+
+        self.promote(now)
+        while self.ready.size:
+            candidate = self.ready.entries[0]
+            if candidate >= self.low:
+                slot = self.slot(candidate)
+                if slot.state == SLOT_AVAILABLE:
+                    if slot.time <= now:
+                        return 1
+                    # Not due yet (the clock passed in went back): wait in
+                    # the delayed heap rather than be dropped.
+                    timed_push(&self.delayed, slot.time, candidate,
+                               slot.attempt)
+            offset_pop(&self.ready)
+        return 0
+
     cdef int take(self, int64_t now, uint64_t end, int64_t deadline,
                   uint64_t *offset, uint32_t *attempt) except -1:
         """Deliver the lowest available offset below end; 1 if one was.
@@ -233,25 +295,14 @@ cdef class RingBuffer:
         cdef Slot *slot
         cdef uint64_t candidate
 
-        self.promote(now)
-        while self.ready.size:
+        if self.ready_due(now):
             candidate = self.ready.entries[0]
             if candidate >= end:
                 # The lowest ready offset is past end, so every other is too.
                 return 0
             offset_pop(&self.ready)
-            if candidate < self.low:
-                continue
             slot = self.slot(candidate)
-            if slot.state != SLOT_AVAILABLE:
-                continue
-            if slot.time > now:
-                # Not due yet (the clock passed in went back): wait in the
-                # delayed heap rather than be dropped.
-                timed_push(&self.delayed, slot.time, candidate, slot.attempt)
-                continue
             self.waiting -= 1
-            break
         else:
             if self.cursor >= end:
                 return 0
@@ -272,6 +323,30 @@ cdef class RingBuffer:
         offset[0] = candidate
         attempt[0] = slot.attempt
         return 1
+
+    cdef int take_fresh(self, uint64_t count, int64_t deadline) except -1:
+        """Deliver the count offsets from cursor on, all first attempts.
+
+        The caller found nothing due in ready (ready_due returned 0), so
+        take() would hand out these offsets one by one, in this order. Each
+        slot's deadline becomes deadline.
+        """
+        cdef uint64_t offset
+        cdef Slot *slot
+
+        while self.cursor + count - self.low > self.capacity:
+            self.grow()
+        for offset in range(self.cursor, self.cursor + count):
+            slot = self.slot(offset)
+            slot.state = SLOT_DELIVERED
+            slot.attempt = 1
+            slot.time = deadline
+        if self.deadlines.size >= 2 * self.delivered + HEAP_INITIAL_ENTRIES:
+            self.compact()
+        timed_push_run(&self.deadlines, deadline, self.cursor, count, 1)
+        self.cursor += count
+        self.delivered += count
+        return 0
 
     cdef int lookup(self, uint64_t receipt, uint64_t *offset) except -1:
         """Set offset for a receipt of a delivery in flight; else return 1."""
@@ -306,6 +381,42 @@ cdef class RingBuffer:
         slot.state = SLOT_SETTLED
         if offset == self.low:
             self.advance_low()
+        return 0
+
+    cdef Py_ssize_t lookup_many(self, const uint64_t *receipts,
+                                uint64_t *offsets,
+                                Py_ssize_t count) except -2:
+        """Set offsets[i] for each receipt in flight, and return -1 when all
+        are in flight.
+
+        Otherwise returns the index of the first receipt that is not, with
+        the offsets before it set.
+        """
+        cdef Py_ssize_t i
+
+        for i in range(count):
+            if self.lookup(receipts[i], &offsets[i]):
+                return i
+        return -1
+
+    cdef int settle_many(self, const uint64_t *offsets,
+                         Py_ssize_t count) except -1:
+        """Run settle() on each of count distinct offsets; low moves once."""
+        cdef Py_ssize_t i
+        cdef uint64_t offset
+        cdef Slot *slot
+
+        for i in range(count):
+            offset = offsets[i]
+            if offset < self.low or offset >= self.cursor:
+                continue
+            slot = self.slot(offset)
+            if slot.state == SLOT_DELIVERED:
+                self.delivered -= 1
+            elif slot.state == SLOT_AVAILABLE:
+                self.waiting -= 1
+            slot.state = SLOT_SETTLED
+        self.advance_low()
         return 0
 
     cdef int make_available(self, uint64_t offset,

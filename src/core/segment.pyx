@@ -45,8 +45,7 @@ cdef inline size_t page_floor(size_t position) noexcept nogil:
 
 cdef uint32_t record_crc(const uint8_t *header, const uint8_t *body,
                          size_t length) noexcept nogil:
-    cdef uint32_t crc = pymq_crc32c(0, header, REC_OFF_CRC)
-    return pymq_crc32c(crc, body, length)
+    return pymq_crc32c_pair(header, REC_OFF_CRC, body, length)
 
 
 cdef bint valid_record(const uint8_t *data, size_t capacity, size_t pos,
@@ -590,6 +589,10 @@ cdef class Segment:
         cdef size_t size = record_size(length)
         cdef uint64_t offset = self.base + self.count
 
+        if length & (REC_ALIGN - 1):
+            # Zero the padding. The body, copied below, overwrites the rest
+            # of this last word.
+            store_u64(header + size - REC_ALIGN, 0)
         store_u32(header + REC_OFF_MAGIC, REC_MAGIC)
         store_u32(header + REC_OFF_LENGTH, <uint32_t>length)
         store_u64(header + REC_OFF_OFFSET, offset)
@@ -607,8 +610,6 @@ cdef class Segment:
             memcpy(header + REC_HEADER_SIZE, body, length)
             store_u32(header + REC_OFF_CRC, record_crc(
                 header, header + REC_HEADER_SIZE, length))
-        memset(header + REC_HEADER_SIZE + length, 0,
-               size - REC_HEADER_SIZE - length)
         store_u32(self.index_entry(offset), <uint32_t>self.length)
         self.length += size
         self.count += 1

@@ -49,7 +49,7 @@ cdef class SegmentStore:
     # Lock order: sync_lock before lock. lock guards the segment list and
     # every length and counter; sync_lock lets one thread sync at a time
     # and keeps segments mapped while it syncs them.
-    cdef pymq_mutex *lock
+    cdef pymq_lock *lock
     cdef pymq_mutex *sync_lock
     # Group commit: commit_lock guards syncing; threads whose records a
     # sync under way will cover wait on commit_done rather than sync.

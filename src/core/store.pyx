@@ -189,7 +189,7 @@ cdef class SegmentStore:
     """
 
     def __cinit__(self):
-        self.lock = pymq_mutex_new()
+        self.lock = pymq_lock_new()
         self.sync_lock = pymq_mutex_new()
         self.commit_lock = pymq_mutex_new()
         self.commit_done = pymq_cond_new()
@@ -238,7 +238,7 @@ cdef class SegmentStore:
 
     def __dealloc__(self):
         if self.lock != NULL:
-            pymq_mutex_free(self.lock)
+            pymq_lock_free(self.lock)
         if self.sync_lock != NULL:
             pymq_mutex_free(self.sync_lock)
         pymq_mutex_free(self.commit_lock)
@@ -260,17 +260,17 @@ cdef class SegmentStore:
         """Take lock, waiting without the GIL; raise if the store closed."""
         self.acquire_raw()
         if self.closed:
-            pymq_mutex_unlock(self.lock)
+            pymq_lock_unlock(self.lock)
             raise ClosedError(f"segment store {self.path} is closed")
         return 0
 
     cdef int acquire_raw(self) except -1:
         """Take lock, waiting without the GIL, whether closed or not."""
-        lock_without_gil(self.lock)
+        take_lock(self.lock)
         return 0
 
     cdef void release(self) noexcept:
-        pymq_mutex_unlock(self.lock)
+        pymq_lock_unlock(self.lock)
 
     cdef int acquire_sync(self) except -1:
         lock_without_gil(self.sync_lock)
@@ -543,13 +543,19 @@ cdef class SegmentStore:
         first[0] = seg.base + seg.count
         if count == 1 and record_size(bodies[0].length) <= (
                 seg.capacity - seg.length):
-            seg.ensure_index(seg.count + 1)
+            if (IDX_HEADER_SIZE + (seg.count + 1) * IDX_ENTRY_SIZE >
+                    seg.index_alloc):
+                seg.ensure_index(seg.count + 1)
             seg.write_record(bodies[0].data, bodies[0].length, timestamp,
                              flags)
             self.written_bytes += record_size(bodies[0].length)
             self.stored_bytes += record_size(bodies[0].length)
             if self.reserve_ahead:
-                self.keep_reserve(seg)
+                if (self.spare is None or seg.index_alloc < seg.index_max or
+                        (not self.spare_warm and
+                         seg.length > seg.capacity // 2)):
+                    # keep_reserve() has nothing to do otherwise.
+                    self.keep_reserve(seg)
             elif self.spare is None and seg.length > seg.capacity // 2:
                 if (self.segment_bytes >= PREFAULT_MIN_BYTES and
                         not self.spare_failed):

@@ -5,6 +5,9 @@ Usage: consumer.py DATA_DIR MODE
 MODE "hold": take the first 5 messages of queue jobs, ack the first 3, print
 a JSON line {"acked": [...], "held": [...]}, then sleep until killed.
 
+MODE "hold-batch": like "hold", with get_batch and ack_many of the first 3
+receipts; both lists of its report hold [offset, attempt] pairs.
+
 MODE "once": take one message of queue jobs. A body of b"poison" makes the
 process SIGKILL itself while the delivery is in flight; any other body is
 acked and printed as a JSON line {"body": ..., "attempt": ...}. Prints
@@ -35,6 +38,21 @@ def hold(broker: pymq.Broker) -> None:
     time.sleep(60)
 
 
+def hold_batch(broker: pymq.Broker) -> None:
+    q = broker.queue("jobs")
+    batch = q.get_batch(5, timeout=5.0)
+    q.ack_many(batch.receipts[:3].tolist())
+    offsets = batch.offsets.tolist()
+    attempts = batch.attempts.tolist()
+    pairs = [
+        [offset, attempt] for offset, attempt in zip(offsets, attempts, strict=True)
+    ]
+    report = {"acked": pairs[:3], "held": pairs[3:]}
+    print(json.dumps(report), flush=True)
+    # The test kills this process by its pid; the bound only ends an orphan.
+    time.sleep(60)
+
+
 def once(broker: pymq.Broker) -> None:
     q = broker.queue("jobs")
     msg = q.get(timeout=0.5)
@@ -50,7 +68,7 @@ def once(broker: pymq.Broker) -> None:
 def main() -> None:
     data, mode = sys.argv[1], sys.argv[2]
     with pymq.open(data) as broker:
-        {"hold": hold, "once": once}[mode](broker)
+        {"hold": hold, "hold-batch": hold_batch, "once": once}[mode](broker)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ from pymq import (
     MessageTooLargeError,
     OffsetNotFoundError,
     SegmentStore,
+    _core,
 )
 from tests.model import record_size, segment_file_names
 
@@ -87,6 +89,34 @@ def fill_lone_segments(store: SegmentStore, count: int) -> list[bytes]:
 
 
 # append ---------------------------------------------------------------------
+
+
+def test_record_crc_and_padding_on_disk(segment_dir: Path) -> None:
+    # Lengths around the 8-byte words, and around 3 x 128 bytes, where the
+    # CRC of a longer body runs in three lanes.
+    lengths = [*range(20), 100, 383, 384, 385, 1000]
+    bodies = [bytes((7 * n + i) % 251 for i in range(n)) for n in lengths]
+    with SegmentStore(segment_dir, segment_bytes=65536, fsync="never") as store:
+        for body in bodies[:10]:
+            store.append(body, flags=3)
+        store.append_many(bodies[10:], flags=3)
+    data = (segment_dir / segment_file_names(0)[0]).read_bytes()
+    position = 0
+    for offset, body in enumerate(bodies):
+        header = data[position : position + 32]
+        magic, length, stored_offset, _, flags, crc = struct.unpack("<IIQqII", header)
+        assert magic == 0x52514D50
+        assert length == len(body)
+        assert stored_offset == offset
+        assert flags == 3
+        assert data[position + 32 : position + 32 + length] == body
+        expected_crc = _core.crc32c_portable(header[:28] + body)
+        assert crc == expected_crc, offset
+        size = record_size(length)
+        assert data[position + 32 + length : position + size] == bytes(
+            size - 32 - length
+        )
+        position += size
 
 
 def test_append_returns_consecutive_offsets(store: SegmentStore) -> None:
@@ -1407,6 +1437,30 @@ def test_append_from_threads_keeps_every_record(segment_dir: Path) -> None:
         assert all(
             records[offset][3] == mine[i] for i, offset in enumerate(offsets[index])
         )
+
+
+def test_large_appends_from_threads_share_lock(segment_dir: Path) -> None:
+    # Bodies of 16 KiB and more are copied with the GIL released while the
+    # store's lock is held, so the other threads wait for that lock.
+    thread_count, per_thread, size = 4, 100, 20_000
+    offsets: list[list[int]] = [[] for _ in range(thread_count)]
+
+    def body(index: int, i: int) -> bytes:
+        return (b"%d:%05d:" % (index, i)) * (size // 8)
+
+    def work(index: int) -> None:
+        for i in range(per_thread):
+            offsets[index].append(store.append(body(index, i)))
+            if i % 10 == 0:
+                store.read_range(max(0, store.next_offset - 5), store.next_offset)
+
+    with SegmentStore(segment_dir, segment_bytes=1 << 20) as store:
+        assert run_threads(thread_count, work) == []
+        for index in range(thread_count):
+            for i, offset in enumerate(offsets[index]):
+                assert store.read(offset) == body(index, i), (index, i)
+        assert store.next_offset == thread_count * per_thread
+        assert store.damaged == 0
 
 
 def test_append_many_from_threads_keeps_batches_whole(segment_dir: Path) -> None:

@@ -12,6 +12,12 @@
 /* Continue a CRC: pass 0 to start, or the result of an earlier call. */
 uint32_t pymq_crc32c(uint32_t crc, const void *data, size_t length);
 
+/* Return the CRC of first followed by second, as if they were one buffer.
+ * Two pymq_crc32c calls would each look up the implementation, and the
+ * x86-64 path runs short buffers through one chain of crc32 instructions. */
+uint32_t pymq_crc32c_pair(const void *first, size_t first_length,
+                          const void *second, size_t second_length);
+
 /* The portable table path, for tests that compare both implementations. */
 uint32_t pymq_crc32c_portable(uint32_t crc, const void *data, size_t length);
 

@@ -5,6 +5,8 @@ from libc.stdint cimport int64_t, uint32_t
 
 cdef extern from "includes/crc32c.h" nogil:
     uint32_t pymq_crc32c(uint32_t crc, const void *data, size_t length)
+    uint32_t pymq_crc32c_pair(const void *first, size_t first_length,
+                              const void *second, size_t second_length)
     uint32_t pymq_crc32c_portable(uint32_t crc, const void *data,
                                   size_t length)
     const char *pymq_crc32c_impl()
@@ -72,6 +74,13 @@ cdef extern from "includes/mutex.h" nogil:
     void pymq_cond_free(pymq_cond *cond)
     void pymq_cond_wait(pymq_cond *cond, pymq_mutex *mutex)
     void pymq_cond_broadcast(pymq_cond *cond)
+    ctypedef struct pymq_lock:
+        pass
+    pymq_lock *pymq_lock_new()
+    void pymq_lock_free(pymq_lock *lock)
+    bint pymq_lock_trylock(pymq_lock *lock)
+    void pymq_lock_lock(pymq_lock *lock)
+    void pymq_lock_unlock(pymq_lock *lock)
 
 
 cdef inline void lock_without_gil(pymq_mutex *mutex) noexcept:
@@ -83,6 +92,16 @@ cdef inline void lock_without_gil(pymq_mutex *mutex) noexcept:
     if not pymq_mutex_trylock(mutex):
         with nogil:
             pymq_mutex_lock(mutex)
+
+
+cdef inline void take_lock(pymq_lock *lock) noexcept:
+    """Lock lock; when it is taken, wait for it with the GIL released.
+
+    As in lock_without_gil(), waiting with the GIL held could deadlock.
+    """
+    if not pymq_lock_trylock(lock):
+        with nogil:
+            pymq_lock_lock(lock)
 
 
 cdef extern from "includes/allocator.h" nogil:
