@@ -335,7 +335,7 @@ def test_ack_many_stale_receipt_settles_none(broker: pymq.Broker) -> None:
     receipts = batch.receipts.tolist()
     jobs.ack_many(receipts[:1])
     with pytest.raises(
-        StaleReceiptError, match=f"receipt {receipts[0]} of stream jobs"
+        StaleReceiptError, match=f"receipt {receipts[0]} of queue jobs"
     ):
         jobs.ack_many(batch)
     assert jobs.stats().in_flight == 4

@@ -9,6 +9,7 @@ from libc.stdlib cimport qsort
 from libc.string cimport memcpy
 
 import logging
+import os
 import time
 
 cdef object broker_logger = logging.getLogger("pymq.broker")
@@ -120,7 +121,7 @@ cdef class Message:
         message.offset = offset
         message.timestamp = <int64_t>load_u64(header + REC_OFF_TIMESTAMP)
         message.attempt = attempt
-        message.receipt = make_receipt(offset, attempt)
+        message.receipt = group.ring.receipt(offset, attempt)
         message.group = group
         return message
 
@@ -794,6 +795,7 @@ cdef class GroupBase:
                     moving.add(load_u64(data + 5 + 8 * i))
 
         self.ring = RingBuffer(low)
+        self.ring.receipt_key = int.from_bytes(os.urandom(8), "little")
         for offset in sorted(attempts.keys() | settled):
             if offset >= low:
                 # A checkpoint lists only unsettled offsets: the others
@@ -1440,8 +1442,8 @@ cdef class GroupBase:
                             for i in range(run):
                                 offsets[taken + i] = first + i
                                 attempts[taken + i] = 1
-                                receipts[taken + i] = make_receipt(first + i,
-                                                                   1)
+                                receipts[taken + i] = self.ring.receipt(
+                                    first + i, 1)
                             index = taken
                             taken += run
                             try:
@@ -1470,7 +1472,7 @@ cdef class GroupBase:
                             break
                         offsets[taken] = offset
                         attempts[taken] = attempt
-                        receipts[taken] = make_receipt(offset, attempt)
+                        receipts[taken] = self.ring.receipt(offset, attempt)
                         taken += 1
                         try:
                             header_map = self.taken_headers

@@ -15,6 +15,10 @@
 # hand-out and a stale one no longer matches its slot.
 # NOTE: only 16 bits of the attempt are kept, so a receipt from 65,536
 # deliveries earlier of the same offset would match again.
+#
+# Receipts handed out are XORed with receipt_key, which a group draws at
+# random when it opens. So a receipt of another group, or of an earlier
+# open, names an offset far outside this window and is stale.
 
 cimport cython
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
@@ -70,9 +74,14 @@ cdef class RingBuffer:
     cdef TimedHeap deadlines         # deliveries by deadline (lazy)
     cdef TimedHeap delayed           # available slots by not-before (lazy)
     cdef OffsetHeap ready            # available slots due now (lazy)
+    cdef uint64_t receipt_key        # XORed into every receipt; 0 by default
 
     cdef inline Slot *slot(self, uint64_t offset) noexcept:
         return &self.slots[offset & (self.capacity - 1)]
+
+    cdef inline uint64_t receipt(self, uint64_t offset,
+                                 uint32_t attempt) noexcept:
+        return make_receipt(offset, attempt) ^ self.receipt_key
 
     cdef int grow(self) except -1
     cdef int compact(self) except -1

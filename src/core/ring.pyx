@@ -350,8 +350,11 @@ cdef class RingBuffer:
 
     cdef int lookup(self, uint64_t receipt, uint64_t *offset) except -1:
         """Set offset for a receipt of a delivery in flight; else return 1."""
-        cdef uint64_t candidate = receipt >> RECEIPT_ATTEMPT_BITS
+        cdef uint64_t candidate
         cdef Slot *slot
+
+        receipt ^= self.receipt_key
+        candidate = receipt >> RECEIPT_ATTEMPT_BITS
 
         if candidate < self.low or candidate >= self.cursor:
             return 1
@@ -588,7 +591,7 @@ cdef class RingBuffer:
 
         if not self.take(now, end, deadline, &offset, &attempt):
             return None
-        return offset, attempt, make_receipt(offset, attempt)
+        return offset, attempt, self.receipt(offset, attempt)
 
     cdef uint64_t checked(self, uint64_t receipt) except? 0:
         cdef uint64_t offset

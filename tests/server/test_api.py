@@ -333,6 +333,36 @@ def test_stale_receipt_changes_nothing(broker, name):
     b.ack()
 
 
+def test_receipt_of_other_queue_is_stale(broker, name):
+    """A receipt names one delivery of one queue: another queue rejects it."""
+    first = broker.queue(f"{name}-1", visibility_timeout=3600)
+    second = broker.queue(f"{name}-2", visibility_timeout=3600)
+    for queue in (first, second):
+        queue.put_many([b"a", b"b", b"c"])
+    mine = first.get_many(3, timeout=WAIT)
+    theirs = second.get_many(3, timeout=WAIT)
+    assert [m.offset for m in mine] == [m.offset for m in theirs] == [0, 1, 2]
+
+    for message in theirs:
+        with pytest.raises(StaleReceiptError):
+            first.ack(message.receipt)
+        with pytest.raises(StaleReceiptError):
+            first.nack(message.receipt)
+        with pytest.raises(StaleReceiptError):
+            first.extend(message.receipt, 10)
+        with pytest.raises(StaleReceiptError):
+            first.reject(message.receipt, "not mine")
+    with pytest.raises(StaleReceiptError):
+        first.ack_many([message.receipt for message in theirs])
+
+    stats = first.stats()
+    assert (stats.in_flight, stats.acked, stats.dead_lettered) == (3, 0, 0)
+    first.ack_many(mine)
+    second.ack_many([message.receipt for message in theirs])
+    assert first.stats().acked == 3
+    assert second.stats().acked == 3
+
+
 def test_stale_receipt_message_names_queue(broker, name):
     q = broker.queue(name, visibility_timeout=3600)
     q.put(b"a")
