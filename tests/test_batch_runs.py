@@ -334,9 +334,7 @@ def test_ack_many_stale_receipt_settles_none(broker: pymq.Broker) -> None:
     batch = jobs.get_batch(5, timeout=0)
     receipts = batch.receipts.tolist()
     jobs.ack_many(receipts[:1])
-    with pytest.raises(
-        StaleReceiptError, match=f"receipt {receipts[0]} of queue jobs"
-    ):
+    with pytest.raises(StaleReceiptError, match=f"receipt {receipts[0]} of queue jobs"):
         jobs.ack_many(batch)
     assert jobs.stats().in_flight == 4
     assert jobs.stats().acked == 1
