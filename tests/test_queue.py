@@ -350,7 +350,7 @@ def test_ack_many_duplicate_receipt_settles_none(broker):
     q = broker.queue("jobs")
     q.put(b"a")
     msg = q.get(timeout=0)
-    with pytest.raises(StaleReceiptError, match="appears twice"):
+    with pytest.raises(StaleReceiptError, match=f"receipt {msg.receipt} appears twice"):
         q.ack_many([msg, msg.receipt])
     assert q.stats().in_flight == 1
 

@@ -1608,6 +1608,7 @@ cdef class GroupBase:
         cdef Py_ssize_t count, i
         cdef uint64_t *receipts = NULL
         cdef uint64_t *offsets = NULL
+        cdef uint64_t key
         cdef list listed
         cdef object item
 
@@ -1643,9 +1644,13 @@ cdef class GroupBase:
                         receipts[i] = (<Message>item).receipt
                     else:
                         receipts[i] = item
-            memcpy(offsets, receipts, count * 8)
-            # Batches from get_many come in rising order, so the sort that
-            # finds duplicates is only needed for the others.
+            # Without the key a receipt is its offset and attempt, so the
+            # receipts of one get_many come in rising order and the sort
+            # that finds duplicates is only needed for other batches. XOR
+            # with one key keeps equal receipts equal.
+            key = self.ring.receipt_key
+            for i in range(count):
+                offsets[i] = receipts[i] ^ key
             for i in range(1, count):
                 if offsets[i] <= offsets[i - 1]:
                     qsort(offsets, count, 8, compare_u64)
@@ -1653,7 +1658,8 @@ cdef class GroupBase:
             for i in range(1, count):
                 if offsets[i] == offsets[i - 1]:
                     raise StaleReceiptError(
-                        f"receipt {offsets[i]} appears twice in the batch")
+                        f"receipt {offsets[i] ^ key} appears twice in the "
+                        f"batch")
             self.acquire()
             try:
                 self.expire(self.now())
