@@ -13,6 +13,7 @@ include "segment.pyx"
 include "store.pyx"
 include "ring.pyx"
 include "group.pyx"
+include "receipts.pyx"
 include "protocol.pyx"
 
 # Picks the CRC32C implementation now, while the import holds the GIL.

@@ -381,7 +381,7 @@ cdef list delivery_frames(uint16_t flags, uint32_t request_id,
 
 
 def serve_fetch(consumer, bytes payload not None, uint32_t max_count,
-                set outstanding not None, uint32_t request_id,
+                ReceiptSet outstanding not None, uint32_t request_id,
                 uint32_t handle, size_t max_frame_bytes):
     """Run a FETCH request on consumer, a queue or group; return the reply.
 
@@ -408,12 +408,13 @@ def serve_fetch(consumer, bytes payload not None, uint32_t max_count,
     if not messages and wait_ms != 0:
         return None
     for i in range(len(messages)):
-        outstanding.add((<Message?>messages[i]).receipt)
+        outstanding.add_one((<Message?>messages[i]).receipt)
     return delivery_frames(FRAME_REPLY, request_id, handle, messages,
                            max_frame_bytes)
 
 
-def serve_ack(consumer, bytes payload not None, set outstanding not None,
+def serve_ack(consumer, bytes payload not None,
+              ReceiptSet outstanding not None,
               uint16_t flags, uint32_t request_id, uint32_t handle):
     """Run an ACK request on consumer, a queue or group; return the reply.
 
@@ -428,7 +429,7 @@ def serve_ack(consumer, bytes payload not None, set outstanding not None,
         raise ProtocolError("ACK payload has bytes past its receipts")
     consumer.ack_many(receipts)
     for receipt in receipts:
-        outstanding.discard(receipt)
+        outstanding.discard_one(receipt)
     if flags & FRAME_NO_REPLY:
         return None
     return build_frame(OP_ACK, FRAME_REPLY, request_id, handle, NULL, 0)

@@ -1,6 +1,6 @@
 # Type stub of the compiled core, pymq._core (built from src/core).
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from os import PathLike
 from types import TracebackType
 from typing import Any, Final, Literal
@@ -237,6 +237,20 @@ def encode_publish(
 def publish_into(
     stream: StreamBase, payload: bytes, max_count: int
 ) -> tuple[int, int]: ...
+
+class ReceiptSet:
+    """A set of receipts (unsigned 64-bit ints), compiled."""
+
+    def add(self, receipt: int) -> None: ...
+    def discard(self, receipt: int) -> bool: ...
+    def update(self, receipts: Iterable[int]) -> None: ...
+    def difference_update(self, receipts: Iterable[int]) -> None: ...
+    def clear(self) -> None: ...
+    def __len__(self) -> int: ...
+    def __bool__(self) -> bool: ...
+    def __contains__(self, receipt: object) -> bool: ...
+    def __iter__(self) -> Iterator[int]: ...
+
 def serve_publish(
     stream: StreamBase,
     payload: bytes,
@@ -249,7 +263,7 @@ def serve_fetch(
     consumer: GroupBase,
     payload: bytes,
     max_count: int,
-    outstanding: set[int],
+    outstanding: ReceiptSet,
     request_id: int,
     handle: int,
     max_frame_bytes: int,
@@ -257,7 +271,7 @@ def serve_fetch(
 def serve_ack(
     consumer: GroupBase,
     payload: bytes,
-    outstanding: set[int],
+    outstanding: ReceiptSet,
     flags: int,
     request_id: int,
     handle: int,

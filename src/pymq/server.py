@@ -35,6 +35,7 @@ from pymq._core import (
     DEFAULT_MAX_MESSAGE_BYTES,
     PROTOCOL_OPCODES,
     FrameReader,
+    ReceiptSet,
     decode_receipts,
     encode_deliveries,
     encode_frame,
@@ -220,8 +221,7 @@ class _Target:
         self.core: Any = target._core if isinstance(target, Stream) else target.stream
         # Receipts delivered on this connection and not yet settled by it.
         # They are nacked when the connection closes.
-        # NOTE: one Python set update per delivery; the core could track them.
-        self.outstanding: set[int] = set()
+        self.outstanding = ReceiptSet()
 
 
 class _Hub:
