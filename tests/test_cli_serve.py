@@ -24,6 +24,7 @@ from pymq.cli import SERVE_LIMITS, SERVE_LOOPS, _byte_size, main
 from pymq.errors import ConfigError
 from pymq.server import LOOPS, ServerLimits, run
 from tests.server.helpers import take
+from tests.server_loop import loop_options
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
@@ -64,6 +65,7 @@ class Served:
 def serve(tmp_path: Path) -> Iterator[Any]:
     """Start `pymq serve` with extra options; stop each with SIGTERM at the end.
 
+    Without a --loop option, the server runs on the loop of --server-loop.
     hide_uvloop runs it where uvloop cannot be imported.
     """
     processes: list[subprocess.Popen[bytes]] = []
@@ -79,6 +81,8 @@ def serve(tmp_path: Path) -> Iterator[Any]:
             command = [sys.executable, "-m", "pymq"]
         command += ["serve", "--data", str(data), "--port", "0"]
         command += ["--port-file", str(port_file), *options]
+        if "--loop" not in options:
+            command += loop_options()
         env = {key: value for key, value in os.environ.items() if key != "PYMQ_TOKEN"}
         with open(log, "wb") as output:
             process = subprocess.Popen(command, stdout=output, stderr=output, env=env)
