@@ -800,6 +800,10 @@ class _Connection(asyncio.Protocol):
                     result = await loop.run_in_executor(executor, self.handle, frame)
                 else:
                     result = self.handle(frame)
+                if self.closed:
+                    # The connection closed while the request ran, and close()
+                    # may have emptied pending: no reply goes out.
+                    break
                 self.pending.popleft()
                 if len(self.pending) <= _MAX_PENDING // 4:
                     self.release_reading("pending")
