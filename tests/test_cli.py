@@ -31,6 +31,7 @@ import pytest
 import pymq
 from pymq._version import __version__
 from pymq.cli import EXIT_CODES, format_table, main, read_token
+from tests.server_loop import loop_options
 
 # Bounds that only stop a hung test. No test asserts on how fast anything is.
 PROCESS_TIMEOUT = 60.0
@@ -1376,6 +1377,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     command = [sys.executable, "-m", "pymq", "serve", "--data", str(tmp_path / "srv")]
     command += ["--port", "0", "--port-file", str(port_file)]
     command += ["--token-file", str(token), "--log-level", "WARNING"]
+    command += loop_options()
     process = subprocess.Popen(command, stdout=log, stderr=log, env=env)
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT
@@ -1482,7 +1484,14 @@ def test_serve_port_in_use_exits_2(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         data = tmp_path / "data"
         result = cli_process(
-            "serve", "--data", str(data), "--port", str(port), "--log-level", "ERROR"
+            "serve",
+            "--data",
+            str(data),
+            "--port",
+            str(port),
+            "--log-level",
+            "ERROR",
+            *loop_options(),
         )
     assert result.returncode == 2
     assert result.stdout == b""
@@ -1500,7 +1509,9 @@ def test_serve_port_in_use_removes_new_parents(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         data = tmp_path / "existing" / "new" / "data"
         (tmp_path / "existing").mkdir()
-        result = cli_process("serve", "--data", str(data), "--port", str(port))
+        result = cli_process(
+            "serve", "--data", str(data), "--port", str(port), *loop_options()
+        )
     assert result.returncode == 2
     assert list(tmp_path.iterdir()) == [tmp_path / "existing"]
     assert list((tmp_path / "existing").iterdir()) == []
@@ -1514,7 +1525,9 @@ def test_serve_port_in_use_keeps_existing_data(data: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = cli_process("serve", "--data", str(data), "--port", str(port))
+        result = cli_process(
+            "serve", "--data", str(data), "--port", str(port), *loop_options()
+        )
     assert result.returncode == 2
     with pymq.open(data) as broker:
         assert broker.queue("jobs").stats().depth == 1
@@ -1528,7 +1541,9 @@ def test_serve_port_in_use_keeps_existing_empty_dir(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = cli_process("serve", "--data", str(data), "--port", str(port))
+        result = cli_process(
+            "serve", "--data", str(data), "--port", str(port), *loop_options()
+        )
     assert result.returncode == 2
     # Not made by this serve, so its LOCK file stays, as after any run.
     assert sorted(path.name for path in data.iterdir()) == ["LOCK"]

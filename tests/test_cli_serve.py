@@ -1,9 +1,10 @@
-"""pymq serve's storage and limit options, through a real server process."""
+"""pymq serve's storage, limit and event loop options, through a real server process."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import re
 import signal
@@ -18,12 +19,39 @@ import pytest
 
 import pymq
 from pymq import MessageTooLargeError, ServerError
-from pymq.cli import SERVE_LIMITS, _byte_size, main
-from pymq.server import ServerLimits
+from pymq._version import __version__
+from pymq.cli import SERVE_LIMITS, SERVE_LOOPS, _byte_size, main
+from pymq.errors import ConfigError
+from pymq.server import LOOPS, ServerLimits, run
 from tests.server.helpers import take
+from tests.server_loop import loop_options
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
+HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
+# The pymq command line, in a process where `import uvloop` fails as it does
+# where the fast extra is not installed. Its arguments follow the -c code.
+WITHOUT_UVLOOP = """
+import sys
+from importlib.abc import MetaPathFinder
+
+
+class HideUvloop(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "uvloop" or name.startswith("uvloop."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, HideUvloop())
+from pymq.cli import main
+
+sys.exit(main())
+"""
+UVLOOP_MISSING = (
+    "the uvloop event loop is not available: No module named 'uvloop'. Install "
+    "it with: pip install 'pymq[fast]'"
+)
 
 
 @dataclasses.dataclass
@@ -35,16 +63,26 @@ class Served:
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Any]:
-    """Start `pymq serve` with extra options; stop each with SIGTERM at the end."""
+    """Start `pymq serve` with extra options; stop each with SIGTERM at the end.
+
+    Without a --loop option, the server runs on the loop of --server-loop.
+    hide_uvloop runs it where uvloop cannot be imported.
+    """
     processes: list[subprocess.Popen[bytes]] = []
 
-    def start(*options: str) -> Served:
+    def start(*options: str, hide_uvloop: bool = False) -> Served:
         number = len(processes)
         data = tmp_path / f"data{number}"
         port_file = tmp_path / f"port{number}"
         log = tmp_path / f"server{number}.log"
-        command = [sys.executable, "-m", "pymq", "serve", "--data", str(data)]
-        command += ["--port", "0", "--port-file", str(port_file), *options]
+        if hide_uvloop:
+            command = [sys.executable, "-c", WITHOUT_UVLOOP]
+        else:
+            command = [sys.executable, "-m", "pymq"]
+        command += ["serve", "--data", str(data), "--port", "0"]
+        command += ["--port-file", str(port_file), *options]
+        if "--loop" not in options:
+            command += loop_options()
         env = {key: value for key, value in os.environ.items() if key != "PYMQ_TOKEN"}
         with open(log, "wb") as output:
             process = subprocess.Popen(command, stdout=output, stderr=output, env=env)
@@ -174,3 +212,118 @@ def test_serve_rejects_bad_size_text(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["serve", "--data", "unused", "--segment-bytes", "64MB"]) == 2
     err = capsys.readouterr().err
     assert "argument --segment-bytes: invalid size '64MB'" in err
+
+
+def test_serve_loop_choices_match_server() -> None:
+    assert SERVE_LOOPS == LOOPS
+
+
+def round_trip(url: str) -> None:
+    """Put, get and ack one message through the server at url."""
+    with pymq.connect(url, reconnect_attempts=0) as client:
+        jobs = client.queue("jobs")
+        assert jobs.put(b"resize photo 17", headers={"kind": "resize"}) == 0
+        message = jobs.get(timeout=10.0)
+        assert message is not None
+        assert message.body == b"resize photo 17"
+        assert message.headers == {"kind": "resize"}
+        message.ack()
+        stats = jobs.stats()
+        assert stats.depth == 0
+        assert stats.acked == 1
+
+
+def uvloop_name() -> str:
+    """Return the name of the uvloop loop as the start line logs it."""
+    import uvloop
+
+    return f"uvloop {uvloop.__version__}"
+
+
+@pytest.mark.parametrize(
+    "loop",
+    [
+        "asyncio",
+        pytest.param(
+            "uvloop",
+            marks=pytest.mark.skipif(not HAS_UVLOOP, reason="uvloop is not installed"),
+        ),
+    ],
+)
+def test_serve_loop_round_trip(serve: Any, loop: str) -> None:
+    served = serve("--loop", loop)
+    round_trip(served.url)
+    name = uvloop_name() if loop == "uvloop" else "asyncio"
+    line = (
+        f" INFO pymq.server: serving {served.data} (fsync=interval, "
+        f"pymq {__version__}, event loop: {name})"
+    )
+    assert line in served.log.read_text()
+
+
+def test_serve_loop_auto_without_uvloop_is_asyncio(serve: Any) -> None:
+    served = serve("--loop", "auto", hide_uvloop=True)
+    round_trip(served.url)
+    assert "event loop: asyncio)\n" in served.log.read_text()
+
+
+@pytest.mark.skipif(not HAS_UVLOOP, reason="uvloop is not installed")
+def test_serve_loop_auto_with_uvloop_is_uvloop(serve: Any) -> None:
+    served = serve("--loop", "auto")
+    round_trip(served.url)
+    assert f"event loop: {uvloop_name()})\n" in served.log.read_text()
+
+
+def test_serve_loop_uvloop_without_uvloop_exits_2(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    port_file = tmp_path / "port"
+    command = [sys.executable, "-c", WITHOUT_UVLOOP, "serve", "--data", str(data)]
+    command += ["--port", "0", "--port-file", str(port_file), "--loop", "uvloop"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=START_TIMEOUT, check=False
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].endswith(f" ERROR pymq.cli: {UVLOOP_MISSING}")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["tokio", "UVLOOP", "", "uv"])
+def test_serve_rejects_bad_loop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    data = tmp_path / "data"
+    assert main(["serve", "--data", str(data), "--port", "0", "--loop", value]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"argument --loop: invalid choice: '{value}' (choose from 'auto', "
+        "'asyncio', 'uvloop')"
+    ) in err
+    assert not data.exists()
+
+
+def test_run_rejects_bad_loop(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with pytest.raises(ConfigError) as raised:
+        run(data, port=0, loop="tokio")
+    assert str(raised.value) == (
+        "invalid event loop 'tokio': expected one of auto, asyncio, uvloop"
+    )
+    assert not data.exists()
+
+
+def test_run_uvloop_without_uvloop_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # None in sys.modules makes `import uvloop` raise ImportError.
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    data = tmp_path / "data"
+    with pytest.raises(ConfigError) as raised:
+        run(data, port=0, loop="uvloop")
+    assert str(raised.value) == (
+        "the uvloop event loop is not available: import of uvloop halted; None "
+        "in sys.modules. Install it with: pip install 'pymq[fast]'"
+    )
+    assert not data.exists()

@@ -90,6 +90,8 @@ SERVE_LIMITS: Final = (
     ),
     ("login_window", "SECONDS", "time over which failed logins count (default: 60)"),
 )
+# The choices of pymq serve --loop: pymq.server.LOOPS, which a test compares.
+SERVE_LOOPS: Final = ("auto", "asyncio", "uvloop")
 # The x- headers of a dead-letter move, in the order dlq list prints them.
 DEAD_LETTER_HEADERS: Final = (
     "x-source",
@@ -500,6 +502,14 @@ def _add_serve(commands: Any) -> None:
         "--tls-client-ca",
         metavar="PATH",
         help="require client certificates signed by this authority",
+    )
+    serve.add_argument(
+        "--loop",
+        choices=SERVE_LOOPS,
+        default="auto",
+        help="event loop: uvloop (needs pip install 'pymq[fast]'), asyncio's "
+        "default, or auto, which is uvloop when it is installed "
+        "(default: %(default)s)",
     )
     serve.add_argument(
         "--log-level",
@@ -941,6 +951,7 @@ def _serve(args: argparse.Namespace) -> int:
             segment_bytes=args.segment_bytes,
             max_message_bytes=args.max_message_bytes,
             flush_interval=args.flush_interval,
+            loop=args.loop,
         )
     except BaseException as exc:
         # A server that fails to start (on a port in use, for example)

@@ -1,10 +1,11 @@
 """The standalone server: an embedded broker behind TCP and Unix sockets.
 
-One asyncio loop (uvloop when installed) owns the sockets. Frames are split
-and built by the compiled codec in pymq._core; each request is one call
-into the broker. With fsync="always", requests that sync run in a thread
-pool, in order per connection, so connections share fsyncs (group commit)
-while the loop keeps serving.
+One asyncio loop owns the sockets: uvloop when it is installed, unless
+run() is given another loop. Frames are split and built by the compiled
+codec in pymq._core; each request is one call into the broker. With
+fsync="always", requests that sync run in a thread pool, in order per
+connection, so connections share fsyncs (group commit) while the loop keeps
+serving.
 """
 
 from __future__ import annotations
@@ -61,9 +62,12 @@ from pymq.protocol import (
 )
 from pymq.queue import Group, Queue, Stream
 
-__all__ = ["Server", "ServerLimits", "run", "server_ssl_context"]
+__all__ = ["LOOPS", "Server", "ServerLimits", "run", "server_ssl_context"]
 
 logger = logging.getLogger("pymq.server")
+
+# The event loops that run(loop=...) and pymq serve --loop take.
+LOOPS: Final = ("auto", "asyncio", "uvloop")
 
 _FETCH: Final = struct.Struct("<Ii")
 _U32: Final = struct.Struct("<I")
@@ -796,6 +800,10 @@ class _Connection(asyncio.Protocol):
                     result = await loop.run_in_executor(executor, self.handle, frame)
                 else:
                     result = self.handle(frame)
+                if self.closed:
+                    # The connection closed while the request ran, and close()
+                    # may have emptied pending: no reply goes out.
+                    break
                 self.pending.popleft()
                 if len(self.pending) <= _MAX_PENDING // 4:
                     self.release_reading("pending")
@@ -1497,14 +1505,31 @@ def server_ssl_context(
     return context
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    # uvloop is optional (the "fast" extra), so it is looked up at run time.
-    try:
-        uvloop = importlib.import_module("uvloop")
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
+def _new_loop(choice: str) -> tuple[asyncio.AbstractEventLoop, str]:
+    """Create the event loop that choice names, and return it with its log name.
+
+    "auto" is uvloop when it can be imported, else asyncio's default loop.
+    Raises ConfigError for an unknown choice, and for "uvloop" when uvloop
+    cannot be imported.
+    """
+    if choice not in LOOPS:
+        raise errors.ConfigError(
+            f"invalid event loop {choice!r}: expected one of {', '.join(LOOPS)}"
+        )
+    if choice != "asyncio":
+        # uvloop is optional (the "fast" extra), so it is looked up at run time.
+        try:
+            uvloop = importlib.import_module("uvloop")
+        except ImportError as exc:
+            if choice == "uvloop":
+                raise errors.ConfigError(
+                    f"the uvloop event loop is not available: {exc}. Install it "
+                    f"with: pip install 'pymq[fast]'"
+                ) from None
+        else:
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            return loop, f"uvloop {uvloop.__version__}"
+    return asyncio.new_event_loop(), "asyncio"
 
 
 def run(
@@ -1523,10 +1548,13 @@ def run(
     segment_bytes: int | None = None,
     max_message_bytes: int | None = None,
     flush_interval: float | None = None,
+    loop: str = "auto",
 ) -> None:
     """Open the broker in data and serve it until SIGTERM or SIGINT.
 
     With port 0 the system picks a free port; port_file then receives it.
+    loop is the event loop: "uvloop", "asyncio" (the standard library's
+    default loop) or "auto", which is uvloop when it is installed.
     With tls_cert (and tls_key, unless the key is in the same file) TCP
     connections use TLS; with tls_client_ca, clients must also present a
     certificate signed by that authority. fsync, segment_bytes,
@@ -1547,20 +1575,27 @@ def run(
     }
     if flush_interval is not None:
         store_options["flush_interval"] = flush_interval
-    broker = Broker(data, fsync=fsync, **store_options)
-    loop = _new_loop()
+    # Also before the broker opens: a missing uvloop creates no files.
+    event_loop, loop_name = _new_loop(loop)
+    try:
+        broker = Broker(data, fsync=fsync, **store_options)
+    except BaseException:
+        event_loop.close()
+        raise
     server: Server | None = None
     try:
         server = Server(broker, token=token, limits=limits, ssl_context=context)
-        loop.run_until_complete(_serve(server, host, port, unix, port_file))
+        event_loop.run_until_complete(
+            _serve(server, host, port, unix, port_file, loop_name)
+        )
     finally:
         try:
             broker.close()
             if server is not None:
                 server.close()
         finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
+            event_loop.run_until_complete(event_loop.shutdown_asyncgens())
+            event_loop.close()
     logger.info("stopped; broker in %s closed", broker.path)
 
 
@@ -1570,6 +1605,7 @@ async def _serve(
     port: int,
     unix: str | None,
     port_file: str | os.PathLike[str] | None,
+    loop_name: str,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -1578,10 +1614,11 @@ async def _serve(
     await server.start(host, port, unix)
     options = server.broker._store_options
     logger.info(
-        "serving %s (fsync=%s, pymq %s)",
+        "serving %s (fsync=%s, pymq %s, event loop: %s)",
         server.broker.path,
         options["fsync"],
         __version__,
+        loop_name,
     )
     if port_file is not None and host is not None:
         path = Path(port_file)

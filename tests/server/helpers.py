@@ -26,6 +26,7 @@ from pymq._core import FrameReader, encode_frame
 from pymq.broker import Broker
 from pymq.protocol import FLAG_ERROR, PREAMBLE, encode_json
 from pymq.server import Server, ServerLimits
+from tests import server_loop
 
 SERVE = Path(__file__).parent / "serve.py"
 HOLD = Path(__file__).parent / "hold.py"
@@ -86,6 +87,7 @@ class ServerProcess:
             "log_level": log_level,
             "port_file": str(self.port_file),
             "segment_bytes": segment_bytes,
+            "loop": server_loop.NAME,
         }
         self.unix = unix
         self.process: subprocess.Popen[bytes] | None = None
@@ -171,8 +173,8 @@ class ServerProcess:
 def server_in_thread(
     broker: Broker, limits: ServerLimits | None = None
 ) -> Iterator[Server]:
-    """Serve broker on 127.0.0.1 from an asyncio loop in a background thread."""
-    loop = asyncio.new_event_loop()
+    """Serve broker on 127.0.0.1 from an event loop in a background thread."""
+    loop = server_loop.new_server_loop()
     server = Server(broker, limits=limits)
     thread = threading.Thread(target=loop.run_forever, name="test-server")
     thread.start()

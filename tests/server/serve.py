@@ -4,8 +4,9 @@ Usage: serve.py CONFIG_JSON
 
 CONFIG_JSON is an object with "data" (the data directory) and optionally
 "port_file", "fsync", "host", "port", "unix", "token", "limits" (keyword
-arguments of ServerLimits), "segment_bytes" and "log_level" (a logging level
-name, INFO by default). Logs go to stderr in logging's default format.
+arguments of ServerLimits), "segment_bytes", "loop" (an event loop as run()
+takes it) and "log_level" (a logging level name, INFO by default). Logs go
+to stderr in logging's default format.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
         port_file=config.get("port_file"),
         limits=None if limits is None else ServerLimits(**limits),
         segment_bytes=config.get("segment_bytes"),
+        loop=config.get("loop", "auto"),
     )
 
 

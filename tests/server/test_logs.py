@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pymq
 from pymq._version import __version__
 from tests.server.helpers import RawClient, ServerProcess, error_of
+from tests.server_loop import logged_name
 
 
 def test_log_follows_server_life(servers: Callable[..., ServerProcess]) -> None:
@@ -43,7 +44,8 @@ def test_log_follows_server_life(servers: Callable[..., ServerProcess]) -> None:
 
     expected = [
         f"INFO:pymq.server:listening on 127.0.0.1:{server.port}",
-        f"INFO:pymq.server:serving {server.data} (fsync=interval, pymq {__version__})",
+        f"INFO:pymq.server:serving {server.data} (fsync=interval, pymq {__version__}, "
+        f"event loop: {logged_name()})",
         f"DEBUG:pymq.server:connection from {peer}",
         f"DEBUG:pymq.server:connection from {peer} is pymq-python {__version__}",
         f"DEBUG:pymq.server:released 2 deliveries held by {peer}, which went away",

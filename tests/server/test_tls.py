@@ -27,6 +27,7 @@ import pymq
 import pymq.aio
 from pymq.errors import ConfigError, ConnectionLostError, PymqError
 from tests.server.helpers import ServerProcess
+from tests.server_loop import loop_options
 
 pytestmark = pytest.mark.skipif(
     shutil.which("openssl") is None, reason="the openssl command is not installed"
@@ -146,6 +147,7 @@ def start(folder: Path, certificates: Certificates, *extra: str) -> TlsServer:
         str(certificates.server_cert),
         "--tls-key",
         str(certificates.server_key),
+        *loop_options(),
         *extra,
     ]
     with log.open("wb") as output:
