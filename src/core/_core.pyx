@@ -7,7 +7,7 @@ from pymq.errors import (BrokerLockedError, ClosedError, ConfigError,
                          CorruptBatchError, CorruptSegmentError,
                          FrameTooLargeError, MessageTooLargeError,
                          OffsetNotFoundError, ProtocolError, QueueFull,
-                         StaleReceiptError)
+                         ServerError, StaleReceiptError)
 
 include "segment.pyx"
 include "store.pyx"

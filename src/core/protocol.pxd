@@ -50,6 +50,27 @@ cdef class RemoteMessage:
     cdef object owner                 # has ack, nack, extend and reject
 
 
+@cython.final
+cdef class UnackedCount:
+    cdef readonly Py_ssize_t held     # receipts in the sets, plus reservations
+    cdef readonly Py_ssize_t limit    # max_unacked
+    cdef public Py_ssize_t waiters    # requests waiting for room
+    cdef public object reclaim        # callable(): check every set
+    cdef public object freed          # callable(): room was freed
+    cdef int64_t expiry_ns            # a held delivery may expire from here
+    cdef int64_t added_ns             # first delivery added since the check
+    cdef int64_t next_check_ns        # no check starts before this
+    cdef int64_t check_started_ns     # when the check under way started
+    cdef bint checking                # a check is under way
+
+    cdef Py_ssize_t take_room(self, Py_ssize_t count) except -1
+    cdef int give_back(self, Py_ssize_t count) except -1
+    cdef void note_expiry(self, int64_t deadline_ns) noexcept
+    cdef bint check_due(self, int64_t now) noexcept
+    cdef Py_ssize_t track(self, ReceiptSet outstanding, list messages,
+                          Py_ssize_t granted, int64_t visibility_ns) except -1
+
+
 cdef enum:
     OP_HELLO = 0x01
     OP_PING = 0x02

@@ -380,6 +380,250 @@ cdef list delivery_frames(uint16_t flags, uint32_t request_id,
             return frames
 
 
+# The wire code of the error for a FETCH with no room under max_unacked.
+cdef enum:
+    ERROR_TOO_MANY_UNACKED = 19
+
+# A connection short of room checks its deliveries against the broker at
+# least this often, to find those settled through another connection.
+cdef int64_t UNACKED_RECHECK_NS = 1000000000
+# After a check that took d ns, the next one starts no sooner than
+# UNACKED_CHECK_SPACING * d ns after it ended, so that checks take at most
+# about a tenth of the time of a connection kept at its limit.
+cdef int64_t UNACKED_CHECK_SPACING = 10
+
+
+@cython.final
+cdef class UnackedCount:
+    """The deliveries one connection holds unsettled, against max_unacked.
+
+    held is the number of receipts in the connection's outstanding sets
+    (one set per queue or group), plus the room that requests under way
+    reserved with reserve(). A receipt enters its set when its delivery is
+    sent, and leaves it when the connection acks, nacks or rejects it, or
+    closes. A delivery whose visibility timeout passed, or that another
+    connection settled, stays in its set until drop_settled() finds it.
+    The server runs that check (reclaim) when a request is short of room
+    and a delivery held may have expired since the last check, or a second
+    has passed since it.
+
+    Not locked: held changes only in whole C statements, which run with
+    the GIL held, so threads of the server's pool may share it.
+    """
+
+    def __cinit__(self, Py_ssize_t limit, reclaim=None, freed=None):
+        if limit < 1:
+            raise ConfigError(f"max_unacked is {limit}; it must be 1 or more")
+        self.limit = limit
+        self.added_ns = FOREVER
+        self.reclaim = reclaim
+        self.freed = freed
+
+    cdef Py_ssize_t take_room(self, Py_ssize_t count) except -1:
+        """Reserve room for up to count deliveries; return how many.
+
+        Returns 0 when the connection is at its limit. When count does not
+        fit and a check is due, reclaim() runs first.
+        """
+        cdef Py_ssize_t room
+
+        if (self.held + count > self.limit and self.reclaim is not None and
+                self.check_due(coarse_monotonic_ns())):
+            self.reclaim()
+        room = self.limit - self.held
+        if room <= 0:
+            return 0
+        if count > room:
+            count = room
+        self.held += count
+        return count
+
+    cdef int give_back(self, Py_ssize_t count) except -1:
+        """Free room for count deliveries; tell the requests waiting for it."""
+        if count <= 0:
+            return 0
+        self.held -= count
+        if self.waiters > 0 and self.freed is not None:
+            self.freed()
+        return 0
+
+    cdef void note_expiry(self, int64_t deadline_ns) noexcept:
+        """Make a check due from deadline_ns (coarse monotonic ns) on."""
+        if deadline_ns < self.expiry_ns:
+            self.expiry_ns = deadline_ns
+
+    cdef bint check_due(self, int64_t now) noexcept:
+        return (not self.checking and now >= self.expiry_ns and
+                now >= self.next_check_ns)
+
+    cdef Py_ssize_t track(self, ReceiptSet outstanding, list messages,
+                          Py_ssize_t granted, int64_t visibility_ns) except -1:
+        """Add the receipts of messages, delivered with granted reserved.
+
+        Frees the room reserved but not used. Returns the receipts added.
+        """
+        cdef Py_ssize_t before = outstanding.size(), added, i
+
+        for i in range(len(messages)):
+            outstanding.add_one((<Message?>messages[i]).receipt)
+        added = outstanding.size() - before
+        if added > granted:
+            # Only fewer messages than reserved can come; kept exact anyway.
+            self.held += added - granted
+        else:
+            self.give_back(granted - added)
+        if added:
+            # Each delivery added since the last check was sent at or after
+            # added_ns, so none expires before added_ns plus its visibility
+            # timeout: one clock read per check, not per FETCH.
+            if self.added_ns == FOREVER:
+                self.added_ns = coarse_monotonic_ns()
+            self.note_expiry(self.added_ns + visibility_ns)
+        return added
+
+    def reserve(self, Py_ssize_t count):
+        """Reserve room for up to count deliveries; return how many (0: none)."""
+        return self.take_room(count)
+
+    def unreserve(self, Py_ssize_t count):
+        """Free room reserved with reserve() and not used."""
+        self.give_back(count)
+
+    def commit(self, ReceiptSet outstanding not None, list messages not None,
+               Py_ssize_t granted, GroupBase group not None):
+        """Add the receipts of messages from group, reserved with reserve(granted).
+
+        Frees the room not used; returns the number of receipts added.
+        """
+        return self.track(outstanding, messages, granted, group.visibility_ns)
+
+    def settle(self, ReceiptSet outstanding not None, receipts):
+        """Remove receipts from outstanding, and their room from held."""
+        cdef Py_ssize_t settled = 0
+
+        for receipt in receipts:
+            settled += outstanding.discard_one(receipt)
+        self.give_back(settled)
+
+    def drop_settled(self, GroupBase group not None,
+                     ReceiptSet outstanding not None, list receipts=None):
+        """Remove the receipts that name no delivery in flight; return how many.
+
+        Checks every receipt in outstanding, or with receipts only those.
+        A receipt is stale once its delivery was settled, or expired and
+        was taken back. When every receipt is checked, the earliest
+        deadline of the deliveries still in flight makes the next check
+        due then.
+        """
+        cdef uint64_t *stale = NULL
+        cdef Py_ssize_t count = 0, dropped = 0, i
+        cdef uint64_t offset, receipt
+        cdef int64_t now, deadline, earliest = FOREVER
+        cdef RingBuffer ring
+
+        # Expired deliveries are taken back, and those past their last
+        # attempt moved to the DLQ, as every call of the group does first.
+        group.acquire()
+        try:
+            group.expire(group.now())
+        finally:
+            group.release()
+        group.finish(False)
+        if receipts is not None:
+            group.acquire()
+            try:
+                ring = group.ring
+                for item in receipts:
+                    receipt = item
+                    if ring.lookup(receipt, &offset):
+                        dropped += outstanding.discard_one(receipt)
+            finally:
+                group.release()
+            self.give_back(dropped)
+            return dropped
+        group.acquire()
+        try:
+            # A test's clock is Python code, which may let other threads run.
+            now = group.now()
+            # Sized here, after the waits that let other threads add
+            # receipts. Nothing below releases the GIL, so the set stays
+            # as it is until the scan ends.
+            stale = <uint64_t *>PyMem_Malloc(
+                max(1, outstanding.size()) * sizeof(uint64_t))
+            if stale == NULL:
+                raise MemoryError()
+            try:
+                ring = group.ring
+                if outstanding.has_zero and ring.lookup(0, &offset):
+                    stale[count] = 0
+                    count += 1
+                for i in range(outstanding.capacity):
+                    receipt = outstanding.slots[i]
+                    if receipt == 0:
+                        continue
+                    if ring.lookup(receipt, &offset):
+                        stale[count] = receipt
+                        count += 1
+                        continue
+                    deadline = ring.slot(offset).time
+                    if deadline < earliest:
+                        earliest = deadline
+                # Removed after the scan, which a removal would reorder.
+                for i in range(count):
+                    dropped += outstanding.discard_one(stale[i])
+            finally:
+                PyMem_Free(stale)
+        finally:
+            group.release()
+        if earliest != FOREVER:
+            self.note_expiry(coarse_monotonic_ns() + (earliest - now))
+        self.give_back(dropped)
+        return dropped
+
+    def begin_check(self):
+        """Start a check of every set; False when one is under way already."""
+        if self.checking:
+            return False
+        self.checking = True
+        self.added_ns = FOREVER
+        self.check_started_ns = monotonic_ns()
+        # Lowered again by each delivery found in flight, and by those
+        # sent while the check runs.
+        self.expiry_ns = coarse_monotonic_ns() + UNACKED_RECHECK_NS
+        return True
+
+    def end_check(self):
+        """Finish the check that begin_check() started."""
+        cdef int64_t took = monotonic_ns() - self.check_started_ns
+
+        self.next_check_ns = (coarse_monotonic_ns() +
+                              UNACKED_CHECK_SPACING * max(0, took))
+        self.checking = False
+
+    def note_extend(self, double seconds):
+        """Make a check due once seconds pass: an EXTEND moved a deadline.
+
+        A value that extend() rejects (negative, NaN, over 1e9) is ignored.
+        """
+        if not 0 <= seconds <= 1e9:
+            return
+        self.note_expiry(coarse_monotonic_ns() + <int64_t>(seconds * 1e9))
+
+    def seconds_to_check(self):
+        """Return the seconds until a check is due (0 when it is due now)."""
+        cdef int64_t now = coarse_monotonic_ns()
+        cdef int64_t due = max(self.expiry_ns, self.next_check_ns)
+
+        return max(0, due - now) / 1e9
+
+    def full_error(self):
+        """Return the error for a request that found no room at all."""
+        return ServerError(
+            f"this connection holds {self.held} unsettled deliveries, "
+            f"max_unacked ({self.limit}); ack, nack or reject some of them "
+            f"before fetching more", code=ERROR_TOO_MANY_UNACKED)
+
+
 def serve_fetch(consumer, bytes payload not None, uint32_t max_count,
                 ReceiptSet outstanding not None, uint32_t request_id,
                 uint32_t handle, size_t max_frame_bytes):

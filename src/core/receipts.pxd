@@ -12,3 +12,4 @@ cdef class ReceiptSet:
     cdef int add_one(self, uint64_t receipt) except -1
     cdef bint discard_one(self, uint64_t receipt) noexcept
     cdef int grow(self) except -1
+    cdef Py_ssize_t size(self) noexcept

@@ -96,6 +96,10 @@ cdef class ReceiptSet:
         self.used -= 1
         return True
 
+    cdef Py_ssize_t size(self) noexcept:
+        """Return the number of receipts held, as len() does."""
+        return self.used + self.has_zero
+
     def add(self, uint64_t receipt):
         """Add one receipt."""
         self.add_one(receipt)

@@ -251,6 +251,43 @@ class ReceiptSet:
     def __contains__(self, receipt: object) -> bool: ...
     def __iter__(self) -> Iterator[int]: ...
 
+class UnackedCount:
+    """The deliveries one connection holds unsettled, against max_unacked."""
+
+    held: Final[int]
+    limit: Final[int]
+    waiters: int
+    reclaim: Callable[[], object] | None
+    freed: Callable[[], object] | None
+
+    def __init__(
+        self,
+        limit: int,
+        reclaim: Callable[[], object] | None = None,
+        freed: Callable[[], object] | None = None,
+    ) -> None: ...
+    def reserve(self, count: int) -> int: ...
+    def unreserve(self, count: int) -> None: ...
+    def commit(
+        self,
+        outstanding: ReceiptSet,
+        messages: list[Message],
+        granted: int,
+        group: GroupBase,
+    ) -> int: ...
+    def settle(self, outstanding: ReceiptSet, receipts: Iterable[int]) -> None: ...
+    def drop_settled(
+        self,
+        group: GroupBase,
+        outstanding: ReceiptSet,
+        receipts: list[int] | None = None,
+    ) -> int: ...
+    def begin_check(self) -> bool: ...
+    def end_check(self) -> None: ...
+    def note_extend(self, seconds: float) -> None: ...
+    def seconds_to_check(self) -> float: ...
+    def full_error(self) -> Exception: ...
+
 def serve_publish(
     stream: StreamBase,
     payload: bytes,
