@@ -177,6 +177,42 @@ def test_serve_options_reach_broker_and_server(serve: Any) -> None:
     assert [path.stat().st_size for path in segments] == [256 << 10]
 
 
+def test_serve_max_unacked_reaches_server(serve: Any) -> None:
+    served = serve("--max-unacked", "3")
+    with pymq.connect(served.url, reconnect_attempts=0) as client:
+        assert client.max_unacked == 3
+        jobs = client.queue("jobs")
+        jobs.put_many([b"a", b"b", b"c", b"d", b"e"])
+        assert [message.offset for message in jobs.get_many(5, timeout=0)] == [
+            0,
+            1,
+            2,
+        ]
+        with pytest.raises(ServerError) as full:
+            jobs.get(timeout=0)
+        assert full.value.code == 19
+        assert "holds 3 unsettled deliveries, max_unacked (3)" in str(full.value)
+
+
+def test_get_stops_at_max_unacked(
+    serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    served = serve("--max-unacked", "1500")
+    with pymq.connect(served.url, reconnect_attempts=0) as client:
+        client.queue("jobs").put_many([b"%d" % n for n in range(2000)])
+    capsys.readouterr()
+    # Two batches of 1,000 would pass the limit: the second is cut to 500,
+    # and the third finds no room, which ends the get.
+    assert main(["get", "jobs", "-n", "1800", "--url", served.url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1500
+    assert lines[-1] == "offset=1499 attempt=1 headers={} body=1499"
+    with pymq.connect(served.url, reconnect_attempts=0) as client:
+        stats = client.queue("jobs").stats()
+        assert stats.acked == 1500
+        assert stats.depth == 500
+
+
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
@@ -192,6 +228,14 @@ def test_serve_options_reach_broker_and_server(serve: Any) -> None:
         (
             ["--segment-bytes", "32"],
             "segment_bytes is 32",
+        ),
+        (
+            ["--max-unacked", "0"],
+            "max_unacked is 0; it must be from 1 to 2147483648",
+        ),
+        (
+            ["--max-unacked", "2147483649"],
+            "max_unacked is 2147483649; it must be from 1 to 2147483648",
         ),
     ],
 )

@@ -626,19 +626,22 @@ cdef class UnackedCount:
 
 def serve_fetch(consumer, bytes payload not None, uint32_t max_count,
                 ReceiptSet outstanding not None, uint32_t request_id,
-                uint32_t handle, size_t max_frame_bytes):
+                uint32_t handle, size_t max_frame_bytes,
+                UnackedCount unacked not None):
     """Run a FETCH request on consumer, a queue or group; return the reply.
 
-    The payload is u32 count, i32 wait in ms. Returns the DELIVER frames,
-    or None when no message is available and the request may wait: the
-    caller then waits for one. The receipts delivered are added to
-    outstanding.
+    The payload is u32 count, i32 wait in ms. The count is cut to the room
+    left under unacked's limit, and a connection with no room at all gets
+    ServerError code 19. Returns the DELIVER frames, or None when no
+    message is available and the request may wait: the caller then waits
+    for one. The receipts delivered are added to outstanding.
     """
     cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(payload)
     cdef uint32_t count
     cdef int32_t wait_ms
     cdef list messages
-    cdef Py_ssize_t i
+    cdef Py_ssize_t granted
+    cdef GroupBase group = <GroupBase?>consumer
 
     if PyBytes_GET_SIZE(payload) != 8:
         raise ProtocolError(f"FETCH payload is {PyBytes_GET_SIZE(payload)} "
@@ -648,32 +651,54 @@ def serve_fetch(consumer, bytes payload not None, uint32_t max_count,
     if count < 1 or count > max_count:
         raise ConfigError(f"fetch count is {count}; it must be from 1 to "
                           f"max_batch ({max_count})")
-    messages = consumer.get_many_nowait(count)
+    granted = unacked.take_room(count)
+    if granted == 0:
+        raise unacked.full_error()
+    # try/finally, unlike try/except, costs nothing when no error comes.
+    messages = None
+    try:
+        messages = group.get_many_nowait(granted)
+    finally:
+        if messages is None:
+            unacked.give_back(granted)
+    unacked.track(outstanding, messages, granted, group.visibility_ns)
     if not messages and wait_ms != 0:
         return None
-    for i in range(len(messages)):
-        outstanding.add_one((<Message?>messages[i]).receipt)
     return delivery_frames(FRAME_REPLY, request_id, handle, messages,
                            max_frame_bytes)
 
 
 def serve_ack(consumer, bytes payload not None,
               ReceiptSet outstanding not None,
-              uint16_t flags, uint32_t request_id, uint32_t handle):
+              uint16_t flags, uint32_t request_id, uint32_t handle,
+              UnackedCount unacked not None):
     """Run an ACK request on consumer, a queue or group; return the reply.
 
     The payload is a receipt list. Either every receipt is acked, or none
-    when one is stale. The acked receipts leave outstanding. Returns None
+    when one is stale. The acked receipts leave outstanding, and so do
+    the stale ones, whose deliveries are no longer held. Returns None
     when flags has NO_REPLY.
     """
-    cdef Py_ssize_t end
+    cdef Py_ssize_t end, settled = 0
     cdef list receipts = read_receipts(payload, 0, &end)
+    cdef bint acked = False
 
     if end != PyBytes_GET_SIZE(payload):
         raise ProtocolError("ACK payload has bytes past its receipts")
-    consumer.ack_many(receipts)
+    try:
+        consumer.ack_many(receipts)
+        acked = True
+    finally:
+        if not acked:
+            # A stale receipt's delivery is no longer held: it leaves the
+            # count now. The ACK's own error is the one raised.
+            try:
+                unacked.drop_settled(consumer, outstanding, receipts)
+            except ClosedError:
+                pass
     for receipt in receipts:
-        outstanding.discard_one(receipt)
+        settled += outstanding.discard_one(receipt)
+    unacked.give_back(settled)
     if flags & FRAME_NO_REPLY:
         return None
     return build_frame(OP_ACK, FRAME_REPLY, request_id, handle, NULL, 0)

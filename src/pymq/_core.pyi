@@ -304,6 +304,7 @@ def serve_fetch(
     request_id: int,
     handle: int,
     max_frame_bytes: int,
+    unacked: UnackedCount,
 ) -> list[bytes] | None: ...
 def serve_ack(
     consumer: GroupBase,
@@ -312,6 +313,7 @@ def serve_ack(
     flags: int,
     request_id: int,
     handle: int,
+    unacked: UnackedCount,
 ) -> bytes | None: ...
 def encode_deliveries(
     flags: int,

@@ -149,6 +149,7 @@ class AsyncConnection:
         self.max_frame_bytes = 16 << 20
         self.max_message_bytes: int | None = None
         self.max_batch = 10_000
+        self.max_unacked: int | None = None
         self.server = ""
 
     # Connecting ---------------------------------------------------------------
@@ -653,6 +654,15 @@ class AsyncBroker:
     @property
     def server_version(self) -> str:
         return self._connection.server
+
+    @property
+    def max_unacked(self) -> int | None:
+        """Deliveries this connection may hold unsettled at once, or None.
+
+        The server's max_unacked, from its reply to HELLO; None from a
+        server that has no such limit.
+        """
+        return self._connection.max_unacked
 
     async def close(self) -> None:
         """Close the connection; deliveries not yet settled go back at once."""

@@ -36,9 +36,10 @@ from pymq.errors import (
     InvalidNameError,
     PymqError,
     QueueNotFound,
+    ServerError,
 )
 from pymq.names import check_name
-from pymq.protocol import parse_url
+from pymq.protocol import TOO_MANY_UNACKED, parse_url
 
 __all__ = ["EXIT_CODES", "ExitCode", "build_parser", "main"]
 
@@ -89,6 +90,12 @@ SERVE_LIMITS: Final = (
         "failed logins one address may make within --login-window (default: 10)",
     ),
     ("login_window", "SECONDS", "time over which failed logins count (default: 60)"),
+    (
+        "max_unacked",
+        "COUNT",
+        "deliveries one connection may hold unsettled, across its queues and "
+        "groups (default: 100000)",
+    ),
 )
 # The choices of pymq serve --loop: pymq.server.LOOPS, which a test compares.
 SERVE_LOOPS: Final = ("auto", "asyncio", "uvloop")
@@ -1157,11 +1164,18 @@ def take_messages(consumer: Any, count: int, timeout: float) -> list[Any]:
     """Deliver up to count messages, waiting up to timeout for the first.
 
     After the first, only messages available at once are taken. Fewer than
-    count come back when the consumer reaches its max_in_flight.
+    count come back when the consumer reaches its max_in_flight, or the
+    connection the server's max_unacked.
     """
     messages: list[Any] = consumer.get_many(min(count, GET_BATCH), timeout=timeout)
     while messages and len(messages) < count:
-        more = consumer.get_many(min(count - len(messages), GET_BATCH), timeout=0)
+        try:
+            more = consumer.get_many(min(count - len(messages), GET_BATCH), timeout=0)
+        except ServerError as exc:
+            if exc.code != TOO_MANY_UNACKED:
+                raise
+            # The connection is at max_unacked: print the messages taken.
+            break
         if not more:
             break
         messages.extend(more)

@@ -190,6 +190,9 @@ def apply_hello(connection: Any, answer: dict[str, Any]) -> None:
     limit = answer.get("max_message_bytes")
     connection.max_message_bytes = None if limit is None else int(limit)
     connection.max_batch = int(answer.get("max_batch", connection.max_batch))
+    # None from a server older than the limit.
+    unacked = answer.get("max_unacked")
+    connection.max_unacked = None if unacked is None else int(unacked)
     connection.server = str(answer.get("server", ""))
 
 
@@ -355,6 +358,7 @@ class Connection:
         self.max_frame_bytes = 16 << 20
         self.max_message_bytes: int | None = None
         self.max_batch = 10_000
+        self.max_unacked: int | None = None
         self.server = ""
         self._connect()
 
@@ -863,6 +867,15 @@ class RemoteBroker:
     @property
     def server_version(self) -> str:
         return self._connection.server
+
+    @property
+    def max_unacked(self) -> int | None:
+        """Deliveries this connection may hold unsettled at once, or None.
+
+        The server's max_unacked, from its reply to HELLO; None from a
+        server that has no such limit.
+        """
+        return self._connection.max_unacked
 
     def close(self) -> None:
         """Close the connection; deliveries not yet settled go back at once."""

@@ -55,6 +55,9 @@ FLAG_NO_REPLY: Final = 4
 FLAG_PUSH: Final = 8
 FLAG_MORE: Final = 16
 
+# The error code of a FETCH on a connection already at max_unacked.
+TOO_MANY_UNACKED: Final = 19
+
 # Error codes: (code, retriable, class). The class is what the client raises.
 ERROR_CODES: Final[dict[int, tuple[str, bool, type[errors.PymqError]]]] = {
     1: ("PROTOCOL", False, errors.ProtocolError),
@@ -75,6 +78,7 @@ ERROR_CODES: Final[dict[int, tuple[str, bool, type[errors.PymqError]]]] = {
     16: ("TOO_MANY_CONNECTIONS", True, errors.ServerError),
     17: ("INVALID_REQUEST", False, errors.ServerError),
     18: ("UNKNOWN", False, errors.ServerError),
+    TOO_MANY_UNACKED: ("TOO_MANY_UNACKED", True, errors.ServerError),
 }
 _CODE_OF_CLASS: Final[list[tuple[type[BaseException], int]]] = [
     (errors.FrameTooLargeError, 2),
@@ -101,7 +105,12 @@ _SIZES: Final = re.compile(r"(\d+) bytes; (?:maximum|max_frame_bytes) is (\d+)")
 
 
 def error_code(exc: BaseException) -> int:
-    """Return the wire code for exc: its class's code, or UNKNOWN (18)."""
+    """Return the wire code for exc: its class's code, or UNKNOWN (18).
+
+    A ServerError raised with a known code keeps it.
+    """
+    if isinstance(exc, errors.ServerError) and exc.code in ERROR_CODES:
+        return exc.code
     for cls, code in _CODE_OF_CLASS:
         if isinstance(exc, cls):
             return code

@@ -37,6 +37,7 @@ from pymq._core import (
     PROTOCOL_OPCODES,
     FrameReader,
     ReceiptSet,
+    UnackedCount,
     decode_receipts,
     encode_deliveries,
     encode_frame,
@@ -77,6 +78,9 @@ _MAX_PENDING: Final = 1024
 # Replies to the requests of one read are written once they pass this
 # size, so that a peer that does not read them is noticed (pause_writing).
 _OUTBOX_BYTES: Final = 64 * 1024
+# The shortest wait for room under max_unacked, so that a waiter cannot
+# spin while another thread checks the deliveries held.
+_MIN_ROOM_WAIT: Final = 0.001
 # The most peer addresses whose failed logins are kept in memory.
 _MAX_LOGIN_HOSTS: Final = 10_000
 # Control requests that may take long (files created and synced, or a
@@ -117,6 +121,10 @@ class ServerLimits:
       login_window seconds. After that its HELLOs are rejected without
       checking the token until the oldest failure is that old (10).
     - login_window: seconds over which failed logins are counted (60).
+    - max_unacked: deliveries one connection may hold unsettled at once,
+      across its queues and groups, FETCH replies and subscription pushes
+      alike (100,000). A FETCH takes at most the room left, and gets error
+      19 when there is none; subscriptions pause until room is freed.
     """
 
     max_frame_bytes: int = 16 << 20
@@ -129,6 +137,7 @@ class ServerLimits:
     max_waiting: int = 1024
     max_failed_logins: int = 10
     login_window: float = 60.0
+    max_unacked: int = 100_000
 
     def __post_init__(self) -> None:
         ranges: dict[str, tuple[float, float]] = {
@@ -142,6 +151,7 @@ class ServerLimits:
             "max_waiting": (1, 1_000_000),
             "max_failed_logins": (1, 1_000_000),
             "login_window": (0.01, 86_400),
+            "max_unacked": (1, 1 << 31),
         }
         for name, (low, high) in ranges.items():
             value = getattr(self, name)
@@ -224,7 +234,8 @@ class _Target:
         )
         self.core: Any = target._core if isinstance(target, Stream) else target.stream
         # Receipts delivered on this connection and not yet settled by it.
-        # They are nacked when the connection closes.
+        # They are nacked when the connection closes. Their number counts
+        # against max_unacked: see UnackedCount.
         self.outstanding = ReceiptSet()
 
 
@@ -544,6 +555,12 @@ class _Connection(asyncio.Protocol):
         self.named: dict[tuple[str, str], int] = {}
         self.next_handle = 1
         self.subscriptions: dict[int, _Subscription] = {}
+        # Deliveries held unsettled, against max_unacked; see UnackedCount.
+        self.unacked = UnackedCount(
+            self.limits.max_unacked, self.reclaim, self.room_freed
+        )
+        # Futures of the requests waiting for room under max_unacked.
+        self.room_waits: list[asyncio.Future[None]] = []
         self.pending: collections.deque[tuple[int, int, int, int, bytes]] = (
             collections.deque()
         )
@@ -945,6 +962,7 @@ class _Connection(asyncio.Protocol):
                     "max_frame_bytes": self.limits.max_frame_bytes,
                     "max_batch": self.limits.max_batch,
                     "max_message_bytes": self.server.max_message_bytes,
+                    "max_unacked": self.limits.max_unacked,
                 }
             ),
         )
@@ -1115,6 +1133,7 @@ class _Connection(asyncio.Protocol):
             request_id,
             handle,
             limits.max_frame_bytes,
+            self.unacked,
         )
         if frames is not None:
             return frames
@@ -1128,10 +1147,21 @@ class _Connection(asyncio.Protocol):
         return _Park(request_id, handle, count, wait_ms)
 
     def deliver(
-        self, flags: int, request_id: int, target: _Target, messages: list[Any]
+        self,
+        flags: int,
+        request_id: int,
+        target: _Target,
+        messages: list[Any],
+        reserved: int,
     ) -> list[bytes]:
-        if messages:
-            target.outstanding.update([message.receipt for message in messages])
+        """Return the DELIVER frames of messages, taken with reserved room.
+
+        Their receipts join the target's outstanding set, and the room
+        reserved but not used is freed.
+        """
+        if reserved:
+            assert target.consumer is not None
+            self.unacked.commit(target.outstanding, messages, reserved, target.consumer)
         return encode_deliveries(
             flags,
             request_id,
@@ -1148,12 +1178,29 @@ class _Connection(asyncio.Protocol):
         hub = self.server.hub(target.core)
         deadline = None if park.wait_ms < 0 else loop.time() + park.wait_ms / 1000
         messages: list[Any] = []
+        # Room under max_unacked reserved for the messages taken.
+        reserved = 0
         while not self.closed:
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                break
+            reserved = self.unacked.reserve(park.count)
+            if not reserved:
+                # Other requests took the room since this one arrived: wait
+                # for room, within the request's own wait.
+                await self.wait_for_room(remaining)
+                continue
             woken = hub.arm()
             try:
-                messages = await self.fetch(consumer, park.count)
+                try:
+                    messages = await self.fetch(consumer, reserved)
+                except BaseException:
+                    self.unacked.unreserve(reserved)
+                    raise
                 if messages or self.closed:
                     break
+                self.unacked.unreserve(reserved)
+                reserved = 0
                 timeout = consumer.next_due()
                 if deadline is not None:
                     remaining = deadline - loop.time()
@@ -1168,11 +1215,69 @@ class _Connection(asyncio.Protocol):
             finally:
                 hub.disarm()
         if self.closed:
+            self.unacked.unreserve(reserved)
             self.release(consumer, [message.receipt for message in messages])
             return
-        frames = self.deliver(FLAG_REPLY, park.request_id, target, messages)
+        frames = self.deliver(FLAG_REPLY, park.request_id, target, messages, reserved)
         if self.transport is not None:
             self.transport.writelines(frames)
+
+    async def wait_for_room(self, timeout: float | None = None) -> None:
+        """Wait until room under max_unacked may be free, or timeout passes.
+
+        Returns when a settlement or a check frees room, when a check of
+        the deliveries held is due (an expiry, or a second since the last
+        one), or when the connection closes.
+        """
+        assert self.disconnected is not None
+        unacked = self.unacked
+        freed: asyncio.Future[None] = self.loop.create_future()
+        self.room_waits.append(freed)
+        unacked.waiters += 1
+        try:
+            # Room freed before this wait was counted did not wake it.
+            if unacked.held < unacked.limit:
+                return
+            due = max(unacked.seconds_to_check(), _MIN_ROOM_WAIT)
+            waits: list[asyncio.Future[Any]] = [freed, self.disconnected]
+            await asyncio.wait(
+                waits,
+                timeout=due if timeout is None else min(due, timeout),
+                return_when="FIRST_COMPLETED",
+            )
+        finally:
+            unacked.waiters -= 1
+            with contextlib.suppress(ValueError):
+                self.room_waits.remove(freed)
+
+    def room_freed(self) -> None:
+        """Wake the requests waiting for room; run from any thread."""
+        if threading.get_ident() != self.loop_thread:
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.room_freed)
+            return
+        waits, self.room_waits = self.room_waits, []
+        for freed in waits:
+            if not freed.done():
+                freed.set_result(None)
+
+    def reclaim(self) -> None:
+        """Drop the receipts no longer in flight from every outstanding set.
+
+        UnackedCount runs this when a request is short of room and a check
+        is due. A delivery leaves the count here when its visibility
+        timeout passed or another connection settled it.
+        """
+        unacked = self.unacked
+        if not unacked.begin_check():
+            return
+        try:
+            for target in list(self.handles.values()):
+                if target.consumer is not None and target.outstanding:
+                    with contextlib.suppress(errors.ClosedError):
+                        unacked.drop_settled(target.consumer, target.outstanding)
+        finally:
+            unacked.end_check()
 
     async def fetch(self, consumer: Queue | Group, count: int) -> list[Any]:
         """Take up to count messages; in the pool when gets sync the journal."""
@@ -1259,19 +1364,32 @@ class _Connection(asyncio.Protocol):
                     for waiting in waits:
                         waiting.cancel()
                 continue
+            count = min(subscription.credit, self.limits.max_batch)
+            reserved = self.unacked.reserve(count)
+            if not reserved:
+                # At max_unacked: push nothing until room is freed.
+                await self.wait_for_room()
+                continue
             woken = hub.arm()
             try:
-                count = min(subscription.credit, self.limits.max_batch)
-                messages = await self.fetch(consumer, count)
+                try:
+                    messages = await self.fetch(consumer, reserved)
+                except BaseException:
+                    self.unacked.unreserve(reserved)
+                    raise
                 if messages:
                     if self.closed:
+                        self.unacked.unreserve(reserved)
                         self.release(consumer, [m.receipt for m in messages])
                         return
                     subscription.credit -= len(messages)
-                    frames = self.deliver(FLAG_PUSH, subscription_id, target, messages)
+                    frames = self.deliver(
+                        FLAG_PUSH, subscription_id, target, messages, reserved
+                    )
                     if self.transport is not None:
                         self.transport.writelines(frames)
                     continue
+                self.unacked.unreserve(reserved)
                 subscription.changed.clear()
                 changed = asyncio.ensure_future(subscription.changed.wait())
                 try:
@@ -1295,7 +1413,13 @@ class _Connection(asyncio.Protocol):
     def on_ack(self, flags: int, request_id: int, handle: int, payload: bytes) -> Any:
         target, consumer = self.consumer(handle)
         return serve_ack(
-            consumer, payload, target.outstanding, flags, request_id, handle
+            consumer,
+            payload,
+            target.outstanding,
+            flags,
+            request_id,
+            handle,
+            self.unacked,
         )
 
     def on_nack(self, flags: int, request_id: int, handle: int, payload: bytes) -> Any:
@@ -1306,8 +1430,7 @@ class _Connection(asyncio.Protocol):
         receipts, end = decode_receipts(payload, 8)
         if end != len(payload):
             raise errors.ProtocolError("NACK payload has bytes past its receipts")
-        self.each(consumer.nack, receipts, delay)
-        target.outstanding.difference_update(receipts)
+        self.apply(consumer.nack, receipts, delay, target)
         return self.settled(flags, protocol.NACK, request_id, handle)
 
     def on_extend(
@@ -1320,7 +1443,12 @@ class _Connection(asyncio.Protocol):
         receipts, end = decode_receipts(payload, 8)
         if end != len(payload):
             raise errors.ProtocolError("EXTEND payload has bytes past its receipts")
-        self.each(consumer.extend, receipts, seconds)
+        try:
+            self.each(consumer.extend, receipts, seconds)
+        finally:
+            # A shorter deadline may end a delivery before the check that
+            # the count expects.
+            self.unacked.note_extend(seconds)
         return self.settled(flags, protocol.EXTEND, request_id, handle)
 
     def on_reject(
@@ -1332,9 +1460,26 @@ class _Connection(asyncio.Protocol):
             reason = payload[end:].decode("utf-8")
         except UnicodeDecodeError:
             raise errors.ProtocolError("REJECT reason is not UTF-8") from None
-        self.each(consumer.reject, receipts, reason)
-        target.outstanding.difference_update(receipts)
+        self.apply(consumer.reject, receipts, reason, target)
         return self.settled(flags, protocol.REJECT, request_id, handle)
+
+    def apply(
+        self,
+        method: Callable[[int, Any], object],
+        receipts: list[int],
+        arg: Any,
+        target: _Target,
+    ) -> None:
+        """Nack or reject receipts with each(); they leave the count."""
+        assert target.consumer is not None
+        try:
+            self.each(method, receipts, arg)
+        except BaseException:
+            # Those that took effect, or were stale, are no longer held.
+            with contextlib.suppress(errors.ClosedError):
+                self.unacked.drop_settled(target.consumer, target.outstanding, receipts)
+            raise
+        self.unacked.settle(target.outstanding, receipts)
 
     @staticmethod
     def each(
@@ -1374,7 +1519,7 @@ class _Connection(asyncio.Protocol):
         for target in self.handles.values():
             if target.consumer is not None and target.outstanding:
                 receipts = list(target.outstanding)
-                target.outstanding.clear()
+                self.unacked.settle(target.outstanding, receipts)
                 self.release(target.consumer, receipts)
                 released += len(receipts)
         if released:
