@@ -191,7 +191,10 @@ def test_serve_max_unacked_reaches_server(serve: Any) -> None:
         with pytest.raises(ServerError) as full:
             jobs.get(timeout=0)
         assert full.value.code == 19
-        assert "holds 3 unsettled deliveries, max_unacked (3)" in str(full.value)
+        assert str(full.value) == (
+            "this connection holds 3 unsettled deliveries, max_unacked (3); "
+            "ack, nack or reject some of them before fetching more"
+        )
 
 
 def test_get_stops_at_max_unacked(

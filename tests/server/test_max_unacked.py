@@ -13,6 +13,7 @@ import json
 import struct
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,6 +21,7 @@ import pymq
 import pymq.aio
 from pymq import ConfigError, ServerError, StaleReceiptError, protocol
 from pymq._core import decode_deliveries, encode_frame, encode_receipts
+from pymq.client import apply_hello
 from pymq.protocol import FLAG_ERROR, FLAG_NO_REPLY, FLAG_PUSH, PREAMBLE, encode_json
 from pymq.server import ServerLimits
 from tests.server.helpers import RawClient, ServerProcess
@@ -125,6 +127,16 @@ def test_hello_reply_carries_max_unacked(server: ServerProcess) -> None:
     answer = json.loads(reply[4])
     assert answer["max_unacked"] == LIMIT
     assert answer["max_batch"] == 10_000
+
+
+def test_client_reads_hello_without_limit() -> None:
+    # A server older than max_unacked leaves the field out of its reply.
+    connection = SimpleNamespace(max_frame_bytes=1, max_batch=1, max_unacked=7)
+    apply_hello(connection, {"version": 1, "server": "pymq 0.1", "max_batch": 5})
+    assert connection.max_unacked is None
+    assert connection.max_batch == 5
+    apply_hello(connection, {"version": 1, "server": "pymq 0.1", "max_unacked": 9})
+    assert connection.max_unacked == 9
 
 
 # Freeing room --------------------------------------------------------------------
