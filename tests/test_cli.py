@@ -1548,3 +1548,12 @@ def test_wrong_token_exits_4(
     assert err.startswith(f"pymq: {url}: ")
     assert err.endswith("; check --token-file or PYMQ_TOKEN\n")
     assert main(["stats", "--url", url]) == 4
+
+
+def test_unparsable_url_is_usage_error() -> None:
+    result = cli_process("stats", "--url", "pymq://[::1")
+    assert result.returncode == 2
+    assert result.stderr == (
+        b"pymq: URL 'pymq://[::1' is invalid: Invalid IPv6 URL; write "
+        b"pymq://HOST:PORT, pymqs://HOST:PORT or pymq+unix:///PATH\n"
+    )
