@@ -924,6 +924,14 @@ def _serve(args: argparse.Namespace) -> int:
         if getattr(args, field) is not None:
             chosen[field] = getattr(args, field)
     limits = server.ServerLimits(**chosen)
+    if args.port_file is not None:
+        try:
+            server.check_port_file(args.port_file)
+        except OSError as exc:
+            raise CommandError(
+                f"cannot write --port-file {args.port_file}: {exc.strerror or exc}",
+                ExitCode.USAGE,
+            ) from None
     created = _missing_folders(Path(args.data))
     try:
         server.run(
