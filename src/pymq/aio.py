@@ -40,6 +40,7 @@ from pymq.client import (
     apply_hello,
     check_receipt,
     client_ssl_context,
+    encode_reason,
     fetch_payload,
     handshake_closed,
     hello_payload,
@@ -280,6 +281,12 @@ class AsyncConnection:
             return
         waiter = link.waiting.get(request_id)
         if waiter is None:
+            if flags & FLAG_ERROR and request_id == 0:
+                # An error about the connection, not a request: the server
+                # closes it next. _read fails every waiting request.
+                raise ConnectionResetError(
+                    f"the server closed the connection: {decode_error(frame[4])}"
+                )
             if flags & FLAG_ERROR:
                 error = decode_error(frame[4])
                 logger.error(
@@ -928,11 +935,13 @@ class _AsyncConsumer(_AsyncHandle):
         await self._settle(protocol.EXTEND, [receipt], _F64.pack(seconds), b"", True)
 
     async def reject(self, receipt: int, reason: str = "rejected") -> None:
-        """Move the message to the dead-letter queue now, with reason."""
+        """Move the message to the dead-letter queue now, with reason.
+
+        A reason over 1000 UTF-8 bytes is cut as the embedded broker cuts
+        it; see pymq.client.encode_reason.
+        """
         check_receipt(receipt)
-        await self._settle(
-            protocol.REJECT, [receipt], b"", reason.encode("utf-8"), True
-        )
+        await self._settle(protocol.REJECT, [receipt], b"", encode_reason(reason), True)
 
     async def stats(self) -> QueueStats:
         """Return the counts of this queue or group."""

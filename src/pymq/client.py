@@ -83,6 +83,9 @@ _MAX_WAIT_MS: Final = 0x7FFFFFFF
 # Bytes one read of the socket takes at most.
 _RECV_BYTES: Final = 262144
 _MAX_RECEIPT: Final = (1 << 64) - 1
+# Maximum reject reason sent, in UTF-8 bytes. The embedded broker cuts an
+# x-reason to the same limit, so the cut sent here leaves the same text.
+MAX_REASON_BYTES: Final = 1000
 
 Frame = tuple[int, int, int, int, bytes]
 
@@ -118,6 +121,30 @@ def check_receipt(receipt: object) -> None:
         raise OverflowError(
             f"receipt {receipt} is out of range; a receipt is from 0 to 2**64 - 1"
         )
+
+
+def encode_reason(reason: object) -> bytes:
+    """Return a reject reason as the UTF-8 bytes a REJECT frame carries.
+
+    A reason over MAX_REASON_BYTES is cut at the last whole character
+    within that many bytes, and "..." is appended. Raises TypeError for a
+    reason that is not a str and ValueError for one that is not valid
+    Unicode (a lone surrogate), before anything is sent.
+    """
+    if not isinstance(reason, str):
+        raise TypeError(f"reason must be a str, not {type(reason).__name__}")
+    try:
+        encoded = reason.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"reason cannot be encoded as UTF-8: character "
+            f"{reason[exc.start]!r} at index {exc.start} is {exc.reason}"
+        ) from None
+    if len(encoded) <= MAX_REASON_BYTES:
+        return encoded
+    # A character cut part way leaves only invalid bytes at the end.
+    whole = encoded[:MAX_REASON_BYTES].decode("utf-8", "ignore")
+    return whole.encode("utf-8") + b"..."
 
 
 def reconnect_attempts_failed(
@@ -699,6 +726,12 @@ class Connection:
             return
         slot = self._slots.get(request_id)
         if slot is None:
+            if flags & FLAG_ERROR and request_id == 0:
+                # An error about the connection, not a request: the server
+                # closes it next. _read_until fails every waiting request.
+                raise ConnectionResetError(
+                    f"the server closed the connection: {decode_error(frame[4])}"
+                )
             if flags & FLAG_ERROR:
                 error = decode_error(frame[4])
                 logger.error(
@@ -1184,11 +1217,13 @@ class _RemoteConsumer(_Handle):
         )
 
     def reject(self, receipt: int, reason: str = "rejected") -> None:
-        """Move the message to the dead-letter queue now, with reason."""
+        """Move the message to the dead-letter queue now, with reason.
+
+        A reason over 1000 UTF-8 bytes is cut as the embedded broker cuts
+        it; see encode_reason.
+        """
         check_receipt(receipt)
-        if not isinstance(reason, str):
-            raise TypeError(f"reason must be a str, not {type(reason).__name__}")
-        self._settle(protocol.REJECT, [receipt], b"", reason.encode("utf-8"), True)
+        self._settle(protocol.REJECT, [receipt], b"", encode_reason(reason), True)
 
     def stats(self) -> QueueStats:
         """Return the counts of this queue or group; see QueueStats."""

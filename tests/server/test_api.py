@@ -831,3 +831,16 @@ def test_queue_full_rejects(broker, name):
     assert q.put(b"c") == 2
     messages = q.get_many(10, timeout=WAIT)
     assert [m.body for m in messages] == [b"b", b"c"]
+
+
+def test_reject_long_reason_is_cut(broker, name):
+    q = broker.queue(name, visibility_timeout=3600)
+    q.put_many([b"poison", b"held"])
+    poison, held = q.get_many(2, timeout=WAIT)
+    # Larger than the server's max_frame_bytes (16 MiB) if sent whole.
+    poison.reject("x" * (20 << 20))
+    dead = q.dlq.get(timeout=WAIT)
+    assert dead.headers["x-reason"] == "x" * 1000 + "..."
+    # The other delivery, and so the connection, is still there.
+    held.ack()
+    assert q.stats().acked == 1
