@@ -1557,3 +1557,29 @@ def test_unparsable_url_is_usage_error() -> None:
         b"pymq: URL 'pymq://[::1' is invalid: Invalid IPv6 URL; write "
         b"pymq://HOST:PORT, pymqs://HOST:PORT or pymq+unix:///PATH\n"
     )
+
+
+def test_long_dlq_name_in_stats_and_get(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = "L" * 128
+    with pymq.open(data) as broker:
+        queue = broker.queue(source, max_deliveries=1)
+        queue.put(b"poison")
+        rejected = queue.get(timeout=0)
+        assert rejected is not None
+        rejected.reject("bad")
+    dlq_name = f"{source}.dlq"
+    assert main(["stats", dlq_name, "--data", str(data)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert rows[1][:3] == [dlq_name, "queue", "1"]
+    assert main(["get", dlq_name, "--data", str(data)]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("offset=0 attempt=1 headers={")
+    assert line.endswith(" body=poison\n")
+    assert main(["stats", "--data", str(data)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert [row[:3] for row in rows[1:]] == [
+        [source, "queue", "0"],
+        [dlq_name, "queue", "0"],
+    ]

@@ -51,7 +51,7 @@ from pymq.client import (
     tls_failed,
     wait_ms,
 )
-from pymq.names import check_name
+from pymq.names import check_name, check_queue_name
 from pymq.protocol import (
     FLAG_ERROR,
     FLAG_MORE,
@@ -604,7 +604,7 @@ class AsyncBroker:
 
     async def queue(self, name: str, **options: Any) -> AsyncQueue:
         """Open the queue name, creating it if it is missing."""
-        check_name("queue", name)
+        check_queue_name(name)
         options = _check_options(options, QUEUE_DEFAULTS)
         queue = AsyncQueue(self, {"kind": "queue", "name": name})
         await queue.reopen(options)

@@ -37,7 +37,7 @@ from pymq.errors import (
     PymqError,
     QueueNotFound,
 )
-from pymq.names import check_name
+from pymq.names import check_name, check_queue_name
 from pymq.protocol import parse_url
 
 __all__ = ["EXIT_CODES", "ExitCode", "build_parser", "main"]
@@ -1012,7 +1012,7 @@ def _remove_unused_folders(created: list[Path]) -> None:
 
 def _put(args: argparse.Namespace) -> int:
     headers = parse_headers(args.header)
-    name: str = check_name("queue", args.queue)
+    name: str = check_queue_name(args.queue)
     with open_broker(args, create=True) as broker:
         # A stream takes puts too; anything else is opened (or created) as a
         # queue.
@@ -1111,7 +1111,7 @@ def _put_lines(
 
 
 def _get(args: argparse.Namespace) -> int:
-    name: str = check_name("queue", args.queue)
+    name: str = check_queue_name(args.queue)
     with open_broker(args, create=False) as broker:
         queue = _require_queue(broker, name)
         messages = take_messages(queue, args.count, args.timeout)
@@ -1206,7 +1206,7 @@ def _stats(args: argparse.Namespace) -> int:
         if args.queue is None:
             targets = list(names.items())
         else:
-            name: str = check_name("queue", args.queue)
+            name: str = check_queue_name(args.queue)
             if name not in names:
                 raise CommandError(
                     f"queue {name} does not exist", ExitCode.QUEUE_NOT_FOUND
@@ -1214,8 +1214,6 @@ def _stats(args: argparse.Namespace) -> int:
             targets = [(name, names[name])]
         rows: list[list[str]] = []
         for name, kind in targets:
-            # NOTE: broker.queue() rejects names over 128 characters, so a
-            # DLQ whose source name is 125 or more characters long fails here.
             if kind == "queue":
                 rows.append(_stats_row(name, "queue", broker.queue(name).stats()))
                 continue
@@ -1282,8 +1280,6 @@ def _dlq_list(args: argparse.Namespace) -> int:
         if not _dlq_exists(broker, source, dlq_name):
             print(f"pymq: {dlq_name} has no messages", file=sys.stderr)
             return ExitCode.OK
-        # NOTE: like stats, this fails for a source name of 125 or more
-        # characters, whose DLQ name is too long for broker.queue().
         dlq = broker.queue(dlq_name)
         depth: int = dlq.stats().depth
         messages = take_messages(dlq, args.count, 0.0)
@@ -1365,10 +1361,7 @@ def _redrive(
     """
     total = None
     if show_progress:
-        # NOTE: like stats, a DLQ name over 128 characters cannot be opened
-        # with broker.queue(); the bar then has no total.
-        with contextlib.suppress(InvalidNameError):
-            total = broker.queue(dlq_name).stats().depth
+        total = broker.queue(dlq_name).stats().depth
     # A disabled bar counts nothing, so the count is kept here.
     moved = 0
     try:

@@ -36,7 +36,7 @@ from pymq._core import (
 )
 from pymq._version import __version__
 from pymq.broker import GROUP_DEFAULTS, QUEUE_DEFAULTS, STREAM_DEFAULTS, _check_options
-from pymq.names import check_name
+from pymq.names import check_name, check_queue_name
 from pymq.protocol import (
     FLAG_ERROR,
     FLAG_MORE,
@@ -811,7 +811,7 @@ class RemoteBroker:
         """
         # Checked here too, so a bad option raises the embedded broker's
         # TypeError or ConfigError rather than a server error.
-        check_name("queue", name)
+        check_queue_name(name)
         options = _check_options(options, QUEUE_DEFAULTS)
         with self._lock:
             queue = self._queues.get(name)

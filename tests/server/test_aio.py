@@ -368,3 +368,24 @@ def test_aio_reject_long_reason_keeps_connection(shared_server, name):
             await broker.close()
 
     run(body())
+
+
+def test_aio_dlq_of_long_names_opens(shared_server, name):
+    async def body() -> None:
+        broker = await pymq.aio.connect(shared_server.url)
+        try:
+            long_name = (name + "-" + "L" * 128)[:128]
+            q = await broker.queue(long_name, max_deliveries=1)
+            await q.put(b"poison")
+            await (await q.get(timeout=WAIT)).reject("bad")
+            dlq = await q.dlq()
+            assert dlq.name == f"{long_name}.dlq"
+            assert (await dlq.stats()).depth == 1
+            stream = await broker.stream((name + "-s-" + "a" * 60)[:68])
+            group = await stream.group("billing-" + "b" * 60)
+            assert len(group.dlq_name) == 141
+            assert (await (await group.dlq()).stats()).depth == 0
+        finally:
+            await broker.close()
+
+    run(body())

@@ -844,3 +844,20 @@ def test_reject_long_reason_is_cut(broker, name):
     # The other delivery, and so the connection, is still there.
     held.ack()
     assert q.stats().acked == 1
+
+
+def test_dlq_of_long_names_opens(broker, name):
+    long_name = (name + "-" + "L" * 128)[:128]
+    q = broker.queue(long_name, max_deliveries=1)
+    q.put(b"poison")
+    q.get(timeout=WAIT).reject("bad")
+    assert q.dlq_name == f"{long_name}.dlq"
+    assert q.dlq.stats().depth == 1
+    by_name = broker.queue(f"{long_name}.dlq")
+    assert by_name.get(timeout=WAIT).headers["x-reason"] == "bad"
+
+    stream = broker.stream((name + "-s-" + "a" * 60)[:68])
+    group = stream.group("billing-" + "b" * 60)
+    assert len(group.dlq_name) == 68 + 1 + 68 + 4
+    assert group.dlq.stats().depth == 0
+    assert broker.queue(group.dlq_name).stats().depth == 0
