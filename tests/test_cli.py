@@ -25,10 +25,12 @@ import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import pymq
+from pymq import cli
 from pymq._version import __version__
 from pymq.cli import EXIT_CODES, format_table, main, read_token
 
@@ -547,6 +549,101 @@ def test_put_stdin_lines_in_batches(
         assert [m.body for m in messages] == bodies
         assert [m.offset for m in messages] == list(range(2500))
         assert {tuple(m.headers.items()) for m in messages} == {(("batch", "7"),)}
+
+
+def test_put_stdin_line_too_long_names_line(data: Path) -> None:
+    limit = 1 << 20  # max_message_bytes of pymq.open() by default
+    lines = [b"a"] * 1500 + [b"x" * (limit + 1), b"b"]
+    result = cli_process(
+        "put", "jobs", "-", "--data", str(data), stdin=b"\n".join(lines) + b"\n"
+    )
+    assert result.returncode == 7
+    assert result.stderr == (
+        b"pymq: put 1500 messages to jobs, then failed\n"
+        b"pymq: line 1501 of stdin is longer than max_message_bytes (1048576 bytes)\n"
+    )
+    with pymq.open(data) as broker:
+        assert broker.queue("jobs").stats().depth == 1500
+
+
+def test_put_stdin_line_at_limit_is_put(data: Path) -> None:
+    body = b"x" * (1 << 20)
+    result = cli_process("put", "jobs", "-", "--data", str(data), stdin=body + b"\n")
+    assert result.returncode == 0, result.stderr
+    with pymq.open(data) as broker:
+        message = broker.queue("jobs").get(timeout=0)
+        assert message is not None
+        assert message.body == body
+
+
+def test_put_stdin_without_newline_fails_fast(data: Path) -> None:
+    result = cli_process("put", "jobs", "-", "--data", str(data), stdin=bytes(3 << 20))
+    assert result.returncode == 7
+    assert result.stderr == (
+        b"pymq: line 1 of stdin is longer than max_message_bytes (1048576 bytes)\n"
+    )
+
+
+def test_put_stdin_batches_bounded_by_bytes(
+    data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Records the size of each batch that reaches the queue's put_many.
+    sizes: list[int] = []
+    put_lines = cli._put_lines
+
+    def put_lines_recorded(target: Any, *args: Any) -> int:
+        put_many = target.put_many
+
+        def put_many_recorded(batch: list[bytes], **options: Any) -> Any:
+            sizes.append(len(batch))
+            return put_many(batch, **options)
+
+        monkeypatch.setattr(target, "put_many", put_many_recorded)
+        return put_lines(target, *args)
+
+    monkeypatch.setattr(cli, "_put_lines", put_lines_recorded)
+    body = b"y" * (1 << 19)
+    feed_stdin(monkeypatch, (body + b"\n") * 40)
+    assert main(["put", "jobs", "-", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == "put 40 messages to jobs\n"
+    # 8 MiB of bodies is 16 lines of 512 KiB.
+    assert sizes == [16, 16, 8]
+
+
+def test_put_stdin_interrupted_exits_130(data: Path) -> None:
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("PYMQ_")
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pymq", "put", "jobs", "-", "--data", str(data)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert process.stdin is not None
+        process.stdin.write(b"a\nb\n")
+        process.stdin.flush()
+        # The queue exists once put has opened it, before it reads stdin.
+        deadline = time.monotonic() + PROCESS_TIMEOUT
+        while not (data / "streams" / "jobs" / "kind").exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "put did not open the queue"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=PROCESS_TIMEOUT) == 130
+        assert process.stderr is not None
+        assert process.stderr.read() == b"pymq: interrupted\n"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=PROCESS_TIMEOUT)
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+    with pymq.open(data) as broker:
+        assert broker.queue("jobs").stats().depth == 0
 
 
 def test_put_body_defaults_to_stdin(

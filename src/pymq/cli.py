@@ -50,6 +50,8 @@ LOG_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Messages per put_many call when putting the lines of stdin.
 PUT_BATCH: Final = 1000
+# Maximum bytes of bodies per put_many call, so batches of long lines stay small.
+PUT_BATCH_BYTES: Final = 8 << 20
 # Messages per get_many call. get_many may return fewer, never more.
 GET_BATCH: Final = 1000
 # Maximum wait a command accepts, in seconds: the limit of the broker's get.
@@ -1027,7 +1029,8 @@ def _put(args: argparse.Namespace) -> int:
             _write_line(f"put 1 message to {name} at offset {offset}")
             return ExitCode.OK
         show_progress = args.progress or sys.stderr.isatty()
-        count = _put_lines(target, name, headers, _stdin_lines(), args, show_progress)
+        lines = _stdin_lines(_max_message_bytes(target))
+        count = _put_lines(target, name, headers, lines, args, show_progress)
         _write_line(f"put {_plural(count, 'message')} to {name}")
     return ExitCode.OK
 
@@ -1055,15 +1058,47 @@ def parse_headers(items: Sequence[str]) -> dict[str, str] | None:
     return headers or None
 
 
-def _stdin_lines() -> Iterator[bytes]:
+class _LineTooLong(Exception):
+    """A line of stdin is longer than max_message_bytes; nothing of it was put."""
+
+
+def _max_message_bytes(target: Any) -> int | None:
+    """Return the max_message_bytes of target, or None when it is unknown."""
+    connection = getattr(target, "_connection", None)
+    if connection is not None:
+        limit: int | None = connection.max_message_bytes
+        return limit
+    # An embedded queue has its stream's core as .stream, a stream as ._core.
+    core = getattr(target, "stream", None) or getattr(target, "_core", None)
+    store = getattr(core, "store", None)
+    return getattr(store, "max_message_bytes", None)
+
+
+def _stdin_lines(limit: int | None) -> Iterator[bytes]:
+    """Yield the lines of stdin without their newline.
+
+    Each read takes at most limit bytes and the newline, so a line over
+    limit bytes raises _LineTooLong without being read whole, and Ctrl-C
+    is handled between reads even on input without newlines.
+    """
     if sys.stdin is None:
         raise CommandError("stdin is closed; give BODY instead of -", ExitCode.USAGE)
     binary = getattr(sys.stdin, "buffer", None)
-    if binary is None:
-        for text in sys.stdin:
-            yield text.removesuffix("\n").encode()
-        return
-    for line in binary:
+    size = -1 if limit is None else limit + 1
+    number = 0
+    while True:
+        if binary is None:
+            line = sys.stdin.readline(size).encode()
+        else:
+            line = binary.readline(size)
+        if not line:
+            return
+        number += 1
+        if limit is not None and len(line) > limit and not line.endswith(b"\n"):
+            raise _LineTooLong(
+                f"line {number} of stdin is longer than max_message_bytes "
+                f"({limit} bytes)"
+            )
         yield line.removesuffix(b"\n")
 
 
@@ -1075,27 +1110,41 @@ def _put_lines(
     args: argparse.Namespace,
     show_progress: bool,
 ) -> int:
-    """Put each line as one message, PUT_BATCH at a time, and return the count."""
+    """Put each line as one message, in batches, and return the count.
+
+    A batch is at most PUT_BATCH lines or PUT_BATCH_BYTES bytes of bodies.
+    """
     count = 0
     batch: list[bytes] = []
+    batch_bytes = 0
     with tqdm(
         desc=f"put {name}",
         unit="msg",
         file=sys.stderr,
         disable=not show_progress,
     ) as progress:
+
+        def put_batch() -> None:
+            nonlocal count, batch, batch_bytes
+            target.put_many(batch, headers=headers, timeout=args.timeout)
+            count += len(batch)
+            progress.update(len(batch))
+            batch = []
+            batch_bytes = 0
+
         try:
-            for line in lines:
-                batch.append(line)
-                if len(batch) == PUT_BATCH:
-                    target.put_many(batch, headers=headers, timeout=args.timeout)
-                    count += len(batch)
-                    progress.update(len(batch))
-                    batch = []
+            try:
+                for line in lines:
+                    batch.append(line)
+                    batch_bytes += len(line)
+                    if len(batch) == PUT_BATCH or batch_bytes >= PUT_BATCH_BYTES:
+                        put_batch()
+            except _LineTooLong as exc:
+                if batch:
+                    put_batch()
+                raise CommandError(str(exc), ExitCode.FAILED) from None
             if batch:
-                target.put_many(batch, headers=headers, timeout=args.timeout)
-                count += len(batch)
-                progress.update(len(batch))
+                put_batch()
         except BaseException:
             # put_many writes all of a batch or none of it, so count is exact.
             if count:
