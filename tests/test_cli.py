@@ -1680,3 +1680,47 @@ def test_long_dlq_name_in_stats_and_get(
         [source, "queue", "0"],
         [dlq_name, "queue", "0"],
     ]
+
+
+def test_get_escapes_control_characters(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        queue = broker.queue("jobs")
+        queue.put(b"line1\nline2")
+        queue.put(b"tab\there\x1b[31mred\\n")
+        queue.put(b"x", headers={"k": "v\nw\x9b"})
+        queue.put("caf\u00e9 \u202e".encode())
+    assert main(["get", "jobs", "-n", "5", "--no-ack", "--data", str(data)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "offset=0 attempt=1 headers={} body=line1\\nline2",
+        "offset=1 attempt=1 headers={} body=tab\\there\\x1b[31mred\\\\n",
+        'offset=2 attempt=1 headers={"k": "v\\nw\\u009b"} body=x',
+        "offset=3 attempt=1 headers={} body=caf\u00e9 \\u202e",
+    ]
+    assert main(["get", "jobs", "-n", "5", "--json", "--data", str(data)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [record["body"] for record in records] == [
+        "line1\nline2",
+        "tab\there\x1b[31mred\\n",
+        "x",
+        "caf\u00e9 \u202e",
+    ]
+    assert records[2]["headers"] == {"k": "v\nw\x9b"}
+
+
+def test_dlq_list_escapes_control_characters(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        queue = broker.queue("jobs")
+        queue.put(b"bad\nphoto\x1b[2J")
+        message = queue.get(timeout=0)
+        assert message is not None
+        message.reject("broken\x1b[31m")
+    assert main(["dlq", "list", "jobs", "--data", str(data)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    assert lines[0].endswith(
+        ' x-reason="broken\\u001b[31m" headers={} body=bad\\nphoto\\x1b[2J'
+    )

@@ -115,6 +115,8 @@ STATS_COLUMNS: Final = (
 )
 # Values matching this print unquoted in key=value output.
 _PLAIN_VALUE = re.compile(r'[^\s"=]+')
+# Characters that escape_text checks: all but printable ASCII other than "\\".
+_ESCAPE_CANDIDATE = re.compile(r"[^ -\[\]-~]")
 
 
 class ExitCode(enum.IntEnum):
@@ -1214,6 +1216,45 @@ def take_messages(consumer: Any, count: int, timeout: float) -> list[Any]:
     return messages
 
 
+def escape_text(text: str) -> str:
+    """Escape backslashes and unprintable characters as a Python literal does.
+
+    So a body prints as one line, and cannot send control sequences to the
+    terminal: a newline becomes \\n and ESC becomes \\x1b.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text
+    return _ESCAPE_CANDIDATE.sub(_escape_character, text)
+
+
+def json_line(value: Any) -> str:
+    """Return value as JSON text, with unprintable characters as \\u escapes.
+
+    json.dumps escapes only the characters below U+0020, so DEL, the C1
+    controls and the bidirectional overrides are escaped here. The other
+    text stays as it is, UTF-8 included.
+    """
+    text = json.dumps(value, ensure_ascii=False)
+    if text.isprintable():
+        return text
+    return _ESCAPE_CANDIDATE.sub(_escape_json_character, text)
+
+
+def _escape_json_character(match: re.Match[str]) -> str:
+    character = match[0]
+    if character.isprintable():
+        return character
+    return json.dumps(character)[1:-1]
+
+
+def _escape_character(match: re.Match[str]) -> str:
+    character = match[0]
+    if character.isprintable() and character != "\\":
+        return character
+    # The repr of one character is that character's escape, in quotes.
+    return repr(character)[1:-1]
+
+
 def format_message(message: Any, as_json: bool) -> str:
     """Format a message as one line: key=value fields, or a JSON object.
 
@@ -1239,10 +1280,10 @@ def format_message(message: Any, as_json: bool) -> str:
         else:
             record["body"] = text
         return json.dumps(record)
-    body_text = repr(body) if text is None else text
+    body_text = repr(body) if text is None else escape_text(text)
     return (
         f"offset={message.offset} attempt={message.attempt} "
-        f"headers={json.dumps(message.headers, ensure_ascii=False)} body={body_text}"
+        f"headers={json_line(message.headers)} body={body_text}"
     )
 
 
@@ -1488,16 +1529,16 @@ def format_dead_letter(message: Any) -> str:
             value = _utc_time(value)
         quoted = (
             value
-            if _PLAIN_VALUE.fullmatch(value)
-            else json.dumps(value, ensure_ascii=False)
+            if _PLAIN_VALUE.fullmatch(value) and value.isprintable()
+            else json_line(value)
         )
         fields.append(f"{key}={quoted}")
     body: bytes = message.body
     try:
-        text = body.decode("utf-8")
+        text = escape_text(body.decode("utf-8"))
     except UnicodeDecodeError:
         text = repr(body)
-    fields.append(f"headers={json.dumps(headers, ensure_ascii=False)}")
+    fields.append(f"headers={json_line(headers)}")
     fields.append(f"body={text}")
     return " ".join(fields)
 
