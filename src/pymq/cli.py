@@ -889,7 +889,11 @@ def _url_with_port(url: str) -> str:
 
 
 def _authentication_message(url: str, exc: AuthenticationError) -> str:
-    return f"{url}: {exc}; check --token-file or PYMQ_TOKEN"
+    text = str(exc)
+    if "token was not checked" in text:
+        # A locked-out address: the token may well be right.
+        return f"{url}: {text}"
+    return f"{url}: {text}; check --token-file or PYMQ_TOKEN"
 
 
 def _require_queue(broker: BrokerAPI, name: str) -> Any:

@@ -1275,7 +1275,13 @@ class RemoteQueue(_RemoteConsumer, _Publisher):
         return str(self._answer["options"].get("overflow", "reject"))
 
     def close(self) -> None:
-        """Nothing to release: the connection closes with the broker."""
+        """Do nothing: the server holds the queue's handle until the connection
+        closes.
+
+        Each queue, stream and group a connection opens counts toward the
+        server's max_handles until then. Close the RemoteBroker, or open
+        another connection, to release them.
+        """
 
     def __enter__(self) -> RemoteQueue:
         return self
@@ -1289,6 +1295,16 @@ class RemoteQueue(_RemoteConsumer, _Publisher):
 
 class RemoteGroup(_RemoteConsumer):
     """A consumer group of a stream on a server, as pymq.Group."""
+
+    def close(self) -> None:
+        """Do nothing: the server holds the group's handle until the connection
+        closes; see RemoteQueue.close."""
+
+    def __enter__(self) -> RemoteGroup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"<RemoteGroup {self.name!r} on {self._broker.url}>"

@@ -101,7 +101,8 @@ class ServerLimits:
     - max_frame_bytes: largest frame either side may send (16 MiB).
     - max_batch: most messages in one publish or one delivery (10,000).
     - max_connections: open connections; more are refused (1,024).
-    - max_handles: queues and groups one connection may open (10,000).
+    - max_handles: queues, streams and groups one connection may open
+      (10,000). They stay open until the connection closes.
     - handshake_timeout: seconds from connect to a valid HELLO (10).
     - frame_timeout: seconds a partial frame may stall before the
       connection is dropped (30).
@@ -500,10 +501,11 @@ class Server:
                 retry = limits.login_window - (now - failures[0])
                 self._log_failed_login(peer, now, "too many failed logins")
                 return (
-                    f"authentication failed: {len(failures)} failed logins from "
-                    f"{host} within login_window ({limits.login_window:g} s), "
-                    f"the limit is max_failed_logins "
-                    f"({limits.max_failed_logins}); try again in {retry:.1f} s"
+                    f"authentication failed: {host} is locked out after "
+                    f"{len(failures)} failed logins within login_window "
+                    f"({limits.login_window:g} s), the limit is "
+                    f"max_failed_logins ({limits.max_failed_logins}), so the "
+                    f"token was not checked; try again in {retry:.1f} s"
                 )
         raw = token.encode("utf-8") if isinstance(token, str) else b""
         if hmac.compare_digest(raw, self._token):
@@ -1026,7 +1028,9 @@ class _Connection(asyncio.Protocol):
         if known is None and len(self.handles) >= self.limits.max_handles:
             raise errors.ConfigError(
                 f"this connection holds max_handles ({self.limits.max_handles}) "
-                f"open queues and groups"
+                f"open queues, streams and groups, which the server releases "
+                f"only when the connection closes; reconnect, or raise "
+                f"--max-handles"
             )
         broker = self.server.broker
         opened: Queue | Stream | Group

@@ -455,3 +455,37 @@ def test_connection_error_not_raised_later(shared_server, name, caplog):
         if text.startswith("connection to")
         and "broke: the server closed the connection: frame length is" in text
     ]
+
+
+def test_ack_many_across_connections(shared_server, name):
+    with (
+        pymq.connect(shared_server.url) as first,
+        pymq.connect(shared_server.url) as second,
+    ):
+        on_first = first.queue(name, visibility_timeout=3600)
+        on_second = second.queue(name)
+        on_first.put_many([b"a", b"b", b"c", b"d", b"e"])
+        single = on_first.get(timeout=10.0)
+        batch = on_first.get_batch(2, timeout=10.0)
+        messages = on_first.get_many(2, timeout=10.0)
+        on_second.ack(single.receipt)
+        with pytest.raises(pymq.StaleReceiptError) as stale_batch:
+            on_second.ack_many(batch)
+        assert str(stale_batch.value) == (
+            "the batch was delivered by another queue or group, or by another "
+            "connection, not by this queue or group object; to settle it on "
+            "this connection, ack its receipts: ack_many(batch.receipts.tolist())"
+        )
+        with pytest.raises(pymq.StaleReceiptError) as stale_message:
+            on_second.ack_many(messages)
+        assert str(stale_message.value) == (
+            "message at offset 3 was delivered by another queue or group, or by "
+            "another connection, not by this queue or group object; to settle it "
+            "on this connection, ack its receipt"
+        )
+        assert on_second.stats().acked == 1
+        # Receipts settle on any connection to the same queue.
+        on_second.ack_many(batch.receipts.tolist())
+        on_second.ack_many([message.receipt for message in messages])
+        assert on_second.stats().acked == 5
+        assert on_second.stats().in_flight == 0
