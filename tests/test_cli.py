@@ -1724,3 +1724,39 @@ def test_dlq_list_escapes_control_characters(
     assert lines[0].endswith(
         ' x-reason="broken\\u001b[31m" headers={} body=bad\\nphoto\\x1b[2J'
     )
+
+
+def test_empty_data_option_message(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["get", "jobs", "--data", ""]) == 2
+    assert capsys.readouterr().err == (
+        "pymq: --data is empty; give the path of a data directory\n"
+    )
+
+
+def test_put_into_proc_data_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["put", "jobs", "x", "--data", "/proc/1"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "pymq: cannot open data directory /proc/1: "
+    )
+
+
+def test_serve_data_file_not_a_directory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main(["serve", "--data", str(afile), "--port", "0"]) == 2
+    assert caplog.records[-1].getMessage() == (
+        f"data directory {afile} is not a directory"
+    )
+
+
+@pytest.mark.parametrize("value", ["nan", "0", "3601", "inf"])
+def test_serve_flush_interval_one_range(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--data", "unused", "--flush-interval", value]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"pymq serve: error: argument --flush-interval: flush interval is {value} "
+        f"seconds; it must be from 0.001 to 3600\n"
+    )

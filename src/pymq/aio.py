@@ -37,7 +37,9 @@ from pymq._core import (
 from pymq.broker import GROUP_DEFAULTS, QUEUE_DEFAULTS, STREAM_DEFAULTS, _check_options
 from pymq.client import (
     SAFE_TO_RETRY,
+    _seconds,
     apply_hello,
+    check_connect_options,
     check_receipt,
     client_ssl_context,
     encode_reason,
@@ -659,6 +661,7 @@ class AsyncBroker:
 
     @property
     def server_version(self) -> str:
+        """The server's name and version as it sent them, as in "pymq 0.1.0"."""
         return self._connection.server
 
     async def close(self) -> None:
@@ -927,12 +930,16 @@ class _AsyncConsumer(_AsyncHandle):
     async def nack(self, receipt: int, delay: float = 0.0) -> None:
         """Give the message back, for redelivery after delay seconds."""
         check_receipt(receipt)
-        await self._settle(protocol.NACK, [receipt], _F64.pack(delay), b"", True)
+        await self._settle(
+            protocol.NACK, [receipt], _seconds("delay", delay), b"", True
+        )
 
     async def extend(self, receipt: int, seconds: float) -> None:
         """Set the delivery's deadline to now plus seconds."""
         check_receipt(receipt)
-        await self._settle(protocol.EXTEND, [receipt], _F64.pack(seconds), b"", True)
+        await self._settle(
+            protocol.EXTEND, [receipt], _seconds("seconds", seconds), b"", True
+        )
 
     async def reject(self, receipt: int, reason: str = "rejected") -> None:
         """Move the message to the dead-letter queue now, with reason.
@@ -1020,10 +1027,12 @@ async def connect(
 
     The TLS options are those of pymq.connect, for pymqs:// URLs. As with
     pymq.connect, a broken connection is opened again, with backoff (a
-    first try and reconnect_attempts more), on the next call; only
+    first try and reconnect_attempts more, so 6 tries by default), on the
+    next call; only
     requests that are safe to repeat are sent again on their own, and
     `async for` subscribes again.
     """
+    check_connect_options(connect_timeout, reconnect_attempts)
     if token is None:
         token = os.environ.get("PYMQ_TOKEN") or None
     address = parse_url(url)

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import ssl
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -56,6 +57,9 @@ PUT_BATCH_BYTES: Final = 8 << 20
 GET_BATCH: Final = 1000
 # Maximum wait a command accepts, in seconds: the limit of the broker's get.
 MAX_SECONDS: Final = 1e9
+# The range of flush_interval, in seconds, that pymq.open accepts.
+MIN_FLUSH_INTERVAL: Final = 0.001
+MAX_FLUSH_INTERVAL: Final = 3600.0
 # The pymq.server.ServerLimits fields that pymq serve sets: field, unit, help.
 # The defaults in the help are the dataclass's, which a test compares,
 # because this module imports the server only to run it.
@@ -530,7 +534,7 @@ def _add_serve(commands: Any) -> None:
     )
     storage.add_argument(
         "--flush-interval",
-        type=_seconds,
+        type=_flush_interval,
         metavar="SECONDS",
         help="seconds between background flushes (default: 0.1)",
     )
@@ -706,6 +710,23 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def _flush_interval(text: str) -> float:
+    """Parse --flush-interval, in the range the broker takes."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid number of seconds {text!r}"
+        ) from None
+    # Written so that NaN fails the check too.
+    if not MIN_FLUSH_INTERVAL <= seconds <= MAX_FLUSH_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"flush interval is {text} seconds; it must be from "
+            f"{MIN_FLUSH_INTERVAL:g} to {MAX_FLUSH_INTERVAL:g}"
+        )
+    return seconds
+
+
 _BYTE_UNITS: Final = {"": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 _BYTE_SIZE: Final = re.compile(r"([0-9]+)\s*([a-z]*)")
 
@@ -797,6 +818,11 @@ def open_broker(args: argparse.Namespace, *, create: bool) -> Iterator[BrokerAPI
                 "--url, not with --data",
                 ExitCode.USAGE,
             )
+        if not args.data:
+            raise CommandError(
+                "--data is empty; give the path of a data directory",
+                ExitCode.USAGE,
+            )
         folder = Path(args.data)
         if folder.exists() and not folder.is_dir():
             raise CommandError(
@@ -808,8 +834,9 @@ def open_broker(args: argparse.Namespace, *, create: bool) -> Iterator[BrokerAPI
             )
         try:
             broker = pymq.open(args.data)
-        except (PermissionError, NotADirectoryError) as exc:
-            # The directory, or a folder on its path, cannot be used as it is.
+        except OSError as exc:
+            # The directory, or a folder on its path, cannot be used as it is:
+            # not writable, not a folder, or in a file system such as /proc.
             raise CommandError(
                 f"cannot open data directory {args.data}: {_describe(exc)}",
                 ExitCode.USAGE,
@@ -821,6 +848,12 @@ def open_broker(args: argparse.Namespace, *, create: bool) -> Iterator[BrokerAPI
         return
 
     url: str = args.url
+    if args.tls_key and not args.tls_cert:
+        raise CommandError(
+            "--tls-key is given without --tls-cert; give --tls-cert too, or "
+            "only --tls-cert when its file contains the key",
+            ExitCode.USAGE,
+        )
     tls = {
         "ca_file": args.tls_ca,
         "cert_file": args.tls_cert,
@@ -870,6 +903,11 @@ def _connect(
         hint = ""
         if isinstance(exc, (ConnectionRefusedError, TimeoutError)):
             hint = "; is `pymq serve` running there?"
+        elif isinstance(exc, ssl.SSLCertVerificationError):
+            hint = (
+                "; if the server's certificate is signed by your own authority, "
+                "pass it with --tls-ca"
+            )
         raise CommandError(
             f"could not connect to {_url_with_port(url)}: {_describe(exc)}{hint}",
             ExitCode.CONNECTION,
@@ -932,6 +970,11 @@ def _serve(args: argparse.Namespace) -> int:
         if getattr(args, field) is not None:
             chosen[field] = getattr(args, field)
     limits = server.ServerLimits(**chosen)
+    data = Path(args.data)
+    if data.exists() and not data.is_dir():
+        raise CommandError(
+            f"data directory {args.data} is not a directory", ExitCode.USAGE
+        )
     if args.port_file is not None:
         try:
             server.check_port_file(args.port_file)

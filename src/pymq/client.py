@@ -83,6 +83,8 @@ _MAX_WAIT_MS: Final = 0x7FFFFFFF
 # Bytes one read of the socket takes at most.
 _RECV_BYTES: Final = 262144
 _MAX_RECEIPT: Final = (1 << 64) - 1
+_MAX_CONNECT_TIMEOUT: Final = 1e9
+_MAX_RECONNECT_ATTEMPTS: Final = 1_000_000
 # Maximum reject reason sent, in UTF-8 bytes. The embedded broker cuts an
 # x-reason to the same limit, so the cut sent here leaves the same text.
 MAX_REASON_BYTES: Final = 1000
@@ -120,6 +122,31 @@ def check_receipt(receipt: object) -> None:
     if not 0 <= receipt <= _MAX_RECEIPT:
         raise OverflowError(
             f"receipt {receipt} is out of range; a receipt is from 0 to 2**64 - 1"
+        )
+
+
+def check_connect_options(connect_timeout: object, reconnect_attempts: object) -> None:
+    """Raise TypeError or ConfigError for options of connect() out of range."""
+    if isinstance(connect_timeout, bool) or not isinstance(
+        connect_timeout, (int, float)
+    ):
+        raise TypeError(
+            f"connect_timeout must be a number of seconds, not {connect_timeout!r}"
+        )
+    # Written so that NaN fails the check too.
+    if not 0 < connect_timeout <= _MAX_CONNECT_TIMEOUT:
+        raise errors.ConfigError(
+            f"connect_timeout is {connect_timeout} seconds; it must be more than 0 "
+            f"and at most {_MAX_CONNECT_TIMEOUT:g}"
+        )
+    if isinstance(reconnect_attempts, bool) or not isinstance(reconnect_attempts, int):
+        raise TypeError(
+            f"reconnect_attempts must be an int, not {reconnect_attempts!r}"
+        )
+    if not 0 <= reconnect_attempts <= _MAX_RECONNECT_ATTEMPTS:
+        raise errors.ConfigError(
+            f"reconnect_attempts is {reconnect_attempts}; it must be from 0 to "
+            f"{_MAX_RECONNECT_ATTEMPTS}"
         )
 
 
@@ -895,6 +922,7 @@ class RemoteBroker:
 
     @property
     def server_version(self) -> str:
+        """The server's name and version as it sent them, as in "pymq 0.1.0"."""
         return self._connection.server
 
     def close(self) -> None:
@@ -966,6 +994,14 @@ def _header_block_bytes(headers: dict[str, str] | None) -> int:
     Raises TypeError, with the embedded broker's message, for a header
     name or value that is not a str.
     """
+    if headers is None:
+        return 0
+    if type(headers) is not dict:
+        # The embedded broker's message, from its typed argument.
+        raise TypeError(
+            f"Argument 'headers' has incorrect type (expected dict, got "
+            f"{type(headers).__name__})"
+        )
     if not headers:
         return 0
     for key, value in headers.items():
@@ -1399,10 +1435,13 @@ def connect(
 
     url is pymq://HOST:PORT, pymqs://HOST:PORT (TLS; see client_ssl_context
     for ssl_context, ca_file, cert_file and key_file) or pymq+unix:///PATH.
-    token defaults to the environment variable PYMQ_TOKEN. A broken
-    connection is opened again, with backoff, on the next call; only
+    token defaults to the environment variable PYMQ_TOKEN. connect_timeout
+    bounds each try to connect, in seconds. A broken connection is opened
+    again, with backoff, on the next call: a first try and
+    reconnect_attempts more, so 6 tries by default, and 1 with 0. Only
     requests that are safe to repeat are sent again on their own.
     """
+    check_connect_options(connect_timeout, reconnect_attempts)
     if token is None:
         token = os.environ.get("PYMQ_TOKEN") or None
     address = parse_url(url)

@@ -389,3 +389,25 @@ def test_aio_dlq_of_long_names_opens(shared_server, name):
             await broker.close()
 
     run(body())
+
+
+def test_aio_extend_names_its_argument(shared_server, name):
+    async def body() -> None:
+        broker = await pymq.aio.connect(shared_server.url)
+        try:
+            q = await broker.queue(name, visibility_timeout=3600)
+            await q.put(b"x")
+            message = await q.get(timeout=WAIT)
+            with pytest.raises(TypeError) as raised:
+                await message.extend("1")
+            assert str(raised.value) == "seconds must be a number of seconds, not '1'"
+            await message.ack()
+        finally:
+            await broker.close()
+
+    run(body())
+    with pytest.raises(pymq.ConfigError) as raised:
+        run(pymq.aio.connect("pymq://127.0.0.1:1", connect_timeout=-1))
+    assert str(raised.value) == (
+        "connect_timeout is -1 seconds; it must be more than 0 and at most 1e+09"
+    )

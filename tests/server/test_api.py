@@ -861,3 +861,13 @@ def test_dlq_of_long_names_opens(broker, name):
     assert len(group.dlq_name) == 68 + 1 + 68 + 4
     assert group.dlq.stats().depth == 0
     assert broker.queue(group.dlq_name).stats().depth == 0
+
+
+def test_headers_as_list_raise_type_error(broker, name):
+    q = broker.queue(name)
+    with pytest.raises(TypeError) as raised:
+        q.put(b"x", headers=[("k", "v")])
+    assert str(raised.value) == (
+        "Argument 'headers' has incorrect type (expected dict, got list)"
+    )
+    assert q.stats().depth == 0

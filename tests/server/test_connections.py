@@ -489,3 +489,63 @@ def test_ack_many_across_connections(shared_server, name):
         on_second.ack_many([message.receipt for message in messages])
         assert on_second.stats().acked == 5
         assert on_second.stats().in_flight == 0
+
+
+# Argument checks of the client -------------------------------------------------
+
+
+def test_extend_and_nack_name_their_argument(shared_server, name):
+    with pymq.connect(shared_server.url) as client:
+        q = client.queue(name, visibility_timeout=3600)
+        q.put(b"x")
+        message = q.get(timeout=10.0)
+        with pytest.raises(TypeError) as extend_error:
+            message.extend("1")
+        assert str(extend_error.value) == "seconds must be a number of seconds, not '1'"
+        with pytest.raises(TypeError) as nack_error:
+            message.nack("1")
+        assert str(nack_error.value) == "delay must be a number of seconds, not '1'"
+        message.ack()
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "text"),
+    [
+        (
+            {"connect_timeout": -1},
+            pymq.ConfigError,
+            "connect_timeout is -1 seconds; it must be more than 0 and at most 1e+09",
+        ),
+        (
+            {"connect_timeout": float("nan")},
+            pymq.ConfigError,
+            "connect_timeout is nan seconds; it must be more than 0 and at most 1e+09",
+        ),
+        (
+            {"connect_timeout": "10"},
+            TypeError,
+            "connect_timeout must be a number of seconds, not '10'",
+        ),
+        (
+            {"reconnect_attempts": -1},
+            pymq.ConfigError,
+            "reconnect_attempts is -1; it must be from 0 to 1000000",
+        ),
+        (
+            {"reconnect_attempts": 2.5},
+            TypeError,
+            "reconnect_attempts must be an int, not 2.5",
+        ),
+    ],
+)
+def test_connect_options_checked(options, error, text):
+    # Checked before any connection is made, so no server is needed.
+    with pytest.raises(error) as raised:
+        pymq.connect("pymq://127.0.0.1:1", **options)
+    assert str(raised.value) == text
+
+
+def test_reconnect_attempts_zero_allowed(shared_server, name):
+    with pymq.connect(shared_server.url, reconnect_attempts=0) as client:
+        assert client.queue(name).put(b"x") == 0
+        assert client.server_version.startswith("pymq ")
