@@ -1760,3 +1760,84 @@ def test_serve_flush_interval_one_range(
         f"pymq serve: error: argument --flush-interval: flush interval is {value} "
         f"seconds; it must be from 0.001 to 3600\n"
     )
+
+
+def test_stats_of_one_group(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pymq.open(data) as broker:
+        events = broker.stream("events")
+        events.group("billing")
+        events.group("audit")
+        events.put(b"x")
+    assert main(["stats", "events/billing", "--data", str(data)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert rows[0] == STATS_HEADER
+    assert [row[:3] for row in rows[1:]] == [["events/billing", "group", "1"]]
+    assert main(["stats", "events/nope", "--data", str(data)]) == 5
+    assert capsys.readouterr().err == (
+        "pymq: group nope of stream events does not exist\n"
+    )
+
+
+@pytest.mark.skipif(
+    not (HAS_CLIENT and HAS_SERVER), reason="pymq.server or pymq.connect is missing"
+)
+def test_put_stdin_server_gone_prints_pymq_lines(tmp_path: Path) -> None:
+    from tests.server.helpers import ServerProcess
+
+    server = ServerProcess(tmp_path / "server").start()
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("PYMQ_")
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pymq", "put", "jobs", "-", "--url", server.url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert process.stdin is not None
+        process.stdin.write(b"line\n" * 1000)
+        process.stdin.flush()
+        # The first batch of 1000 lines is put before the server goes.
+        deadline = time.monotonic() + PROCESS_TIMEOUT
+        with pymq.connect(server.url) as client:
+            while (
+                "jobs" not in client.names()
+                or client.queue("jobs").stats().depth < 1000
+            ):
+                assert process.poll() is None, process.communicate()
+                assert time.monotonic() < deadline, "put did not put 1000 lines"
+                time.sleep(0.05)
+        server.kill()
+        _, err = process.communicate(b"more\n", timeout=PROCESS_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=PROCESS_TIMEOUT)
+        server.kill()
+    assert process.returncode == 3
+    lines = err.decode().splitlines()
+    assert lines[0].startswith(f"pymq: connection to {server.url} broke: ")
+    assert lines[-2] == "pymq: put 1000 messages to jobs, then failed"
+    assert lines[-1].startswith(f"pymq: lost the connection to {server.url}: ")
+    assert all(line.startswith("pymq: ") for line in lines)
+
+
+def test_submodules_load_as_attributes() -> None:
+    code = (
+        "import sys, pymq; "
+        "assert 'pymq.aio' not in sys.modules; "
+        "print(pymq.aio.connect.__module__, pymq.server.ServerLimits.__module__); "
+        "pymq.nothing"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
+    )
+    assert result.stdout == "pymq.aio pymq.server\n"
+    assert result.stderr.endswith(
+        "AttributeError: module 'pymq' has no attribute 'nothing'\n"
+    )

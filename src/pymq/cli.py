@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_URL: Final = "pymq://127.0.0.1:7420"
 DEFAULT_PORT: Final = 7420
 LOG_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# The log format of the client commands, whose errors also start with "pymq:".
+CLIENT_LOG_FORMAT: Final = "pymq: %(message)s"
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Messages per put_many call when putting the lines of stdin.
 PUT_BATCH: Final = 1000
@@ -202,9 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         # argparse exits for --help, --version and usage errors.
         return _exit_status(exc.code)
     if args.command != "serve":
-        # The broker's warnings, such as a message moved to a DLQ, reach
-        # stderr in serve's format. basicConfig keeps existing handlers.
-        logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+        # The warnings of the broker and the client, such as a message moved
+        # to a DLQ or a connection that broke, print as the errors do.
+        # basicConfig keeps existing handlers.
+        logging.basicConfig(level=logging.WARNING, format=CLIENT_LOG_FORMAT)
     try:
         code: int = args.handler(args)
         _flush_output()
@@ -629,11 +632,14 @@ def _add_stats(commands: Any, client: argparse.ArgumentParser) -> None:
         "stats",
         parents=[client],
         help="show the counts of queues and stream groups",
-        description="Print a table of counts for one queue or stream, or for "
-        "every queue and stream group.",
+        description="Print a table of counts for one queue, stream or stream "
+        "group, or for every queue and stream group.",
     )
     stats.add_argument(
-        "queue", metavar="QUEUE", nargs="?", help="queue or stream (default: all)"
+        "queue",
+        metavar="QUEUE",
+        nargs="?",
+        help="queue, stream, or S/G for the group G of stream S (default: all)",
     )
     stats.set_defaults(handler=_stats)
 
@@ -1340,8 +1346,22 @@ def format_message(message: Any, as_json: bool) -> str:
 def _stats(args: argparse.Namespace) -> int:
     with open_broker(args, create=False) as broker:
         names = broker.names()
+        group_name = None
         if args.queue is None:
             targets = list(names.items())
+        elif "/" in args.queue:
+            # S/G, as the table names the group G of stream S.
+            stream_name, _, group_name = args.queue.partition("/")
+            check_name("stream", stream_name)
+            check_name("group", group_name)
+            if names.get(stream_name) != "stream" or group_name not in broker.groups(
+                stream_name
+            ):
+                raise CommandError(
+                    f"group {group_name} of stream {stream_name} does not exist",
+                    ExitCode.QUEUE_NOT_FOUND,
+                )
+            targets = [(stream_name, "stream")]
         else:
             name: str = check_queue_name(args.queue)
             if name not in names:
@@ -1357,7 +1377,8 @@ def _stats(args: argparse.Namespace) -> int:
             # groups() lists only existing groups, and opening one of them
             # creates nothing.
             stream = broker.stream(name)
-            for group in broker.groups(name):
+            groups = broker.groups(name) if group_name is None else [group_name]
+            for group in groups:
                 stats = stream.group(group).stats()
                 rows.append(_stats_row(f"{name}/{group}", "group", stats))
     if not rows:
