@@ -25,10 +25,12 @@ import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import pymq
+from pymq import cli
 from pymq._version import __version__
 from pymq.cli import EXIT_CODES, format_table, main, read_token
 from tests.server_loop import loop_options
@@ -268,8 +270,7 @@ def test_empty_data_dir_rejected(
     for command in (["put", "jobs", "body"], ["stats"]):
         assert main([*command, "--data", ""]) == 2
         assert capsys.readouterr().err == (
-            "pymq: data directory path is empty (''); give a directory, or no "
-            "path for a broker in memory\n"
+            "pymq: --data is empty; give the path of a data directory\n"
         )
     assert list(tmp_path.iterdir()) == []
 
@@ -548,6 +549,101 @@ def test_put_stdin_lines_in_batches(
         assert [m.body for m in messages] == bodies
         assert [m.offset for m in messages] == list(range(2500))
         assert {tuple(m.headers.items()) for m in messages} == {(("batch", "7"),)}
+
+
+def test_put_stdin_line_too_long_names_line(data: Path) -> None:
+    limit = 1 << 20  # max_message_bytes of pymq.open() by default
+    lines = [b"a"] * 1500 + [b"x" * (limit + 1), b"b"]
+    result = cli_process(
+        "put", "jobs", "-", "--data", str(data), stdin=b"\n".join(lines) + b"\n"
+    )
+    assert result.returncode == 7
+    assert result.stderr == (
+        b"pymq: put 1500 messages to jobs, then failed\n"
+        b"pymq: line 1501 of stdin is longer than max_message_bytes (1048576 bytes)\n"
+    )
+    with pymq.open(data) as broker:
+        assert broker.queue("jobs").stats().depth == 1500
+
+
+def test_put_stdin_line_at_limit_is_put(data: Path) -> None:
+    body = b"x" * (1 << 20)
+    result = cli_process("put", "jobs", "-", "--data", str(data), stdin=body + b"\n")
+    assert result.returncode == 0, result.stderr
+    with pymq.open(data) as broker:
+        message = broker.queue("jobs").get(timeout=0)
+        assert message is not None
+        assert message.body == body
+
+
+def test_put_stdin_without_newline_fails_fast(data: Path) -> None:
+    result = cli_process("put", "jobs", "-", "--data", str(data), stdin=bytes(3 << 20))
+    assert result.returncode == 7
+    assert result.stderr == (
+        b"pymq: line 1 of stdin is longer than max_message_bytes (1048576 bytes)\n"
+    )
+
+
+def test_put_stdin_batches_bounded_by_bytes(
+    data: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Records the size of each batch that reaches the queue's put_many.
+    sizes: list[int] = []
+    put_lines = cli._put_lines
+
+    def put_lines_recorded(target: Any, *args: Any) -> int:
+        put_many = target.put_many
+
+        def put_many_recorded(batch: list[bytes], **options: Any) -> Any:
+            sizes.append(len(batch))
+            return put_many(batch, **options)
+
+        monkeypatch.setattr(target, "put_many", put_many_recorded)
+        return put_lines(target, *args)
+
+    monkeypatch.setattr(cli, "_put_lines", put_lines_recorded)
+    body = b"y" * (1 << 19)
+    feed_stdin(monkeypatch, (body + b"\n") * 40)
+    assert main(["put", "jobs", "-", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == "put 40 messages to jobs\n"
+    # 8 MiB of bodies is 16 lines of 512 KiB.
+    assert sizes == [16, 16, 8]
+
+
+def test_put_stdin_interrupted_exits_130(data: Path) -> None:
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("PYMQ_")
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pymq", "put", "jobs", "-", "--data", str(data)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert process.stdin is not None
+        process.stdin.write(b"a\nb\n")
+        process.stdin.flush()
+        # The queue exists once put has opened it, before it reads stdin.
+        deadline = time.monotonic() + PROCESS_TIMEOUT
+        while not (data / "streams" / "jobs" / "kind").exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "put did not open the queue"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=PROCESS_TIMEOUT) == 130
+        assert process.stderr is not None
+        assert process.stderr.read() == b"pymq: interrupted\n"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=PROCESS_TIMEOUT)
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+    with pymq.open(data) as broker:
+        assert broker.queue("jobs").stats().depth == 0
 
 
 def test_put_body_defaults_to_stdin(
@@ -1563,3 +1659,192 @@ def test_wrong_token_exits_4(
     assert err.startswith(f"pymq: {url}: ")
     assert err.endswith("; check --token-file or PYMQ_TOKEN\n")
     assert main(["stats", "--url", url]) == 4
+
+
+def test_unparsable_url_is_usage_error() -> None:
+    result = cli_process("stats", "--url", "pymq://[::1")
+    assert result.returncode == 2
+    assert result.stderr == (
+        b"pymq: URL 'pymq://[::1' is invalid: Invalid IPv6 URL; write "
+        b"pymq://HOST:PORT, pymqs://HOST:PORT or pymq+unix:///PATH\n"
+    )
+
+
+def test_long_dlq_name_in_stats_and_get(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = "L" * 128
+    with pymq.open(data) as broker:
+        queue = broker.queue(source, max_deliveries=1)
+        queue.put(b"poison")
+        rejected = queue.get(timeout=0)
+        assert rejected is not None
+        rejected.reject("bad")
+    dlq_name = f"{source}.dlq"
+    assert main(["stats", dlq_name, "--data", str(data)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert rows[1][:3] == [dlq_name, "queue", "1"]
+    assert main(["get", dlq_name, "--data", str(data)]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("offset=0 attempt=1 headers={")
+    assert line.endswith(" body=poison\n")
+    assert main(["stats", "--data", str(data)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert [row[:3] for row in rows[1:]] == [
+        [source, "queue", "0"],
+        [dlq_name, "queue", "0"],
+    ]
+
+
+def test_get_escapes_control_characters(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        queue = broker.queue("jobs")
+        queue.put(b"line1\nline2")
+        queue.put(b"tab\there\x1b[31mred\\n")
+        queue.put(b"x", headers={"k": "v\nw\x9b"})
+        queue.put("caf\u00e9 \u202e".encode())
+    assert main(["get", "jobs", "-n", "5", "--no-ack", "--data", str(data)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "offset=0 attempt=1 headers={} body=line1\\nline2",
+        "offset=1 attempt=1 headers={} body=tab\\there\\x1b[31mred\\\\n",
+        'offset=2 attempt=1 headers={"k": "v\\nw\\u009b"} body=x',
+        "offset=3 attempt=1 headers={} body=caf\u00e9 \\u202e",
+    ]
+    assert main(["get", "jobs", "-n", "5", "--json", "--data", str(data)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [record["body"] for record in records] == [
+        "line1\nline2",
+        "tab\there\x1b[31mred\\n",
+        "x",
+        "caf\u00e9 \u202e",
+    ]
+    assert records[2]["headers"] == {"k": "v\nw\x9b"}
+
+
+def test_dlq_list_escapes_control_characters(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        queue = broker.queue("jobs")
+        queue.put(b"bad\nphoto\x1b[2J")
+        message = queue.get(timeout=0)
+        assert message is not None
+        message.reject("broken\x1b[31m")
+    assert main(["dlq", "list", "jobs", "--data", str(data)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    assert lines[0].endswith(
+        ' x-reason="broken\\u001b[31m" headers={} body=bad\\nphoto\\x1b[2J'
+    )
+
+
+def test_put_into_proc_data_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["put", "jobs", "x", "--data", "/proc/1"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "pymq: cannot open data directory /proc/1: "
+    )
+
+
+def test_serve_data_file_not_a_directory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main(["serve", "--data", str(afile), "--port", "0"]) == 2
+    assert caplog.records[-1].getMessage() == (
+        f"data directory {afile} is not a directory"
+    )
+
+
+@pytest.mark.parametrize("value", ["nan", "0", "3601", "inf"])
+def test_serve_flush_interval_one_range(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--data", "unused", "--flush-interval", value]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"pymq serve: error: argument --flush-interval: flush interval is {value} "
+        f"seconds; it must be from 0.001 to 3600\n"
+    )
+
+
+def test_stats_of_one_group(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pymq.open(data) as broker:
+        events = broker.stream("events")
+        events.group("billing")
+        events.group("audit")
+        events.put(b"x")
+    assert main(["stats", "events/billing", "--data", str(data)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert rows[0] == STATS_HEADER
+    assert [row[:3] for row in rows[1:]] == [["events/billing", "group", "1"]]
+    assert main(["stats", "events/nope", "--data", str(data)]) == 5
+    assert capsys.readouterr().err == (
+        "pymq: group nope of stream events does not exist\n"
+    )
+
+
+@pytest.mark.skipif(
+    not (HAS_CLIENT and HAS_SERVER), reason="pymq.server or pymq.connect is missing"
+)
+def test_put_stdin_server_gone_prints_pymq_lines(tmp_path: Path) -> None:
+    from tests.server.helpers import ServerProcess
+
+    server = ServerProcess(tmp_path / "server").start()
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("PYMQ_")
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pymq", "put", "jobs", "-", "--url", server.url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert process.stdin is not None
+        process.stdin.write(b"line\n" * 1000)
+        process.stdin.flush()
+        # The first batch of 1000 lines is put before the server goes.
+        deadline = time.monotonic() + PROCESS_TIMEOUT
+        with pymq.connect(server.url) as client:
+            while (
+                "jobs" not in client.names()
+                or client.queue("jobs").stats().depth < 1000
+            ):
+                assert process.poll() is None, process.communicate()
+                assert time.monotonic() < deadline, "put did not put 1000 lines"
+                time.sleep(0.05)
+        server.kill()
+        _, err = process.communicate(b"more\n", timeout=PROCESS_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=PROCESS_TIMEOUT)
+        server.kill()
+    assert process.returncode == 3
+    lines = err.decode().splitlines()
+    assert lines[0].startswith(f"pymq: connection to {server.url} broke: ")
+    assert lines[-2] == "pymq: put 1000 messages to jobs, then failed"
+    assert lines[-1].startswith(f"pymq: lost the connection to {server.url}: ")
+    assert all(line.startswith("pymq: ") for line in lines)
+
+
+def test_submodules_load_as_attributes() -> None:
+    code = (
+        "import sys, pymq; "
+        "assert 'pymq.aio' not in sys.modules; "
+        "print(pymq.aio.connect.__module__, pymq.server.ServerLimits.__module__); "
+        "pymq.nothing"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT,
+    )
+    assert result.stdout == "pymq.aio pymq.server\n"
+    assert result.stderr.endswith(
+        "AttributeError: module 'pymq' has no attribute 'nothing'\n"
+    )

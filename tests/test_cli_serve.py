@@ -8,6 +8,7 @@ import importlib.util
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,6 +60,7 @@ class Served:
     url: str
     data: Path
     log: Path
+    process: subprocess.Popen[bytes]
 
 
 @pytest.fixture
@@ -92,7 +94,8 @@ def serve(tmp_path: Path) -> Iterator[Any]:
             assert process.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "pymq serve wrote no port file"
             time.sleep(0.05)
-        return Served(f"pymq://127.0.0.1:{int(port_file.read_text())}", data, log)
+        port = int(port_file.read_text())
+        return Served(f"pymq://127.0.0.1:{port}", data, log, process)
 
     try:
         yield start
@@ -374,3 +377,88 @@ def test_run_uvloop_without_uvloop_raises(
         "in sys.modules. Install it with: pip install 'pymq[fast]'"
     )
     assert not data.exists()
+
+
+def run_serve(*options: str) -> subprocess.CompletedProcess[str]:
+    """Run `pymq serve` that is expected to fail at start; return its result."""
+    env = {key: value for key, value in os.environ.items() if key != "PYMQ_TOKEN"}
+    return subprocess.run(
+        [sys.executable, "-m", "pymq", "serve", "--port", "0", *options],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=START_TIMEOUT,
+    )
+
+
+def test_serve_port_file_in_missing_folder(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    port_file = tmp_path / "nodir" / "p.port"
+    result = run_serve("--data", str(data), "--port-file", str(port_file))
+    assert result.returncode == 2
+    assert result.stderr.endswith(
+        f"ERROR pymq.cli: cannot write --port-file {port_file}: "
+        f"No such file or directory\n"
+    )
+    assert len(result.stderr.splitlines()) == 1
+    assert not data.exists()
+
+
+def test_serve_port_file_is_directory(tmp_path: Path) -> None:
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    result = run_serve("--data", str(tmp_path / "data"), "--port-file", str(folder))
+    assert result.returncode == 2
+    assert result.stderr.endswith(
+        f"ERROR pymq.cli: cannot write --port-file {folder}: it is a directory\n"
+    )
+    assert len(result.stderr.splitlines()) == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adir"]
+
+
+def test_serve_unix_path_too_long(tmp_path: Path) -> None:
+    path = tmp_path / ("u" * 120 + ".sock")
+    size = len(os.fsencode(str(path)))
+    result = run_serve("--data", str(tmp_path / "data"), "--unix", str(path))
+    assert result.returncode == 2
+    assert result.stderr.endswith(
+        f"ERROR pymq.cli: Unix socket path {path} is {size} bytes; the limit is "
+        f"107 bytes on Linux, so choose a shorter path\n"
+    )
+    assert not (tmp_path / "data").exists()
+
+
+def test_serve_unix_path_regular_file(tmp_path: Path) -> None:
+    path = tmp_path / "precious.txt"
+    path.write_text("keep me")
+    result = run_serve("--data", str(tmp_path / "data"), "--unix", str(path))
+    assert result.returncode == 2
+    assert result.stderr.endswith(
+        f"ERROR pymq.cli: Unix socket path {path} is a regular file, not a "
+        f"socket; remove it or choose another path\n"
+    )
+    assert path.read_text() == "keep me"
+
+
+def test_serve_removes_its_socket_at_stop(serve: Any, tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    served = serve("--unix", str(path))
+    with pymq.connect(f"pymq+unix://{path}") as client:
+        assert client.queue("jobs").put(b"x") == 0
+    assert path.is_socket()
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(timeout=STOP_TIMEOUT) == 0
+    assert not os.path.lexists(path)
+    assert "Task was destroyed" not in served.log.read_text()
+
+
+def test_serve_keeps_socket_it_did_not_create(serve: Any, tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    served = serve("--unix", str(path))
+    # Another process replaces the socket file while the server runs.
+    path.unlink()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(str(path))
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(timeout=STOP_TIMEOUT) == 0
+        assert path.is_socket()

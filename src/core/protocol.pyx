@@ -928,8 +928,10 @@ def encode_receipts(uint8_t opcode, uint16_t flags, uint32_t request_id,
     if type(items) is MessageBatch:
         if (<MessageBatch>items).owner is not owner and owner is not None:
             raise StaleReceiptError(
-                "the batch was delivered by another queue or group, not by "
-                "this one")
+                "the batch was delivered by another queue or group, or by "
+                "another connection, not by this queue or group object; to "
+                "settle it on this connection, ack its receipts: "
+                "ack_many(batch.receipts.tolist())")
         raw = (<MessageBatch>items).receipt_bytes
     elif hasattr(items, "receipts") and not isinstance(items, list):
         raw = items.receipts.astype("<u8").tobytes()
@@ -956,8 +958,10 @@ def encode_receipts(uint8_t opcode, uint16_t flags, uint32_t request_id,
                 if owner is not None and (<RemoteMessage>item).owner is not owner:
                     raise StaleReceiptError(
                         f"message at offset {(<RemoteMessage>item).offset} "
-                        f"was delivered by another queue or group, not by "
-                        f"this one")
+                        f"was delivered by another queue or group, or by "
+                        f"another connection, not by this queue or group "
+                        f"object; to settle it on this connection, ack its "
+                        f"receipt")
                 receipt = (<RemoteMessage>item).receipt
             elif type(item) is Message:
                 receipt = (<Message>item).receipt
@@ -1024,11 +1028,12 @@ cdef class RemoteMessage:
         """Settle this delivery: the message is done."""
         return self.owner.ack(self.receipt)
 
-    def nack(self, double delay=0.0):
+    def nack(self, delay=0.0):
         """Give the message back, for redelivery after delay seconds."""
+        # The owner checks delay, so the error names it as the broker does.
         return self.owner.nack(self.receipt, delay)
 
-    def extend(self, double seconds):
+    def extend(self, seconds):
         """Set this delivery's deadline to now plus seconds."""
         return self.owner.extend(self.receipt, seconds)
 

@@ -1,5 +1,8 @@
 """pymq: a durable message broker for Python, around a compiled storage core."""
 
+import importlib
+from types import ModuleType
+
 from pymq._core import Message, MessageBatch
 from pymq._version import __version__
 from pymq.broker import Broker, open
@@ -61,3 +64,13 @@ __all__ = [
     "open",
     "open_store",
 ]
+
+# Submodules that `import pymq` does not load, so that the embedded broker
+# starts without asyncio's client and server; pymq.aio loads on first use.
+_LAZY_SUBMODULES = frozenset({"aio", "server"})
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"pymq.{name}")
+    raise AttributeError(f"module 'pymq' has no attribute {name!r}")

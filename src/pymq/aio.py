@@ -37,9 +37,12 @@ from pymq._core import (
 from pymq.broker import GROUP_DEFAULTS, QUEUE_DEFAULTS, STREAM_DEFAULTS, _check_options
 from pymq.client import (
     SAFE_TO_RETRY,
+    _seconds,
     apply_hello,
+    check_connect_options,
     check_receipt,
     client_ssl_context,
+    encode_reason,
     fetch_payload,
     handshake_closed,
     hello_payload,
@@ -50,7 +53,7 @@ from pymq.client import (
     tls_failed,
     wait_ms,
 )
-from pymq.names import check_name
+from pymq.names import check_name, check_queue_name
 from pymq.protocol import (
     FLAG_ERROR,
     FLAG_MORE,
@@ -281,6 +284,12 @@ class AsyncConnection:
             return
         waiter = link.waiting.get(request_id)
         if waiter is None:
+            if flags & FLAG_ERROR and request_id == 0:
+                # An error about the connection, not a request: the server
+                # closes it next. _read fails every waiting request.
+                raise ConnectionResetError(
+                    f"the server closed the connection: {decode_error(frame[4])}"
+                )
             if flags & FLAG_ERROR:
                 error = decode_error(frame[4])
                 logger.error(
@@ -598,7 +607,7 @@ class AsyncBroker:
 
     async def queue(self, name: str, **options: Any) -> AsyncQueue:
         """Open the queue name, creating it if it is missing."""
-        check_name("queue", name)
+        check_queue_name(name)
         options = _check_options(options, QUEUE_DEFAULTS)
         queue = AsyncQueue(self, {"kind": "queue", "name": name})
         await queue.reopen(options)
@@ -653,6 +662,7 @@ class AsyncBroker:
 
     @property
     def server_version(self) -> str:
+        """The server's name and version as it sent them, as in "pymq 0.1.0"."""
         return self._connection.server
 
     @property
@@ -930,19 +940,25 @@ class _AsyncConsumer(_AsyncHandle):
     async def nack(self, receipt: int, delay: float = 0.0) -> None:
         """Give the message back, for redelivery after delay seconds."""
         check_receipt(receipt)
-        await self._settle(protocol.NACK, [receipt], _F64.pack(delay), b"", True)
+        await self._settle(
+            protocol.NACK, [receipt], _seconds("delay", delay), b"", True
+        )
 
     async def extend(self, receipt: int, seconds: float) -> None:
         """Set the delivery's deadline to now plus seconds."""
         check_receipt(receipt)
-        await self._settle(protocol.EXTEND, [receipt], _F64.pack(seconds), b"", True)
+        await self._settle(
+            protocol.EXTEND, [receipt], _seconds("seconds", seconds), b"", True
+        )
 
     async def reject(self, receipt: int, reason: str = "rejected") -> None:
-        """Move the message to the dead-letter queue now, with reason."""
+        """Move the message to the dead-letter queue now, with reason.
+
+        A reason over 1000 UTF-8 bytes is cut as the embedded broker cuts
+        it; see pymq.client.encode_reason.
+        """
         check_receipt(receipt)
-        await self._settle(
-            protocol.REJECT, [receipt], b"", reason.encode("utf-8"), True
-        )
+        await self._settle(protocol.REJECT, [receipt], b"", encode_reason(reason), True)
 
     async def stats(self) -> QueueStats:
         """Return the counts of this queue or group."""
@@ -1021,10 +1037,12 @@ async def connect(
 
     The TLS options are those of pymq.connect, for pymqs:// URLs. As with
     pymq.connect, a broken connection is opened again, with backoff (a
-    first try and reconnect_attempts more), on the next call; only
+    first try and reconnect_attempts more, so 6 tries by default), on the
+    next call; only
     requests that are safe to repeat are sent again on their own, and
     `async for` subscribes again.
     """
+    check_connect_options(connect_timeout, reconnect_attempts)
     if token is None:
         token = os.environ.get("PYMQ_TOKEN") or None
     address = parse_url(url)

@@ -35,7 +35,7 @@ from pymq.errors import (
     PymqError,
     QueueNotFound,
 )
-from pymq.names import check_name
+from pymq.names import check_name, check_queue_name
 from pymq.queue import Group, Queue, Stream
 from pymq.storage import (
     DEFAULT_FLUSH_INTERVAL,
@@ -381,7 +381,7 @@ class Broker:
         - overflow: "reject" (default) raises QueueFull at a limit, "block"
           waits for room.
         """
-        check_name("queue", name)
+        check_queue_name(name)
         return self._open_queue(name, options)
 
     def _open_queue(self, name: str, options: dict[str, Any]) -> Queue:

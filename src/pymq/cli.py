@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import ssl
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ from pymq.errors import (
     QueueNotFound,
     ServerError,
 )
-from pymq.names import check_name
+from pymq.names import check_name, check_queue_name
 from pymq.protocol import TOO_MANY_UNACKED, parse_url
 
 __all__ = ["EXIT_CODES", "ExitCode", "build_parser", "main"]
@@ -48,13 +49,20 @@ logger = logging.getLogger(__name__)
 DEFAULT_URL: Final = "pymq://127.0.0.1:7420"
 DEFAULT_PORT: Final = 7420
 LOG_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# The log format of the client commands, whose errors also start with "pymq:".
+CLIENT_LOG_FORMAT: Final = "pymq: %(message)s"
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Messages per put_many call when putting the lines of stdin.
 PUT_BATCH: Final = 1000
+# Maximum bytes of bodies per put_many call, so batches of long lines stay small.
+PUT_BATCH_BYTES: Final = 8 << 20
 # Messages per get_many call. get_many may return fewer, never more.
 GET_BATCH: Final = 1000
 # Maximum wait a command accepts, in seconds: the limit of the broker's get.
 MAX_SECONDS: Final = 1e9
+# The range of flush_interval, in seconds, that pymq.open accepts.
+MIN_FLUSH_INTERVAL: Final = 0.001
+MAX_FLUSH_INTERVAL: Final = 3600.0
 # The pymq.server.ServerLimits fields that pymq serve sets: field, unit, help.
 # The defaults in the help are the dataclass's, which a test compares,
 # because this module imports the server only to run it.
@@ -122,6 +130,8 @@ STATS_COLUMNS: Final = (
 )
 # Values matching this print unquoted in key=value output.
 _PLAIN_VALUE = re.compile(r'[^\s"=]+')
+# Characters that escape_text checks: all but printable ASCII other than "\\".
+_ESCAPE_CANDIDATE = re.compile(r"[^ -\[\]-~]")
 
 
 class ExitCode(enum.IntEnum):
@@ -203,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         # argparse exits for --help, --version and usage errors.
         return _exit_status(exc.code)
     if args.command != "serve":
-        # The broker's warnings, such as a message moved to a DLQ, reach
-        # stderr in serve's format. basicConfig keeps existing handlers.
-        logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+        # The warnings of the broker and the client, such as a message moved
+        # to a DLQ or a connection that broke, print as the errors do.
+        # basicConfig keeps existing handlers.
+        logging.basicConfig(level=logging.WARNING, format=CLIENT_LOG_FORMAT)
     try:
         code: int = args.handler(args)
         _flush_output()
@@ -543,7 +554,7 @@ def _add_serve(commands: Any) -> None:
     )
     storage.add_argument(
         "--flush-interval",
-        type=_seconds,
+        type=_flush_interval,
         metavar="SECONDS",
         help="seconds between background flushes (default: 0.1)",
     )
@@ -638,11 +649,14 @@ def _add_stats(commands: Any, client: argparse.ArgumentParser) -> None:
         "stats",
         parents=[client],
         help="show the counts of queues and stream groups",
-        description="Print a table of counts for one queue or stream, or for "
-        "every queue and stream group.",
+        description="Print a table of counts for one queue, stream or stream "
+        "group, or for every queue and stream group.",
     )
     stats.add_argument(
-        "queue", metavar="QUEUE", nargs="?", help="queue or stream (default: all)"
+        "queue",
+        metavar="QUEUE",
+        nargs="?",
+        help="queue, stream, or S/G for the group G of stream S (default: all)",
     )
     stats.set_defaults(handler=_stats)
 
@@ -715,6 +729,23 @@ def _seconds(text: str) -> float:
     if not (math.isfinite(seconds) and 0 <= seconds < MAX_SECONDS):
         raise argparse.ArgumentTypeError(
             f"{text} seconds must be from 0 to less than {MAX_SECONDS:g}"
+        )
+    return seconds
+
+
+def _flush_interval(text: str) -> float:
+    """Parse --flush-interval, in the range the broker takes."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid number of seconds {text!r}"
+        ) from None
+    # Written so that NaN fails the check too.
+    if not MIN_FLUSH_INTERVAL <= seconds <= MAX_FLUSH_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"flush interval is {text} seconds; it must be from "
+            f"{MIN_FLUSH_INTERVAL:g} to {MAX_FLUSH_INTERVAL:g}"
         )
     return seconds
 
@@ -810,6 +841,11 @@ def open_broker(args: argparse.Namespace, *, create: bool) -> Iterator[BrokerAPI
                 "--url, not with --data",
                 ExitCode.USAGE,
             )
+        if not args.data:
+            raise CommandError(
+                "--data is empty; give the path of a data directory",
+                ExitCode.USAGE,
+            )
         folder = Path(args.data)
         if folder.exists() and not folder.is_dir():
             raise CommandError(
@@ -821,8 +857,9 @@ def open_broker(args: argparse.Namespace, *, create: bool) -> Iterator[BrokerAPI
             )
         try:
             broker = pymq.open(args.data)
-        except (PermissionError, NotADirectoryError) as exc:
-            # The directory, or a folder on its path, cannot be used as it is.
+        except OSError as exc:
+            # The directory, or a folder on its path, cannot be used as it is:
+            # not writable, not a folder, or in a file system such as /proc.
             raise CommandError(
                 f"cannot open data directory {args.data}: {_describe(exc)}",
                 ExitCode.USAGE,
@@ -834,6 +871,12 @@ def open_broker(args: argparse.Namespace, *, create: bool) -> Iterator[BrokerAPI
         return
 
     url: str = args.url
+    if args.tls_key and not args.tls_cert:
+        raise CommandError(
+            "--tls-key is given without --tls-cert; give --tls-cert too, or "
+            "only --tls-cert when its file contains the key",
+            ExitCode.USAGE,
+        )
     tls = {
         "ca_file": args.tls_ca,
         "cert_file": args.tls_cert,
@@ -883,6 +926,11 @@ def _connect(
         hint = ""
         if isinstance(exc, (ConnectionRefusedError, TimeoutError)):
             hint = "; is `pymq serve` running there?"
+        elif isinstance(exc, ssl.SSLCertVerificationError):
+            hint = (
+                "; if the server's certificate is signed by your own authority, "
+                "pass it with --tls-ca"
+            )
         raise CommandError(
             f"could not connect to {_url_with_port(url)}: {_describe(exc)}{hint}",
             ExitCode.CONNECTION,
@@ -902,7 +950,11 @@ def _url_with_port(url: str) -> str:
 
 
 def _authentication_message(url: str, exc: AuthenticationError) -> str:
-    return f"{url}: {exc}; check --token-file or PYMQ_TOKEN"
+    text = str(exc)
+    if "token was not checked" in text:
+        # A locked-out address: the token may well be right.
+        return f"{url}: {text}"
+    return f"{url}: {text}; check --token-file or PYMQ_TOKEN"
 
 
 def _require_queue(broker: BrokerAPI, name: str) -> Any:
@@ -941,6 +993,19 @@ def _serve(args: argparse.Namespace) -> int:
         if getattr(args, field) is not None:
             chosen[field] = getattr(args, field)
     limits = server.ServerLimits(**chosen)
+    data = Path(args.data)
+    if data.exists() and not data.is_dir():
+        raise CommandError(
+            f"data directory {args.data} is not a directory", ExitCode.USAGE
+        )
+    if args.port_file is not None:
+        try:
+            server.check_port_file(args.port_file)
+        except OSError as exc:
+            raise CommandError(
+                f"cannot write --port-file {args.port_file}: {exc.strerror or exc}",
+                ExitCode.USAGE,
+            ) from None
     created = _missing_folders(Path(args.data))
     try:
         server.run(
@@ -1022,7 +1087,7 @@ def _remove_unused_folders(created: list[Path]) -> None:
 
 def _put(args: argparse.Namespace) -> int:
     headers = parse_headers(args.header)
-    name: str = check_name("queue", args.queue)
+    name: str = check_queue_name(args.queue)
     with open_broker(args, create=True) as broker:
         # A stream takes puts too; anything else is opened (or created) as a
         # queue.
@@ -1037,7 +1102,8 @@ def _put(args: argparse.Namespace) -> int:
             _write_line(f"put 1 message to {name} at offset {offset}")
             return ExitCode.OK
         show_progress = args.progress or sys.stderr.isatty()
-        count = _put_lines(target, name, headers, _stdin_lines(), args, show_progress)
+        lines = _stdin_lines(_max_message_bytes(target))
+        count = _put_lines(target, name, headers, lines, args, show_progress)
         _write_line(f"put {_plural(count, 'message')} to {name}")
     return ExitCode.OK
 
@@ -1065,15 +1131,47 @@ def parse_headers(items: Sequence[str]) -> dict[str, str] | None:
     return headers or None
 
 
-def _stdin_lines() -> Iterator[bytes]:
+class _LineTooLong(Exception):
+    """A line of stdin is longer than max_message_bytes; nothing of it was put."""
+
+
+def _max_message_bytes(target: Any) -> int | None:
+    """Return the max_message_bytes of target, or None when it is unknown."""
+    connection = getattr(target, "_connection", None)
+    if connection is not None:
+        limit: int | None = connection.max_message_bytes
+        return limit
+    # An embedded queue has its stream's core as .stream, a stream as ._core.
+    core = getattr(target, "stream", None) or getattr(target, "_core", None)
+    store = getattr(core, "store", None)
+    return getattr(store, "max_message_bytes", None)
+
+
+def _stdin_lines(limit: int | None) -> Iterator[bytes]:
+    """Yield the lines of stdin without their newline.
+
+    Each read takes at most limit bytes and the newline, so a line over
+    limit bytes raises _LineTooLong without being read whole, and Ctrl-C
+    is handled between reads even on input without newlines.
+    """
     if sys.stdin is None:
         raise CommandError("stdin is closed; give BODY instead of -", ExitCode.USAGE)
     binary = getattr(sys.stdin, "buffer", None)
-    if binary is None:
-        for text in sys.stdin:
-            yield text.removesuffix("\n").encode()
-        return
-    for line in binary:
+    size = -1 if limit is None else limit + 1
+    number = 0
+    while True:
+        if binary is None:
+            line = sys.stdin.readline(size).encode()
+        else:
+            line = binary.readline(size)
+        if not line:
+            return
+        number += 1
+        if limit is not None and len(line) > limit and not line.endswith(b"\n"):
+            raise _LineTooLong(
+                f"line {number} of stdin is longer than max_message_bytes "
+                f"({limit} bytes)"
+            )
         yield line.removesuffix(b"\n")
 
 
@@ -1085,27 +1183,41 @@ def _put_lines(
     args: argparse.Namespace,
     show_progress: bool,
 ) -> int:
-    """Put each line as one message, PUT_BATCH at a time, and return the count."""
+    """Put each line as one message, in batches, and return the count.
+
+    A batch is at most PUT_BATCH lines or PUT_BATCH_BYTES bytes of bodies.
+    """
     count = 0
     batch: list[bytes] = []
+    batch_bytes = 0
     with tqdm(
         desc=f"put {name}",
         unit="msg",
         file=sys.stderr,
         disable=not show_progress,
     ) as progress:
+
+        def put_batch() -> None:
+            nonlocal count, batch, batch_bytes
+            target.put_many(batch, headers=headers, timeout=args.timeout)
+            count += len(batch)
+            progress.update(len(batch))
+            batch = []
+            batch_bytes = 0
+
         try:
-            for line in lines:
-                batch.append(line)
-                if len(batch) == PUT_BATCH:
-                    target.put_many(batch, headers=headers, timeout=args.timeout)
-                    count += len(batch)
-                    progress.update(len(batch))
-                    batch = []
+            try:
+                for line in lines:
+                    batch.append(line)
+                    batch_bytes += len(line)
+                    if len(batch) == PUT_BATCH or batch_bytes >= PUT_BATCH_BYTES:
+                        put_batch()
+            except _LineTooLong as exc:
+                if batch:
+                    put_batch()
+                raise CommandError(str(exc), ExitCode.FAILED) from None
             if batch:
-                target.put_many(batch, headers=headers, timeout=args.timeout)
-                count += len(batch)
-                progress.update(len(batch))
+                put_batch()
         except BaseException:
             # put_many writes all of a batch or none of it, so count is exact.
             if count:
@@ -1121,7 +1233,7 @@ def _put_lines(
 
 
 def _get(args: argparse.Namespace) -> int:
-    name: str = check_name("queue", args.queue)
+    name: str = check_queue_name(args.queue)
     with open_broker(args, create=False) as broker:
         queue = _require_queue(broker, name)
         messages = take_messages(queue, args.count, args.timeout)
@@ -1182,6 +1294,45 @@ def take_messages(consumer: Any, count: int, timeout: float) -> list[Any]:
     return messages
 
 
+def escape_text(text: str) -> str:
+    """Escape backslashes and unprintable characters as a Python literal does.
+
+    So a body prints as one line, and cannot send control sequences to the
+    terminal: a newline becomes \\n and ESC becomes \\x1b.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text
+    return _ESCAPE_CANDIDATE.sub(_escape_character, text)
+
+
+def json_line(value: Any) -> str:
+    """Return value as JSON text, with unprintable characters as \\u escapes.
+
+    json.dumps escapes only the characters below U+0020, so DEL, the C1
+    controls and the bidirectional overrides are escaped here. The other
+    text stays as it is, UTF-8 included.
+    """
+    text = json.dumps(value, ensure_ascii=False)
+    if text.isprintable():
+        return text
+    return _ESCAPE_CANDIDATE.sub(_escape_json_character, text)
+
+
+def _escape_json_character(match: re.Match[str]) -> str:
+    character = match[0]
+    if character.isprintable():
+        return character
+    return json.dumps(character)[1:-1]
+
+
+def _escape_character(match: re.Match[str]) -> str:
+    character = match[0]
+    if character.isprintable() and character != "\\":
+        return character
+    # The repr of one character is that character's escape, in quotes.
+    return repr(character)[1:-1]
+
+
 def format_message(message: Any, as_json: bool) -> str:
     """Format a message as one line: key=value fields, or a JSON object.
 
@@ -1207,10 +1358,10 @@ def format_message(message: Any, as_json: bool) -> str:
         else:
             record["body"] = text
         return json.dumps(record)
-    body_text = repr(body) if text is None else text
+    body_text = repr(body) if text is None else escape_text(text)
     return (
         f"offset={message.offset} attempt={message.attempt} "
-        f"headers={json.dumps(message.headers, ensure_ascii=False)} body={body_text}"
+        f"headers={json_line(message.headers)} body={body_text}"
     )
 
 
@@ -1220,10 +1371,24 @@ def format_message(message: Any, as_json: bool) -> str:
 def _stats(args: argparse.Namespace) -> int:
     with open_broker(args, create=False) as broker:
         names = broker.names()
+        group_name = None
         if args.queue is None:
             targets = list(names.items())
+        elif "/" in args.queue:
+            # S/G, as the table names the group G of stream S.
+            stream_name, _, group_name = args.queue.partition("/")
+            check_name("stream", stream_name)
+            check_name("group", group_name)
+            if names.get(stream_name) != "stream" or group_name not in broker.groups(
+                stream_name
+            ):
+                raise CommandError(
+                    f"group {group_name} of stream {stream_name} does not exist",
+                    ExitCode.QUEUE_NOT_FOUND,
+                )
+            targets = [(stream_name, "stream")]
         else:
-            name: str = check_name("queue", args.queue)
+            name: str = check_queue_name(args.queue)
             if name not in names:
                 raise CommandError(
                     f"queue {name} does not exist", ExitCode.QUEUE_NOT_FOUND
@@ -1231,15 +1396,14 @@ def _stats(args: argparse.Namespace) -> int:
             targets = [(name, names[name])]
         rows: list[list[str]] = []
         for name, kind in targets:
-            # NOTE: broker.queue() rejects names over 128 characters, so a
-            # DLQ whose source name is 125 or more characters long fails here.
             if kind == "queue":
                 rows.append(_stats_row(name, "queue", broker.queue(name).stats()))
                 continue
             # groups() lists only existing groups, and opening one of them
             # creates nothing.
             stream = broker.stream(name)
-            for group in broker.groups(name):
+            groups = broker.groups(name) if group_name is None else [group_name]
+            for group in groups:
                 stats = stream.group(group).stats()
                 rows.append(_stats_row(f"{name}/{group}", "group", stats))
     if not rows:
@@ -1299,8 +1463,6 @@ def _dlq_list(args: argparse.Namespace) -> int:
         if not _dlq_exists(broker, source, dlq_name):
             print(f"pymq: {dlq_name} has no messages", file=sys.stderr)
             return ExitCode.OK
-        # NOTE: like stats, this fails for a source name of 125 or more
-        # characters, whose DLQ name is too long for broker.queue().
         dlq = broker.queue(dlq_name)
         depth: int = dlq.stats().depth
         messages = take_messages(dlq, args.count, 0.0)
@@ -1382,10 +1544,7 @@ def _redrive(
     """
     total = None
     if show_progress:
-        # NOTE: like stats, a DLQ name over 128 characters cannot be opened
-        # with broker.queue(); the bar then has no total.
-        with contextlib.suppress(InvalidNameError):
-            total = broker.queue(dlq_name).stats().depth
+        total = broker.queue(dlq_name).stats().depth
     # A disabled bar counts nothing, so the count is kept here.
     moved = 0
     try:
@@ -1463,16 +1622,16 @@ def format_dead_letter(message: Any) -> str:
             value = _utc_time(value)
         quoted = (
             value
-            if _PLAIN_VALUE.fullmatch(value)
-            else json.dumps(value, ensure_ascii=False)
+            if _PLAIN_VALUE.fullmatch(value) and value.isprintable()
+            else json_line(value)
         )
         fields.append(f"{key}={quoted}")
     body: bytes = message.body
     try:
-        text = body.decode("utf-8")
+        text = escape_text(body.decode("utf-8"))
     except UnicodeDecodeError:
         text = repr(body)
-    fields.append(f"headers={json.dumps(headers, ensure_ascii=False)}")
+    fields.append(f"headers={json_line(headers)}")
     fields.append(f"body={text}")
     return " ".join(fields)
 

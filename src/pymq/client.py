@@ -36,7 +36,7 @@ from pymq._core import (
 )
 from pymq._version import __version__
 from pymq.broker import GROUP_DEFAULTS, QUEUE_DEFAULTS, STREAM_DEFAULTS, _check_options
-from pymq.names import check_name
+from pymq.names import check_name, check_queue_name
 from pymq.protocol import (
     FLAG_ERROR,
     FLAG_MORE,
@@ -83,6 +83,11 @@ _MAX_WAIT_MS: Final = 0x7FFFFFFF
 # Bytes one read of the socket takes at most.
 _RECV_BYTES: Final = 262144
 _MAX_RECEIPT: Final = (1 << 64) - 1
+_MAX_CONNECT_TIMEOUT: Final = 1e9
+_MAX_RECONNECT_ATTEMPTS: Final = 1_000_000
+# Maximum reject reason sent, in UTF-8 bytes. The embedded broker cuts an
+# x-reason to the same limit, so the cut sent here leaves the same text.
+MAX_REASON_BYTES: Final = 1000
 
 Frame = tuple[int, int, int, int, bytes]
 
@@ -118,6 +123,55 @@ def check_receipt(receipt: object) -> None:
         raise OverflowError(
             f"receipt {receipt} is out of range; a receipt is from 0 to 2**64 - 1"
         )
+
+
+def check_connect_options(connect_timeout: object, reconnect_attempts: object) -> None:
+    """Raise TypeError or ConfigError for options of connect() out of range."""
+    if isinstance(connect_timeout, bool) or not isinstance(
+        connect_timeout, (int, float)
+    ):
+        raise TypeError(
+            f"connect_timeout must be a number of seconds, not {connect_timeout!r}"
+        )
+    # Written so that NaN fails the check too.
+    if not 0 < connect_timeout <= _MAX_CONNECT_TIMEOUT:
+        raise errors.ConfigError(
+            f"connect_timeout is {connect_timeout} seconds; it must be more than 0 "
+            f"and at most {_MAX_CONNECT_TIMEOUT:g}"
+        )
+    if isinstance(reconnect_attempts, bool) or not isinstance(reconnect_attempts, int):
+        raise TypeError(
+            f"reconnect_attempts must be an int, not {reconnect_attempts!r}"
+        )
+    if not 0 <= reconnect_attempts <= _MAX_RECONNECT_ATTEMPTS:
+        raise errors.ConfigError(
+            f"reconnect_attempts is {reconnect_attempts}; it must be from 0 to "
+            f"{_MAX_RECONNECT_ATTEMPTS}"
+        )
+
+
+def encode_reason(reason: object) -> bytes:
+    """Return a reject reason as the UTF-8 bytes a REJECT frame carries.
+
+    A reason over MAX_REASON_BYTES is cut at the last whole character
+    within that many bytes, and "..." is appended. Raises TypeError for a
+    reason that is not a str and ValueError for one that is not valid
+    Unicode (a lone surrogate), before anything is sent.
+    """
+    if not isinstance(reason, str):
+        raise TypeError(f"reason must be a str, not {type(reason).__name__}")
+    try:
+        encoded = reason.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"reason cannot be encoded as UTF-8: character "
+            f"{reason[exc.start]!r} at index {exc.start} is {exc.reason}"
+        ) from None
+    if len(encoded) <= MAX_REASON_BYTES:
+        return encoded
+    # A character cut part way leaves only invalid bytes at the end.
+    whole = encoded[:MAX_REASON_BYTES].decode("utf-8", "ignore")
+    return whole.encode("utf-8") + b"..."
 
 
 def reconnect_attempts_failed(
@@ -703,6 +757,12 @@ class Connection:
             return
         slot = self._slots.get(request_id)
         if slot is None:
+            if flags & FLAG_ERROR and request_id == 0:
+                # An error about the connection, not a request: the server
+                # closes it next. _read_until fails every waiting request.
+                raise ConnectionResetError(
+                    f"the server closed the connection: {decode_error(frame[4])}"
+                )
             if flags & FLAG_ERROR:
                 error = decode_error(frame[4])
                 logger.error(
@@ -782,7 +842,7 @@ class RemoteBroker:
         """
         # Checked here too, so a bad option raises the embedded broker's
         # TypeError or ConfigError rather than a server error.
-        check_name("queue", name)
+        check_queue_name(name)
         options = _check_options(options, QUEUE_DEFAULTS)
         with self._lock:
             queue = self._queues.get(name)
@@ -866,6 +926,7 @@ class RemoteBroker:
 
     @property
     def server_version(self) -> str:
+        """The server's name and version as it sent them, as in "pymq 0.1.0"."""
         return self._connection.server
 
     @property
@@ -946,6 +1007,14 @@ def _header_block_bytes(headers: dict[str, str] | None) -> int:
     Raises TypeError, with the embedded broker's message, for a header
     name or value that is not a str.
     """
+    if headers is None:
+        return 0
+    if type(headers) is not dict:
+        # The embedded broker's message, from its typed argument.
+        raise TypeError(
+            f"Argument 'headers' has incorrect type (expected dict, got "
+            f"{type(headers).__name__})"
+        )
     if not headers:
         return 0
     for key, value in headers.items():
@@ -1197,11 +1266,13 @@ class _RemoteConsumer(_Handle):
         )
 
     def reject(self, receipt: int, reason: str = "rejected") -> None:
-        """Move the message to the dead-letter queue now, with reason."""
+        """Move the message to the dead-letter queue now, with reason.
+
+        A reason over 1000 UTF-8 bytes is cut as the embedded broker cuts
+        it; see encode_reason.
+        """
         check_receipt(receipt)
-        if not isinstance(reason, str):
-            raise TypeError(f"reason must be a str, not {type(reason).__name__}")
-        self._settle(protocol.REJECT, [receipt], b"", reason.encode("utf-8"), True)
+        self._settle(protocol.REJECT, [receipt], b"", encode_reason(reason), True)
 
     def stats(self) -> QueueStats:
         """Return the counts of this queue or group; see QueueStats."""
@@ -1253,7 +1324,13 @@ class RemoteQueue(_RemoteConsumer, _Publisher):
         return str(self._answer["options"].get("overflow", "reject"))
 
     def close(self) -> None:
-        """Nothing to release: the connection closes with the broker."""
+        """Do nothing: the server holds the queue's handle until the connection
+        closes.
+
+        Each queue, stream and group a connection opens counts toward the
+        server's max_handles until then. Close the RemoteBroker, or open
+        another connection, to release them.
+        """
 
     def __enter__(self) -> RemoteQueue:
         return self
@@ -1267,6 +1344,16 @@ class RemoteQueue(_RemoteConsumer, _Publisher):
 
 class RemoteGroup(_RemoteConsumer):
     """A consumer group of a stream on a server, as pymq.Group."""
+
+    def close(self) -> None:
+        """Do nothing: the server holds the group's handle until the connection
+        closes; see RemoteQueue.close."""
+
+    def __enter__(self) -> RemoteGroup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"<RemoteGroup {self.name!r} on {self._broker.url}>"
@@ -1361,10 +1448,13 @@ def connect(
 
     url is pymq://HOST:PORT, pymqs://HOST:PORT (TLS; see client_ssl_context
     for ssl_context, ca_file, cert_file and key_file) or pymq+unix:///PATH.
-    token defaults to the environment variable PYMQ_TOKEN. A broken
-    connection is opened again, with backoff, on the next call; only
+    token defaults to the environment variable PYMQ_TOKEN. connect_timeout
+    bounds each try to connect, in seconds. A broken connection is opened
+    again, with backoff, on the next call: a first try and
+    reconnect_attempts more, so 6 tries by default, and 1 with 0. Only
     requests that are safe to repeat are sent again on their own.
     """
+    check_connect_options(connect_timeout, reconnect_attempts)
     if token is None:
         token = os.environ.get("PYMQ_TOKEN") or None
     address = parse_url(url)

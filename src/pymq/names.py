@@ -44,6 +44,16 @@ def check_name(kind: str, name: object, *, derived: bool = False) -> str:
     return name
 
 
+def check_queue_name(name: object) -> str:
+    """Return name if it is a valid queue name, a DLQ's included.
+
+    A name that ends in ".dlq" may be a derived one, up to 255 characters,
+    so that every dead-letter queue can be opened by its name.
+    """
+    derived = isinstance(name, str) and name.endswith(".dlq")
+    return check_name("queue", name, derived=derived)
+
+
 def _shown(name: str) -> str:
     """Return name's repr, cut short so that an error stays small."""
     if len(name) <= _SHOWN_CHARACTERS:

@@ -7,6 +7,7 @@ every byte.
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ __all__ = [
 ]
 
 PREAMBLE: Final = b"PMQ\x00\x01\x00\x00\x00"
+# Longest Unix socket path Linux accepts, in bytes: sun_path is 108 bytes
+# including the terminating NUL (see unix(7)).
+MAX_UNIX_PATH_BYTES: Final = 107
 PROTOCOL_VERSION: Final = 1
 DEFAULT_PORT: Final = 7420
 
@@ -196,9 +200,16 @@ def parse_url(url: str) -> Address:
     """Parse pymq://host:port, pymqs://host:port or pymq+unix:///path.
 
     Parts that pymq does not use (a user, a query, a fragment, a path
-    after host:port) raise ConfigError rather than being ignored.
+    after host:port) raise ConfigError rather than being ignored, and so
+    does a URL that cannot be parsed, such as one with an unclosed "[".
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise errors.ConfigError(
+            f"URL {url!r} is invalid: {exc}; write pymq://HOST:PORT, "
+            f"pymqs://HOST:PORT or pymq+unix:///PATH"
+        ) from None
     if "@" in parts.netloc:
         # Messages never repeat what may be a password.
         url = url.replace(parts.netloc, "***@" + parts.netloc.rpartition("@")[2], 1)
@@ -222,6 +233,7 @@ def parse_url(url: str) -> Address:
                 f"URL {url!r} has a {' and a '.join(unused)}, which pymq does "
                 f"not use; write pymq+unix:///PATH"
             )
+        check_unix_path(path)
         return Address("pymq+unix", path=path)
     if parts.scheme not in ("pymq", "pymqs"):
         raise errors.ConfigError(
@@ -246,6 +258,20 @@ def parse_url(url: str) -> Address:
         raise errors.ConfigError(
             f"URL {url!r} has port {text!r}; it must be a number from 0 to 65535"
         ) from None
-    if not parts.hostname:
+    try:
+        hostname = parts.hostname
+    except ValueError as exc:
+        raise errors.ConfigError(f"URL {url!r} is invalid: {exc}") from None
+    if not hostname:
         raise errors.ConfigError(f"URL {url!r} names no host")
-    return Address(parts.scheme, parts.hostname, DEFAULT_PORT if port is None else port)
+    return Address(parts.scheme, hostname, DEFAULT_PORT if port is None else port)
+
+
+def check_unix_path(path: str) -> None:
+    """Raise ConfigError if path is too long for a Unix socket address."""
+    size = len(os.fsencode(path))
+    if size > MAX_UNIX_PATH_BYTES:
+        raise errors.ConfigError(
+            f"Unix socket path {path} is {size} bytes; the limit is "
+            f"{MAX_UNIX_PATH_BYTES} bytes on Linux, so choose a shorter path"
+        )

@@ -63,7 +63,14 @@ from pymq.protocol import (
 )
 from pymq.queue import Group, Queue, Stream
 
-__all__ = ["LOOPS", "Server", "ServerLimits", "run", "server_ssl_context"]
+__all__ = [
+    "LOOPS",
+    "Server",
+    "ServerLimits",
+    "check_port_file",
+    "run",
+    "server_ssl_context",
+]
 
 logger = logging.getLogger("pymq.server")
 
@@ -109,7 +116,8 @@ class ServerLimits:
     - max_frame_bytes: largest frame either side may send (16 MiB).
     - max_batch: most messages in one publish or one delivery (10,000).
     - max_connections: open connections; more are refused (1,024).
-    - max_handles: queues and groups one connection may open (10,000).
+    - max_handles: queues, streams and groups one connection may open
+      (10,000). They stay open until the connection closes.
     - handshake_timeout: seconds from connect to a valid HELLO (10).
     - frame_timeout: seconds a partial frame may stall before the
       connection is dropped (30).
@@ -165,6 +173,30 @@ class ServerLimits:
                 raise errors.ConfigError(
                     f"{name} is {value}; it must be from {low} to {high}"
                 )
+
+
+def _check_unix_socket_path(path: str) -> None:
+    """Raise ConfigError for a path that cannot become a listening socket.
+
+    The path must fit a Unix socket address, and anything already there
+    other than a socket is kept, never replaced.
+    """
+    protocol.check_unix_path(path)
+    found = Path(path)
+    if found.is_socket() or not os.path.lexists(path):
+        return
+    if found.is_symlink():
+        kind = "a symbolic link"
+    elif found.is_dir():
+        kind = "a directory"
+    elif found.is_file():
+        kind = "a regular file"
+    else:
+        kind = "a file of another type"
+    raise errors.ConfigError(
+        f"Unix socket path {path} is {kind}, not a socket; remove it or "
+        f"choose another path"
+    )
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -335,6 +367,8 @@ class Server:
         # Peer address (host only) to the times of its recent failed logins.
         self._login_failures: dict[str, collections.deque[float]] = {}
         self.addresses: list[str] = []
+        # The Unix socket this server created: path, device and inode.
+        self._unix_socket: tuple[str, int, int] | None = None
         self.stopping = False
 
     # Starting and stopping --------------------------------------------------
@@ -347,6 +381,9 @@ class Server:
     ) -> list[str]:
         """Listen on host:port (unless host is None) and on unix; return both."""
         loop = asyncio.get_running_loop()
+        if unix is not None:
+            # Checked before any listener opens.
+            _check_unix_socket_path(unix)
         if host is not None:
             tls: dict[str, Any] = {}
             if self._ssl is not None:
@@ -377,6 +414,8 @@ class Server:
             _remove_stale_socket(unix)
             listener = await loop.create_unix_server(lambda: _Connection(self), unix)
             self._listeners.append(listener)
+            created = os.stat(unix)
+            self._unix_socket = (unix, created.st_dev, created.st_ino)
             self.addresses.append(unix)
             logger.info("listening on %s", unix)
         self._housekeeping = asyncio.ensure_future(self._sweep())
@@ -406,8 +445,11 @@ class Server:
         for listener in self._listeners:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(listener.wait_closed(), 1.0)
+        self._remove_own_socket()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
         # Deliveries still held by connections go back before the broker
         # closes; connection_lost may not have run yet for every transport.
         for connection in list(self._connections):
@@ -416,6 +458,24 @@ class Server:
         # closes, so the pool is not waited for here: see close().
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._waiting_executor.shutdown(wait=False, cancel_futures=True)
+
+    def _remove_own_socket(self) -> None:
+        """Delete the Unix socket file this server created, if it is still there.
+
+        A file that another server has since put at the path is kept: it
+        has another inode.
+        """
+        if self._unix_socket is None:
+            return
+        path, device, inode = self._unix_socket
+        self._unix_socket = None
+        try:
+            found = os.stat(path)
+        except FileNotFoundError:
+            return
+        if (found.st_dev, found.st_ino) == (device, inode):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def close(self) -> None:
         """Wait for the pool's threads; call after stop() and broker.close()."""
@@ -463,10 +523,11 @@ class Server:
                 retry = limits.login_window - (now - failures[0])
                 self._log_failed_login(peer, now, "too many failed logins")
                 return (
-                    f"authentication failed: {len(failures)} failed logins from "
-                    f"{host} within login_window ({limits.login_window:g} s), "
-                    f"the limit is max_failed_logins "
-                    f"({limits.max_failed_logins}); try again in {retry:.1f} s"
+                    f"authentication failed: {host} is locked out after "
+                    f"{len(failures)} failed logins within login_window "
+                    f"({limits.login_window:g} s), the limit is "
+                    f"max_failed_logins ({limits.max_failed_logins}), so the "
+                    f"token was not checked; try again in {retry:.1f} s"
                 )
         raw = token.encode("utf-8") if isinstance(token, str) else b""
         if hmac.compare_digest(raw, self._token):
@@ -1000,7 +1061,9 @@ class _Connection(asyncio.Protocol):
         if known is None and len(self.handles) >= self.limits.max_handles:
             raise errors.ConfigError(
                 f"this connection holds max_handles ({self.limits.max_handles}) "
-                f"open queues and groups"
+                f"open queues, streams and groups, which the server releases "
+                f"only when the connection closes; reconnect, or raise "
+                f"--max-handles"
             )
         broker = self.server.broker
         opened: Queue | Stream | Group
@@ -1713,6 +1776,10 @@ def run(
         limits,
         DEFAULT_MAX_MESSAGE_BYTES if max_message_bytes is None else max_message_bytes,
     )
+    if unix is not None:
+        _check_unix_socket_path(unix)
+    if port_file is not None and host is not None:
+        check_port_file(port_file)
     keep_large_buffers()
     store_options: dict[str, Any] = {
         "segment_bytes": segment_bytes,
@@ -1765,15 +1832,38 @@ async def _serve(
         __version__,
         loop_name,
     )
-    if port_file is not None and host is not None:
-        path = Path(port_file)
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(f"{server.port}\n")
-        os.replace(temporary, path)
     try:
+        if port_file is not None and host is not None:
+            _write_port_file(Path(port_file), server.port)
         await stop.wait()
     finally:
         logger.info("stopping: no new connections; finishing requests under way")
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await server.stop()
+
+
+def check_port_file(path: str | os.PathLike[str]) -> None:
+    """Raise OSError unless a port file can be written at path.
+
+    Run before the server listens, so that a mistyped path fails at once.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "it is a directory", str(path))
+    temporary = target.with_name(target.name + ".tmp")
+    with open(temporary, "w"):
+        pass
+    temporary.unlink()
+
+
+def _write_port_file(path: Path, port: int) -> None:
+    """Write port to path whole: readers never see a partial file."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        temporary.write_text(f"{port}\n")
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise

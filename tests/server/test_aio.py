@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import struct
 import time
 
 import pytest
@@ -318,3 +319,95 @@ def test_aio_closed_broker_does_not_reconnect(servers, name):
             await q.put(b"x")
 
     run(body())
+
+
+def test_aio_connection_error_not_raised_later(shared_server, name, caplog):
+    async def body() -> None:
+        broker = await pymq.aio.connect(shared_server.url)
+        try:
+            q = await broker.queue(name)
+            await q.put(b"x")
+            # A frame header whose length is over max_frame_bytes: the
+            # server replies with an error for request 0 and closes.
+            await broker._connection.send(
+                lambda request_id, handle: struct.pack("<I", 0x7FFFFFFF),
+                None,
+                "a frame that is too large",
+            )
+            # STATS is sent again after the reconnect, and the error of the
+            # connection is not raised by the next call either.
+            assert (await q.stats()).depth == 1
+            assert (await q.stats()).depth == 1
+        finally:
+            await broker.close()
+
+    run(body())
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [text for text in messages if "sent without waiting" in text]
+    assert [
+        text
+        for text in messages
+        if text.startswith("connection to")
+        and "broke: the server closed the connection: frame length is" in text
+    ]
+
+
+def test_aio_reject_long_reason_keeps_connection(shared_server, name):
+    async def body() -> None:
+        broker = await pymq.aio.connect(shared_server.url)
+        try:
+            q = await broker.queue(name, visibility_timeout=3600)
+            await q.put_many([b"poison", b"held"])
+            poison, held = await q.get_many(2, timeout=WAIT)
+            await poison.reject("\U0001f600" * (5 << 20))
+            dead = await (await q.dlq()).get(timeout=WAIT)
+            assert dead.headers["x-reason"] == "\U0001f600" * 250 + "..."
+            await held.ack()
+            assert (await q.stats()).acked == 1
+        finally:
+            await broker.close()
+
+    run(body())
+
+
+def test_aio_dlq_of_long_names_opens(shared_server, name):
+    async def body() -> None:
+        broker = await pymq.aio.connect(shared_server.url)
+        try:
+            long_name = (name + "-" + "L" * 128)[:128]
+            q = await broker.queue(long_name, max_deliveries=1)
+            await q.put(b"poison")
+            await (await q.get(timeout=WAIT)).reject("bad")
+            dlq = await q.dlq()
+            assert dlq.name == f"{long_name}.dlq"
+            assert (await dlq.stats()).depth == 1
+            stream = await broker.stream((name + "-s-" + "a" * 60)[:68])
+            group = await stream.group("billing-" + "b" * 60)
+            assert len(group.dlq_name) == 141
+            assert (await (await group.dlq()).stats()).depth == 0
+        finally:
+            await broker.close()
+
+    run(body())
+
+
+def test_aio_extend_names_its_argument(shared_server, name):
+    async def body() -> None:
+        broker = await pymq.aio.connect(shared_server.url)
+        try:
+            q = await broker.queue(name, visibility_timeout=3600)
+            await q.put(b"x")
+            message = await q.get(timeout=WAIT)
+            with pytest.raises(TypeError) as raised:
+                await message.extend("1")
+            assert str(raised.value) == "seconds must be a number of seconds, not '1'"
+            await message.ack()
+        finally:
+            await broker.close()
+
+    run(body())
+    with pytest.raises(pymq.ConfigError) as raised:
+        run(pymq.aio.connect("pymq://127.0.0.1:1", connect_timeout=-1))
+    assert str(raised.value) == (
+        "connect_timeout is -1 seconds; it must be more than 0 and at most 1e+09"
+    )

@@ -831,3 +831,43 @@ def test_queue_full_rejects(broker, name):
     assert q.put(b"c") == 2
     messages = q.get_many(10, timeout=WAIT)
     assert [m.body for m in messages] == [b"b", b"c"]
+
+
+def test_reject_long_reason_is_cut(broker, name):
+    q = broker.queue(name, visibility_timeout=3600)
+    q.put_many([b"poison", b"held"])
+    poison, held = q.get_many(2, timeout=WAIT)
+    # Larger than the server's max_frame_bytes (16 MiB) if sent whole.
+    poison.reject("x" * (20 << 20))
+    dead = q.dlq.get(timeout=WAIT)
+    assert dead.headers["x-reason"] == "x" * 1000 + "..."
+    # The other delivery, and so the connection, is still there.
+    held.ack()
+    assert q.stats().acked == 1
+
+
+def test_dlq_of_long_names_opens(broker, name):
+    long_name = (name + "-" + "L" * 128)[:128]
+    q = broker.queue(long_name, max_deliveries=1)
+    q.put(b"poison")
+    q.get(timeout=WAIT).reject("bad")
+    assert q.dlq_name == f"{long_name}.dlq"
+    assert q.dlq.stats().depth == 1
+    by_name = broker.queue(f"{long_name}.dlq")
+    assert by_name.get(timeout=WAIT).headers["x-reason"] == "bad"
+
+    stream = broker.stream((name + "-s-" + "a" * 60)[:68])
+    group = stream.group("billing-" + "b" * 60)
+    assert len(group.dlq_name) == 68 + 1 + 68 + 4
+    assert group.dlq.stats().depth == 0
+    assert broker.queue(group.dlq_name).stats().depth == 0
+
+
+def test_headers_as_list_raise_type_error(broker, name):
+    q = broker.queue(name)
+    with pytest.raises(TypeError) as raised:
+        q.put(b"x", headers=[("k", "v")])
+    assert str(raised.value) == (
+        "Argument 'headers' has incorrect type (expected dict, got list)"
+    )
+    assert q.stats().depth == 0

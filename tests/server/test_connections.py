@@ -23,6 +23,7 @@ import pytest
 import pymq
 from pymq import ConnectionLostError, protocol
 from pymq._core import encode_frame
+from pymq.client import encode_reason
 from pymq.protocol import FLAG_REPLY
 from tests.server.helpers import HOLD, RawClient, free_port, take
 
@@ -394,3 +395,157 @@ def test_connect_to_listener_that_closes():
         with pytest.raises(ConnectionError):
             pymq.connect(f"pymq://127.0.0.1:{port}", connect_timeout=5.0)
         acceptor.join(timeout=JOIN_TIMEOUT)
+
+
+# Reject reasons and errors about the whole connection --------------------------
+
+
+@pytest.mark.parametrize(
+    ("reason", "sent"),
+    [
+        ("bad input", b"bad input"),
+        ("x" * 1000, b"x" * 1000),
+        ("x" * 1001, b"x" * 1000 + b"..."),
+        # 4 bytes a character: 250 fit in 1000 bytes.
+        ("\U0001f600" * 300, "\U0001f600".encode() * 250 + b"..."),
+        # 2 bytes a character after one of 1 byte: 499 fit in 999 bytes.
+        ("a" + "é" * 600, b"a" + "é".encode() * 499 + b"..."),
+    ],
+)
+def test_reject_reason_cut_to_1000_bytes(reason, sent):
+    assert encode_reason(reason) == sent
+
+
+def test_reject_reason_not_encodable_raises(shared_server, name):
+    with pytest.raises(ValueError) as raised:
+        encode_reason("bad \udc80 byte")
+    assert str(raised.value) == (
+        "reason cannot be encoded as UTF-8: character '\\udc80' at index 4 is "
+        "surrogates not allowed"
+    )
+    with pymq.connect(shared_server.url) as client:
+        q = client.queue(name, visibility_timeout=3600)
+        q.put(b"x")
+        message = q.get(timeout=10.0)
+        with pytest.raises(ValueError, match="reason cannot be encoded as UTF-8"):
+            message.reject("bad \udc80 byte")
+        with pytest.raises(TypeError, match="reason must be a str, not bytes"):
+            q.reject(message.receipt, b"bytes")
+        # Nothing was sent: the delivery is still out, and can be settled.
+        assert q.stats().in_flight == 1
+        message.ack()
+        assert q.dlq.stats().depth == 0
+
+
+def test_connection_error_not_raised_later(shared_server, name, caplog):
+    with pymq.connect(shared_server.url) as client:
+        q = client.queue(name)
+        q.put(b"x")
+        # A frame header whose length is over max_frame_bytes: the server
+        # replies with an error for request 0 and closes the connection.
+        client._connection.send(lambda request_id: struct.pack("<I", 0x7FFFFFFF))
+        first = q.stats()
+        second = q.stats()
+    assert (first.depth, second.depth) == (1, 1)
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [text for text in messages if "sent without waiting" in text]
+    assert [
+        text
+        for text in messages
+        if text.startswith("connection to")
+        and "broke: the server closed the connection: frame length is" in text
+    ]
+
+
+def test_ack_many_across_connections(shared_server, name):
+    with (
+        pymq.connect(shared_server.url) as first,
+        pymq.connect(shared_server.url) as second,
+    ):
+        on_first = first.queue(name, visibility_timeout=3600)
+        on_second = second.queue(name)
+        on_first.put_many([b"a", b"b", b"c", b"d", b"e"])
+        single = on_first.get(timeout=10.0)
+        batch = on_first.get_batch(2, timeout=10.0)
+        messages = on_first.get_many(2, timeout=10.0)
+        on_second.ack(single.receipt)
+        with pytest.raises(pymq.StaleReceiptError) as stale_batch:
+            on_second.ack_many(batch)
+        assert str(stale_batch.value) == (
+            "the batch was delivered by another queue or group, or by another "
+            "connection, not by this queue or group object; to settle it on "
+            "this connection, ack its receipts: ack_many(batch.receipts.tolist())"
+        )
+        with pytest.raises(pymq.StaleReceiptError) as stale_message:
+            on_second.ack_many(messages)
+        assert str(stale_message.value) == (
+            "message at offset 3 was delivered by another queue or group, or by "
+            "another connection, not by this queue or group object; to settle it "
+            "on this connection, ack its receipt"
+        )
+        assert on_second.stats().acked == 1
+        # Receipts settle on any connection to the same queue.
+        on_second.ack_many(batch.receipts.tolist())
+        on_second.ack_many([message.receipt for message in messages])
+        assert on_second.stats().acked == 5
+        assert on_second.stats().in_flight == 0
+
+
+# Argument checks of the client -------------------------------------------------
+
+
+def test_extend_and_nack_name_their_argument(shared_server, name):
+    with pymq.connect(shared_server.url) as client:
+        q = client.queue(name, visibility_timeout=3600)
+        q.put(b"x")
+        message = q.get(timeout=10.0)
+        with pytest.raises(TypeError) as extend_error:
+            message.extend("1")
+        assert str(extend_error.value) == "seconds must be a number of seconds, not '1'"
+        with pytest.raises(TypeError) as nack_error:
+            message.nack("1")
+        assert str(nack_error.value) == "delay must be a number of seconds, not '1'"
+        message.ack()
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "text"),
+    [
+        (
+            {"connect_timeout": -1},
+            pymq.ConfigError,
+            "connect_timeout is -1 seconds; it must be more than 0 and at most 1e+09",
+        ),
+        (
+            {"connect_timeout": float("nan")},
+            pymq.ConfigError,
+            "connect_timeout is nan seconds; it must be more than 0 and at most 1e+09",
+        ),
+        (
+            {"connect_timeout": "10"},
+            TypeError,
+            "connect_timeout must be a number of seconds, not '10'",
+        ),
+        (
+            {"reconnect_attempts": -1},
+            pymq.ConfigError,
+            "reconnect_attempts is -1; it must be from 0 to 1000000",
+        ),
+        (
+            {"reconnect_attempts": 2.5},
+            TypeError,
+            "reconnect_attempts must be an int, not 2.5",
+        ),
+    ],
+)
+def test_connect_options_checked(options, error, text):
+    # Checked before any connection is made, so no server is needed.
+    with pytest.raises(error) as raised:
+        pymq.connect("pymq://127.0.0.1:1", **options)
+    assert str(raised.value) == text
+
+
+def test_reconnect_attempts_zero_allowed(shared_server, name):
+    with pymq.connect(shared_server.url, reconnect_attempts=0) as client:
+        assert client.queue(name).put(b"x") == 0
+        assert client.server_version.startswith("pymq ")

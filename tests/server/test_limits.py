@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
 import time
 
 import pytest
@@ -198,9 +201,11 @@ def test_failed_logins_lock_out_host(lockout):
         pymq.connect(lockout.url, token=TOKEN, reconnect_attempts=0)
     assert locked.value.code == 5
     text = str(locked.value)
-    assert "3 failed logins from 127.0.0.1" in text
-    assert "max_failed_logins (3)" in text
-    assert "login_window (2 s)" in text
+    assert text.startswith(
+        "authentication failed: 127.0.0.1 is locked out after 3 failed logins "
+        "within login_window (2 s), the limit is max_failed_logins (3), so the "
+        "token was not checked; try again in "
+    )
 
     # Once the oldest failure is 2 s old, the right token works again.
     deadline = time.monotonic() + 15.0
@@ -286,3 +291,45 @@ def test_deliver_frames_carry_more_flag(tmp_path):
     assert [frame[1] for frame in frames] == [FLAG_REPLY | FLAG_MORE] * 8 + [FLAG_REPLY]
     assert {frame[2] for frame in frames} == {7}
     assert all(len(frame[4]) + 12 <= 64 << 10 for frame in frames)
+
+
+def test_lockout_message_of_cli_names_no_token(servers, tmp_path):
+    server = servers(
+        token=TOKEN, limits={"max_failed_logins": 1, "login_window": 3600.0}
+    ).start()
+    with pytest.raises(AuthenticationError):
+        pymq.connect(server.url, token=WRONG_TOKEN, reconnect_attempts=0)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    env = {key: value for key, value in os.environ.items() if key != "PYMQ_TOKEN"}
+    command = [sys.executable, "-m", "pymq", "stats", "--url", server.url]
+    command += ["--token-file", str(token_file)]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60.0,
+    )
+    assert result.returncode == 4
+    assert result.stderr.startswith(
+        f"pymq: {server.url}: authentication failed: 127.0.0.1 is locked out "
+        f"after 1 failed logins within login_window (3600 s), the limit is "
+        f"max_failed_logins (1), so the token was not checked; try again in "
+    )
+    assert "check --token-file" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_max_handles_error_names_streams(servers, name):
+    server = servers(limits={"max_handles": 2}).start()
+    with pymq.connect(server.url) as client:
+        client.queue(f"{name}-q")
+        client.stream(f"{name}-s")
+        with pytest.raises(ConfigError) as raised:
+            client.queue(f"{name}-r")
+    assert str(raised.value) == (
+        "this connection holds max_handles (2) open queues, streams and groups, "
+        "which the server releases only when the connection closes; reconnect, "
+        "or raise --max-handles"
+    )

@@ -470,3 +470,34 @@ def test_cli_over_tls(tls_server: TlsServer, certificates: Certificates) -> None
     )
     assert got.returncode == 0, got.stderr
     assert '"body": "hello"' in got.stdout
+
+
+def test_cli_unknown_authority_hints_tls_ca(tls_server: TlsServer) -> None:
+    result = run_cli("stats", "--url", tls_server.url)
+    assert result.returncode == 3
+    assert result.stderr.startswith(
+        f"pymq: could not connect to {tls_server.url}: SSLCertVerificationError: "
+    )
+    assert result.stderr.endswith(
+        "; if the server's certificate is signed by your own authority, pass it "
+        "with --tls-ca\n"
+    )
+
+
+def test_cli_tls_key_without_cert_names_options(
+    tls_server: TlsServer, certificates: Certificates
+) -> None:
+    result = run_cli(
+        "stats",
+        "--url",
+        tls_server.url,
+        "--tls-ca",
+        str(certificates.ca),
+        "--tls-key",
+        str(certificates.ca),
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "pymq: --tls-key is given without --tls-cert; give --tls-cert too, or "
+        "only --tls-cert when its file contains the key\n"
+    )
