@@ -148,6 +148,41 @@ def _remove_temporary_folders() -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _dlq_store_options(
+    segment_bytes: int, max_message_bytes: int | None, fsync: str
+) -> dict[str, int]:
+    """Return segment_bytes and max_message_bytes for the stores of DLQs.
+
+    A DLQ takes records DLQ_HEADROOM_BYTES larger than max_message_bytes,
+    so that a message of the largest size moves with the headers that the
+    move adds. Its segments grow by as much when they would be too small.
+    Raises ConfigError when max_message_bytes is below 1, or when such a
+    segment would be larger than the store allows.
+    """
+    limit = check_store_options(segment_bytes, max_message_bytes, fsync)
+    if limit < 1:
+        raise ConfigError(
+            f"max_message_bytes is {limit}; it must be from 1 to "
+            f"{segment_bytes - RECORD_HEADER_BYTES} (segment_bytes minus the "
+            f"{RECORD_HEADER_BYTES}-byte record header)"
+        )
+    dlq_limit = limit + DLQ_HEADROOM_BYTES
+    dlq_segment_bytes = segment_bytes
+    if dlq_limit > segment_bytes - RECORD_HEADER_BYTES:
+        # Both are multiples of 8, so the sum is a valid segment size.
+        dlq_segment_bytes = segment_bytes + DLQ_HEADROOM_BYTES
+    try:
+        check_store_options(dlq_segment_bytes, dlq_limit, fsync)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"max_message_bytes is {limit}, too large for a dead-letter queue: "
+            f"its records take {DLQ_HEADROOM_BYTES} bytes more, for the headers "
+            f"of a move, and a segment of {dlq_segment_bytes} bytes for them is "
+            f"rejected ({exc}). Use a smaller max_message_bytes."
+        ) from None
+    return {"segment_bytes": dlq_segment_bytes, "max_message_bytes": dlq_limit}
+
+
 def _check_case(folder: Path, name: str, kind: str) -> None:
     """Raise InvalidNameError if folder has an entry that differs from name
     only in case.
@@ -261,6 +296,7 @@ class Broker:
 
         # Every option is checked before a file is created.
         check_options(segment_bytes, max_message_bytes, fsync, flush_interval)
+        dlq_options = _dlq_store_options(segment_bytes, max_message_bytes, fsync)
 
         if path is None:
             shm = "/dev/shm"
@@ -283,6 +319,7 @@ class Broker:
             "max_message_bytes": max_message_bytes,
             "flush_interval": flush_interval,
         }
+        self._dlq_store_options = {**self._store_options, **dlq_options}
         self._journal_bytes = (
             JOURNAL_SEGMENT_BYTES
             if segment_bytes >= JOURNAL_SEGMENT_BYTES
@@ -325,7 +362,7 @@ class Broker:
             _write_durably(marker, kind)
         options = self._store_options
         if name.endswith(".dlq"):
-            options = dict(options, max_message_bytes=self._dlq_max_message_bytes())
+            options = self._dlq_store_options
         store = open_store(folder / "log", **options)
         core = StreamBase(store, name)
         ready = threading.Condition()
@@ -340,15 +377,6 @@ class Broker:
         core.wake = wake
         self._streams[name] = (core, ready, kind)
         return core, ready
-
-    def _dlq_max_message_bytes(self) -> int:
-        """Return the largest record a DLQ takes: DLQ_HEADROOM_BYTES above
-        max_message_bytes, unless the segment is too small for that."""
-        segment_bytes = self._store_options["segment_bytes"]
-        limit = check_store_options(
-            segment_bytes, self._store_options["max_message_bytes"], "never"
-        )
-        return int(min(limit + DLQ_HEADROOM_BYTES, segment_bytes - RECORD_HEADER_BYTES))
 
     def _listen(self, stream: str, listener: Callable[[], object]) -> None:
         """Call listener after each put or settlement on stream with waiters.
