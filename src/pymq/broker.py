@@ -408,8 +408,13 @@ class Broker:
           records on disk): unlimited by default.
         - overflow: "reject" (default) raises QueueFull at a limit, "block"
           waits for room.
+
+        A name ending in ".dlq" opens a dead-letter queue, and may be up to
+        255 characters long, as a DLQ's name derived from a long source name
+        may be.
         """
-        check_name("queue", name)
+        derived = isinstance(name, str) and name.endswith(".dlq")
+        check_name("queue", name, derived=derived)
         return self._open_queue(name, options)
 
     def _open_queue(self, name: str, options: dict[str, Any]) -> Queue:
@@ -830,6 +835,12 @@ class Broker:
         target = None
         if to is not None:
             check_name("queue", to)
+            if to == dlq_name:
+                raise ConfigError(
+                    f"to= names the dead-letter queue {dlq_name} itself; pass "
+                    f"another queue, or no to= to move each message back to "
+                    f"its source"
+                )
             # A mistyped to= must not create a queue that no consumer reads.
             if not self._kind_of(to)[0]:
                 raise QueueNotFound(
