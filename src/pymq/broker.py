@@ -510,6 +510,18 @@ class Broker:
             ready.notify_all()
         core.store.close()
 
+    def _close_group(self, group: Group) -> None:
+        with self._mutex:
+            key = (group.stream_name, group.name)
+            if self._groups.get(key) is not group:
+                return
+            del self._groups[key]
+            ready = self._streams[group.stream_name][1]
+        GroupBase.close(group)
+        # Threads blocked in this group's get() raise ClosedError now.
+        with ready:
+            ready.notify_all()
+
     def _apply(self, consumer: GroupBase, options: dict[str, Any]) -> None:
         """Set changed options on an open queue or group.
 

@@ -266,6 +266,20 @@ class Group(_Consumer):
         """The name of the dead-letter queue: ``<stream>.<group>.dlq``."""
         return f"{self.stream_name}.{self.name}.dlq"
 
+    def close(self) -> None:
+        """Close this group's journal; the stream stays open.
+
+        Deliveries in flight are available again when the group is opened
+        next, with their attempt counted; stream.group(name) reopens it.
+        """
+        self._broker._close_group(self)
+
+    def __enter__(self) -> Group:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         return f"<Group {self.name!r} of stream {self.stream_name!r}>"
 
