@@ -44,7 +44,8 @@ from pymq.storage import (
     open_store,
 )
 
-__all__ = ["Broker", "open"]
+# open is left out, so that a star import keeps the built-in open().
+__all__ = ["Broker"]
 
 logger = logging.getLogger(__name__)
 

@@ -9,16 +9,67 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pymq._core import GroupBase, Message, MessageBatch, SegmentStore, StreamBase
 from pymq.types import QueueStats
 
 if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
     from pymq.broker import Broker
 
 __all__ = ["Group", "Message", "MessageBatch", "Queue", "Stream"]
+
+
+class _Publisher:
+    """The put and put_many methods of queues and streams, run by the core.
+
+    Each instance binds the core's methods in its own __dict__, which a
+    lookup finds before these, so a put is one call into compiled code.
+    These methods document that call, and run it when called on the class.
+    """
+
+    def _bind_core_put(self, core: StreamBase) -> None:
+        self.__dict__["put"] = core.put
+        self.__dict__["put_many"] = core.put_many
+
+    def put(
+        self,
+        body: Buffer,
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Append one message and return its offset.
+
+        headers maps str names to str values. Raises MessageTooLargeError,
+        writing nothing, when the body with its header block is larger than
+        max_message_bytes. At a queue's max_length or max_bytes, raises
+        QueueFull with overflow="reject" (timeout is then not used), or waits
+        for room with overflow="block", up to timeout seconds (None: no
+        limit) before it raises QueueFull.
+        """
+        put: Any = self.__dict__["put"]
+        offset: int = put(body, headers=headers, timeout=timeout)
+        return offset
+
+    def put_many(
+        self,
+        bodies: Iterable[Buffer],
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> range:
+        """Append messages in order, each with headers; return their offsets.
+
+        Either every message is written or none: a limit raises or waits
+        for room for all of them, as put does for one.
+        """
+        put_many: Any = self.__dict__["put_many"]
+        offsets: range = put_many(bodies, headers=headers, timeout=timeout)
+        return offsets
 
 
 class _Consumer(GroupBase):
@@ -132,7 +183,7 @@ class _Consumer(GroupBase):
         raise NotImplementedError
 
 
-class Queue(_Consumer):
+class Queue(_Publisher, _Consumer):
     """A stream with one group, whose segments are deleted once acked.
 
     put and put_many append to the queue; get, get_many, ack, ack_many, nack,
@@ -162,9 +213,7 @@ class Queue(_Consumer):
         self.max_length = max_length
         self.max_bytes = max_bytes
         self.overflow = overflow
-        # Bound methods of the core, so a put is one call into compiled code.
-        self.put = stream.put
-        self.put_many = stream.put_many
+        self._bind_core_put(stream)
 
     @property
     def max_length(self) -> int | None:
@@ -284,7 +333,7 @@ class Group(_Consumer):
         return f"<Group {self.name!r} of stream {self.stream_name!r}>"
 
 
-class Stream:
+class Stream(_Publisher):
     """An append-only log with any number of consumer groups. Thread-safe."""
 
     def __init__(
@@ -294,8 +343,7 @@ class Stream:
         self._broker = broker
         self._core = core
         self._ready = ready
-        self.put = core.put
-        self.put_many = core.put_many
+        self._bind_core_put(core)
 
     def group(
         self,
