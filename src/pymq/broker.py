@@ -141,6 +141,10 @@ def _check_options(
 
 # Folders of brokers without a path that are still open.
 _TEMPORARY_FOLDERS: set[str] = set()
+MEMORY_FOLDER_PREFIX: Final = "pymq-memory-"
+# The file in the folder of a broker without a path that contains the PID of
+# its process, so that a later open can find the folders of dead processes.
+MEMORY_OWNER_FILE: Final = "OWNER"
 
 
 @atexit.register
@@ -184,6 +188,86 @@ def _dlq_store_options(
     return {"segment_bytes": dlq_segment_bytes, "max_message_bytes": dlq_limit}
 
 
+def _memory_parent() -> str | None:
+    """Return /dev/shm when it is writable, else None (the temp folder)."""
+    shm = "/dev/shm"
+    return shm if os.access(shm, os.W_OK) else None
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # The process exists but belongs to another user.
+        return True
+    return True
+
+
+def _remove_stale_memory_folders(parent: str) -> list[str]:
+    """Delete the folders that brokers without a path left in parent when
+    their process was killed, and return their paths.
+
+    Only folders named pymq-memory-* that contain the OWNER file pymq
+    writes are candidates. One is deleted only when the PID in that file
+    names no running process and no broker holds the folder's lock.
+    """
+    removed: list[str] = []
+    try:
+        with os.scandir(parent) as scan:
+            candidates = [
+                entry.path
+                for entry in scan
+                if entry.name.startswith(MEMORY_FOLDER_PREFIX)
+                and entry.is_dir(follow_symlinks=False)
+            ]
+    except OSError:
+        return removed
+    for folder in candidates:
+        try:
+            text = Path(folder, MEMORY_OWNER_FILE).read_text().strip()
+        except OSError:
+            continue
+        if not text.isdigit() or not 0 < int(text) < 1 << 31:
+            continue
+        pid = int(text)
+        if _process_exists(pid):
+            continue
+        try:
+            lock = DirectoryLock(folder)
+        except (PymqError, OSError):
+            # A live broker has it locked (its PID is from another PID
+            # namespace, for example), or another open is removing it.
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            lock.release()
+        logger.info(
+            "removed %s, left by a broker without a path in process %d, which is gone",
+            folder,
+            pid,
+        )
+        removed.append(folder)
+    return removed
+
+
+def _check_not_nested(path: Path) -> None:
+    """Raise ConfigError if path lies inside another broker's data directory.
+
+    A data directory is a folder with a LOCK file and a streams folder.
+    Opening a folder inside one would add a LOCK and queues to its streams
+    or groups, which the outer broker then reads as its own.
+    """
+    for parent in path.resolve().parents:
+        if (parent / "LOCK").is_file() and (parent / "streams").is_dir():
+            raise ConfigError(
+                f"data directory {path} is inside the data directory {parent} "
+                f"of another broker; give a folder outside it"
+            )
+
+
 def _check_case(folder: Path, name: str, kind: str) -> None:
     """Raise InvalidNameError if folder has an entry that differs from name
     only in case.
@@ -192,11 +276,19 @@ def _check_case(folder: Path, name: str, kind: str) -> None:
     and a data directory may be copied to one, so they are rejected on all.
     """
     try:
-        entries = os.listdir(folder)
+        with os.scandir(folder) as scan:
+            # Files are not queues, streams or groups. One may be a LOCK that
+            # an older version left when it opened a broker inside this one.
+            entries = [entry.name for entry in scan if entry.is_dir()]
     except FileNotFoundError:
         return
     if name in entries:
         return
+    if os.path.lexists(folder / name):
+        raise ConfigError(
+            f"{kind} {name} cannot be created: {folder / name} exists and is "
+            f"not a folder"
+        )
     lowered = name.lower()
     for entry in entries:
         if entry.lower() == lowered:
@@ -300,13 +392,18 @@ class Broker:
         dlq_options = _dlq_store_options(segment_bytes, max_message_bytes, fsync)
 
         if path is None:
-            shm = "/dev/shm"
-            parent = shm if os.access(shm, os.W_OK) else None
-            path = tempfile.mkdtemp(prefix="pymq-memory-", dir=parent)
-            # Removed at exit too, if close() was never called. NOTE: a
-            # process killed by a signal leaves the folder behind.
+            parent = _memory_parent()
+            _remove_stale_memory_folders(parent or tempfile.gettempdir())
+            path = tempfile.mkdtemp(prefix=MEMORY_FOLDER_PREFIX, dir=parent)
+            # Removed at exit too, if close() was never called. A process
+            # killed by a signal leaves the folder, which the OWNER file lets
+            # a later open in another process find and remove.
             _TEMPORARY_FOLDERS.add(path)
+            # Written before the lock is taken: without the file, the folder
+            # is no candidate for removal.
+            Path(path, MEMORY_OWNER_FILE).write_text(f"{os.getpid()}\n")
         self.path = Path(path).absolute()
+        _check_not_nested(self.path)
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(
                 errno.ENOTDIR, f"data directory {self.path} is not a directory"
@@ -1025,11 +1122,17 @@ def open(
     fsync is "interval" (the default), "always" or "never"; see
     pymq.open_store for what each survives. segment_bytes defaults to 64 MiB.
 
-    With no path the broker lives in a temporary folder in memory (/dev/shm
-    where it exists), which close() or the end of the process removes. Its
-    segments default to 1 MiB, and because memory cannot be synced, an fsync
-    other than "never" raises ConfigError.
-    Raises BrokerLockedError when another broker owns the directory.
+    With no path the broker lives in a temporary folder in memory,
+    /dev/shm/pymq-memory-XXXXXXXX (in the temporary folder when /dev/shm
+    is not writable), which close() or the normal end of the process
+    removes. Its segments default to 1 MiB, and because memory cannot be
+    synced, an fsync other than "never" raises ConfigError. A process
+    killed by a signal (SIGKILL, or SIGTERM unless the application handles
+    it) leaves the folder behind. The next open without a path, in any
+    process, removes such folders whose process is gone.
+
+    Raises BrokerLockedError when another broker owns the directory, and
+    ConfigError for a path inside another broker's data directory.
     """
     return Broker(
         path,
