@@ -101,7 +101,7 @@ cdef class GroupBase:
     cdef public uint32_t max_deliveries
     cdef public size_t max_in_flight
     cdef public object on_dead        # callable(group, offset, attempt,
-                                      # reason) -> True once moved
+                                      # reason); raises if not moved
     cdef public object clock          # callable() -> ns for tests, or None
     cdef public str group_name        # a stream group's name; None for queues
     cdef public bint deletes_acked    # a queue: delete segments once acked
@@ -140,6 +140,8 @@ cdef class GroupBase:
                   bint dead_now) except -1
     cdef uint64_t check_receipt(self, uint64_t receipt) except? 0
     cdef int ack_receipt(self, uint64_t receipt) except -1
+    cdef int begin_move(self, uint64_t offset) except -1
+    cdef int end_move(self, uint64_t offset) except -1
     cdef int skip_below(self, uint64_t offset) except -1
     cdef int restore_due(self, list items) except -1
     cdef int retain(self) except -1

@@ -145,7 +145,14 @@ cdef class Message:
         self.group.extend(self.receipt, seconds)
 
     def reject(self, str reason not None="rejected"):
-        """Move the message to the dead-letter queue now, with reason."""
+        """Move the message to the dead-letter queue now, with reason.
+
+        The reason is stored as x-reason, cut to 1,000 bytes of UTF-8.
+        Raises ValueError for a reason that UTF-8 cannot encode. If the
+        move fails, raises its error (QueueFull for a full DLQ, say) and
+        leaves this delivery in flight, with its receipt and deadline, so
+        it can be rejected again, nacked or acked.
+        """
         self.group.reject(self.receipt, reason)
 
     def __repr__(self):
@@ -280,6 +287,19 @@ cdef int check_put_timeout(object timeout) except -1:
     if not 0 <= timeout < 1e9:
         raise ValueError(f"timeout is {timeout} seconds; it must be from 0 "
                          f"to 1e9, or None to wait without a limit")
+    return 0
+
+
+cdef int check_reason(str reason) except -1:
+    """Raise ValueError for a reject reason that UTF-8 cannot encode."""
+    try:
+        reason.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # Only a lone surrogate has no UTF-8 form.
+        raise ValueError(
+            f"reason cannot be encoded as UTF-8: character "
+            f"{reason[exc.start]!r} at index {exc.start} is a lone "
+            f"surrogate; pass valid text") from None
     return 0
 
 
@@ -1109,7 +1129,6 @@ cdef class GroupBase:
         cdef list due
         cdef uint64_t offset
         cdef int64_t now
-        cdef object error
 
         if settled and self.stream.waiters > 0:
             # A settled delivery frees room under max_in_flight, and a
@@ -1131,65 +1150,29 @@ cdef class GroupBase:
             self.dead_due = []
             self.release()
             for i, (offset, attempt, reason) in enumerate(due):
-                # Journaled first, so a crash between the DLQ's put and the
-                # DEAD record below cannot leave the message in both places.
-                error = None
-                self.acquire()
                 try:
-                    self.write_journal(JOURNAL_MOVING, &offset, NULL, 1)
-                    self.moving.add(offset)
+                    self.begin_move(offset)
                 except OSError as exc:
-                    error = exc
-                finally:
-                    self.release()
-                if error is None and self.journal.policy == FSYNC_ALWAYS:
-                    try:
-                        self.journal.sync_to(self.journal_written)
-                    except OSError as exc:
-                        # A restart that finds the MOVING record looks for
-                        # the message in the DLQ, and finds it missing.
-                        self.moving.discard(offset)
-                        error = exc
-                if error is not None:
                     # Not moved: the message and those after it are
                     # available here again, and move at their next failure.
                     self.log_journal_error(
-                        "recording a move to the dead-letter queue", error)
+                        "recording a move to the dead-letter queue", exc)
                     self.restore_due(due[i:])
                     break
                 try:
-                    moved = self.on_dead(self, offset, attempt, reason)
+                    self.on_dead(self, offset, attempt, reason)
+                except Exception:
+                    # The move failed (on_dead logs and counts it): the
+                    # message stays here and is tried again at its next
+                    # delivery.
+                    self.moving.discard(offset)
+                    self.restore_due(due[i:i + 1])
+                    continue
                 except BaseException:
                     self.moving.discard(offset)
                     self.restore_due(due[i:])
                     raise
-                if not moved:
-                    # The move failed (and was logged): the message stays
-                    # here and is tried again at its next delivery.
-                    self.moving.discard(offset)
-                    self.restore_due(due[i:i + 1])
-                    continue
-                self.acquire()
-                try:
-                    try:
-                        self.write_journal(JOURNAL_DEAD, &offset, NULL, 1)
-                    except OSError as exc:
-                        # The message is in the DLQ: settled here all the
-                        # same. Its MOVING record stays (checkpoints repeat
-                        # it), so a restart finds it in the DLQ, and the
-                        # DEAD record is tried again at the next call.
-                        self.unrecorded_dead.add(offset)
-                        error = exc
-                    else:
-                        self.moving.discard(offset)
-                    self.ring.settle(offset)
-                    self.dead_lettered += 1
-                    self.dead_pending -= 1
-                finally:
-                    self.release()
-                if error is not None:
-                    self.log_journal_error(
-                        "recording a move to the dead-letter queue", error)
+                self.end_move(offset)
             if self.journal.policy == FSYNC_ALWAYS:
                 try:
                     self.journal.sync_to(self.journal_written)
@@ -1210,6 +1193,56 @@ cdef class GroupBase:
                 self.try_checkpoint("after a rollover")
             finally:
                 self.release()
+        return 0
+
+    cdef int begin_move(self, uint64_t offset) except -1:
+        """Journal that the move of offset to the DLQ begins; raise OSError
+        when the record cannot be written (or synced, under "always").
+
+        Journaled first, so a crash between the DLQ's put and the DEAD
+        record of end_move() cannot leave the message in both places.
+        """
+        self.acquire()
+        try:
+            self.write_journal(JOURNAL_MOVING, &offset, NULL, 1)
+            self.moving.add(offset)
+        finally:
+            self.release()
+        if self.journal.policy == FSYNC_ALWAYS:
+            try:
+                self.journal.sync_to(self.journal_written)
+            except OSError:
+                # A restart that finds the MOVING record looks for the
+                # message in the DLQ, and finds it missing.
+                self.moving.discard(offset)
+                raise
+        return 0
+
+    cdef int end_move(self, uint64_t offset) except -1:
+        """Settle offset, which on_dead put in the DLQ, and journal it."""
+        cdef object error = None
+
+        self.acquire()
+        try:
+            try:
+                self.write_journal(JOURNAL_DEAD, &offset, NULL, 1)
+            except OSError as exc:
+                # The message is in the DLQ: settled here all the same. Its
+                # MOVING record stays (checkpoints repeat it), so a restart
+                # finds it in the DLQ, and the DEAD record is tried again at
+                # the next call.
+                self.unrecorded_dead.add(offset)
+                error = exc
+            else:
+                self.moving.discard(offset)
+            self.ring.settle(offset)
+            self.dead_lettered += 1
+            self.dead_pending -= 1
+        finally:
+            self.release()
+        if error is not None:
+            self.log_journal_error(
+                "recording a move to the dead-letter queue", error)
         return 0
 
     cdef int skip_below(self, uint64_t offset) except -1:
@@ -1715,17 +1748,55 @@ cdef class GroupBase:
         self.finish(False)
 
     def reject(self, uint64_t receipt, str reason not None="rejected"):
-        """Move a delivery's message to the dead-letter queue now."""
+        """Move a delivery's message to the dead-letter queue now.
+
+        Raises ValueError, changing nothing, for a reason that cannot be
+        encoded as UTF-8. If the move fails (the DLQ is full, say), raises
+        its error and leaves the delivery as it was: in flight, with the
+        same receipt and deadline, so it can be rejected again, nacked or
+        acked. A message of a dead-letter queue, which has no DLQ of its
+        own, is made available again in that queue instead.
+        """
         cdef uint64_t offset
         cdef int64_t now = self.now()
+        cdef int64_t deadline
+        cdef uint32_t attempt
+        cdef Slot *slot
 
+        check_reason(reason)
         self.acquire()
         try:
             self.expire(now)
             offset = self.check_receipt(receipt)
-            self.fail(offset, now, reason, True)
+            if self.on_dead is None:
+                self.fail(offset, now, reason, True)
+            else:
+                slot = self.ring.slot(offset)
+                attempt = slot.attempt
+                deadline = slot.time
+                # As fail() does for a move queued in dead_due: no consumer
+                # holds the slot while it moves, and it never expires.
+                self.ring.set_deadline(offset, FOREVER)
+                self.dead_pending += 1
         finally:
             self.release()
+        if self.on_dead is not None:
+            try:
+                self.begin_move(offset)
+                try:
+                    self.on_dead(self, offset, attempt, reason)
+                except BaseException:
+                    self.moving.discard(offset)
+                    raise
+            except BaseException:
+                self.acquire()
+                try:
+                    self.ring.set_deadline(offset, deadline)
+                    self.dead_pending -= 1
+                finally:
+                    self.release()
+                raise
+            self.end_move(offset)
         self.finish(True)
 
     # State ---------------------------------------------------------------

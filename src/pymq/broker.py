@@ -49,13 +49,15 @@ __all__ = ["Broker"]
 
 logger = logging.getLogger(__name__)
 
-# A failing dead-letter move logs at most one error per this many seconds.
+# A failing dead-letter move logs at most one error per this many seconds,
+# with the number of failures since the last one.
 _ERROR_LOG_SECONDS: Final = 10.0
 # A DLQ takes records this much larger than max_message_bytes, so that a
 # message of the largest size still fits with the x- headers a move adds.
 DLQ_HEADROOM_BYTES: Final = 4096
-# Longest x-reason a move writes; a longer reason is cut to this and "...".
-MAX_REASON_CHARS: Final = 1000
+# Maximum size of the x-reason a move writes, in bytes of UTF-8. A longer
+# reason is cut to this (at a character boundary) and "..." is appended.
+MAX_REASON_BYTES: Final = 1000
 # Journals hold small records; compaction runs when one rolls over.
 JOURNAL_SEGMENT_BYTES: Final = 4 * 1024 * 1024
 # Segments of a broker without a path, which live in memory.
@@ -266,6 +268,16 @@ def _check_not_nested(path: Path) -> None:
                 f"data directory {path} is inside the data directory {parent} "
                 f"of another broker; give a folder outside it"
             )
+
+
+def _cut_reason(reason: str) -> str:
+    """Return reason, or its first MAX_REASON_BYTES bytes of UTF-8 (at a
+    character boundary) and "..." when it is longer."""
+    encoded = reason.encode("utf-8")
+    if len(encoded) <= MAX_REASON_BYTES:
+        return reason
+    # "ignore" drops only the character that the cut split.
+    return encoded[:MAX_REASON_BYTES].decode("utf-8", "ignore") + "..."
 
 
 def _check_case(folder: Path, name: str, kind: str) -> None:
@@ -854,29 +866,42 @@ class Broker:
         dlq_name = consumer.dlq_name
         store = consumer.stream.store
 
-        last_error = [-_ERROR_LOG_SECONDS]
+        # When the last error was logged, and the failures not yet logged.
+        last_log = [-_ERROR_LOG_SECONDS]
+        unlogged = [0]
 
         def dead_letter(
             core: GroupBase, offset: int, attempt: int, reason: str
-        ) -> bool:
+        ) -> None:
             try:
                 move(offset, attempt, reason)
             except Exception as exc:
-                # The message stays where it is and the move is tried again
-                # at its next delivery. The error is logged at most every
-                # _ERROR_LOG_SECONDS.
+                # The core keeps the message where it is: a failed reject
+                # raises this error, and a move after max_deliveries is
+                # tried again at the message's next delivery, which may come
+                # at every get. So every failure is counted, and logged at
+                # most every _ERROR_LOG_SECONDS with the count.
                 now = time.monotonic()
-                if now - last_error[0] >= _ERROR_LOG_SECONDS:
-                    last_error[0] = now
-                    logger.error(
-                        "moving message %d of %s to %s failed: %s",
-                        offset,
-                        source,
-                        dlq_name,
-                        exc,
+                if now - last_log[0] < _ERROR_LOG_SECONDS:
+                    unlogged[0] += 1
+                    raise
+                last_log[0] = now
+                more = ""
+                if unlogged[0]:
+                    more = (
+                        f" ({unlogged[0]} more moves from {source} failed since "
+                        f"the last of these errors was logged)"
                     )
-                return False
-            return True
+                    unlogged[0] = 0
+                logger.error(
+                    "moving message %d of %s to %s failed: %s%s",
+                    offset,
+                    source,
+                    dlq_name,
+                    exc,
+                    more,
+                )
+                raise
 
         def move(offset: int, attempt: int, reason: str) -> None:
             try:
@@ -891,8 +916,7 @@ class Broker:
                 )
                 return
             headers, payload = split_body(flags, body)
-            if len(reason) > MAX_REASON_CHARS:
-                reason = reason[:MAX_REASON_CHARS] + "..."
+            reason = _cut_reason(reason)
             # x-for-group routes a redriven record to its group, which never
             # receives the header, so the DLQ message does not carry it either.
             headers.pop("x-for-group", None)
