@@ -73,6 +73,7 @@ cdef class MessageBatch:
 cdef class StreamBase:
     cdef readonly SegmentStore store  # the stream's records
     cdef readonly str name
+    cdef readonly bint dead_letter    # a DLQ, whose puts take RESERVED_HEADERS
     cdef public int waiters           # callers blocked in get() or put()
     cdef public object wake           # callable() run after a put with waiters
     cdef public GroupBase queue_group # a queue's group, whose depth is bounded

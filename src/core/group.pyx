@@ -27,6 +27,16 @@ cdef enum:
     FRESH_RUN_BYTES = 1024 * 1024
 
 
+# Headers that a move to a dead-letter queue writes (and x-for-group, which
+# routes a redriven record to its group). A put with one of them raises,
+# except into a DLQ, so that a move or a redrive never overwrites or drops
+# a value of the caller's.
+RESERVED_HEADERS = frozenset((
+    "x-source", "x-group", "x-offset", "x-attempts", "x-reason", "x-dead-at",
+    "x-for-group"))
+cdef str RESERVED_LIST = ", ".join(sorted(RESERVED_HEADERS))
+
+
 cdef str consumer_label(GroupBase group):
     """Return "queue Q" or "group G of stream S", for messages."""
     if group.group_name is None:
@@ -34,8 +44,21 @@ cdef str consumer_label(GroupBase group):
     return f"group {group.group_name} of stream {group.stream.name}"
 
 
-cdef bytes encode_headers(dict headers):
-    """Return the header block for headers (str keys and values)."""
+cdef int check_user_header(str key) except -1:
+    if key in RESERVED_HEADERS:
+        raise ValueError(
+            f"header {key!r} is reserved for the headers that pymq writes "
+            f"when it moves a message to a dead-letter queue and back "
+            f"({RESERVED_LIST}); use another name")
+    return 0
+
+
+cdef bytes encode_headers(dict headers, bint reserved_allowed=False):
+    """Return the header block for headers (str keys and values).
+
+    Raises ValueError for a reserved name (see RESERVED_HEADERS) unless
+    reserved_allowed, which the broker's own writes set.
+    """
     cdef list parts
 
     if len(headers) > 0xFFFF:
@@ -50,8 +73,21 @@ cdef bytes encode_headers(dict headers):
             raise TypeError(
                 f"value of header {key!r} must be str, not "
                 f"{type(value).__name__}")
-        raw_key = (<str>key).encode("utf-8")
-        raw_value = (<str>value).encode("utf-8")
+        if not reserved_allowed:
+            check_user_header(key)
+        # Only a lone surrogate has no UTF-8 form.
+        try:
+            raw_key = (<str>key).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"header name {key!r} cannot be encoded as UTF-8: it has a "
+                f"lone surrogate at index {exc.start}") from None
+        try:
+            raw_value = (<str>value).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"value of header {key!r} cannot be encoded as UTF-8: it has "
+                f"a lone surrogate at index {exc.start}") from None
         if len(raw_key) > MAX_HEADER_KEY_BYTES:
             raise ValueError(
                 f"header name is {len(raw_key)} bytes; the maximum is "
@@ -321,6 +357,7 @@ cdef class StreamBase:
     def __cinit__(self, SegmentStore store not None, str name not None):
         self.store = store
         self.name = name
+        self.dead_letter = name.endswith(".dlq")
         self.max_length = -1
         self.max_bytes = -1
         self.put_lock = pymq_mutex_new()
@@ -399,9 +436,12 @@ cdef class StreamBase:
     def put(self, body, *, dict headers=None, timeout=None):
         """Append one message and return its offset.
 
-        Raises MessageTooLargeError, before writing, for a body (with its
-        headers) larger than max_message_bytes; QueueFull at a limit with
-        overflow "reject", or once timeout seconds pass with "block".
+        Raises ValueError for a reserved header name (RESERVED_HEADERS),
+        unless this is a dead-letter queue, and MessageTooLargeError,
+        before writing, for a body (with its headers) larger than
+        max_message_bytes. At a limit, raises QueueFull with overflow
+        "reject" (timeout is then not used), or with "block" once timeout
+        seconds pass without room.
         """
         cdef BodyRef ref
         cdef uint64_t first, written
@@ -411,7 +451,8 @@ cdef class StreamBase:
         if timeout is not None:
             check_put_timeout(timeout)
         if headers:
-            body = encode_headers(headers) + memoryview(body).tobytes()
+            body = (encode_headers(headers, self.dead_letter) +
+                    memoryview(body).tobytes())
             flags = REC_FLAG_HEADERS
         elif type(body) is not bytes:
             if not limited:
@@ -454,7 +495,7 @@ cdef class StreamBase:
         if timeout is not None:
             check_put_timeout(timeout)
         if headers:
-            block = encode_headers(headers)
+            block = encode_headers(headers, self.dead_letter)
             items = [block + memoryview(body).tobytes() for body in items]
             flags = REC_FLAG_HEADERS
         if not limited:
@@ -534,7 +575,7 @@ cdef class StreamBase:
 
         headers = dict(headers)
         headers["x-for-group"] = group
-        body = encode_headers(headers) + memoryview(body).tobytes()
+        body = encode_headers(headers, True) + memoryview(body).tobytes()
         first = self.store.append(body, flags=REC_FLAG_HEADERS | REC_FLAG_TARGETED)
         self.published()
         return first

@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from pymq._core import (
     RECORD_HEADER_BYTES,
+    RESERVED_HEADERS,
     DirectoryLock,
     GroupBase,
     Message,
@@ -68,15 +69,8 @@ _RESUME_SCAN: Final = 10_000
 # The end of redrive's error for a message with nowhere to go back to. The
 # CLI, whose option is --to, replaces it.
 REDRIVE_TO_ADVICE: Final = "pass to= a queue"
-DEAD_LETTER_HEADERS: Final = (
-    "x-for-group",
-    "x-source",
-    "x-group",
-    "x-offset",
-    "x-attempts",
-    "x-reason",
-    "x-dead-at",
-)
+# The headers a move to the DLQ writes, and x-for-group: put rejects them.
+DEAD_LETTER_HEADERS: Final = RESERVED_HEADERS
 GROUP_DEFAULTS: Final[dict[str, Any]] = {
     "visibility_timeout": 30.0,
     "max_deliveries": 5,

@@ -44,9 +44,11 @@ class _Publisher:
     ) -> int:
         """Append one message and return its offset.
 
-        headers maps str names to str values. Raises MessageTooLargeError,
-        writing nothing, when the body with its header block is larger than
-        max_message_bytes. At a queue's max_length or max_bytes, raises
+        headers maps str names to str values. Raises ValueError, writing
+        nothing, for a reserved name (pymq._core.RESERVED_HEADERS: those of
+        a dead-letter move) or text that UTF-8 cannot encode, and
+        MessageTooLargeError when the body with its header block is larger
+        than max_message_bytes. At a queue's max_length or max_bytes, raises
         QueueFull with overflow="reject" (timeout is then not used), or waits
         for room with overflow="block", up to timeout seconds (None: no
         limit) before it raises QueueFull.
