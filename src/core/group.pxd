@@ -84,6 +84,7 @@ cdef class StreamBase:
     cdef pymq_mutex *put_lock  # makes check and append one step
 
     cdef int published(self) except -1
+    cdef int raise_closed(self) except -1
     cdef uint64_t append_batch_unsynced(self, list items, uint32_t flags,
                                         uint64_t *written) except? 0
     cdef bint has_room(self, Py_ssize_t count, size_t size) except -1

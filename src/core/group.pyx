@@ -316,7 +316,8 @@ cdef int compare_u64(const void *left, const void *right) noexcept nogil:
     return (a > b) - (a < b)
 
 
-cdef int check_put_timeout(object timeout) except -1:
+cpdef int check_timeout(object timeout) except -1:
+    """Raise for a timeout of put or get that is not None or 0 to 1e9 s."""
     if type(timeout) is bool or not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout must be a number of seconds or None, not "
                         f"{timeout!r}")
@@ -324,6 +325,21 @@ cdef int check_put_timeout(object timeout) except -1:
         raise ValueError(f"timeout is {timeout} seconds; it must be from 0 "
                          f"to 1e9, or None to wait without a limit")
     return 0
+
+
+cdef uint64_t as_receipt(object receipt) except? 0:
+    """Return receipt as a u64; raise TypeError or OverflowError naming it
+    (as the clients do) for a value that cannot be one."""
+    if type(receipt) is not int:
+        if type(receipt) is bool or not hasattr(type(receipt), "__index__"):
+            raise TypeError(
+                f"receipt must be an int, not {type(receipt).__name__}")
+        # An integer type such as numpy.uint64, from a MessageBatch.
+        receipt = receipt.__index__()
+    if not 0 <= receipt <= 0xFFFFFFFFFFFFFFFF:
+        raise OverflowError(f"receipt {receipt} is out of range; a receipt "
+                            f"is from 0 to 2**64 - 1")
+    return <uint64_t>receipt
 
 
 cdef int check_reason(str reason) except -1:
@@ -367,6 +383,12 @@ cdef class StreamBase:
     def __dealloc__(self):
         if self.put_lock != NULL:
             pymq_mutex_free(self.put_lock)
+
+    cdef int raise_closed(self) except -1:
+        """Raise ClosedError naming the queue or stream, not its store."""
+        raise ClosedError(
+            f"{'stream' if self.queue_group is None else 'queue'} {self.name} "
+            f"is closed")
 
     cdef int published(self) except -1:
         if self.waiters > 0 and self.wake is not None:
@@ -449,7 +471,9 @@ cdef class StreamBase:
         cdef bint limited = self.max_length >= 0 or self.max_bytes >= 0
 
         if timeout is not None:
-            check_put_timeout(timeout)
+            check_timeout(timeout)
+        if self.store.closed:
+            self.raise_closed()
         if headers:
             body = (encode_headers(headers, self.dead_letter) +
                     memoryview(body).tobytes())
@@ -487,13 +511,24 @@ cdef class StreamBase:
         of it: either every message is written or none.
         """
         cdef uint64_t first, written
-        cdef list items = bodies if type(bodies) is list else list(bodies)
+        cdef list items
         cdef bint limited = self.max_length >= 0 or self.max_bytes >= 0
         cdef size_t size = 0
         cdef uint32_t flags = 0
 
+        if type(bodies) is list:
+            items = bodies
+        elif isinstance(bodies, (bytes, bytearray, memoryview, str)):
+            raise TypeError(
+                f"bodies must be an iterable of bytes-like objects (a list of "
+                f"bytes, say), not {type(bodies).__name__}; use put() for one "
+                f"message")
+        else:
+            items = list(bodies)
         if timeout is not None:
-            check_put_timeout(timeout)
+            check_timeout(timeout)
+        if self.store.closed:
+            self.raise_closed()
         if headers:
             block = encode_headers(headers, self.dead_letter)
             items = [block + memoryview(body).tobytes() for body in items]
@@ -619,7 +654,7 @@ cdef class GroupBase:
         take_lock(self.lock)
         if self.closed:
             pymq_lock_unlock(self.lock)
-            raise ClosedError(f"group of stream {self.stream.name} is closed")
+            raise ClosedError(f"{consumer_label(self)} is closed")
         return 0
 
     @cython.final
@@ -981,7 +1016,7 @@ cdef class GroupBase:
         cdef uint32_t flags
 
         if not store.segments:
-            raise ClosedError(f"stream {self.stream.name} is closed")
+            raise ClosedError(f"{consumer_label(self)} is closed")
         if ring.low < (<Segment>store.segments[0]).base:
             # Retention deleted records this group had not settled: resume
             # at the oldest kept one, and count what was passed over.
@@ -1340,8 +1375,13 @@ cdef class GroupBase:
         Returns None when the timeout passes first; timeout=None waits until a
         message arrives. Thread-safe: each message goes to one caller at a time.
         """
-        cdef Message message = self.take_now()
+        cdef Message message
 
+        if timeout is not None:
+            # Checked first, so a bad timeout raises whether or not a
+            # message is available.
+            check_timeout(timeout)
+        message = self.take_now()
         if message is not None or (timeout is not None and timeout == 0):
             return message
         # The subclass waits (pymq.queue._Consumer._wait), off the fast path.
@@ -1651,9 +1691,9 @@ cdef class GroupBase:
                 f"delivery that expired or was already settled")
         return offset
 
-    def ack(self, uint64_t receipt):
+    def ack(self, receipt):
         """Settle the delivery named by receipt."""
-        self.ack_receipt(receipt)
+        self.ack_receipt(as_receipt(receipt))
 
     @cython.final
     cdef int ack_receipt(self, uint64_t receipt) except -1:
@@ -1717,7 +1757,14 @@ cdef class GroupBase:
                                 f"not by this one, {consumer_label(self)}")
                         receipts[i] = (<Message>item).receipt
                     else:
-                        receipts[i] = item
+                        try:
+                            receipts[i] = as_receipt(item)
+                        except TypeError:
+                            raise TypeError(
+                                f"ack_many takes Messages delivered by "
+                                f"{consumer_label(self)}, receipts (int) or a "
+                                f"MessageBatch; item {i} is a "
+                                f"{type(item).__name__}") from None
             # Without the key a receipt is its offset and attempt, so the
             # receipts of one get_many come in rising order and the sort
             # that finds duplicates is only needed for other batches. XOR
@@ -1750,37 +1797,37 @@ cdef class GroupBase:
             PyMem_Free(offsets)
         self.finish(True)
 
-    def nack(self, uint64_t receipt, double delay=0.0):
+    def nack(self, receipt, double delay=0.0):
         """Give a delivery back, for redelivery after delay seconds.
 
         A delivery whose attempt reached max_deliveries goes to the
         dead-letter queue instead. A nack's delay is not journaled: after
         a restart the message is available at once.
         """
-        cdef uint64_t offset
+        cdef uint64_t offset, value = as_receipt(receipt)
         cdef int64_t now = self.now()
 
         check_delay("delay", delay)
         self.acquire()
         try:
             self.expire(now)
-            offset = self.check_receipt(receipt)
+            offset = self.check_receipt(value)
             self.fail(offset, now + <int64_t>(delay * NS_PER_SECOND), "nack",
                       False)
         finally:
             self.release()
         self.finish(True)
 
-    def extend(self, uint64_t receipt, double seconds):
+    def extend(self, receipt, double seconds):
         """Set the deadline of a delivery to now plus seconds."""
-        cdef uint64_t offset
+        cdef uint64_t offset, value = as_receipt(receipt)
         cdef int64_t now = self.now()
 
         check_delay("seconds", seconds)
         self.acquire()
         try:
             self.expire(now)
-            offset = self.check_receipt(receipt)
+            offset = self.check_receipt(value)
             self.ring.set_deadline(
                 offset, now + <int64_t>(seconds * NS_PER_SECOND))
         finally:
@@ -1788,7 +1835,7 @@ cdef class GroupBase:
         # expire() may have queued dead letters for finish() to move.
         self.finish(False)
 
-    def reject(self, uint64_t receipt, str reason not None="rejected"):
+    def reject(self, receipt, str reason not None="rejected"):
         """Move a delivery's message to the dead-letter queue now.
 
         Raises ValueError, changing nothing, for a reason that cannot be
@@ -1798,7 +1845,7 @@ cdef class GroupBase:
         acked. A message of a dead-letter queue, which has no DLQ of its
         own, is made available again in that queue instead.
         """
-        cdef uint64_t offset
+        cdef uint64_t offset, value = as_receipt(receipt)
         cdef int64_t now = self.now()
         cdef int64_t deadline
         cdef uint32_t attempt
@@ -1808,7 +1855,7 @@ cdef class GroupBase:
         self.acquire()
         try:
             self.expire(now)
-            offset = self.check_receipt(receipt)
+            offset = self.check_receipt(value)
             if self.on_dead is None:
                 self.fail(offset, now, reason, True)
             else:

@@ -12,7 +12,14 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from pymq._core import GroupBase, Message, MessageBatch, SegmentStore, StreamBase
+from pymq._core import (
+    GroupBase,
+    Message,
+    MessageBatch,
+    SegmentStore,
+    StreamBase,
+    check_timeout,
+)
 from pymq.types import QueueStats
 
 if TYPE_CHECKING:
@@ -85,6 +92,8 @@ class _Consumer(GroupBase):
 
     def get_many(self, count: int, timeout: float | None = None) -> list[Message]:
         """Deliver up to count messages; wait up to timeout for the first one."""
+        if timeout is not None:
+            check_timeout(timeout)
         messages = self.get_many_nowait(count)
         if messages or timeout == 0:
             return messages
@@ -97,6 +106,8 @@ class _Consumer(GroupBase):
         Waits up to timeout for the first message, like get_many; settle the
         batch with ack_many(batch).
         """
+        if timeout is not None:
+            check_timeout(timeout)
         batch = self.get_batch_nowait(count)
         if len(batch) or timeout == 0:
             return batch
@@ -109,17 +120,10 @@ class _Consumer(GroupBase):
         return waited if isinstance(waited, MessageBatch) else batch
 
     def _wait(self, timeout: float | None, attempt: Any) -> Any:
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-        ):
-            raise TypeError(
-                f"timeout must be a number of seconds or None, not {timeout!r}"
-            )
-        if timeout is not None and not 0 <= timeout < 1e9:
-            raise ValueError(
-                f"timeout is {timeout} seconds; it must be from 0 to 1e9, or None "
-                f"to wait without a limit"
-            )
+        """Call attempt() until it returns a result, or timeout passes.
+
+        The caller has checked timeout with check_timeout.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         stream = self.stream
         with self._ready:
