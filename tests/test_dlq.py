@@ -375,3 +375,47 @@ def test_redrive_gone_group_raises_keeps_messages(tmp_path):
         assert broker.queue("events.billing.dlq").stats().depth == 2
         assert broker.stream("events").store.next_offset == 2
         assert broker.groups("events") == ["audit"]
+
+
+def test_redrive_to_dlq_itself_raises(broker):
+    jobs = broker.queue("jobs", max_deliveries=1)
+    jobs.put(b"bad")
+    jobs.get(timeout=0).reject("bad")
+    with pytest.raises(ConfigError) as raised:
+        broker.redrive("jobs.dlq", to="jobs.dlq")
+    assert str(raised.value) == (
+        "to= names the dead-letter queue jobs.dlq itself; pass another queue, "
+        "or no to= to move each message back to its source"
+    )
+    kept = jobs.dlq.get(timeout=0)
+    assert kept is not None
+    assert kept.headers["x-reason"] == "bad"
+    assert kept.headers["x-source"] == "jobs"
+
+
+def test_queue_opens_long_derived_dlq_name(broker):
+    source = broker.queue("L" * 128, max_deliveries=1)
+    source.put(b"bad")
+    source.get(timeout=0).reject("bad")
+    dlq = broker.queue("L" * 128 + ".dlq")
+    assert dlq is source.dlq
+    moved = dlq.get(timeout=0)
+    assert moved is not None
+    assert moved.body == b"bad"
+
+
+def test_queue_dlq_name_over_255_raises(broker):
+    name = "L" * 252 + ".dlq"
+    with pytest.raises(InvalidNameError) as raised:
+        broker.queue(name)
+    assert str(raised.value) == (
+        f"queue name {name[:140]!r}... is 256 characters; it must be 1 to 255"
+    )
+
+
+def test_queue_long_name_without_dlq_suffix_raises(broker):
+    with pytest.raises(InvalidNameError) as raised:
+        broker.queue("L" * 129)
+    assert str(raised.value) == (
+        f"queue name {'L' * 129!r} is 129 characters; it must be 1 to 128"
+    )

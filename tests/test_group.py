@@ -211,3 +211,31 @@ def test_stream_segments_kept_after_group_acks(tmp_path):
         assert sorted(log.glob("*.log")) == before
         late = s.group("late", start="earliest")
         assert late.get(timeout=0).offset == 0
+
+
+def test_group_close_then_reopen(broker):
+    events = broker.stream("events")
+    billing = events.group("billing")
+    events.put_many([b"one", b"two"])
+    held = billing.get(timeout=0)
+    assert held is not None
+    billing.close()
+    with pytest.raises(pymq.ClosedError):
+        billing.get(timeout=0)
+    reopened = events.group("billing")
+    assert reopened is not billing
+    first = reopened.get(timeout=0)
+    assert first is not None
+    assert (first.body, first.attempt) == (b"one", 2)
+    second = reopened.get(timeout=0)
+    assert second is not None
+    assert (second.body, second.attempt) == (b"two", 1)
+
+
+def test_group_context_manager_closes_group(broker):
+    events = broker.stream("events")
+    with events.group("billing") as billing:
+        events.put(b"one")
+    with pytest.raises(pymq.ClosedError):
+        billing.get(timeout=0)
+    assert events.group("billing").get(timeout=0).body == b"one"

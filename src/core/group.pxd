@@ -73,6 +73,7 @@ cdef class MessageBatch:
 cdef class StreamBase:
     cdef readonly SegmentStore store  # the stream's records
     cdef readonly str name
+    cdef readonly bint dead_letter    # a DLQ, whose puts take RESERVED_HEADERS
     cdef public int waiters           # callers blocked in get() or put()
     cdef public object wake           # callable() run after a put with waiters
     cdef public GroupBase queue_group # a queue's group, whose depth is bounded
@@ -83,6 +84,7 @@ cdef class StreamBase:
     cdef pymq_mutex *put_lock  # makes check and append one step
 
     cdef int published(self) except -1
+    cdef int raise_closed(self) except -1
     cdef uint64_t append_batch_unsynced(self, list items, uint32_t flags,
                                         uint64_t *written) except? 0
     cdef bint has_room(self, Py_ssize_t count, size_t size) except -1
@@ -101,7 +103,7 @@ cdef class GroupBase:
     cdef public uint32_t max_deliveries
     cdef public size_t max_in_flight
     cdef public object on_dead        # callable(group, offset, attempt,
-                                      # reason) -> True once moved
+                                      # reason); raises if not moved
     cdef public object clock          # callable() -> ns for tests, or None
     cdef public str group_name        # a stream group's name; None for queues
     cdef public bint deletes_acked    # a queue: delete segments once acked
@@ -140,6 +142,8 @@ cdef class GroupBase:
                   bint dead_now) except -1
     cdef uint64_t check_receipt(self, uint64_t receipt) except? 0
     cdef int ack_receipt(self, uint64_t receipt) except -1
+    cdef int begin_move(self, uint64_t offset) except -1
+    cdef int end_move(self, uint64_t offset) except -1
     cdef int skip_below(self, uint64_t offset) except -1
     cdef int restore_due(self, list items) except -1
     cdef int retain(self) except -1

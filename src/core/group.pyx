@@ -27,6 +27,16 @@ cdef enum:
     FRESH_RUN_BYTES = 1024 * 1024
 
 
+# Headers that a move to a dead-letter queue writes (and x-for-group, which
+# routes a redriven record to its group). A put with one of them raises,
+# except into a DLQ, so that a move or a redrive never overwrites or drops
+# a value of the caller's.
+RESERVED_HEADERS = frozenset((
+    "x-source", "x-group", "x-offset", "x-attempts", "x-reason", "x-dead-at",
+    "x-for-group"))
+cdef str RESERVED_LIST = ", ".join(sorted(RESERVED_HEADERS))
+
+
 cdef str consumer_label(GroupBase group):
     """Return "queue Q" or "group G of stream S", for messages."""
     if group.group_name is None:
@@ -34,8 +44,21 @@ cdef str consumer_label(GroupBase group):
     return f"group {group.group_name} of stream {group.stream.name}"
 
 
-cdef bytes encode_headers(dict headers):
-    """Return the header block for headers (str keys and values)."""
+cdef int check_user_header(str key) except -1:
+    if key in RESERVED_HEADERS:
+        raise ValueError(
+            f"header {key!r} is reserved for the headers that pymq writes "
+            f"when it moves a message to a dead-letter queue and back "
+            f"({RESERVED_LIST}); use another name")
+    return 0
+
+
+cdef bytes encode_headers(dict headers, bint reserved_allowed=False):
+    """Return the header block for headers (str keys and values).
+
+    Raises ValueError for a reserved name (see RESERVED_HEADERS) unless
+    reserved_allowed, which the broker's own writes set.
+    """
     cdef list parts
 
     if len(headers) > 0xFFFF:
@@ -50,8 +73,21 @@ cdef bytes encode_headers(dict headers):
             raise TypeError(
                 f"value of header {key!r} must be str, not "
                 f"{type(value).__name__}")
-        raw_key = (<str>key).encode("utf-8")
-        raw_value = (<str>value).encode("utf-8")
+        if not reserved_allowed:
+            check_user_header(key)
+        # Only a lone surrogate has no UTF-8 form.
+        try:
+            raw_key = (<str>key).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"header name {key!r} cannot be encoded as UTF-8: it has a "
+                f"lone surrogate at index {exc.start}") from None
+        try:
+            raw_value = (<str>value).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"value of header {key!r} cannot be encoded as UTF-8: it has "
+                f"a lone surrogate at index {exc.start}") from None
         if len(raw_key) > MAX_HEADER_KEY_BYTES:
             raise ValueError(
                 f"header name is {len(raw_key)} bytes; the maximum is "
@@ -145,7 +181,14 @@ cdef class Message:
         self.group.extend(self.receipt, seconds)
 
     def reject(self, str reason not None="rejected"):
-        """Move the message to the dead-letter queue now, with reason."""
+        """Move the message to the dead-letter queue now, with reason.
+
+        The reason is stored as x-reason, cut to 1,000 bytes of UTF-8.
+        Raises ValueError for a reason that UTF-8 cannot encode. If the
+        move fails, raises its error (QueueFull for a full DLQ, say) and
+        leaves this delivery in flight, with its receipt and deadline, so
+        it can be rejected again, nacked or acked.
+        """
         self.group.reject(self.receipt, reason)
 
     def __repr__(self):
@@ -273,13 +316,42 @@ cdef int compare_u64(const void *left, const void *right) noexcept nogil:
     return (a > b) - (a < b)
 
 
-cdef int check_put_timeout(object timeout) except -1:
+cpdef int check_timeout(object timeout) except -1:
+    """Raise for a timeout of put or get that is not None or 0 to 1e9 s."""
     if type(timeout) is bool or not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout must be a number of seconds or None, not "
                         f"{timeout!r}")
     if not 0 <= timeout < 1e9:
         raise ValueError(f"timeout is {timeout} seconds; it must be from 0 "
                          f"to 1e9, or None to wait without a limit")
+    return 0
+
+
+cdef uint64_t as_receipt(object receipt) except? 0:
+    """Return receipt as a u64; raise TypeError or OverflowError naming it
+    (as the clients do) for a value that cannot be one."""
+    if type(receipt) is not int:
+        if type(receipt) is bool or not hasattr(type(receipt), "__index__"):
+            raise TypeError(
+                f"receipt must be an int, not {type(receipt).__name__}")
+        # An integer type such as numpy.uint64, from a MessageBatch.
+        receipt = receipt.__index__()
+    if not 0 <= receipt <= 0xFFFFFFFFFFFFFFFF:
+        raise OverflowError(f"receipt {receipt} is out of range; a receipt "
+                            f"is from 0 to 2**64 - 1")
+    return <uint64_t>receipt
+
+
+cdef int check_reason(str reason) except -1:
+    """Raise ValueError for a reject reason that UTF-8 cannot encode."""
+    try:
+        reason.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # Only a lone surrogate has no UTF-8 form.
+        raise ValueError(
+            f"reason cannot be encoded as UTF-8: character "
+            f"{reason[exc.start]!r} at index {exc.start} is a lone "
+            f"surrogate; pass valid text") from None
     return 0
 
 
@@ -301,6 +373,7 @@ cdef class StreamBase:
     def __cinit__(self, SegmentStore store not None, str name not None):
         self.store = store
         self.name = name
+        self.dead_letter = name.endswith(".dlq")
         self.max_length = -1
         self.max_bytes = -1
         self.put_lock = pymq_mutex_new()
@@ -310,6 +383,12 @@ cdef class StreamBase:
     def __dealloc__(self):
         if self.put_lock != NULL:
             pymq_mutex_free(self.put_lock)
+
+    cdef int raise_closed(self) except -1:
+        """Raise ClosedError naming the queue or stream, not its store."""
+        raise ClosedError(
+            f"{'stream' if self.queue_group is None else 'queue'} {self.name} "
+            f"is closed")
 
     cdef int published(self) except -1:
         if self.waiters > 0 and self.wake is not None:
@@ -379,9 +458,12 @@ cdef class StreamBase:
     def put(self, body, *, dict headers=None, timeout=None):
         """Append one message and return its offset.
 
-        Raises MessageTooLargeError, before writing, for a body (with its
-        headers) larger than max_message_bytes; QueueFull at a limit with
-        overflow "reject", or once timeout seconds pass with "block".
+        Raises ValueError for a reserved header name (RESERVED_HEADERS),
+        unless this is a dead-letter queue, and MessageTooLargeError,
+        before writing, for a body (with its headers) larger than
+        max_message_bytes. At a limit, raises QueueFull with overflow
+        "reject" (timeout is then not used), or with "block" once timeout
+        seconds pass without room.
         """
         cdef BodyRef ref
         cdef uint64_t first, written
@@ -389,9 +471,12 @@ cdef class StreamBase:
         cdef bint limited = self.max_length >= 0 or self.max_bytes >= 0
 
         if timeout is not None:
-            check_put_timeout(timeout)
+            check_timeout(timeout)
+        if self.store.closed:
+            self.raise_closed()
         if headers:
-            body = encode_headers(headers) + memoryview(body).tobytes()
+            body = (encode_headers(headers, self.dead_letter) +
+                    memoryview(body).tobytes())
             flags = REC_FLAG_HEADERS
         elif type(body) is not bytes:
             if not limited:
@@ -426,15 +511,26 @@ cdef class StreamBase:
         of it: either every message is written or none.
         """
         cdef uint64_t first, written
-        cdef list items = bodies if type(bodies) is list else list(bodies)
+        cdef list items
         cdef bint limited = self.max_length >= 0 or self.max_bytes >= 0
         cdef size_t size = 0
         cdef uint32_t flags = 0
 
+        if type(bodies) is list:
+            items = bodies
+        elif isinstance(bodies, (bytes, bytearray, memoryview, str)):
+            raise TypeError(
+                f"bodies must be an iterable of bytes-like objects (a list of "
+                f"bytes, say), not {type(bodies).__name__}; use put() for one "
+                f"message")
+        else:
+            items = list(bodies)
         if timeout is not None:
-            check_put_timeout(timeout)
+            check_timeout(timeout)
+        if self.store.closed:
+            self.raise_closed()
         if headers:
-            block = encode_headers(headers)
+            block = encode_headers(headers, self.dead_letter)
             items = [block + memoryview(body).tobytes() for body in items]
             flags = REC_FLAG_HEADERS
         if not limited:
@@ -514,7 +610,7 @@ cdef class StreamBase:
 
         headers = dict(headers)
         headers["x-for-group"] = group
-        body = encode_headers(headers) + memoryview(body).tobytes()
+        body = encode_headers(headers, True) + memoryview(body).tobytes()
         first = self.store.append(body, flags=REC_FLAG_HEADERS | REC_FLAG_TARGETED)
         self.published()
         return first
@@ -558,7 +654,7 @@ cdef class GroupBase:
         take_lock(self.lock)
         if self.closed:
             pymq_lock_unlock(self.lock)
-            raise ClosedError(f"group of stream {self.stream.name} is closed")
+            raise ClosedError(f"{consumer_label(self)} is closed")
         return 0
 
     @cython.final
@@ -920,7 +1016,7 @@ cdef class GroupBase:
         cdef uint32_t flags
 
         if not store.segments:
-            raise ClosedError(f"stream {self.stream.name} is closed")
+            raise ClosedError(f"{consumer_label(self)} is closed")
         if ring.low < (<Segment>store.segments[0]).base:
             # Retention deleted records this group had not settled: resume
             # at the oldest kept one, and count what was passed over.
@@ -1109,7 +1205,6 @@ cdef class GroupBase:
         cdef list due
         cdef uint64_t offset
         cdef int64_t now
-        cdef object error
 
         if settled and self.stream.waiters > 0:
             # A settled delivery frees room under max_in_flight, and a
@@ -1131,65 +1226,29 @@ cdef class GroupBase:
             self.dead_due = []
             self.release()
             for i, (offset, attempt, reason) in enumerate(due):
-                # Journaled first, so a crash between the DLQ's put and the
-                # DEAD record below cannot leave the message in both places.
-                error = None
-                self.acquire()
                 try:
-                    self.write_journal(JOURNAL_MOVING, &offset, NULL, 1)
-                    self.moving.add(offset)
+                    self.begin_move(offset)
                 except OSError as exc:
-                    error = exc
-                finally:
-                    self.release()
-                if error is None and self.journal.policy == FSYNC_ALWAYS:
-                    try:
-                        self.journal.sync_to(self.journal_written)
-                    except OSError as exc:
-                        # A restart that finds the MOVING record looks for
-                        # the message in the DLQ, and finds it missing.
-                        self.moving.discard(offset)
-                        error = exc
-                if error is not None:
                     # Not moved: the message and those after it are
                     # available here again, and move at their next failure.
                     self.log_journal_error(
-                        "recording a move to the dead-letter queue", error)
+                        "recording a move to the dead-letter queue", exc)
                     self.restore_due(due[i:])
                     break
                 try:
-                    moved = self.on_dead(self, offset, attempt, reason)
+                    self.on_dead(self, offset, attempt, reason)
+                except Exception:
+                    # The move failed (on_dead logs and counts it): the
+                    # message stays here and is tried again at its next
+                    # delivery.
+                    self.moving.discard(offset)
+                    self.restore_due(due[i:i + 1])
+                    continue
                 except BaseException:
                     self.moving.discard(offset)
                     self.restore_due(due[i:])
                     raise
-                if not moved:
-                    # The move failed (and was logged): the message stays
-                    # here and is tried again at its next delivery.
-                    self.moving.discard(offset)
-                    self.restore_due(due[i:i + 1])
-                    continue
-                self.acquire()
-                try:
-                    try:
-                        self.write_journal(JOURNAL_DEAD, &offset, NULL, 1)
-                    except OSError as exc:
-                        # The message is in the DLQ: settled here all the
-                        # same. Its MOVING record stays (checkpoints repeat
-                        # it), so a restart finds it in the DLQ, and the
-                        # DEAD record is tried again at the next call.
-                        self.unrecorded_dead.add(offset)
-                        error = exc
-                    else:
-                        self.moving.discard(offset)
-                    self.ring.settle(offset)
-                    self.dead_lettered += 1
-                    self.dead_pending -= 1
-                finally:
-                    self.release()
-                if error is not None:
-                    self.log_journal_error(
-                        "recording a move to the dead-letter queue", error)
+                self.end_move(offset)
             if self.journal.policy == FSYNC_ALWAYS:
                 try:
                     self.journal.sync_to(self.journal_written)
@@ -1210,6 +1269,56 @@ cdef class GroupBase:
                 self.try_checkpoint("after a rollover")
             finally:
                 self.release()
+        return 0
+
+    cdef int begin_move(self, uint64_t offset) except -1:
+        """Journal that the move of offset to the DLQ begins; raise OSError
+        when the record cannot be written (or synced, under "always").
+
+        Journaled first, so a crash between the DLQ's put and the DEAD
+        record of end_move() cannot leave the message in both places.
+        """
+        self.acquire()
+        try:
+            self.write_journal(JOURNAL_MOVING, &offset, NULL, 1)
+            self.moving.add(offset)
+        finally:
+            self.release()
+        if self.journal.policy == FSYNC_ALWAYS:
+            try:
+                self.journal.sync_to(self.journal_written)
+            except OSError:
+                # A restart that finds the MOVING record looks for the
+                # message in the DLQ, and finds it missing.
+                self.moving.discard(offset)
+                raise
+        return 0
+
+    cdef int end_move(self, uint64_t offset) except -1:
+        """Settle offset, which on_dead put in the DLQ, and journal it."""
+        cdef object error = None
+
+        self.acquire()
+        try:
+            try:
+                self.write_journal(JOURNAL_DEAD, &offset, NULL, 1)
+            except OSError as exc:
+                # The message is in the DLQ: settled here all the same. Its
+                # MOVING record stays (checkpoints repeat it), so a restart
+                # finds it in the DLQ, and the DEAD record is tried again at
+                # the next call.
+                self.unrecorded_dead.add(offset)
+                error = exc
+            else:
+                self.moving.discard(offset)
+            self.ring.settle(offset)
+            self.dead_lettered += 1
+            self.dead_pending -= 1
+        finally:
+            self.release()
+        if error is not None:
+            self.log_journal_error(
+                "recording a move to the dead-letter queue", error)
         return 0
 
     cdef int skip_below(self, uint64_t offset) except -1:
@@ -1266,8 +1375,13 @@ cdef class GroupBase:
         Returns None when the timeout passes first; timeout=None waits until a
         message arrives. Thread-safe: each message goes to one caller at a time.
         """
-        cdef Message message = self.take_now()
+        cdef Message message
 
+        if timeout is not None:
+            # Checked first, so a bad timeout raises whether or not a
+            # message is available.
+            check_timeout(timeout)
+        message = self.take_now()
         if message is not None or (timeout is not None and timeout == 0):
             return message
         # The subclass waits (pymq.queue._Consumer._wait), off the fast path.
@@ -1577,9 +1691,9 @@ cdef class GroupBase:
                 f"delivery that expired or was already settled")
         return offset
 
-    def ack(self, uint64_t receipt):
+    def ack(self, receipt):
         """Settle the delivery named by receipt."""
-        self.ack_receipt(receipt)
+        self.ack_receipt(as_receipt(receipt))
 
     @cython.final
     cdef int ack_receipt(self, uint64_t receipt) except -1:
@@ -1643,7 +1757,14 @@ cdef class GroupBase:
                                 f"not by this one, {consumer_label(self)}")
                         receipts[i] = (<Message>item).receipt
                     else:
-                        receipts[i] = item
+                        try:
+                            receipts[i] = as_receipt(item)
+                        except TypeError:
+                            raise TypeError(
+                                f"ack_many takes Messages delivered by "
+                                f"{consumer_label(self)}, receipts (int) or a "
+                                f"MessageBatch; item {i} is a "
+                                f"{type(item).__name__}") from None
             # Without the key a receipt is its offset and attempt, so the
             # receipts of one get_many come in rising order and the sort
             # that finds duplicates is only needed for other batches. XOR
@@ -1676,37 +1797,37 @@ cdef class GroupBase:
             PyMem_Free(offsets)
         self.finish(True)
 
-    def nack(self, uint64_t receipt, double delay=0.0):
+    def nack(self, receipt, double delay=0.0):
         """Give a delivery back, for redelivery after delay seconds.
 
         A delivery whose attempt reached max_deliveries goes to the
         dead-letter queue instead. A nack's delay is not journaled: after
         a restart the message is available at once.
         """
-        cdef uint64_t offset
+        cdef uint64_t offset, value = as_receipt(receipt)
         cdef int64_t now = self.now()
 
         check_delay("delay", delay)
         self.acquire()
         try:
             self.expire(now)
-            offset = self.check_receipt(receipt)
+            offset = self.check_receipt(value)
             self.fail(offset, now + <int64_t>(delay * NS_PER_SECOND), "nack",
                       False)
         finally:
             self.release()
         self.finish(True)
 
-    def extend(self, uint64_t receipt, double seconds):
+    def extend(self, receipt, double seconds):
         """Set the deadline of a delivery to now plus seconds."""
-        cdef uint64_t offset
+        cdef uint64_t offset, value = as_receipt(receipt)
         cdef int64_t now = self.now()
 
         check_delay("seconds", seconds)
         self.acquire()
         try:
             self.expire(now)
-            offset = self.check_receipt(receipt)
+            offset = self.check_receipt(value)
             self.ring.set_deadline(
                 offset, now + <int64_t>(seconds * NS_PER_SECOND))
         finally:
@@ -1714,18 +1835,56 @@ cdef class GroupBase:
         # expire() may have queued dead letters for finish() to move.
         self.finish(False)
 
-    def reject(self, uint64_t receipt, str reason not None="rejected"):
-        """Move a delivery's message to the dead-letter queue now."""
-        cdef uint64_t offset
-        cdef int64_t now = self.now()
+    def reject(self, receipt, str reason not None="rejected"):
+        """Move a delivery's message to the dead-letter queue now.
 
+        Raises ValueError, changing nothing, for a reason that cannot be
+        encoded as UTF-8. If the move fails (the DLQ is full, say), raises
+        its error and leaves the delivery as it was: in flight, with the
+        same receipt and deadline, so it can be rejected again, nacked or
+        acked. A message of a dead-letter queue, which has no DLQ of its
+        own, is made available again in that queue instead.
+        """
+        cdef uint64_t offset, value = as_receipt(receipt)
+        cdef int64_t now = self.now()
+        cdef int64_t deadline
+        cdef uint32_t attempt
+        cdef Slot *slot
+
+        check_reason(reason)
         self.acquire()
         try:
             self.expire(now)
-            offset = self.check_receipt(receipt)
-            self.fail(offset, now, reason, True)
+            offset = self.check_receipt(value)
+            if self.on_dead is None:
+                self.fail(offset, now, reason, True)
+            else:
+                slot = self.ring.slot(offset)
+                attempt = slot.attempt
+                deadline = slot.time
+                # As fail() does for a move queued in dead_due: no consumer
+                # holds the slot while it moves, and it never expires.
+                self.ring.set_deadline(offset, FOREVER)
+                self.dead_pending += 1
         finally:
             self.release()
+        if self.on_dead is not None:
+            try:
+                self.begin_move(offset)
+                try:
+                    self.on_dead(self, offset, attempt, reason)
+                except BaseException:
+                    self.moving.discard(offset)
+                    raise
+            except BaseException:
+                self.acquire()
+                try:
+                    self.ring.set_deadline(offset, deadline)
+                    self.dead_pending -= 1
+                finally:
+                    self.release()
+                raise
+            self.end_move(offset)
         self.finish(True)
 
     # State ---------------------------------------------------------------

@@ -183,7 +183,9 @@ def encode_publish(uint32_t request_id, uint32_t handle, list bodies,
     cdef const uint8_t[::1] view
 
     if headers:
-        block = encode_headers(headers)
+        # The server checks the reserved names: only it knows whether the
+        # target is a dead-letter queue, which takes them.
+        block = encode_headers(headers, True)
         flags = BATCH_HEADERS
     block_size = PyBytes_GET_SIZE(block)
     for i in range(count):
@@ -270,6 +272,7 @@ cdef uint64_t publish_batch(StreamBase stream, bytes payload,
     cdef BodyRef *refs
     cdef uint64_t first
     cdef size_t used
+    cdef dict headers
 
     if size < PUBLISH_HEAD_BYTES:
         raise ProtocolError(f"publish payload is {size} bytes; its head "
@@ -314,11 +317,20 @@ cdef uint64_t publish_batch(StreamBase stream, bytes payload,
                 # every get that reaches it: check each one before writing.
                 try:
                     used = 0
-                    decode_headers(p + pos, length, &used)
+                    headers = decode_headers(p + pos, length, &used)
                 except (ValueError, UnicodeDecodeError) as exc:
                     raise ValueError(
                         f"publish record {i} has an invalid header block "
                         f"({exc}); nothing was written") from None
+                # The reserved names are checked here, where the target is
+                # known, rather than by the client, as put does.
+                if not stream.dead_letter:
+                    try:
+                        for key in headers:
+                            check_user_header(key)
+                    except ValueError as exc:
+                        raise ValueError(f"publish record {i}: {exc}; nothing "
+                                         f"was written") from None
             pos += length
         if pos != size:
             raise ProtocolError(f"publish batch has {size - pos} bytes past "
@@ -728,7 +740,8 @@ cdef bytes encode_delivery_frame(uint16_t flags, uint32_t request_id,
     for i in range(count):
         message = <Message>messages[i]
         if message.header_map:
-            block = encode_headers(message.header_map)
+            # A DLQ's messages carry the headers of their move.
+            block = encode_headers(message.header_map, True)
             blocks[i] = block
             total += PyBytes_GET_SIZE(block)
         total += DELIVERY_HEAD_BYTES + PyBytes_GET_SIZE(message.body)

@@ -8,6 +8,7 @@ from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_FromStringAndSize,
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.string cimport memcpy
+from posix.unistd cimport close as close_fd
 
 import fcntl
 from errno import EIO as errno_EIO
@@ -162,8 +163,9 @@ cdef class DirectoryLock:
         self.fd = fd
 
     def __dealloc__(self):
+        # libc's close: at interpreter exit the os module may be gone.
         if self.fd >= 0:
-            os.close(self.fd)
+            close_fd(self.fd)
 
     cpdef release(self):
         """Release the lock; calling it again does nothing."""

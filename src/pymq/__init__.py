@@ -5,7 +5,10 @@ from types import ModuleType
 
 from pymq._core import Message, MessageBatch
 from pymq._version import __version__
-from pymq.broker import Broker, open
+from pymq.broker import Broker
+
+# Not in __all__: a star import would hide the built-in open().
+from pymq.broker import open as open
 from pymq.client import RemoteBroker, connect
 from pymq.errors import (
     AuthenticationError,
@@ -61,7 +64,6 @@ __all__ = [
     "Stream",
     "__version__",
     "connect",
-    "open",
     "open_store",
 ]
 

@@ -15,7 +15,12 @@ MIN_SEGMENT_BYTES: Final[int]
 RECORD_HEADER_BYTES: Final[int]
 CRC32C_IMPLEMENTATION: Final[str]
 
+RESERVED_HEADERS: Final[frozenset[str]]
+
 FsyncPolicy = Literal["never", "interval", "always"]
+# A stored record: (offset, timestamp in ns since the epoch, flags, body).
+# flags has bit 0 set when body starts with a header block, and bit 1 when
+# the record is for one group of its stream only (x-for-group).
 Record = tuple[int, int, int, bytes]
 
 def crc32c(data: Buffer, crc: int = 0) -> int: ...
@@ -24,6 +29,7 @@ def check_store_options(
     segment_bytes: int, max_message_bytes: int | None, fsync: str
 ) -> int: ...
 def crc32c_portable(data: Buffer, crc: int = 0) -> int: ...
+def check_timeout(timeout: object) -> int: ...
 
 class DirectoryLock:
     path: Final[str]
@@ -148,6 +154,7 @@ class MessageBatch:
 class StreamBase:
     store: Final[SegmentStore]
     name: Final[str]
+    dead_letter: Final[bool]
     waiters: int
     wake: Callable[[], object] | None
     queue_group: GroupBase | None

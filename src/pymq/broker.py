@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from pymq._core import (
     RECORD_HEADER_BYTES,
+    RESERVED_HEADERS,
     DirectoryLock,
     GroupBase,
     Message,
@@ -44,17 +45,20 @@ from pymq.storage import (
     open_store,
 )
 
-__all__ = ["Broker", "open"]
+# open is left out, so that a star import keeps the built-in open().
+__all__ = ["Broker"]
 
 logger = logging.getLogger(__name__)
 
-# A failing dead-letter move logs at most one error per this many seconds.
+# A failing dead-letter move logs at most one error per this many seconds,
+# with the number of failures since the last one.
 _ERROR_LOG_SECONDS: Final = 10.0
 # A DLQ takes records this much larger than max_message_bytes, so that a
 # message of the largest size still fits with the x- headers a move adds.
 DLQ_HEADROOM_BYTES: Final = 4096
-# Longest x-reason a move writes; a longer reason is cut to this and "...".
-MAX_REASON_CHARS: Final = 1000
+# Maximum size of the x-reason a move writes, in bytes of UTF-8. A longer
+# reason is cut to this (at a character boundary) and "..." is appended.
+MAX_REASON_BYTES: Final = 1000
 # Journals hold small records; compaction runs when one rolls over.
 JOURNAL_SEGMENT_BYTES: Final = 4 * 1024 * 1024
 # Segments of a broker without a path, which live in memory.
@@ -65,15 +69,8 @@ _RESUME_SCAN: Final = 10_000
 # The end of redrive's error for a message with nowhere to go back to. The
 # CLI, whose option is --to, replaces it.
 REDRIVE_TO_ADVICE: Final = "pass to= a queue"
-DEAD_LETTER_HEADERS: Final = (
-    "x-for-group",
-    "x-source",
-    "x-group",
-    "x-offset",
-    "x-attempts",
-    "x-reason",
-    "x-dead-at",
-)
+# The headers a move to the DLQ writes, and x-for-group: put rejects them.
+DEAD_LETTER_HEADERS: Final = RESERVED_HEADERS
 GROUP_DEFAULTS: Final[dict[str, Any]] = {
     "visibility_timeout": 30.0,
     "max_deliveries": 5,
@@ -140,12 +137,141 @@ def _check_options(
 
 # Folders of brokers without a path that are still open.
 _TEMPORARY_FOLDERS: set[str] = set()
+MEMORY_FOLDER_PREFIX: Final = "pymq-memory-"
+# The file in the folder of a broker without a path that contains the PID of
+# its process, so that a later open can find the folders of dead processes.
+MEMORY_OWNER_FILE: Final = "OWNER"
 
 
 @atexit.register
 def _remove_temporary_folders() -> None:
     for path in list(_TEMPORARY_FOLDERS):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _dlq_store_options(
+    segment_bytes: int, max_message_bytes: int | None, fsync: str
+) -> dict[str, int]:
+    """Return segment_bytes and max_message_bytes for the stores of DLQs.
+
+    A DLQ takes records DLQ_HEADROOM_BYTES larger than max_message_bytes,
+    so that a message of the largest size moves with the headers that the
+    move adds. Its segments grow by as much when they would be too small.
+    Raises ConfigError when max_message_bytes is below 1, or when such a
+    segment would be larger than the store allows.
+    """
+    limit = check_store_options(segment_bytes, max_message_bytes, fsync)
+    if limit < 1:
+        raise ConfigError(
+            f"max_message_bytes is {limit}; it must be from 1 to "
+            f"{segment_bytes - RECORD_HEADER_BYTES} (segment_bytes minus the "
+            f"{RECORD_HEADER_BYTES}-byte record header)"
+        )
+    dlq_limit = limit + DLQ_HEADROOM_BYTES
+    dlq_segment_bytes = segment_bytes
+    if dlq_limit > segment_bytes - RECORD_HEADER_BYTES:
+        # Both are multiples of 8, so the sum is a valid segment size.
+        dlq_segment_bytes = segment_bytes + DLQ_HEADROOM_BYTES
+    try:
+        check_store_options(dlq_segment_bytes, dlq_limit, fsync)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"max_message_bytes is {limit}, too large for a dead-letter queue: "
+            f"its records take {DLQ_HEADROOM_BYTES} bytes more, for the headers "
+            f"of a move, and a segment of {dlq_segment_bytes} bytes for them is "
+            f"rejected ({exc}). Use a smaller max_message_bytes."
+        ) from None
+    return {"segment_bytes": dlq_segment_bytes, "max_message_bytes": dlq_limit}
+
+
+def _memory_parent() -> str | None:
+    """Return /dev/shm when it is writable, else None (the temp folder)."""
+    shm = "/dev/shm"
+    return shm if os.access(shm, os.W_OK) else None
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # The process exists but belongs to another user.
+        return True
+    return True
+
+
+def _remove_stale_memory_folders(parent: str) -> list[str]:
+    """Delete the folders that brokers without a path left in parent when
+    their process was killed, and return their paths.
+
+    Only folders named pymq-memory-* that contain the OWNER file pymq
+    writes are candidates. One is deleted only when the PID in that file
+    names no running process and no broker holds the folder's lock.
+    """
+    removed: list[str] = []
+    try:
+        with os.scandir(parent) as scan:
+            candidates = [
+                entry.path
+                for entry in scan
+                if entry.name.startswith(MEMORY_FOLDER_PREFIX)
+                and entry.is_dir(follow_symlinks=False)
+            ]
+    except OSError:
+        return removed
+    for folder in candidates:
+        try:
+            text = Path(folder, MEMORY_OWNER_FILE).read_text().strip()
+        except OSError:
+            continue
+        if not text.isdigit() or not 0 < int(text) < 1 << 31:
+            continue
+        pid = int(text)
+        if _process_exists(pid):
+            continue
+        try:
+            lock = DirectoryLock(folder)
+        except (PymqError, OSError):
+            # A live broker has it locked (its PID is from another PID
+            # namespace, for example), or another open is removing it.
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            lock.release()
+        logger.info(
+            "removed %s, left by a broker without a path in process %d, which is gone",
+            folder,
+            pid,
+        )
+        removed.append(folder)
+    return removed
+
+
+def _check_not_nested(path: Path) -> None:
+    """Raise ConfigError if path lies inside another broker's data directory.
+
+    A data directory is a folder with a LOCK file and a streams folder.
+    Opening a folder inside one would add a LOCK and queues to its streams
+    or groups, which the outer broker then reads as its own.
+    """
+    for parent in path.resolve().parents:
+        if (parent / "LOCK").is_file() and (parent / "streams").is_dir():
+            raise ConfigError(
+                f"data directory {path} is inside the data directory {parent} "
+                f"of another broker; give a folder outside it"
+            )
+
+
+def _cut_reason(reason: str) -> str:
+    """Return reason, or its first MAX_REASON_BYTES bytes of UTF-8 (at a
+    character boundary) and "..." when it is longer."""
+    encoded = reason.encode("utf-8")
+    if len(encoded) <= MAX_REASON_BYTES:
+        return reason
+    # "ignore" drops only the character that the cut split.
+    return encoded[:MAX_REASON_BYTES].decode("utf-8", "ignore") + "..."
 
 
 def _check_case(folder: Path, name: str, kind: str) -> None:
@@ -156,11 +282,19 @@ def _check_case(folder: Path, name: str, kind: str) -> None:
     and a data directory may be copied to one, so they are rejected on all.
     """
     try:
-        entries = os.listdir(folder)
+        with os.scandir(folder) as scan:
+            # Files are not queues, streams or groups. One may be a LOCK that
+            # an older version left when it opened a broker inside this one.
+            entries = [entry.name for entry in scan if entry.is_dir()]
     except FileNotFoundError:
         return
     if name in entries:
         return
+    if os.path.lexists(folder / name):
+        raise ConfigError(
+            f"{kind} {name} cannot be created: {folder / name} exists and is "
+            f"not a folder"
+        )
     lowered = name.lower()
     for entry in entries:
         if entry.lower() == lowered:
@@ -261,15 +395,21 @@ class Broker:
 
         # Every option is checked before a file is created.
         check_options(segment_bytes, max_message_bytes, fsync, flush_interval)
+        dlq_options = _dlq_store_options(segment_bytes, max_message_bytes, fsync)
 
         if path is None:
-            shm = "/dev/shm"
-            parent = shm if os.access(shm, os.W_OK) else None
-            path = tempfile.mkdtemp(prefix="pymq-memory-", dir=parent)
-            # Removed at exit too, if close() was never called. NOTE: a
-            # process killed by a signal leaves the folder behind.
+            parent = _memory_parent()
+            _remove_stale_memory_folders(parent or tempfile.gettempdir())
+            path = tempfile.mkdtemp(prefix=MEMORY_FOLDER_PREFIX, dir=parent)
+            # Removed at exit too, if close() was never called. A process
+            # killed by a signal leaves the folder, which the OWNER file lets
+            # a later open in another process find and remove.
             _TEMPORARY_FOLDERS.add(path)
+            # Written before the lock is taken: without the file, the folder
+            # is no candidate for removal.
+            Path(path, MEMORY_OWNER_FILE).write_text(f"{os.getpid()}\n")
         self.path = Path(path).absolute()
+        _check_not_nested(self.path)
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(
                 errno.ENOTDIR, f"data directory {self.path} is not a directory"
@@ -283,6 +423,7 @@ class Broker:
             "max_message_bytes": max_message_bytes,
             "flush_interval": flush_interval,
         }
+        self._dlq_store_options = {**self._store_options, **dlq_options}
         self._journal_bytes = (
             JOURNAL_SEGMENT_BYTES
             if segment_bytes >= JOURNAL_SEGMENT_BYTES
@@ -325,7 +466,7 @@ class Broker:
             _write_durably(marker, kind)
         options = self._store_options
         if name.endswith(".dlq"):
-            options = dict(options, max_message_bytes=self._dlq_max_message_bytes())
+            options = self._dlq_store_options
         store = open_store(folder / "log", **options)
         core = StreamBase(store, name)
         ready = threading.Condition()
@@ -340,15 +481,6 @@ class Broker:
         core.wake = wake
         self._streams[name] = (core, ready, kind)
         return core, ready
-
-    def _dlq_max_message_bytes(self) -> int:
-        """Return the largest record a DLQ takes: DLQ_HEADROOM_BYTES above
-        max_message_bytes, unless the segment is too small for that."""
-        segment_bytes = self._store_options["segment_bytes"]
-        limit = check_store_options(
-            segment_bytes, self._store_options["max_message_bytes"], "never"
-        )
-        return int(min(limit + DLQ_HEADROOM_BYTES, segment_bytes - RECORD_HEADER_BYTES))
 
     def _listen(self, stream: str, listener: Callable[[], object]) -> None:
         """Call listener after each put or settlement on stream with waiters.
@@ -380,6 +512,10 @@ class Broker:
           records on disk): unlimited by default.
         - overflow: "reject" (default) raises QueueFull at a limit, "block"
           waits for room.
+
+        A name ending in ".dlq" opens a dead-letter queue, and may be up to
+        255 characters long, as a DLQ's name derived from a long source name
+        may be.
         """
         check_queue_name(name)
         return self._open_queue(name, options)
@@ -476,6 +612,18 @@ class Broker:
         with ready:
             ready.notify_all()
         core.store.close()
+
+    def _close_group(self, group: Group) -> None:
+        with self._mutex:
+            key = (group.stream_name, group.name)
+            if self._groups.get(key) is not group:
+                return
+            del self._groups[key]
+            ready = self._streams[group.stream_name][1]
+        GroupBase.close(group)
+        # Threads blocked in this group's get() raise ClosedError now.
+        with ready:
+            ready.notify_all()
 
     def _apply(self, consumer: GroupBase, options: dict[str, Any]) -> None:
         """Set changed options on an open queue or group.
@@ -711,29 +859,42 @@ class Broker:
         dlq_name = consumer.dlq_name
         store = consumer.stream.store
 
-        last_error = [-_ERROR_LOG_SECONDS]
+        # When the last error was logged, and the failures not yet logged.
+        last_log = [-_ERROR_LOG_SECONDS]
+        unlogged = [0]
 
         def dead_letter(
             core: GroupBase, offset: int, attempt: int, reason: str
-        ) -> bool:
+        ) -> None:
             try:
                 move(offset, attempt, reason)
             except Exception as exc:
-                # The message stays where it is and the move is tried again
-                # at its next delivery. The error is logged at most every
-                # _ERROR_LOG_SECONDS.
+                # The core keeps the message where it is: a failed reject
+                # raises this error, and a move after max_deliveries is
+                # tried again at the message's next delivery, which may come
+                # at every get. So every failure is counted, and logged at
+                # most every _ERROR_LOG_SECONDS with the count.
                 now = time.monotonic()
-                if now - last_error[0] >= _ERROR_LOG_SECONDS:
-                    last_error[0] = now
-                    logger.error(
-                        "moving message %d of %s to %s failed: %s",
-                        offset,
-                        source,
-                        dlq_name,
-                        exc,
+                if now - last_log[0] < _ERROR_LOG_SECONDS:
+                    unlogged[0] += 1
+                    raise
+                last_log[0] = now
+                more = ""
+                if unlogged[0]:
+                    more = (
+                        f" ({unlogged[0]} more moves from {source} failed since "
+                        f"the last of these errors was logged)"
                     )
-                return False
-            return True
+                    unlogged[0] = 0
+                logger.error(
+                    "moving message %d of %s to %s failed: %s%s",
+                    offset,
+                    source,
+                    dlq_name,
+                    exc,
+                    more,
+                )
+                raise
 
         def move(offset: int, attempt: int, reason: str) -> None:
             try:
@@ -748,8 +909,7 @@ class Broker:
                 )
                 return
             headers, payload = split_body(flags, body)
-            if len(reason) > MAX_REASON_CHARS:
-                reason = reason[:MAX_REASON_CHARS] + "..."
+            reason = _cut_reason(reason)
             # x-for-group routes a redriven record to its group, which never
             # receives the header, so the DLQ message does not carry it either.
             headers.pop("x-for-group", None)
@@ -802,6 +962,12 @@ class Broker:
         target = None
         if to is not None:
             check_name("queue", to)
+            if to == dlq_name:
+                raise ConfigError(
+                    f"to= names the dead-letter queue {dlq_name} itself; pass "
+                    f"another queue, or no to= to move each message back to "
+                    f"its source"
+                )
             # A mistyped to= must not create a queue that no consumer reads.
             if not self._kind_of(to)[0]:
                 raise QueueNotFound(
@@ -973,11 +1139,17 @@ def open(
     fsync is "interval" (the default), "always" or "never"; see
     pymq.open_store for what each survives. segment_bytes defaults to 64 MiB.
 
-    With no path the broker lives in a temporary folder in memory (/dev/shm
-    where it exists), which close() or the end of the process removes. Its
-    segments default to 1 MiB, and because memory cannot be synced, an fsync
-    other than "never" raises ConfigError.
-    Raises BrokerLockedError when another broker owns the directory.
+    With no path the broker lives in a temporary folder in memory,
+    /dev/shm/pymq-memory-XXXXXXXX (in the temporary folder when /dev/shm
+    is not writable), which close() or the normal end of the process
+    removes. Its segments default to 1 MiB, and because memory cannot be
+    synced, an fsync other than "never" raises ConfigError. A process
+    killed by a signal (SIGKILL, or SIGTERM unless the application handles
+    it) leaves the folder behind. The next open without a path, in any
+    process, removes such folders whose process is gone.
+
+    Raises BrokerLockedError when another broker owns the directory, and
+    ConfigError for a path inside another broker's data directory.
     """
     return Broker(
         path,

@@ -55,7 +55,10 @@ class MessageTooLargeError(PymqError, ValueError):
 
 
 class QueueEmpty(PymqError):
-    """A non-blocking get found no message available."""
+    """Not raised by pymq: a get that finds no message returns None.
+
+    Kept so that code which catches it still imports.
+    """
 
 
 class QueueFull(PymqError):

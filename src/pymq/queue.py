@@ -9,16 +9,76 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from pymq._core import GroupBase, Message, MessageBatch, SegmentStore, StreamBase
+from pymq._core import (
+    GroupBase,
+    Message,
+    MessageBatch,
+    SegmentStore,
+    StreamBase,
+    check_timeout,
+)
 from pymq.types import QueueStats
 
 if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
     from pymq.broker import Broker
 
 __all__ = ["Group", "Message", "MessageBatch", "Queue", "Stream"]
+
+
+class _Publisher:
+    """The put and put_many methods of queues and streams, run by the core.
+
+    Each instance binds the core's methods in its own __dict__, which a
+    lookup finds before these, so a put is one call into compiled code.
+    These methods document that call, and run it when called on the class.
+    """
+
+    def _bind_core_put(self, core: StreamBase) -> None:
+        self.__dict__["put"] = core.put
+        self.__dict__["put_many"] = core.put_many
+
+    def put(
+        self,
+        body: Buffer,
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Append one message and return its offset.
+
+        headers maps str names to str values. Raises ValueError, writing
+        nothing, for a reserved name (pymq._core.RESERVED_HEADERS: those of
+        a dead-letter move) or text that UTF-8 cannot encode, and
+        MessageTooLargeError when the body with its header block is larger
+        than max_message_bytes. At a queue's max_length or max_bytes, raises
+        QueueFull with overflow="reject" (timeout is then not used), or waits
+        for room with overflow="block", up to timeout seconds (None: no
+        limit) before it raises QueueFull.
+        """
+        put: Any = self.__dict__["put"]
+        offset: int = put(body, headers=headers, timeout=timeout)
+        return offset
+
+    def put_many(
+        self,
+        bodies: Iterable[Buffer],
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> range:
+        """Append messages in order, each with headers; return their offsets.
+
+        Either every message is written or none: a limit raises or waits
+        for room for all of them, as put does for one.
+        """
+        put_many: Any = self.__dict__["put_many"]
+        offsets: range = put_many(bodies, headers=headers, timeout=timeout)
+        return offsets
 
 
 class _Consumer(GroupBase):
@@ -32,6 +92,8 @@ class _Consumer(GroupBase):
 
     def get_many(self, count: int, timeout: float | None = None) -> list[Message]:
         """Deliver up to count messages; wait up to timeout for the first one."""
+        if timeout is not None:
+            check_timeout(timeout)
         messages = self.get_many_nowait(count)
         if messages or timeout == 0:
             return messages
@@ -44,6 +106,8 @@ class _Consumer(GroupBase):
         Waits up to timeout for the first message, like get_many; settle the
         batch with ack_many(batch).
         """
+        if timeout is not None:
+            check_timeout(timeout)
         batch = self.get_batch_nowait(count)
         if len(batch) or timeout == 0:
             return batch
@@ -56,17 +120,10 @@ class _Consumer(GroupBase):
         return waited if isinstance(waited, MessageBatch) else batch
 
     def _wait(self, timeout: float | None, attempt: Any) -> Any:
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-        ):
-            raise TypeError(
-                f"timeout must be a number of seconds or None, not {timeout!r}"
-            )
-        if timeout is not None and not 0 <= timeout < 1e9:
-            raise ValueError(
-                f"timeout is {timeout} seconds; it must be from 0 to 1e9, or None "
-                f"to wait without a limit"
-            )
+        """Call attempt() until it returns a result, or timeout passes.
+
+        The caller has checked timeout with check_timeout.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         stream = self.stream
         with self._ready:
@@ -132,7 +189,7 @@ class _Consumer(GroupBase):
         raise NotImplementedError
 
 
-class Queue(_Consumer):
+class Queue(_Publisher, _Consumer):
     """A stream with one group, whose segments are deleted once acked.
 
     put and put_many append to the queue; get, get_many, ack, ack_many, nack,
@@ -162,9 +219,7 @@ class Queue(_Consumer):
         self.max_length = max_length
         self.max_bytes = max_bytes
         self.overflow = overflow
-        # Bound methods of the core, so a put is one call into compiled code.
-        self.put = stream.put
-        self.put_many = stream.put_many
+        self._bind_core_put(stream)
 
     @property
     def max_length(self) -> int | None:
@@ -266,11 +321,25 @@ class Group(_Consumer):
         """The name of the dead-letter queue: ``<stream>.<group>.dlq``."""
         return f"{self.stream_name}.{self.name}.dlq"
 
+    def close(self) -> None:
+        """Close this group's journal; the stream stays open.
+
+        Deliveries in flight are available again when the group is opened
+        next, with their attempt counted; stream.group(name) reopens it.
+        """
+        self._broker._close_group(self)
+
+    def __enter__(self) -> Group:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         return f"<Group {self.name!r} of stream {self.stream_name!r}>"
 
 
-class Stream:
+class Stream(_Publisher):
     """An append-only log with any number of consumer groups. Thread-safe."""
 
     def __init__(
@@ -280,8 +349,7 @@ class Stream:
         self._broker = broker
         self._core = core
         self._ready = ready
-        self.put = core.put
-        self.put_many = core.put_many
+        self._bind_core_put(core)
 
     def group(
         self,

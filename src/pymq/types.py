@@ -18,8 +18,9 @@ class QueueStats:
     the broker opened. ``oldest_unacked_age`` is in seconds, None when
     nothing is unsettled. ``damaged`` counts records of the stream lost to
     damage (a failed CRC, or a header block that cannot be parsed), since
-    the broker opened; ``skipped`` counts offsets this group passed over
-    because they had no readable record.
+    the broker opened; ``skipped`` counts offsets this group passed over,
+    because they had no readable record (damage, or a gap) or because
+    stream retention deleted them before this group settled them.
     """
 
     name: str
