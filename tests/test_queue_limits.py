@@ -125,10 +125,17 @@ def test_full_dlq_with_block_does_not_stall_source(broker: pymq.Broker) -> None:
     jobs = broker.queue("jobs", max_deliveries=1)
     jobs.put_many([b"1", b"2"])
     jobs.get_nowait().reject("first")
+    second = jobs.get_nowait()
+    assert second is not None
     started = time.monotonic()
-    jobs.get_nowait().reject("second")
+    # The move does not wait for room: reject raises, and the delivery
+    # stays in flight for a later reject, nack or ack.
+    with pytest.raises(pymq.QueueFull, match=r"queue jobs\.dlq is full"):
+        second.reject("second")
     assert time.monotonic() - started < 2
     assert jobs.dlq.stats().depth == 1
+    assert jobs.stats().in_flight == 1
+    second.nack()
     assert jobs.stats().waiting == 1
 
 
