@@ -118,6 +118,8 @@ cdef class GroupBase:
     # no checkpoint waits).
     cdef uint64_t drop_offset
     cdef uint64_t drop_written
+    cdef Py_ssize_t drop_segments     # journal segments when a call last
+                                      # chose to wait for that flush
     cdef readonly bint closed
     cdef object taken_headers         # set by take_record: dict or None
     cdef size_t taken_used            # and the size of its header block

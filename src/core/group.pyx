@@ -696,6 +696,8 @@ cdef class GroupBase:
         self.drop_written = self.journal_written
         if self.journal.policy == FSYNC_NEVER or wait or self.drop_now():
             self.drop_checkpointed()
+        else:
+            self.drop_segments = len(self.journal.segments)
         return 0
 
     cdef bint drop_now(self) except -1:
@@ -704,6 +706,8 @@ cdef class GroupBase:
         A journal that has used its spare (a full disk) gets it back only
         when older segments are dropped; and one with DROP_WAIT_SEGMENTS
         segments is not being synced by a background flush fast enough.
+        Both change only at a rollover, so finish() asks again only when
+        the number of segments changed (drop_segments).
         """
         return (self.journal.policy != FSYNC_INTERVAL or
                 (self.journal.reserve_ahead and self.journal.spare is None)
@@ -1135,9 +1139,10 @@ cdef class GroupBase:
                 (self.deletes_acked and self.ring.low >= self.delete_mark and
                  len(self.stream.store.segments) > 1) or
                 (len(self.journal.segments) > 1 and (
-                    self.drop_written == 0 or
+                    # True when no checkpoint waits (drop_written is 0).
                     self.journal.synced_bytes >= self.drop_written or
-                    self.drop_now()))):
+                    # A rollover since the call chose to wait: see drop_now.
+                    len(self.journal.segments) != self.drop_segments))):
             return self.finish_work(settled)
         return 0
 
@@ -1250,9 +1255,13 @@ cdef class GroupBase:
                     try:
                         self.drop_checkpointed()
                     except OSError as exc:
+                        # Tried again after the next sync or rollover.
+                        self.drop_segments = len(self.journal.segments)
                         self.log_journal_error(
                             "dropping journal segments after a checkpoint",
                             exc)
+                elif self.drop_written:
+                    self.drop_segments = len(self.journal.segments)
                 if self.drop_written == 0 and len(self.journal.segments) > 1:
                     self.try_checkpoint("after a rollover", False)
             finally:
