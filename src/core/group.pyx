@@ -630,10 +630,9 @@ cdef class GroupBase:
         Offsets from low to cursor that the record does not list are
         settled, so one message held far behind keeps the record small.
         The older segments go once the record is synced. Without wait,
-        under fsync="interval" and while the journal's reserve is whole,
-        that sync is left to the next background flush and finish()
-        drops them after it (drop_checkpointed): the call does not wait
-        for the disk.
+        under fsync="interval", that sync is left to the next background
+        flush, and finish() drops them after it (drop_checkpointed), so the
+        call does not wait for the disk. drop_now() names the exceptions.
         """
         cdef RingBuffer ring = self.ring
         cdef uint64_t offset, first
@@ -1139,7 +1138,8 @@ cdef class GroupBase:
                 (self.deletes_acked and self.ring.low >= self.delete_mark and
                  len(self.stream.store.segments) > 1) or
                 (len(self.journal.segments) > 1 and (
-                    # True when no checkpoint waits (drop_written is 0).
+                    # The waiting checkpoint is synced, or none waits
+                    # (drop_written is 0).
                     self.journal.synced_bytes >= self.drop_written or
                     # A rollover since the call chose to wait: see drop_now.
                     len(self.journal.segments) != self.drop_segments))):
