@@ -114,6 +114,14 @@ cdef class GroupBase:
     cdef list dead_due                # (offset, attempt, reason) to move
     cdef size_t dead_pending          # slots queued for or being moved to the DLQ
     cdef uint64_t journal_written     # journal bytes to sync before returning
+    # A checkpoint written after a rollover under fsync="interval" is synced
+    # by the next background flush; the journal segments below drop_offset
+    # are dropped once the journal's synced bytes reach drop_written (0:
+    # no checkpoint waits).
+    cdef uint64_t drop_offset
+    cdef uint64_t drop_written
+    cdef Py_ssize_t drop_segments     # journal segments when a call last
+                                      # chose to wait for that flush
     cdef readonly bint closed
     cdef object taken_headers         # set by take_record: dict or None
     cdef size_t taken_used            # and the size of its header block
@@ -148,8 +156,10 @@ cdef class GroupBase:
     cdef int restore_due(self, list items) except -1
     cdef int retain(self) except -1
     cdef int replay(self, uint64_t start) except -1
-    cdef int write_checkpoint(self) except -1
-    cdef int try_checkpoint(self, str when) except -1
+    cdef int write_checkpoint(self, bint wait) except -1
+    cdef int try_checkpoint(self, str when, bint wait=*) except -1
+    cdef bint drop_now(self) except -1
+    cdef int drop_checkpointed(self) except -1
     cdef int record_dead(self) except -1
     cdef int skip_offset(self, uint64_t offset) except -1
     cdef int log_journal_error(self, str what, object exc) except -1

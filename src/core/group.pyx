@@ -25,6 +25,10 @@ cdef enum:
     # for, so it ends after this many records or bytes of records.
     FRESH_RUN_RECORDS = 1024
     FRESH_RUN_BYTES = 1024 * 1024
+    # Journal segments kept while a checkpoint waits for the background
+    # flush; past this many it is synced by the call, so that a journal
+    # whose store no flush thread syncs stays bounded.
+    DROP_WAIT_SEGMENTS = 32
 
 
 # Headers that a move to a dead-letter queue writes (and x-for-group, which
@@ -716,11 +720,15 @@ cdef class GroupBase:
             self.journal.release()
         return 0
 
-    cdef int write_checkpoint(self) except -1:
+    cdef int write_checkpoint(self, bint wait) except -1:
         """Append the window's unsettled offsets, then drop older segments.
 
         Offsets from low to cursor that the record does not list are
         settled, so one message held far behind keeps the record small.
+        The older segments go once the record is synced. Without wait,
+        under fsync="interval", that sync is left to the next background
+        flush, and finish() drops them after it (drop_checkpointed), so the
+        call does not wait for the disk. drop_now() names the exceptions.
         """
         cdef RingBuffer ring = self.ring
         cdef uint64_t offset, first
@@ -777,15 +785,44 @@ cdef class GroupBase:
             self.journal_written = self.journal.written_bytes
         finally:
             self.journal.release()
-        if self.journal.policy != FSYNC_NEVER:
-            # The records below are dropped (or zeroed, to be the journal's
-            # reserve): the checkpoint that sums them up must be on disk
-            # first, or a power loss could undo acks that were synced.
-            self.journal.sync_to(self.journal_written)
-        self.journal.delete_below(first)
+        # This record sums up every earlier one, so it replaces a
+        # checkpoint still waiting for its sync.
+        self.drop_offset = first
+        self.drop_written = self.journal_written
+        if self.journal.policy == FSYNC_NEVER or wait or self.drop_now():
+            self.drop_checkpointed()
+        else:
+            self.drop_segments = len(self.journal.segments)
         return 0
 
-    cdef int try_checkpoint(self, str when) except -1:
+    cdef bint drop_now(self) except -1:
+        """Whether a waiting checkpoint must be synced by the call itself.
+
+        A journal that has used its spare (a full disk) gets it back only
+        when older segments are dropped; and one with DROP_WAIT_SEGMENTS
+        segments is not being synced by a background flush fast enough.
+        Both change only at a rollover, so finish() asks again only when
+        the number of segments changed (drop_segments).
+        """
+        return (self.journal.policy != FSYNC_INTERVAL or
+                (self.journal.reserve_ahead and self.journal.spare is None)
+                or len(self.journal.segments) >= DROP_WAIT_SEGMENTS)
+
+    cdef int drop_checkpointed(self) except -1:
+        """Drop the journal segments below the last checkpoint.
+
+        The records below are dropped (or zeroed, to be the journal's
+        reserve): the checkpoint that sums them up must be on disk first,
+        or a power loss could undo acks that were synced. The group lock
+        is held.
+        """
+        if self.journal.policy != FSYNC_NEVER:
+            self.journal.sync_to(self.drop_written)
+        self.drop_written = 0
+        self.journal.drop_below(self.drop_offset)
+        return 0
+
+    cdef int try_checkpoint(self, str when, bint wait=True) except -1:
         """write_checkpoint(), logging an OSError instead of raising it.
 
         A checkpoint only lets older journal segments go: the records it
@@ -793,7 +830,7 @@ cdef class GroupBase:
         is tried again later. The group lock is held.
         """
         try:
-            self.write_checkpoint()
+            self.write_checkpoint(wait)
         except OSError as exc:
             self.log_journal_error(f"writing a checkpoint {when}", exc)
         return 0
@@ -1196,7 +1233,12 @@ cdef class GroupBase:
                 self.unrecorded_dead or self.dead_due or
                 (self.deletes_acked and self.ring.low >= self.delete_mark and
                  len(self.stream.store.segments) > 1) or
-                len(self.journal.segments) > 1):
+                (len(self.journal.segments) > 1 and (
+                    # The waiting checkpoint is synced, or none waits
+                    # (drop_written is 0).
+                    self.journal.synced_bytes >= self.drop_written or
+                    # A rollover since the call chose to wait: see drop_now.
+                    len(self.journal.segments) != self.drop_segments))):
             return self.finish_work(settled)
         return 0
 
@@ -1266,7 +1308,21 @@ cdef class GroupBase:
             # on a full disk, becomes the journal's reserve again).
             self.acquire()
             try:
-                self.try_checkpoint("after a rollover")
+                if self.drop_written and (
+                        self.journal.synced_bytes >= self.drop_written or
+                        self.drop_now()):
+                    try:
+                        self.drop_checkpointed()
+                    except OSError as exc:
+                        # Tried again after the next sync or rollover.
+                        self.drop_segments = len(self.journal.segments)
+                        self.log_journal_error(
+                            "dropping journal segments after a checkpoint",
+                            exc)
+                elif self.drop_written:
+                    self.drop_segments = len(self.journal.segments)
+                if self.drop_written == 0 and len(self.journal.segments) > 1:
+                    self.try_checkpoint("after a rollover", False)
             finally:
                 self.release()
         return 0
@@ -1350,16 +1406,18 @@ cdef class GroupBase:
         return 0
 
     cdef int retain(self) except -1:
-        """Delete the segments below low; set where to check next.
+        """Drop the segments below low; set where to check next.
 
         The next check comes once low passes the end of the first segment
-        as it is now, so a drained queue frees its sealed segments at once.
+        as it is now, so a drained queue drops its sealed segments at once.
+        drop_below() leaves unlinking their files to the next background
+        flush, so an ack does not wait for the disk.
         """
         cdef SegmentStore store = self.stream.store
         cdef Segment first
 
         if len(store.segments) > 1:
-            store.delete_below(self.ring.low)
+            store.drop_below(self.ring.low)
         # Read without the store lock: the GIL is held, and only this group
         # deletes a queue's segments, so the first segment cannot go away
         # unless the store was closed (its list is then empty).

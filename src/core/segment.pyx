@@ -3,8 +3,8 @@
 from cpython.buffer cimport PyBUF_WRITABLE
 from libc.errno cimport errno
 from libc.string cimport memcpy, memset
-from posix.mman cimport (MAP_FAILED, MAP_SHARED, MS_SYNC, PROT_READ,
-                         PROT_WRITE, mmap, msync, munmap)
+from posix.mman cimport (MADV_DONTNEED, MAP_FAILED, MAP_SHARED, MS_SYNC,
+                         PROT_READ, PROT_WRITE, madvise, mmap, msync, munmap)
 from posix.unistd cimport sysconf, _SC_PAGESIZE
 
 import os
@@ -18,6 +18,9 @@ cdef enum:
     # Segments with less than this left to write are not prefaulted: a
     # thread costs more than the faults it would save.
     PREFAULT_MIN_BYTES = 1024 * 1024
+    # A sync of at least this many whole pages unmaps them first (see
+    # sync_range).
+    UNMAP_MIN_BYTES = 256 * 1024
 
 
 cdef str segment_name(uint64_t base):
@@ -618,11 +621,21 @@ cdef class Segment:
     cdef int sync_range(self, size_t start, size_t stop) except -1:
         """Write bytes start to stop of the log to stable storage."""
         cdef size_t first = page_floor(start)
+        cdef size_t whole = page_floor(stop)
         cdef int rc
 
         if stop <= start or self.data == NULL:
             return 0
         with nogil:
+            if whole >= first + UNMAP_MIN_BYTES:
+                # Writeback write-protects every page mapped writable, and
+                # flushes its TLB entry on each CPU running this process,
+                # one page at a time: an interrupt of the appending thread
+                # per page. Unmapped first, the pages are written back with
+                # no such flush; the kernel keeps their dirty bits and
+                # contents, and a later read maps them again. The last,
+                # partly written page stays mapped for the next append.
+                madvise(self.data + first, whole - first, MADV_DONTNEED)
             rc = msync(self.data + first, stop - first, MS_SYNC)
         if rc != 0:
             raise OSError(errno, f"msync of {self.path} failed: "

@@ -34,6 +34,10 @@ cdef class SegmentStore:
     cdef Segment active              # the last segment, taking appends
     cdef Segment last_read           # where the previous lookup ended
     cdef list pending                # sealed segments not yet checkpointed
+    # Segments that drop_below() took out of the log and renamed to
+    # DROPPED_PREFIX + name; the next background flush, flush() or close()
+    # unmaps them and unlinks their files.
+    cdef list dropped
     cdef Segment spare               # prefaulted, takes the next roll
     cdef bint spare_failed           # creating a spare failed since the roll
     # reserve_ahead (group journals): the spare is created at open and after
@@ -97,6 +101,9 @@ cdef class SegmentStore:
                              int64_t timestamp, uint32_t flags,
                              uint64_t *first, uint64_t *written) except -1
     cdef int sync_to(self, uint64_t written) except -1
+    cdef int forget_first(self) except -1
+    cdef Py_ssize_t drop_below(self, uint64_t offset) except -1
+    cdef int unlink_dropped(self) except -1
     cdef int sync_segments(self, bint include_active,
                            bint checkpoint) except -1
     cdef int locate(self, uint64_t offset, uint32_t *pos) except -1

@@ -38,6 +38,9 @@ cdef dict FSYNC_POLICIES = {
 cdef object SEGMENT_FILE = re.compile(r"^[0-9]{20}\.log$")
 # The spare segment's files, renamed to a segment's name when it rolls.
 cdef str SPARE_NAME = "spare"
+# Files of segments that drop_below() took out of the log, before they are
+# unlinked: this prefix, then the segment file's name.
+cdef str DROPPED_PREFIX = "dropped-"
 
 cdef enum CollectKind:
     COLLECT_BODIES = 0
@@ -201,6 +204,7 @@ cdef class SegmentStore:
             raise MemoryError()
         self.segments = []
         self.pending = []
+        self.dropped = []
         self.closed = True
 
     def __init__(self, path, *, segment_bytes=DEFAULT_SEGMENT_BYTES,
@@ -307,9 +311,11 @@ cdef class SegmentStore:
                        if SEGMENT_FILE.match(name))
         for name in os.listdir(self.path):
             # An index whose log is gone: deletion unlinks the log first, and
-            # a crash can come between the two.
+            # a crash can come between the two. Files of dropped segments
+            # whose unlink a crash prevented go too.
             if (name.endswith(".idx") and len(name) == 24 and
-                    name[:20] + ".log" not in names and name[:20].isdigit()):
+                    name[:20] + ".log" not in names and name[:20].isdigit()
+                    or name.startswith(DROPPED_PREFIX)):
                 os.unlink(os.path.join(self.path, name))
         for i, name in enumerate(names):
             seg = Segment.open(os.path.join(self.path, name), int(name[:20]),
@@ -914,7 +920,11 @@ cdef class SegmentStore:
         try:
             if self.closed:
                 raise ClosedError(f"segment store {self.path} is closed")
-            self.sync_segments(True, True)
+            try:
+                self.sync_segments(True, True)
+            finally:
+                if self.dropped:
+                    self.unlink_dropped()
         finally:
             pymq_mutex_unlock(self.sync_lock)
 
@@ -938,7 +948,11 @@ cdef class SegmentStore:
                         self.refill_reserve()
                 finally:
                     self.release()
-            self.sync_segments(self.policy != FSYNC_NEVER, True)
+            try:
+                self.sync_segments(self.policy != FSYNC_NEVER, True)
+            finally:
+                if self.dropped:
+                    self.unlink_dropped()
         finally:
             pymq_mutex_unlock(self.sync_lock)
 
@@ -1184,11 +1198,7 @@ cdef class SegmentStore:
                     seg = <Segment>self.segments[0]
                     if seg.base + seg.count > offset:
                         break
-                    del self.segments[0]
-                    if seg in self.pending:
-                        self.pending.remove(seg)
-                    self.deleted_damaged += seg.damaged
-                    self.stored_bytes -= seg.length
+                    self.forget_first()
                     deleted += 1
                     if (self.reserve_ahead and self.spare is None and
                             self.recycle(seg)):
@@ -1204,6 +1214,105 @@ cdef class SegmentStore:
         finally:
             pymq_mutex_unlock(self.sync_lock)
         return deleted
+
+    cdef int forget_first(self) except -1:
+        """Take the first segment out of the log's list and counts.
+
+        The lock is held; the caller deletes or drops the segment's files.
+        """
+        cdef Segment seg = <Segment>self.segments[0]
+
+        del self.segments[0]
+        if seg in self.pending:
+            self.pending.remove(seg)
+        self.deleted_damaged += seg.damaged
+        self.stored_bytes -= seg.length
+        return 0
+
+    cdef Py_ssize_t drop_below(self, uint64_t offset) except -1:
+        """Take every whole segment below offset out of the log, as
+        delete_below() does, without waiting for the disk.
+
+        A segment of at least PREFAULT_MIN_BYTES is renamed to
+        DROPPED_PREFIX + its name, and the next background_flush(),
+        flush() or close() unmaps it and unlinks its files. So the caller
+        waits neither for a sync under way, which holds the sync lock that
+        delete_below() takes, nor for the file system to free the blocks,
+        which on a file system mounted with discard and without a journal
+        waits for the disk. The next open deletes files that a crash left
+        behind. Smaller segments, and every segment while reserve_ahead has
+        no spare (a dropped segment then becomes the spare), go through
+        delete_below(). Returns the segments taken out.
+        """
+        cdef Segment seg
+        cdef Py_ssize_t dropped = 0
+        cdef bint small = False
+        cdef str path
+
+        if self.reserve_ahead and self.spare is None:
+            return self.delete_below(offset)
+        self.acquire()
+        try:
+            while len(self.segments) > 1:
+                seg = <Segment>self.segments[0]
+                if seg.base + seg.count > offset:
+                    break
+                if seg.capacity < PREFAULT_MIN_BYTES:
+                    small = True
+                    break
+                path = os.path.join(
+                    self.path, DROPPED_PREFIX + os.path.basename(seg.path))
+                os.rename(seg.path, path)
+                seg.path = path
+                path = os.path.join(
+                    self.path,
+                    DROPPED_PREFIX + os.path.basename(seg.index_path))
+                try:
+                    os.rename(seg.index_path, path)
+                    seg.index_path = path
+                except OSError:
+                    # Unlinked under its own name, or by the next open as
+                    # an index whose log is gone.
+                    pass
+                self.forget_first()
+                self.dropped.append(seg)
+                dropped += 1
+            if dropped:
+                self.last_read = None
+                self.directory_dirty = True
+        finally:
+            self.release()
+        if small:
+            dropped += self.delete_below(offset)
+        return dropped
+
+    cdef int unlink_dropped(self) except -1:
+        """Unmap the segments drop_below() took out and unlink their files.
+
+        The caller holds sync_lock, so no sync is using their mappings.
+        Raises the first error after trying every file.
+        """
+        cdef Segment seg
+        cdef list work
+
+        self.acquire_raw()
+        work = self.dropped
+        self.dropped = []
+        self.release()
+        error = None
+        for seg in work:
+            seg.release()
+            for path in (seg.path, seg.index_path):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    if error is None:
+                        error = exc
+        if error is not None:
+            raise error
+        return 0
 
     def close(self):
         """Flush, unmap every segment and release the folder's lock.
@@ -1255,6 +1364,12 @@ cdef class SegmentStore:
                 self.last_read = None
             finally:
                 self.release()
+            if self.dropped:
+                try:
+                    self.unlink_dropped()
+                except OSError as exc:
+                    if error is None:
+                        error = exc
         finally:
             pymq_mutex_unlock(self.sync_lock)
         self.owner_lock.release()

@@ -8,6 +8,11 @@ a JSON line {"acked": [...], "held": [...]}, then sleep until killed.
 MODE "hold-batch": like "hold", with get_batch and ack_many of the first 3
 receipts; both lists of its report hold [offset, attempt] pairs.
 
+MODE "drain": with 1 MiB segments and no background flush in an hour, get
+and ack every message of queue jobs one at a time, print a JSON line
+{"acked": N, "log": [names of the files in the queue's log folder]}, then
+sleep until killed.
+
 MODE "once": take one message of queue jobs. A body of b"poison" makes the
 process SIGKILL itself while the delivery is in flight; any other body is
 acked and printed as a JSON line {"body": ..., "attempt": ...}. Prints
@@ -53,6 +58,18 @@ def hold_batch(broker: pymq.Broker) -> None:
     time.sleep(60)
 
 
+def drain(broker: pymq.Broker) -> None:
+    q = broker.queue("jobs")
+    acked = 0
+    while (message := q.get_nowait()) is not None:
+        message.ack()
+        acked += 1
+    log = broker.path / "streams" / "jobs" / "log"
+    print(json.dumps({"acked": acked, "log": sorted(os.listdir(log))}), flush=True)
+    # The test kills this process by its pid; the bound only ends an orphan.
+    time.sleep(60)
+
+
 def once(broker: pymq.Broker) -> None:
     q = broker.queue("jobs")
     msg = q.get(timeout=0.5)
@@ -67,8 +84,12 @@ def once(broker: pymq.Broker) -> None:
 
 def main() -> None:
     data, mode = sys.argv[1], sys.argv[2]
-    with pymq.open(data) as broker:
-        {"hold": hold, "hold-batch": hold_batch, "once": once}[mode](broker)
+    options = (
+        {"segment_bytes": 1 << 20, "flush_interval": 3600} if mode == "drain" else {}
+    )
+    with pymq.open(data, **options) as broker:
+        modes = {"hold": hold, "hold-batch": hold_batch, "drain": drain, "once": once}
+        modes[mode](broker)
 
 
 if __name__ == "__main__":
