@@ -479,6 +479,9 @@ def predict_open(request: dict[str, Any], state: ModelState) -> Expect:
             error = expected_error(check)
             if error is not None:
                 return error
+        # The stream's name gets the same .dlq check as opening the stream.
+        if stream.endswith(".dlq"):
+            return fails(7)
         assert stream in KINDS, f"the strategy would create stream {stream!r}"
         if KINDS[stream] != "stream":
             return fails(8)
