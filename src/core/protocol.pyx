@@ -166,6 +166,22 @@ cdef Py_ssize_t body_size(object body) except -1:
     return memoryview(body).nbytes
 
 
+def measure_bodies(bodies):
+    """Return (largest, total): the max and the sum of the bodies' sizes.
+
+    Sizes are in bytes, as a PUBLISH frame carries them, so a client can
+    check a batch against its limits without a Python call per body.
+    """
+    cdef Py_ssize_t size, largest = 0, total = 0
+
+    for body in bodies:
+        size = body_size(body)
+        total += size
+        if size > largest:
+            largest = size
+    return largest, total
+
+
 def encode_publish(uint32_t request_id, uint32_t handle, list bodies,
                    dict headers, int32_t timeout_ms):
     """Return a PUBLISH frame for bodies, each with headers (or none).

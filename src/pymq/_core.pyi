@@ -236,6 +236,7 @@ class FrameReader:
         self, data: Buffer, size: int = -1
     ) -> list[tuple[int, int, int, int, bytes]]: ...
 
+def measure_bodies(bodies: list[Any]) -> tuple[int, int]: ...
 def encode_publish(
     request_id: int,
     handle: int,

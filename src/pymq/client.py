@@ -33,6 +33,7 @@ from pymq._core import (
     encode_frame,
     encode_publish,
     encode_receipts,
+    measure_bodies,
 )
 from pymq._version import __version__
 from pymq.broker import GROUP_DEFAULTS, QUEUE_DEFAULTS, STREAM_DEFAULTS, _check_options
@@ -1050,9 +1051,17 @@ def plan_batches(
     if not items:
         return []
     block = _header_block_bytes(headers)
+    largest, total = measure_bodies(items)
+    check_size(largest + block, limits.max_message_bytes)
+    count = len(items)
+    # Most batches fit one frame; only the others need each record's size.
+    if (
+        count <= limits.max_batch
+        and 64 + total + (block + 4) * count <= limits.max_frame_bytes
+    ):
+        return [(0, count)]
     # Bytes of each record on the wire, to split batches by frame size.
     sizes = [_nbytes(body) + block for body in items]
-    check_size(max(sizes), limits.max_message_bytes)
     spans = [
         (start, min(start + limits.max_batch, len(items)))
         for start in range(0, len(items), limits.max_batch)

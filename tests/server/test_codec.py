@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import itertools
 import struct
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from pymq._core import (
     decode_deliveries,
     encode_frame,
     encode_publish,
+    measure_bodies,
     publish_into,
     split_body,
 )
@@ -360,3 +362,17 @@ def test_decode_batch_damaged_payload_fails_as_deliveries_do(items, data):
     damaged = bytes(payload[:cut])
     one, two = decoded_either_way([deliver_payload(items), damaged])
     assert one == two
+
+
+def test_measure_bodies_counts_bytes() -> None:
+    words = array.array("I", [1, 2, 3])
+    bodies = [b"abc", bytearray(b"hello"), memoryview(words), b""]
+    # A memoryview of 4-byte items counts its bytes, not its items.
+    assert measure_bodies(bodies) == (12, 20)
+    assert measure_bodies([]) == (0, 0)
+    assert measure_bodies(iter([b"x", b"yz"])) == (2, 3)
+
+
+def test_measure_bodies_rejects_non_bytes() -> None:
+    with pytest.raises(TypeError, match="bytes-like object is required, not 'int'"):
+        measure_bodies([b"ok", 7])
