@@ -150,6 +150,8 @@ cdef class GroupBase:
                   bint dead_now) except -1
     cdef uint64_t check_receipt(self, uint64_t receipt) except? 0
     cdef int ack_receipt(self, uint64_t receipt) except -1
+    cdef int settle_receipts(self, const uint64_t *receipts,
+                             uint64_t *offsets, Py_ssize_t count) except -1
     cdef int begin_move(self, uint64_t offset) except -1
     cdef int end_move(self, uint64_t offset) except -1
     cdef int skip_below(self, uint64_t offset) except -1

@@ -1780,7 +1780,6 @@ cdef class GroupBase:
         cdef Py_ssize_t count, i
         cdef uint64_t *receipts = NULL
         cdef uint64_t *offsets = NULL
-        cdef uint64_t key
         cdef list listed
         cdef object item
 
@@ -1823,37 +1822,48 @@ cdef class GroupBase:
                                 f"{consumer_label(self)}, receipts (int) or a "
                                 f"MessageBatch; item {i} is a "
                                 f"{type(item).__name__}") from None
-            # Without the key a receipt is its offset and attempt, so the
-            # receipts of one get_many come in rising order and the sort
-            # that finds duplicates is only needed for other batches. XOR
-            # with one key keeps equal receipts equal.
-            key = self.ring.receipt_key
-            for i in range(count):
-                offsets[i] = receipts[i] ^ key
-            for i in range(1, count):
-                if offsets[i] <= offsets[i - 1]:
-                    qsort(offsets, count, 8, compare_u64)
-                    break
-            for i in range(1, count):
-                if offsets[i] == offsets[i - 1]:
-                    raise StaleReceiptError(
-                        f"receipt {offsets[i] ^ key} appears twice in the "
-                        f"batch")
-            self.acquire()
-            try:
-                self.expire(self.now())
-                i = self.ring.lookup_many(receipts, offsets, count)
-                if i >= 0:
-                    self.check_receipt(receipts[i])
-                self.write_journal(JOURNAL_ACK, offsets, NULL, count)
-                self.ring.settle_many(offsets, count)
-                self.acked += count
-            finally:
-                self.release()
+            self.settle_receipts(receipts, offsets, count)
         finally:
             PyMem_Free(receipts)
             PyMem_Free(offsets)
         self.finish(True)
+
+    cdef int settle_receipts(self, const uint64_t *receipts,
+                             uint64_t *offsets, Py_ssize_t count) except -1:
+        """Ack count receipts, all or none; offsets is scratch of count.
+
+        Raises StaleReceiptError, settling nothing, if any receipt is
+        stale or appears twice. The caller calls finish(True) afterwards.
+        """
+        cdef Py_ssize_t i
+        cdef uint64_t key = self.ring.receipt_key
+
+        # Without the key a receipt is its offset and attempt, so the
+        # receipts of one get_many come in rising order and the sort that
+        # finds duplicates is only needed for other batches. XOR with one
+        # key keeps equal receipts equal.
+        for i in range(count):
+            offsets[i] = receipts[i] ^ key
+        for i in range(1, count):
+            if offsets[i] <= offsets[i - 1]:
+                qsort(offsets, count, 8, compare_u64)
+                break
+        for i in range(1, count):
+            if offsets[i] == offsets[i - 1]:
+                raise StaleReceiptError(
+                    f"receipt {offsets[i] ^ key} appears twice in the batch")
+        self.acquire()
+        try:
+            self.expire(self.now())
+            i = self.ring.lookup_many(receipts, offsets, count)
+            if i >= 0:
+                self.check_receipt(receipts[i])
+            self.write_journal(JOURNAL_ACK, offsets, NULL, count)
+            self.ring.settle_many(offsets, count)
+            self.acked += count
+        finally:
+            self.release()
+        return 0
 
     def nack(self, receipt, double delay=0.0):
         """Give a delivery back, for redelivery after delay seconds.

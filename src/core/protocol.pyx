@@ -707,25 +707,50 @@ def serve_ack(consumer, bytes payload not None,
     the stale ones, whose deliveries are no longer held. Returns None
     when flags has NO_REPLY.
     """
-    cdef Py_ssize_t end, settled = 0
-    cdef list receipts = read_receipts(payload, 0, &end)
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(payload)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(payload), settled = 0, i, count
+    cdef GroupBase group = <GroupBase?>consumer
+    cdef uint64_t *receipts
+    cdef uint64_t *offsets
     cdef bint acked = False
 
-    if end != PyBytes_GET_SIZE(payload):
+    # The receipts go from the payload to C arrays and into the group
+    # without an int object each; read_receipts makes the same checks.
+    if size < 4:
+        raise ProtocolError("receipt list is cut off before its count")
+    count = load_u32(p)
+    if count > (size - 4) // 8:
+        raise ProtocolError(f"receipt list says {count} receipts but only "
+                            f"{size - 4} bytes follow")
+    if 4 + 8 * count != size:
         raise ProtocolError("ACK payload has bytes past its receipts")
-    try:
-        consumer.ack_many(receipts)
-        acked = True
-    finally:
-        if not acked:
-            # A stale receipt's delivery is no longer held: it leaves the
-            # count now. The ACK's own error is the one raised.
+    if count:
+        receipts = <uint64_t *>PyMem_Malloc(count * 16)
+        if receipts == NULL:
+            raise MemoryError()
+        offsets = receipts + count
+        try:
+            for i in range(count):
+                receipts[i] = load_u64(p + 4 + 8 * i)
             try:
-                unacked.drop_settled(consumer, outstanding, receipts)
-            except ClosedError:
-                pass
-    for receipt in receipts:
-        settled += outstanding.discard_one(receipt)
+                group.settle_receipts(receipts, offsets, count)
+                acked = True
+            finally:
+                if not acked:
+                    # A stale receipt's delivery is no longer held: it
+                    # leaves the count now. The ACK's own error is the one
+                    # raised.
+                    try:
+                        unacked.drop_settled(
+                            consumer, outstanding,
+                            [receipts[i] for i in range(count)])
+                    except ClosedError:
+                        pass
+            for i in range(count):
+                settled += outstanding.discard_one(receipts[i])
+        finally:
+            PyMem_Free(receipts)
+        group.finish(True)
     unacked.give_back(settled)
     if flags & FRAME_NO_REPLY:
         return None
