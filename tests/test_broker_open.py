@@ -113,10 +113,14 @@ def dead_pid() -> int:
     return process.pid
 
 
-def make_memory_folder(parent: Path, name: str, owner: int | None) -> Path:
+def make_memory_folder(
+    parent: Path, name: str, owner: int | None, lock: bool = True
+) -> Path:
     folder = parent / name
     (folder / "streams" / "jobs").mkdir(parents=True)
     (folder / "streams" / "jobs" / "kind").write_text("queue")
+    if lock:
+        (folder / "LOCK").write_text("")
     if owner is not None:
         (folder / "OWNER").write_text(f"{owner}\n")
     return folder
@@ -129,6 +133,12 @@ def test_stale_memory_folders_removed(tmp_path: Path) -> None:
     unmarked = make_memory_folder(tmp_path, "pymq-memory-unmarked", None)
     locked = make_memory_folder(tmp_path, "pymq-memory-locked", gone)
     other = make_memory_folder(tmp_path, "other-stale", gone)
+    # Not a data directory: no LOCK file.
+    no_lock = make_memory_folder(tmp_path, "pymq-memory-nolock", gone, lock=False)
+    # OWNER is a link to a file that names a dead process.
+    linked = make_memory_folder(tmp_path, "pymq-memory-linked", None)
+    (tmp_path / "fake-owner").write_text(f"{gone}\n")
+    (linked / "OWNER").symlink_to(tmp_path / "fake-owner")
     (tmp_path / "pymq-memory-file").write_text(f"{gone}\n")
     lock = DirectoryLock(str(locked))
     try:
@@ -137,7 +147,7 @@ def test_stale_memory_folders_removed(tmp_path: Path) -> None:
         lock.release()
     assert removed == [str(stale)]
     assert not stale.exists()
-    for kept in (live, unmarked, locked, other):
+    for kept in (live, unmarked, locked, other, no_lock, linked):
         assert (kept / "streams" / "jobs" / "kind").read_text() == "queue"
     assert (tmp_path / "pymq-memory-file").read_text() == f"{gone}\n"
 

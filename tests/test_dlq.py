@@ -393,6 +393,29 @@ def test_redrive_to_dlq_itself_raises(broker):
     assert kept.headers["x-source"] == "jobs"
 
 
+def test_redrive_long_dlq_to_itself_raises(broker):
+    name = "n" * 128
+    source = broker.queue(name, max_deliveries=1)
+    source.put(b"bad")
+    source.get(timeout=0).reject("bad")
+    with pytest.raises(ConfigError, match="itself"):
+        broker.redrive(f"{name}.dlq", to=f"{name}.dlq")
+    assert source.dlq.stats().depth == 1
+
+
+def test_dead_letter_log_shows_start_of_reason(broker, caplog):
+    jobs = broker.queue("jobs", max_deliveries=1)
+    jobs.put(b"bad")
+    reason = "".join(chr(ord("a") + index % 26) for index in range(500))
+    with caplog.at_level("WARNING", logger="pymq.broker"):
+        jobs.get(timeout=0).reject(reason)
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == [
+        f"message 0 of jobs moved to jobs.dlq after 1 attempt: {reason[:120]}..."
+    ]
+    assert jobs.dlq.get(timeout=0).headers["x-reason"] == reason
+
+
 def test_queue_opens_long_derived_dlq_name(broker):
     source = broker.queue("L" * 128, max_deliveries=1)
     source.put(b"bad")

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -59,6 +60,8 @@ DLQ_HEADROOM_BYTES: Final = 4096
 # Maximum size of the x-reason a move writes, in bytes of UTF-8. A longer
 # reason is cut to this (at a character boundary) and "..." is appended.
 MAX_REASON_BYTES: Final = 1000
+# Characters of a dead-letter reason that the broker's log line shows.
+_LOGGED_REASON_CHARS: Final = 120
 # Journals hold small records; compaction runs when one rolls over.
 JOURNAL_SEGMENT_BYTES: Final = 4 * 1024 * 1024
 # Segments of a broker without a path, which live in memory.
@@ -201,13 +204,33 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def _is_memory_folder(folder: str) -> bool:
+    """Return whether folder looks like one a broker without a path made.
+
+    It must be this user's, not a link, and hold LOCK and OWNER as regular
+    files, not links, so that no other folder is ever taken for one.
+    """
+    try:
+        info = os.lstat(folder)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            return False
+        for name in ("LOCK", MEMORY_OWNER_FILE):
+            member = os.lstat(os.path.join(folder, name))
+            if not stat.S_ISREG(member.st_mode) or member.st_uid != os.geteuid():
+                return False
+    except OSError:
+        return False
+    return True
+
+
 def _remove_stale_memory_folders(parent: str) -> list[str]:
     """Delete the folders that brokers without a path left in parent when
     their process was killed, and return their paths.
 
-    Only folders named pymq-memory-* that contain the OWNER file pymq
-    writes are candidates. One is deleted only when the PID in that file
-    names no running process and no broker holds the folder's lock.
+    Only folders named pymq-memory-* owned by this user, holding the LOCK
+    and OWNER regular files that pymq writes, are candidates. One is
+    deleted only when the PID in OWNER names no running process and no
+    broker holds the folder's lock.
     """
     removed: list[str] = []
     try:
@@ -221,6 +244,8 @@ def _remove_stale_memory_folders(parent: str) -> list[str]:
     except OSError:
         return removed
     for folder in candidates:
+        if not _is_memory_folder(folder):
+            continue
         try:
             text = Path(folder, MEMORY_OWNER_FILE).read_text().strip()
         except OSError:
@@ -926,6 +951,13 @@ class Broker:
             # Never wait here: a full DLQ with overflow="block" would stall
             # the get that moves the message. The move is retried instead.
             self._open_queue(dlq_name, {}).put(payload, headers=headers, timeout=0)
+            # The DLQ keeps the whole reason in x-reason; the log line
+            # gets its start only, so that long reasons do not flood it.
+            shown = (
+                reason
+                if len(reason) <= _LOGGED_REASON_CHARS
+                else (reason[:_LOGGED_REASON_CHARS] + "...")
+            )
             logger.warning(
                 "message %d of %s moved to %s after %d %s: %s",
                 offset,
@@ -933,7 +965,7 @@ class Broker:
                 dlq_name,
                 attempt,
                 "attempt" if attempt == 1 else "attempts",
-                reason,
+                shown,
             )
 
         return dead_letter
@@ -961,13 +993,13 @@ class Broker:
             raise ConfigError(f"{dlq_name} is not a dead-letter queue; pass to=")
         target = None
         if to is not None:
-            check_name("queue", to)
             if to == dlq_name:
                 raise ConfigError(
                     f"to= names the dead-letter queue {dlq_name} itself; pass "
                     f"another queue, or no to= to move each message back to "
                     f"its source"
                 )
+            check_name("queue", to)
             # A mistyped to= must not create a queue that no consumer reads.
             if not self._kind_of(to)[0]:
                 raise QueueNotFound(

@@ -1207,6 +1207,9 @@ def _put_lines(
 
         try:
             try:
+                # NOTE: a batch waits for PUT_BATCH lines with no time
+                # limit, so a slow pipe's lines stay unsent meanwhile and
+                # Ctrl-C drops them.
                 for line in lines:
                     batch.append(line)
                     batch_bytes += len(line)

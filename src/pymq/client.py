@@ -1210,7 +1210,12 @@ class _RemoteConsumer(_Handle):
         return self._fetch(count, 0)
 
     def __iter__(self) -> Iterator[RemoteMessage]:
-        """Yield messages as they arrive, forever; settle each one."""
+        """Yield messages as they arrive, forever; settle each one.
+
+        Each message comes from a FETCH, so when the connection holds the
+        server's max_unacked unsettled deliveries this raises ServerError
+        with code 19 rather than waiting.
+        """
         while True:
             message = self.get()
             if message is not None:
