@@ -462,3 +462,44 @@ def test_serve_keeps_socket_it_did_not_create(serve: Any, tmp_path: Path) -> Non
         served.process.send_signal(signal.SIGTERM)
         assert served.process.wait(timeout=STOP_TIMEOUT) == 0
         assert path.is_socket()
+
+
+def test_put_stdin_sends_lines_of_a_slow_pipe(serve: Any) -> None:
+    served = serve()
+    env = {key: value for key, value in os.environ.items() if key != "PYMQ_TOKEN"}
+    command = [sys.executable, "-m", "pymq", "put", "slow", "-", "--url", served.url]
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert process.stdin is not None
+        # Two lines, then the pipe stays open, as with tail -f.
+        process.stdin.write(b"first\nsecond\n")
+        process.stdin.flush()
+        with pymq.connect(served.url, reconnect_attempts=0) as client:
+            deadline = time.monotonic() + START_TIMEOUT
+            while client.names().get("slow") != "queue" or (
+                client.queue("slow").stats().depth < 2
+            ):
+                assert process.poll() is None, process.communicate()
+                assert time.monotonic() < deadline, "the lines were not put"
+                time.sleep(0.05)
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=STOP_TIMEOUT) == 130
+            assert process.stderr is not None
+            assert process.stderr.read() == (
+                b"pymq: put 2 messages to slow, then failed\npymq: interrupted\n"
+            )
+            messages = client.queue("slow").get_many(10, timeout=0)
+            assert [message.body for message in messages] == [b"first", b"second"]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=STOP_TIMEOUT)
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()

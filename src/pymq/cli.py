@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import select
 import ssl
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -1147,15 +1148,58 @@ def _max_message_bytes(target: Any) -> int | None:
     return getattr(store, "max_message_bytes", None)
 
 
-def _stdin_lines(limit: int | None) -> Iterator[bytes]:
+def _stdin_lines(limit: int | None) -> Iterator[bytes | None]:
     """Yield the lines of stdin without their newline.
 
-    Each read takes at most limit bytes and the newline, so a line over
-    limit bytes raises _LineTooLong without being read whole, and Ctrl-C
-    is handled between reads even on input without newlines.
+    Yields None whenever no more input is ready yet, so that the caller
+    can send what it holds before it waits. At most limit bytes and the
+    newline are held for one line, so a line over limit bytes raises
+    _LineTooLong without being read whole, and Ctrl-C is handled between
+    reads even on input without newlines.
     """
     if sys.stdin is None:
         raise CommandError("stdin is closed; give BODY instead of -", ExitCode.USAGE)
+    try:
+        fd: int | None = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    if fd is None:
+        yield from _stream_lines(limit)
+        return
+    pending = bytearray()
+    number = 0
+    end_of_input = False
+    while True:
+        newline = pending.find(b"\n")
+        if newline >= 0:
+            line = bytes(pending[:newline])
+            del pending[: newline + 1]
+        elif end_of_input:
+            if not pending:
+                return
+            line = bytes(pending)
+            pending.clear()
+        else:
+            line = None
+        if line is not None or (limit is not None and len(pending) > limit):
+            number += 1
+            if line is None or (limit is not None and len(line) > limit):
+                raise _LineTooLong(
+                    f"line {number} of stdin is longer than max_message_bytes "
+                    f"({limit} bytes)"
+                )
+            yield line
+            continue
+        if not select.select([fd], [], [], 0)[0]:
+            yield None
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            end_of_input = True
+        pending += chunk
+
+
+def _stream_lines(limit: int | None) -> Iterator[bytes]:
+    """Yield the lines of a sys.stdin that has no file descriptor."""
     binary = getattr(sys.stdin, "buffer", None)
     size = -1 if limit is None else limit + 1
     number = 0
@@ -1179,7 +1223,7 @@ def _put_lines(
     target: Any,
     name: str,
     headers: dict[str, str] | None,
-    lines: Iterable[bytes],
+    lines: Iterable[bytes | None],
     args: argparse.Namespace,
     show_progress: bool,
 ) -> int:
@@ -1207,10 +1251,13 @@ def _put_lines(
 
         try:
             try:
-                # NOTE: a batch waits for PUT_BATCH lines with no time
-                # limit, so a slow pipe's lines stay unsent meanwhile and
-                # Ctrl-C drops them.
                 for line in lines:
+                    if line is None:
+                        # No more input is ready: send what is held, so
+                        # that a slow pipe's lines are not kept back.
+                        if batch:
+                            put_batch()
+                        continue
                     batch.append(line)
                     batch_bytes += len(line)
                     if len(batch) == PUT_BATCH or batch_bytes >= PUT_BATCH_BYTES:
