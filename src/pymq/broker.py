@@ -289,7 +289,7 @@ def _check_not_nested(path: Path) -> None:
             )
 
 
-def _cut_reason(reason: str) -> str:
+def cut_reason(reason: str) -> str:
     """Return reason, or its first MAX_REASON_BYTES bytes of UTF-8 (at a
     character boundary) and "..." when it is longer."""
     encoded = reason.encode("utf-8")
@@ -934,7 +934,7 @@ class Broker:
                 )
                 return
             headers, payload = split_body(flags, body)
-            reason = _cut_reason(reason)
+            reason = cut_reason(reason)
             # x-for-group routes a redriven record to its group, which never
             # receives the header, so the DLQ message does not carry it either.
             headers.pop("x-for-group", None)

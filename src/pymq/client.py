@@ -36,7 +36,14 @@ from pymq._core import (
     measure_bodies,
 )
 from pymq._version import __version__
-from pymq.broker import GROUP_DEFAULTS, QUEUE_DEFAULTS, STREAM_DEFAULTS, _check_options
+from pymq.broker import (
+    GROUP_DEFAULTS,
+    MAX_REASON_BYTES,
+    QUEUE_DEFAULTS,
+    STREAM_DEFAULTS,
+    _check_options,
+    cut_reason,
+)
 from pymq.names import check_name, check_queue_name
 from pymq.protocol import (
     FLAG_ERROR,
@@ -86,9 +93,6 @@ _RECV_BYTES: Final = 262144
 _MAX_RECEIPT: Final = (1 << 64) - 1
 _MAX_CONNECT_TIMEOUT: Final = 1e9
 _MAX_RECONNECT_ATTEMPTS: Final = 1_000_000
-# Maximum reject reason sent, in UTF-8 bytes. The embedded broker cuts an
-# x-reason to the same limit, so the cut sent here leaves the same text.
-MAX_REASON_BYTES: Final = 1000
 
 Frame = tuple[int, int, int, int, bytes]
 
@@ -170,9 +174,8 @@ def encode_reason(reason: object) -> bytes:
         ) from None
     if len(encoded) <= MAX_REASON_BYTES:
         return encoded
-    # A character cut part way leaves only invalid bytes at the end.
-    whole = encoded[:MAX_REASON_BYTES].decode("utf-8", "ignore")
-    return whole.encode("utf-8") + b"..."
+    # The embedded broker's cut, so that both leave the same x-reason.
+    return cut_reason(reason).encode("utf-8")
 
 
 def reconnect_attempts_failed(
