@@ -17,10 +17,10 @@ import tracemalloc
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-# The benchmarks call no BLAS routine, but an OpenBLAS worker thread that
-# numpy starts spun on a core through whole runs (about 5% of the samples
-# of `perf record` of a server benchmark client on 2 cores), taking time
-# from the systems under test. Set before numpy is first imported.
+# The benchmarks call no BLAS routine. Yet an OpenBLAS worker thread that
+# numpy starts spun on a core through whole runs, taking time from the
+# systems under test: about 5% of the samples of `perf record` of a server
+# benchmark client on 2 cores. Set before numpy is first imported.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np

@@ -262,7 +262,7 @@ class ReceiptSet:
     def __iter__(self) -> Iterator[int]: ...
 
 class UnackedCount:
-    """The deliveries one connection holds unsettled, against max_unacked."""
+    """Count of one connection's unsettled deliveries, against max_unacked."""
 
     held: Final[int]
     limit: Final[int]

@@ -1152,7 +1152,7 @@ def _stdin_lines(limit: int | None) -> Iterator[bytes | None]:
     """Yield the lines of stdin without their newline.
 
     Yields None whenever no more input is ready yet, so that the caller
-    can send what it holds before it waits. At most limit bytes and the
+    can send its batch before it waits. At most limit bytes and the
     newline are held for one line, so a line over limit bytes raises
     _LineTooLong without being read whole, and Ctrl-C is handled between
     reads even on input without newlines.

@@ -1215,8 +1215,8 @@ class _RemoteConsumer(_Handle):
     def __iter__(self) -> Iterator[RemoteMessage]:
         """Yield messages as they arrive, forever; settle each one.
 
-        Each message comes from a FETCH, so when the connection holds the
-        server's max_unacked unsettled deliveries this raises ServerError
+        Each message comes from a FETCH. So when the connection has the
+        server's max_unacked deliveries unsettled, this raises ServerError
         with code 19 rather than waiting.
         """
         while True:
@@ -1341,7 +1341,7 @@ class RemoteQueue(_RemoteConsumer, _Publisher):
         return str(self._answer["options"].get("overflow", "reject"))
 
     def close(self) -> None:
-        """Do nothing: the server holds the queue's handle until the connection
+        """Do nothing: the server keeps the queue's handle until the connection
         closes.
 
         Each queue, stream and group a connection opens counts toward the
@@ -1363,7 +1363,7 @@ class RemoteGroup(_RemoteConsumer):
     """A consumer group of a stream on a server, as pymq.Group."""
 
     def close(self) -> None:
-        """Do nothing: the server holds the group's handle until the connection
+        """Do nothing: the server keeps the group's handle until the connection
         closes; see RemoteQueue.close."""
 
     def __enter__(self) -> RemoteGroup:

@@ -88,7 +88,7 @@ _OUTBOX_BYTES: Final = 64 * 1024
 # The shortest wait for room under max_unacked, so that a waiter cannot
 # spin while another thread checks the deliveries held.
 _MIN_ROOM_WAIT: Final = 0.001
-# The most peer addresses whose failed logins are kept in memory.
+# Maximum number of peer addresses whose failed logins are kept in memory.
 _MAX_LOGIN_HOSTS: Final = 10_000
 # Control requests that may take long (files created and synced, or a
 # whole DLQ moved) run in the pool; STATS and the listings run inline.
@@ -768,8 +768,8 @@ class _Connection(asyncio.Protocol):
                     return
                 if self.hello and not self.writable.is_set():
                     # The peer reads its replies slower than it sends
-                    # requests: the rest wait for the worker, which answers
-                    # each once the replies before it have gone out.
+                    # requests. The rest wait for the worker, which replies
+                    # to each once the replies before it have gone out.
                     self.defer(frames[index:])
                     return
                 self.dispatch(frame)
@@ -777,7 +777,8 @@ class _Connection(asyncio.Protocol):
                     size += len(outbox[counted])
                     counted += 1
                 if size >= _OUTBOX_BYTES and self.transport is not None:
-                    # May call pause_writing(), which the next turn sees.
+                    # May call pause_writing(), which clears writable for
+                    # the next frame of this loop.
                     self.transport.writelines(outbox)
                     outbox.clear()
                     counted = size = 0
