@@ -191,6 +191,26 @@ def test_damaged_record_is_skipped(tmp_path: Path, form: str, damaged: int) -> N
 
 
 @forms
+def test_damaged_records_in_a_long_run_are_skipped(tmp_path: Path, form: str) -> None:
+    # Damage at the start, side by side, in the middle and at the end of
+    # one run of 200 records: each damaged record is passed over alone.
+    data = tmp_path / "data"
+    damaged = {0, 2, 3, 63, 64, 65, 128, 199}
+    bodies = [b"%04d" % i + bytes(96) for i in range(200)]
+    with pymq.open(data) as broker:
+        jobs = broker.queue("jobs")
+        jobs.put_many(bodies)
+        for offset in sorted(damaged):
+            corrupt_body(data, offset, 100)
+        delivered = deliver(jobs, form, 300)
+        expected = [offset for offset in range(200) if offset not in damaged]
+        assert pairs(delivered) == [(offset, 1) for offset in expected]
+        assert [d.body for d in delivered] == [bodies[offset] for offset in expected]
+        assert jobs.stream.store.damaged == len(damaged)
+        assert jobs.stats().skipped == len(damaged)
+
+
+@forms
 def test_unreadable_header_block_is_skipped(broker: pymq.Broker, form: str) -> None:
     jobs = broker.queue("jobs")
     jobs.put(b"good0")

@@ -39,6 +39,20 @@ cdef enum:
     JOURNAL_MOVING = 5
 
 
+cdef class GroupBase
+
+
+cdef class TakeSink:
+    # Receives the deliveries GroupBase.take_into takes, with the group lock
+    # and the stream store's lock held; see take_into.
+    cdef int take_run(self, GroupBase group, const uint8_t **records,
+                      const size_t *used, list headers, uint64_t first,
+                      Py_ssize_t index, Py_ssize_t count) except -1
+    cdef int take_one(self, GroupBase group, const uint8_t *record,
+                      uint64_t offset, uint32_t attempt, object headers,
+                      size_t used, Py_ssize_t index) except -1
+
+
 @cython.final
 @cython.no_gc
 cdef class Message:
@@ -146,6 +160,8 @@ cdef class GroupBase:
                                const uint8_t **records, size_t *used,
                                list headers) except -1
     cdef Message take_now(self)
+    cdef Py_ssize_t batch_limit(self, Py_ssize_t count) except -1
+    cdef Py_ssize_t take_into(self, Py_ssize_t count, TakeSink sink) except -1
     cdef int fail(self, uint64_t offset, int64_t not_before, str reason,
                   bint dead_now) except -1
     cdef uint64_t check_receipt(self, uint64_t receipt) except? 0

@@ -313,6 +313,111 @@ cdef bytes take_body_bytes(BodyBuffer *buffer):
     return result
 
 
+cdef class TakeSink:
+    """What a get does with the deliveries GroupBase.take_into takes.
+
+    take_run gets count never-delivered records, of offsets first onward:
+    records[i] is the record of offset first + i, used[i] the size of its
+    header block and headers[i] its headers (a dict or None). take_one gets
+    any other delivery. index is the position of the first one in the get.
+    Both run with the group lock and the stream store's lock held; what
+    they raise hands every delivery of the get back.
+    """
+
+    cdef int take_run(self, GroupBase group, const uint8_t **records,
+                      const size_t *used, list headers, uint64_t first,
+                      Py_ssize_t index, Py_ssize_t count) except -1:
+        raise NotImplementedError
+
+    cdef int take_one(self, GroupBase group, const uint8_t *record,
+                      uint64_t offset, uint32_t attempt, object headers,
+                      size_t used, Py_ssize_t index) except -1:
+        raise NotImplementedError
+
+
+@cython.final
+cdef class MessageSink(TakeSink):
+    """Makes a Message of each delivery, for get_many."""
+
+    cdef list messages
+
+    cdef int take_run(self, GroupBase group, const uint8_t **records,
+                      const size_t *used, list headers, uint64_t first,
+                      Py_ssize_t index, Py_ssize_t count) except -1:
+        cdef Py_ssize_t i
+
+        for i in range(count):
+            self.messages.append(Message.new(group, records[i], first + i, 1,
+                                             headers[i], used[i]))
+        return 0
+
+    cdef int take_one(self, GroupBase group, const uint8_t *record,
+                      uint64_t offset, uint32_t attempt, object headers,
+                      size_t used, Py_ssize_t index) except -1:
+        self.messages.append(Message.new(group, record, offset, attempt,
+                                         headers, used))
+        return 0
+
+
+@cython.final
+cdef class BatchSink(TakeSink):
+    """Fills the columns of a MessageBatch and copies its bodies, for get_batch."""
+
+    cdef uint64_t *offsets
+    cdef uint64_t *receipts
+    cdef uint32_t *attempts
+    cdef int64_t *timestamps
+    cdef uint64_t *lengths
+    cdef list headers
+    cdef BodyBuffer data
+    cdef Py_ssize_t count
+
+    def __dealloc__(self):
+        Py_XDECREF(self.data.bytes)
+
+    cdef int take_run(self, GroupBase group, const uint8_t **records,
+                      const size_t *used, list headers, uint64_t first,
+                      Py_ssize_t index, Py_ssize_t count) except -1:
+        cdef Py_ssize_t i
+        cdef size_t needed = 0, length
+        cdef const uint8_t *record
+
+        for i in range(count):
+            self.offsets[index + i] = first + i
+            self.attempts[index + i] = 1
+            self.receipts[index + i] = group.ring.receipt(first + i, 1)
+            needed += load_u32(records[i] + REC_OFF_LENGTH) - used[i]
+        self.headers.extend(headers)
+        reserve_body_bytes(&self.data, needed, self.count)
+        for i in range(count):
+            record = records[i]
+            length = load_u32(record + REC_OFF_LENGTH) - used[i]
+            memcpy(bytes_pointer(self.data.bytes) + self.data.size,
+                   record + REC_HEADER_SIZE + used[i], length)
+            self.data.size += length
+            self.lengths[index + i] = length
+            self.timestamps[index + i] = <int64_t>load_u64(
+                record + REC_OFF_TIMESTAMP)
+        return 0
+
+    cdef int take_one(self, GroupBase group, const uint8_t *record,
+                      uint64_t offset, uint32_t attempt, object headers,
+                      size_t used, Py_ssize_t index) except -1:
+        cdef size_t length = load_u32(record + REC_OFF_LENGTH) - used
+
+        self.offsets[index] = offset
+        self.attempts[index] = attempt
+        self.receipts[index] = group.ring.receipt(offset, attempt)
+        self.headers.append(headers)
+        reserve_body_bytes(&self.data, length, self.count)
+        memcpy(bytes_pointer(self.data.bytes) + self.data.size,
+               record + REC_HEADER_SIZE + used, length)
+        self.data.size += length
+        self.lengths[index] = length
+        self.timestamps[index] = <int64_t>load_u64(record + REC_OFF_TIMESTAMP)
+        return 0
+
+
 cdef int compare_u64(const void *left, const void *right) noexcept nogil:
     cdef uint64_t a = (<const uint64_t *>left)[0]
     cdef uint64_t b = (<const uint64_t *>right)[0]
@@ -1473,26 +1578,37 @@ cdef class GroupBase:
         self.finish(False)
         return message
 
-    def get_many_nowait(self, Py_ssize_t count):
-        """Deliver up to count available messages, lowest offsets first."""
+    cdef Py_ssize_t batch_limit(self, Py_ssize_t count) except -1:
+        """Return count cut to what one journal record of deliveries holds."""
+        if count <= 0:
+            raise ValueError(f"count is {count}; it must be 1 or more")
+        return min(count, (self.journal.max_message_bytes - 5) //
+                   DELIVER_ENTRY_BYTES)
+
+    cdef Py_ssize_t take_into(self, Py_ssize_t count, TakeSink sink) except -1:
+        """Take up to count available deliveries, lowest offsets first.
+
+        Never-delivered offsets go to sink.take_run in runs, read in one
+        pass over their records; the others (redeliveries, and records
+        take_fresh() leaves to take_record()) go to sink.take_one. One
+        journal record lists them all. If the sink or the journal raises,
+        every delivery taken is given back and none is handed out. count
+        must be at most batch_limit(count). Returns the number taken; the
+        caller calls finish().
+        """
         cdef int64_t now = self.now()
         cdef SegmentStore store = self.stream.store
-        cdef list messages = []
         cdef list run_headers = []
-        cdef Message message
+        cdef object headers
         cdef uint64_t *offsets = NULL
         cdef uint32_t *attempts = NULL
         cdef const uint8_t **records = NULL
         cdef size_t *used = NULL
+        cdef const uint8_t *record
         cdef Py_ssize_t taken = 0, run, i
-        cdef uint64_t first
+        cdef uint64_t first, offset
+        cdef uint32_t attempt
 
-        if count <= 0:
-            raise ValueError(f"count is {count}; it must be 1 or more")
-        # One journal record holds the whole batch, so a batch is at most
-        # what fits in one record.
-        count = min(count, (self.journal.max_message_bytes - 5) //
-                    DELIVER_ENTRY_BYTES)
         try:
             offsets = <uint64_t *>PyMem_Malloc(count * 8)
             attempts = <uint32_t *>PyMem_Malloc(count * 4)
@@ -1518,21 +1634,25 @@ cdef class GroupBase:
                                 attempts[taken + i] = 1
                             taken += run
                             try:
-                                for i in range(run):
-                                    messages.append(Message.new(
-                                        self, records[i], first + i, 1,
-                                        run_headers[i], used[i]))
+                                sink.take_run(self, records, used, run_headers,
+                                              first, taken - run, run)
                             finally:
                                 store.release()
                             del run_headers[:]
                             continue
-                        message = self.take_one(now)
-                        if message is None:
+                        if not self.take_record(now, &offset, &attempt,
+                                                &record):
                             break
-                        offsets[taken] = message.offset
-                        attempts[taken] = message.attempt
+                        offsets[taken] = offset
+                        attempts[taken] = attempt
                         taken += 1
-                        messages.append(message)
+                        try:
+                            headers = self.taken_headers
+                            self.taken_headers = None
+                            sink.take_one(self, record, offset, attempt,
+                                          headers, self.taken_used, taken - 1)
+                        finally:
+                            store.release()
                     if taken:
                         self.write_journal(JOURNAL_DELIVER, offsets, attempts,
                                            taken)
@@ -1549,8 +1669,18 @@ cdef class GroupBase:
             PyMem_Free(attempts)
             PyMem_Free(records)
             PyMem_Free(used)
+        if store.events_pending:
+            store.report()
+        return taken
+
+    def get_many_nowait(self, Py_ssize_t count):
+        """Deliver up to count available messages, lowest offsets first."""
+        cdef MessageSink sink = MessageSink.__new__(MessageSink)
+
+        sink.messages = []
+        self.take_into(self.batch_limit(count), sink)
         self.finish(False)
-        return messages
+        return sink.messages
 
     def get_batch_nowait(self, Py_ssize_t count):
         """Deliver up to count messages as one MessageBatch of columns.
@@ -1558,134 +1688,32 @@ cdef class GroupBase:
         The columns and the bodies are copied straight from the records,
         without a Message object per message.
         """
-        cdef int64_t now = self.now()
-        cdef SegmentStore store = self.stream.store
-        cdef Py_ssize_t taken = 0, run, i, index
-        cdef const uint8_t *record
-        cdef uint64_t offset, length, first
-        cdef uint32_t attempt
-        cdef size_t size = 0, needed
-        cdef BodyBuffer data
-        cdef const uint8_t **records = NULL
-        cdef size_t *used = NULL
-        cdef uint64_t *offsets
-        cdef uint64_t *receipts
-        cdef uint32_t *attempts
-        cdef int64_t *timestamps
-        cdef uint64_t *lengths
-        cdef list headers = []
-        cdef object header_map
-        cdef MessageBatch batch
+        cdef BatchSink sink = BatchSink.__new__(BatchSink)
+        cdef MessageBatch batch = MessageBatch.__new__(MessageBatch)
+        cdef Py_ssize_t taken
 
-        if count <= 0:
-            raise ValueError(f"count is {count}; it must be 1 or more")
-        count = min(count, (self.journal.max_message_bytes - 5) //
-                    DELIVER_ENTRY_BYTES)
-        data.bytes = NULL
-        data.size = data.capacity = 0
-        batch = MessageBatch.__new__(MessageBatch)
+        count = self.batch_limit(count)
         batch.offset_bytes = PyBytes_FromStringAndSize(NULL, count * 8)
         batch.receipt_bytes = PyBytes_FromStringAndSize(NULL, count * 8)
         batch.attempt_bytes = PyBytes_FromStringAndSize(NULL, count * 4)
         batch.timestamp_bytes = PyBytes_FromStringAndSize(NULL, count * 8)
         batch.length_bytes = PyBytes_FromStringAndSize(NULL, count * 8)
-        offsets = <uint64_t *>PyBytes_AS_STRING(batch.offset_bytes)
-        receipts = <uint64_t *>PyBytes_AS_STRING(batch.receipt_bytes)
-        attempts = <uint32_t *>PyBytes_AS_STRING(batch.attempt_bytes)
-        timestamps = <int64_t *>PyBytes_AS_STRING(batch.timestamp_bytes)
-        lengths = <uint64_t *>PyBytes_AS_STRING(batch.length_bytes)
-        try:
-            records = <const uint8_t **>PyMem_Malloc(
-                count * sizeof(const uint8_t *))
-            used = <size_t *>PyMem_Malloc(count * sizeof(size_t))
-            if records == NULL or used == NULL:
-                raise MemoryError()
-            self.acquire()
-            try:
-                try:
-                    self.expire(now)
-                    while taken < count:
-                        run = self.take_fresh(now, count - taken, records,
-                                              used, headers)
-                        if run:
-                            # Counted as taken first, so that a failure
-                            # below hands the whole run back.
-                            first = self.ring.cursor - run
-                            for i in range(run):
-                                offsets[taken + i] = first + i
-                                attempts[taken + i] = 1
-                                receipts[taken + i] = self.ring.receipt(
-                                    first + i, 1)
-                            index = taken
-                            taken += run
-                            try:
-                                needed = 0
-                                for i in range(run):
-                                    needed += load_u32(
-                                        records[i] + REC_OFF_LENGTH) - used[i]
-                                reserve_body_bytes(&data, needed, count)
-                                for i in range(run):
-                                    record = records[i]
-                                    length = load_u32(
-                                        record + REC_OFF_LENGTH) - used[i]
-                                    memcpy(bytes_pointer(data.bytes) +
-                                           data.size,
-                                           record + REC_HEADER_SIZE + used[i],
-                                           length)
-                                    data.size += length
-                                    lengths[index + i] = length
-                                    timestamps[index + i] = <int64_t>load_u64(
-                                        record + REC_OFF_TIMESTAMP)
-                            finally:
-                                store.release()
-                            continue
-                        if not self.take_record(now, &offset, &attempt,
-                                                &record):
-                            break
-                        offsets[taken] = offset
-                        attempts[taken] = attempt
-                        receipts[taken] = self.ring.receipt(offset, attempt)
-                        taken += 1
-                        try:
-                            header_map = self.taken_headers
-                            self.taken_headers = None
-                            headers.append(header_map)
-                            length = load_u32(
-                                record + REC_OFF_LENGTH) - self.taken_used
-                            reserve_body_bytes(&data, length, count)
-                            memcpy(bytes_pointer(data.bytes) + data.size,
-                                   record + REC_HEADER_SIZE + self.taken_used,
-                                   length)
-                            data.size += length
-                            lengths[taken - 1] = length
-                            timestamps[taken - 1] = <int64_t>load_u64(
-                                record + REC_OFF_TIMESTAMP)
-                        finally:
-                            store.release()
-                    if taken:
-                        self.write_journal(JOURNAL_DELIVER, offsets, attempts,
-                                           taken)
-                except BaseException:
-                    # None was journaled, so none is handed out (take_now).
-                    for i in range(taken):
-                        self.ring.untake(offsets[i])
-                    raise
-            finally:
-                self.release()
-            if store.events_pending:
-                store.report()
-            batch.data = take_body_bytes(&data)
-        finally:
-            Py_XDECREF(data.bytes)
-            PyMem_Free(records)
-            PyMem_Free(used)
+        sink.offsets = <uint64_t *>PyBytes_AS_STRING(batch.offset_bytes)
+        sink.receipts = <uint64_t *>PyBytes_AS_STRING(batch.receipt_bytes)
+        sink.attempts = <uint32_t *>PyBytes_AS_STRING(batch.attempt_bytes)
+        sink.timestamps = <int64_t *>PyBytes_AS_STRING(batch.timestamp_bytes)
+        sink.lengths = <uint64_t *>PyBytes_AS_STRING(batch.length_bytes)
+        sink.headers = []
+        sink.count = count
+        taken = self.take_into(count, sink)
+        batch.data = take_body_bytes(&sink.data)
         if taken < count:
             batch.offset_bytes = batch.offset_bytes[:taken * 8]
             batch.receipt_bytes = batch.receipt_bytes[:taken * 8]
             batch.attempt_bytes = batch.attempt_bytes[:taken * 4]
             batch.timestamp_bytes = batch.timestamp_bytes[:taken * 8]
             batch.length_bytes = batch.length_bytes[:taken * 8]
-        batch.headers = headers
+        batch.headers = sink.headers
         batch.group = self
         self.finish(False)
         return batch

@@ -67,6 +67,8 @@ cdef class UnackedCount:
     cdef int give_back(self, Py_ssize_t count) except -1
     cdef void note_expiry(self, int64_t deadline_ns) noexcept
     cdef bint check_due(self, int64_t now) noexcept
+    cdef Py_ssize_t tracked(self, Py_ssize_t added, Py_ssize_t granted,
+                            int64_t visibility_ns) except -1
     cdef Py_ssize_t track(self, ReceiptSet outstanding, list messages,
                           Py_ssize_t granted, int64_t visibility_ns) except -1
 

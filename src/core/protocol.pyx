@@ -490,11 +490,16 @@ cdef class UnackedCount:
 
         Frees the room reserved but not used. Returns the receipts added.
         """
-        cdef Py_ssize_t before = outstanding.size(), added, i
+        cdef Py_ssize_t before = outstanding.size(), i
 
         for i in range(len(messages)):
             outstanding.add_one((<Message?>messages[i]).receipt)
-        added = outstanding.size() - before
+        return self.tracked(outstanding.size() - before, granted,
+                            visibility_ns)
+
+    cdef Py_ssize_t tracked(self, Py_ssize_t added, Py_ssize_t granted,
+                            int64_t visibility_ns) except -1:
+        """Count added receipts, just put in a set, against granted room."""
         if added > granted:
             # Only fewer messages than reserved can come; kept exact anyway.
             self.held += added - granted
@@ -652,6 +657,188 @@ cdef class UnackedCount:
             f"before fetching more", code=ERROR_TOO_MANY_UNACKED)
 
 
+# A DELIVER frame's bytes before its first delivery: the frame length, the
+# header, the count and the CRC.
+cdef enum:
+    DELIVER_PREFIX_BYTES = 4 + FRAME_HEADER_BYTES + 8
+
+
+cdef int write_delivery(BodyBuffer *frame, Py_ssize_t count, uint64_t offset,
+                        uint64_t receipt, int64_t timestamp, uint32_t attempt,
+                        object header_map, const uint8_t *body,
+                        size_t length) except -1:
+    """Append one delivery, in the layout of a DELIVER frame, to frame."""
+    cdef bytes block = None
+    cdef size_t block_size = 0
+    cdef uint8_t *out
+
+    if header_map:
+        # A DLQ's messages carry the headers of their move.
+        block = encode_headers(header_map, True)
+        block_size = PyBytes_GET_SIZE(block)
+    reserve_body_bytes(frame, DELIVERY_HEAD_BYTES + block_size + length,
+                       count)
+    out = <uint8_t *>bytes_pointer(frame.bytes) + frame.size
+    put_u64(out, offset)
+    put_u64(out + 8, receipt)
+    put_u64(out + 16, <uint64_t>timestamp)
+    put_u32(out + 24, attempt)
+    put_u32(out + 28, BATCH_HEADERS if block_size else 0)
+    put_u32(out + 32, <uint32_t>(block_size + length))
+    out += DELIVERY_HEAD_BYTES
+    if block_size:
+        memcpy(out, PyBytes_AS_STRING(block), block_size)
+        out += block_size
+    memcpy(out, body, length)
+    frame.size += DELIVERY_HEAD_BYTES + block_size + length
+    return 0
+
+
+cdef bytes finish_deliver_frame(bytes frame, uint16_t flags,
+                                uint32_t request_id, uint32_t handle,
+                                uint32_t count):
+    """Fill in the prefix of frame, whose deliveries are written."""
+    cdef uint8_t *out = <uint8_t *>PyBytes_AS_STRING(frame)
+    cdef size_t size = PyBytes_GET_SIZE(frame)
+
+    put_header(out, <uint32_t>(size - 4), OP_DELIVER, flags, request_id,
+               handle)
+    put_u32(out + 16, count)
+    put_u32(out + 20, pymq_crc32c(0, out + DELIVER_PREFIX_BYTES,
+                                  size - DELIVER_PREFIX_BYTES))
+    return frame
+
+
+cdef list split_deliver_frame(bytes frame, uint32_t request_id,
+                              uint32_t handle, size_t max_frame_bytes):
+    """Return the deliveries of frame as frames of max_frame_bytes at most.
+
+    Every frame but the last has FRAME_MORE set. A delivery too large for
+    any frame raises MessageTooLargeError.
+    """
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(frame)
+    cdef size_t end = PyBytes_GET_SIZE(frame)
+    cdef size_t pos = DELIVER_PREFIX_BYTES, start = pos, size, delivery
+    cdef uint32_t count = 0
+    cdef list frames = []
+    cdef bytes part
+
+    size = FRAME_HEADER_BYTES + 8
+    while pos < end:
+        delivery = DELIVERY_HEAD_BYTES + load_u32(p + pos + 32)
+        if size + delivery > max_frame_bytes:
+            if count == 0:
+                raise MessageTooLargeError(
+                    FRAME_HEADER_BYTES + 8 + delivery, max_frame_bytes,
+                    f"message {load_u64(p + pos)} takes "
+                    f"{FRAME_HEADER_BYTES + 8 + delivery} bytes as a "
+                    f"delivery; max_frame_bytes is {max_frame_bytes}")
+            part = PyBytes_FromStringAndSize(
+                NULL, DELIVER_PREFIX_BYTES + pos - start)
+            memcpy(PyBytes_AS_STRING(part) + DELIVER_PREFIX_BYTES, p + start,
+                   pos - start)
+            frames.append(finish_deliver_frame(
+                part, FRAME_REPLY | FRAME_MORE, request_id, handle, count))
+            start = pos
+            size = FRAME_HEADER_BYTES + 8
+            count = 0
+        size += delivery
+        pos += delivery
+        count += 1
+    part = PyBytes_FromStringAndSize(NULL, DELIVER_PREFIX_BYTES + pos - start)
+    memcpy(PyBytes_AS_STRING(part) + DELIVER_PREFIX_BYTES, p + start,
+           pos - start)
+    frames.append(finish_deliver_frame(part, FRAME_REPLY, request_id, handle,
+                                       count))
+    return frames
+
+
+@cython.final
+cdef class FrameSink(TakeSink):
+    """Writes each delivery into one DELIVER frame, for a FETCH.
+
+    The bodies of never-delivered records go from the log into the frame,
+    with no Message or bytes object per message. receipts[i] is the
+    receipt of delivery i.
+    """
+
+    cdef BodyBuffer data
+    cdef uint64_t *receipts
+    cdef Py_ssize_t count
+
+    def __dealloc__(self):
+        Py_XDECREF(self.data.bytes)
+        PyMem_Free(self.receipts)
+
+    cdef int take_run(self, GroupBase group, const uint8_t **records,
+                      const size_t *used, list headers, uint64_t first,
+                      Py_ssize_t index, Py_ssize_t count) except -1:
+        cdef Py_ssize_t i
+        cdef const uint8_t *record
+
+        for i in range(count):
+            record = records[i]
+            self.receipts[index + i] = group.ring.receipt(first + i, 1)
+            write_delivery(
+                &self.data, self.count, first + i, self.receipts[index + i],
+                <int64_t>load_u64(record + REC_OFF_TIMESTAMP), 1, headers[i],
+                record + REC_HEADER_SIZE + used[i],
+                load_u32(record + REC_OFF_LENGTH) - used[i])
+        return 0
+
+    cdef int take_one(self, GroupBase group, const uint8_t *record,
+                      uint64_t offset, uint32_t attempt, object headers,
+                      size_t used, Py_ssize_t index) except -1:
+        self.receipts[index] = group.ring.receipt(offset, attempt)
+        write_delivery(
+            &self.data, self.count, offset, self.receipts[index],
+            <int64_t>load_u64(record + REC_OFF_TIMESTAMP), attempt, headers,
+            record + REC_HEADER_SIZE + used,
+            load_u32(record + REC_OFF_LENGTH) - used)
+        return 0
+
+
+cdef list fetch_frames(GroupBase group, Py_ssize_t count,
+                       uint32_t request_id, uint32_t handle,
+                       size_t max_frame_bytes, ReceiptSet outstanding,
+                       UnackedCount unacked, Py_ssize_t granted):
+    """Deliver up to count messages of group as the DELIVER frames of a reply.
+
+    What get_many_nowait and delivery_frames do, without a Message object
+    per message (FrameSink). The receipts join outstanding and are counted
+    against the room granted by unacked, which is given back if the take
+    raises. Returns [] when nothing was available.
+    """
+    cdef FrameSink sink = FrameSink.__new__(FrameSink)
+    cdef Py_ssize_t taken = 0, before, i
+    cdef bytes frame
+
+    try:
+        count = group.batch_limit(count)
+        sink.count = count
+        sink.receipts = <uint64_t *>PyMem_Malloc(count * 8)
+        if sink.receipts == NULL:
+            raise MemoryError()
+        reserve_body_bytes(&sink.data, DELIVER_PREFIX_BYTES, count)
+        sink.data.size = DELIVER_PREFIX_BYTES
+        taken = group.take_into(count, sink)
+    except BaseException:
+        unacked.give_back(granted)
+        raise
+    before = outstanding.size()
+    for i in range(taken):
+        outstanding.add_one(sink.receipts[i])
+    unacked.tracked(outstanding.size() - before, granted, group.visibility_ns)
+    group.finish(False)
+    if taken == 0:
+        return []
+    frame = take_body_bytes(&sink.data)
+    if <size_t>PyBytes_GET_SIZE(frame) - 4 <= max_frame_bytes:
+        return [finish_deliver_frame(frame, FRAME_REPLY, request_id, handle,
+                                     <uint32_t>taken)]
+    return split_deliver_frame(frame, request_id, handle, max_frame_bytes)
+
+
 def serve_fetch(consumer, bytes payload not None, uint32_t max_count,
                 ReceiptSet outstanding not None, uint32_t request_id,
                 uint32_t handle, size_t max_frame_bytes,
@@ -667,7 +854,7 @@ def serve_fetch(consumer, bytes payload not None, uint32_t max_count,
     cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(payload)
     cdef uint32_t count
     cdef int32_t wait_ms
-    cdef list messages
+    cdef list frames
     cdef Py_ssize_t granted
     cdef GroupBase group = <GroupBase?>consumer
 
@@ -682,18 +869,15 @@ def serve_fetch(consumer, bytes payload not None, uint32_t max_count,
     granted = unacked.take_room(count)
     if granted == 0:
         raise unacked.full_error()
-    # try/finally, unlike try/except, costs nothing when no error comes.
-    messages = None
-    try:
-        messages = group.get_many_nowait(granted)
-    finally:
-        if messages is None:
-            unacked.give_back(granted)
-    unacked.track(outstanding, messages, granted, group.visibility_ns)
-    if not messages and wait_ms != 0:
+    frames = fetch_frames(group, granted, request_id, handle, max_frame_bytes,
+                          outstanding, unacked, granted)
+    if not frames and wait_ms != 0:
         return None
-    return delivery_frames(FRAME_REPLY, request_id, handle, messages,
-                           max_frame_bytes)
+    if not frames:
+        # An empty reply: a DELIVER frame with no deliveries.
+        return delivery_frames(FRAME_REPLY, request_id, handle, [],
+                               max_frame_bytes)
+    return frames
 
 
 def serve_ack(consumer, bytes payload not None,

@@ -91,6 +91,29 @@ def test_get_many_lowest_offset_first(broker, name):
     assert [m.attempt for m in again] == [2, 1, 1]
 
 
+def test_get_many_keeps_every_field_of_redelivered_and_fresh(broker, name):
+    # One reply holds a redelivery (with headers) before fresh messages
+    # with and without headers: each keeps its own fields.
+    q = broker.queue(name, visibility_timeout=3600)
+    q.put(b"again", headers={"kind": "retry"})
+    q.put_many([b"plain", b""])
+    q.put(b"tagged", headers={"n": "3"})
+    first = q.get(timeout=WAIT)
+    first.nack()
+
+    messages = q.get_many(10, timeout=WAIT)
+    assert [m.offset for m in messages] == [0, 1, 2, 3]
+    assert [m.attempt for m in messages] == [2, 1, 1, 1]
+    assert [m.body for m in messages] == [b"again", b"plain", b"", b"tagged"]
+    assert [m.headers for m in messages] == [{"kind": "retry"}, {}, {}, {"n": "3"}]
+    assert messages[0].timestamp == first.timestamp
+    assert messages[0].receipt != first.receipt
+    assert len({m.receipt for m in messages}) == 4
+    q.ack_many(messages)
+    assert q.stats().acked == 4
+    assert q.stats().depth == 0
+
+
 def test_get_timeout_returns_none(broker, name):
     q = broker.queue(name)
     assert q.get(timeout=0.2) is None
