@@ -42,6 +42,7 @@ from pymq.client import (
     check_connect_options,
     check_receipt,
     client_ssl_context,
+    connect_failed,
     encode_reason,
     fetch_payload,
     handshake_closed,
@@ -180,6 +181,8 @@ class AsyncConnection:
             raise
         except ssl.SSLError as exc:
             raise errors.ConnectionLostError(tls_failed(address, exc)) from exc
+        except OSError as exc:
+            raise connect_failed(address, exc) from exc
         try:
             hello = hello_payload(self._token, "pymq-python-asyncio")
             writer.write(PREAMBLE + encode_frame(protocol.HELLO, 0, 0, 0, hello))
@@ -1042,7 +1045,7 @@ async def connect(
     requests that are safe to repeat are sent again on their own, and
     `async for` subscribes again.
     """
-    check_connect_options(connect_timeout, reconnect_attempts)
+    check_connect_options(connect_timeout, reconnect_attempts, token)
     if token is None:
         token = os.environ.get("PYMQ_TOKEN") or None
     address = parse_url(url)

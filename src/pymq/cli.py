@@ -932,8 +932,16 @@ def _connect(
                 "; if the server's certificate is signed by your own authority, "
                 "pass it with --tls-ca"
             )
+        reason = _describe(exc)
+        if (
+            exc.errno is not None
+            and exc.errno > 0
+            and not isinstance(exc, ssl.SSLError)
+        ):
+            # The client's message names the address too: keep the reason.
+            reason = _describe(type(exc)(exc.errno, os.strerror(exc.errno)))
         raise CommandError(
-            f"could not connect to {_url_with_port(url)}: {_describe(exc)}{hint}",
+            f"could not connect to {_url_with_port(url)}: {reason}{hint}",
             ExitCode.CONNECTION,
         ) from None
     return remote

@@ -130,8 +130,12 @@ def check_receipt(receipt: object) -> None:
         )
 
 
-def check_connect_options(connect_timeout: object, reconnect_attempts: object) -> None:
+def check_connect_options(
+    connect_timeout: object, reconnect_attempts: object, token: object = None
+) -> None:
     """Raise TypeError or ConfigError for options of connect() out of range."""
+    if token is not None and not isinstance(token, str):
+        raise TypeError(f"token must be a str, not {type(token).__name__}")
     if isinstance(connect_timeout, bool) or not isinstance(
         connect_timeout, (int, float)
     ):
@@ -204,6 +208,24 @@ def handshake_closed(address: Address) -> str:
             "use pymqs://"
         )
     return f"{address} closed the connection during the handshake; {hint}"
+
+
+def connect_failed(address: Address, exc: OSError) -> OSError:
+    """Return exc again, of the same class, with a message naming address.
+
+    A refused connection, a missing socket file or an unknown host raise
+    without saying where the client tried to connect.
+    """
+    if exc.errno is not None and exc.errno > 0:
+        reason = os.strerror(exc.errno)
+    else:
+        reason = exc.strerror or str(exc)
+    if not reason:
+        reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+    message = f"cannot connect to {address}: {reason}"
+    if exc.errno is None:
+        return type(exc)(message)
+    return type(exc)(exc.errno, message)
 
 
 def tls_failed(address: Address, exc: ssl.SSLError) -> str:
@@ -429,13 +451,19 @@ class Connection:
             sock.settimeout(self._connect_timeout)
             try:
                 sock.connect(address.path)
+            except OSError as exc:
+                sock.close()
+                raise connect_failed(address, exc) from exc
             except BaseException:
                 sock.close()
                 raise
         else:
-            sock = socket.create_connection(
-                (address.host, address.port), timeout=self._connect_timeout
-            )
+            try:
+                sock = socket.create_connection(
+                    (address.host, address.port), timeout=self._connect_timeout
+                )
+            except OSError as exc:
+                raise connect_failed(address, exc) from exc
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if address.tls:
                 context = self._ssl_context or ssl.create_default_context()
@@ -481,12 +509,16 @@ class Connection:
         self._sock = sock
         self.generation += 1
 
+    def check_open(self) -> None:
+        """Raise ClosedError once close() was called."""
+        if self._closed:
+            raise errors.ClosedError(f"connection to {self.address} is closed")
+
     def _ensure(self) -> None:
         """Reconnect a broken connection, with backoff, before a request."""
         if self._sock is not None:
             return
-        if self._closed:
-            raise errors.ClosedError(f"connection to {self.address} is closed")
+        self.check_open()
         attempts = self._reconnect_attempts + 1
         delays = reconnect_delays(attempts)
         for attempt in range(1, attempts + 1):
@@ -848,6 +880,7 @@ class RemoteBroker:
         # TypeError or ConfigError rather than a server error.
         check_queue_name(name)
         options = _check_options(options, QUEUE_DEFAULTS)
+        self._connection.check_open()
         with self._lock:
             queue = self._queues.get(name)
             if queue is None:
@@ -862,6 +895,7 @@ class RemoteBroker:
         """Open the stream name on the server, creating it if it is missing."""
         check_name("stream", name)
         options = _check_options(options, STREAM_DEFAULTS)
+        self._connection.check_open()
         # One object, and one handle on the server, per stream.
         with self._lock:
             stream = self._streams.get(name)
@@ -1471,7 +1505,7 @@ def connect(
     reconnect_attempts more, so 6 tries by default, and 1 with 0. Only
     requests that are safe to repeat are sent again on their own.
     """
-    check_connect_options(connect_timeout, reconnect_attempts)
+    check_connect_options(connect_timeout, reconnect_attempts, token)
     if token is None:
         token = os.environ.get("PYMQ_TOKEN") or None
     address = parse_url(url)

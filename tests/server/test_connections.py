@@ -6,7 +6,9 @@ within a test can only come from the server releasing them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -21,6 +23,7 @@ from typing import Any
 import pytest
 
 import pymq
+import pymq.aio
 from pymq import ConnectionLostError, protocol
 from pymq._core import encode_frame
 from pymq.client import encode_reason
@@ -549,3 +552,47 @@ def test_reconnect_attempts_zero_allowed(shared_server, name):
     with pymq.connect(shared_server.url, reconnect_attempts=0) as client:
         assert client.queue(name).put(b"x") == 0
         assert client.server_version.startswith("pymq ")
+
+
+# Connecting --------------------------------------------------------------
+
+
+def test_refused_connection_names_the_address():
+    url = f"pymq://127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectionRefusedError) as blocking:
+        pymq.connect(url, reconnect_attempts=0)
+
+    async def connect_async() -> None:
+        await pymq.aio.connect(url, reconnect_attempts=0)
+
+    with pytest.raises(ConnectionRefusedError) as asynchronous:
+        asyncio.run(connect_async())
+    for raised in (blocking, asynchronous):
+        assert str(raised.value) == (
+            f"[Errno {errno.ECONNREFUSED}] cannot connect to {url}: "
+            f"{os.strerror(errno.ECONNREFUSED)}"
+        )
+
+
+def test_missing_unix_socket_names_the_path(tmp_path):
+    url = f"pymq+unix://{tmp_path / 'missing.sock'}"
+    with pytest.raises(FileNotFoundError) as raised:
+        pymq.connect(url, reconnect_attempts=0)
+    assert f"cannot connect to {url}: " in str(raised.value)
+
+
+@pytest.mark.parametrize("token", [5, b"secret"])
+def test_token_of_another_type_raises_type_error(token):
+    with pytest.raises(TypeError, match="token must be a str, not"):
+        pymq.connect(f"pymq://127.0.0.1:{free_port()}", token=token)
+
+
+def test_queue_after_close_raises_closed(shared_server, name):
+    client = pymq.connect(shared_server.url)
+    client.queue(name)
+    client.stream(f"{name}-events")
+    client.close()
+    with pytest.raises(pymq.ClosedError, match="is closed"):
+        client.queue(name)
+    with pytest.raises(pymq.ClosedError, match="is closed"):
+        client.stream(f"{name}-events")
