@@ -224,7 +224,7 @@ def test_get_stops_at_max_unacked(
     [
         (
             ["--max-batch", "0"],
-            "max_batch is 0; it must be from 1 to 1000000",
+            "--max-batch: the value is 0; it must be from 1 to 1000000",
         ),
         (
             ["--max-message-bytes", "32MiB"],
@@ -237,11 +237,19 @@ def test_get_stops_at_max_unacked(
         ),
         (
             ["--max-unacked", "0"],
-            "max_unacked is 0; it must be from 1 to 2147483648",
+            "--max-unacked: the value is 0; it must be from 1 to 2147483648",
         ),
         (
             ["--max-unacked", "2147483649"],
-            "max_unacked is 2147483649; it must be from 1 to 2147483648",
+            "--max-unacked: the value is 2147483649; it must be from 1 to 2147483648",
+        ),
+        (
+            ["--max-connections", "0"],
+            "--max-connections: the value is 0; it must be from 1 to 1000000",
+        ),
+        (
+            ["--login-window", "0"],
+            "--login-window: the value is 0.0; it must be from 0.01 to 86400",
         ),
     ],
 )

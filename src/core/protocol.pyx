@@ -297,6 +297,9 @@ cdef uint64_t publish_batch(StreamBase stream, bytes payload,
     count = load_u32(p + 4)
     crc = load_u32(p + 8)
     timeout_ms = <int32_t>load_u32(p + 12)
+    if timeout_ms < -1:
+        raise ConfigError(f"publish timeout is {timeout_ms} ms; it must be -1 "
+                          f"(no limit) or 0 or more")
     if flags & ~(<uint32_t>BATCH_HEADERS):
         raise ProtocolError(f"publish flags are {flags:#x}; only bit 0 is "
                             f"defined")

@@ -1001,7 +1001,16 @@ def _serve(args: argparse.Namespace) -> int:
     for field, _, _ in SERVE_LIMITS:
         if getattr(args, field) is not None:
             chosen[field] = getattr(args, field)
-    limits = server.ServerLimits(**chosen)
+    try:
+        limits = server.ServerLimits(**chosen)
+    except ConfigError as exc:
+        # ServerLimits names its fields; the user typed options.
+        field = str(exc).split(" ", 1)[0]
+        option = "--" + field.replace("_", "-")
+        raise CommandError(
+            f"{option}: {exc}".replace(f"{field} is", "the value is", 1),
+            ExitCode.USAGE,
+        ) from None
     data = Path(args.data)
     if data.exists() and not data.is_dir():
         raise CommandError(

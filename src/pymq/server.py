@@ -79,6 +79,8 @@ LOOPS: Final = ("auto", "asyncio", "uvloop")
 
 _FETCH: Final = struct.Struct("<Ii")
 _U32: Final = struct.Struct("<I")
+# Flags only the server's frames carry; a request with any of them is bad.
+_SERVER_FLAGS: Final = FLAG_REPLY | FLAG_ERROR | FLAG_PUSH | FLAG_MORE
 _F64: Final = struct.Struct("<d")
 # Requests queued on one connection before the server stops reading it.
 _MAX_PENDING: Final = 1024
@@ -532,6 +534,7 @@ class Server:
         raw = token.encode("utf-8") if isinstance(token, str) else b""
         if hmac.compare_digest(raw, self._token):
             return None
+        reason = "wrong token" if raw else "missing token"
         if failures is None:
             if len(self._login_failures) >= _MAX_LOGIN_HOSTS:
                 # The oldest entry goes, so memory stays bounded.
@@ -545,8 +548,13 @@ class Server:
                 limits.login_window,
                 len(failures),
             )
-        self._log_failed_login(peer, now, "wrong or missing token")
-        return "authentication failed: wrong or missing token"
+        self._log_failed_login(peer, now, reason)
+        if raw:
+            return "authentication failed: wrong token"
+        return (
+            "authentication failed: missing token; this server requires one "
+            "(pass token=, or set PYMQ_TOKEN)"
+        )
 
     def _log_failed_login(self, peer: str, now: float, reason: str) -> None:
         self._failed_logins += 1
@@ -679,7 +687,8 @@ class _Connection(asyncio.Protocol):
                 "the server is shutting down"
                 if self.server.stopping
                 else f"the server holds max_connections "
-                f"({self.limits.max_connections}) connections"
+                f"({self.limits.max_connections}) connections; try again once "
+                f"others close, or start it with a higher --max-connections"
             )
             code = 13 if self.server.stopping else 16
             logger.warning("refused a connection from %s: %s", self.peer, reason)
@@ -805,6 +814,25 @@ class _Connection(asyncio.Protocol):
         self.preamble += data[:need]
         if len(self.preamble) < len(PREAMBLE):
             return b""
+        if self.preamble[:4] == PREAMBLE[:4] and self.preamble[4] != PREAMBLE[4]:
+            logger.info(
+                "closed a connection from %s: it speaks pymq protocol version "
+                "%d, not %d",
+                self.peer,
+                self.preamble[4],
+                PREAMBLE[4],
+            )
+            self.send_error(
+                protocol.HELLO,
+                0,
+                0,
+                3,
+                f"this server speaks pymq protocol version {PREAMBLE[4]}, and "
+                f"the client asked for version {self.preamble[4]}; use a "
+                f"client of the same major version",
+            )
+            self.close()
+            return b""
         if self.preamble[:5] != PREAMBLE[:5]:
             logger.info(
                 "closed a connection from %s: it does not speak the pymq "
@@ -899,6 +927,12 @@ class _Connection(asyncio.Protocol):
         try:
             if handler is None:
                 raise _Fatal(4, f"unknown opcode {opcode:#x}")
+            if flags & _SERVER_FLAGS:
+                raise _Fatal(
+                    1,
+                    f"request flags are {flags:#x}; a request may set only "
+                    f"NO_REPLY ({FLAG_NO_REPLY:#x}), the others are the server's",
+                )
             return handler(flags, request_id, handle, payload)
         except _Fatal as exc:
             return exc
@@ -1055,7 +1089,9 @@ class _Connection(asyncio.Protocol):
         elif kind in ("queue", "stream"):
             label = name
         else:
-            raise errors.ProtocolError(f"OPEN kind is {kind!r}")
+            raise ValueError(
+                f'OPEN kind is {kind!r}; it must be "queue", "stream" or "group"'
+            )
         # Opening the same target again reuses its handle, so a client that
         # opens a stream for every put does not run out of handles.
         known = self.named.get((kind, label))

@@ -17,7 +17,7 @@ import pytest
 import pymq
 from pymq import protocol
 from pymq._core import encode_frame, encode_publish, encode_receipts
-from pymq.protocol import FLAG_ERROR, FLAG_REPLY, PREAMBLE, encode_json
+from pymq.protocol import FLAG_ERROR, FLAG_MORE, FLAG_REPLY, PREAMBLE, encode_json
 from tests.server.helpers import RawClient, ServerProcess, error_of
 
 _queues = itertools.count()
@@ -70,6 +70,33 @@ def test_wrong_preamble_gets_version_error(server, raw):
     assert len(frames) == 1
     assert frames[0][0] == protocol.HELLO
     assert error_of(frames[0]) == (3, "expected the pymq protocol preamble")
+    assert_serves(server)
+
+
+def test_preamble_of_another_major_version(server, raw):
+    raw.send(PREAMBLE[:4] + bytes([2]) + PREAMBLE[5:])
+    frames = raw.read_until_closed()
+    assert len(frames) == 1
+    assert error_of(frames[0]) == (
+        3,
+        "this server speaks pymq protocol version 1, and the client asked for "
+        "version 2; use a client of the same major version",
+    )
+    assert_serves(server)
+
+
+@pytest.mark.parametrize("flag", [FLAG_REPLY, FLAG_ERROR, FLAG_MORE])
+def test_request_with_a_server_flag_closes(server, raw, flag):
+    raw.handshake()
+    raw.send(encode_frame(protocol.PING, flag, 5, 0, b""))
+    frames = raw.read_until_closed()
+    assert len(frames) == 1
+    code, text = error_of(frames[0])
+    assert code == 1
+    assert text == (
+        f"request flags are {flag:#x}; a request may set only NO_REPLY (0x4), "
+        f"the others are the server's"
+    )
     assert_serves(server)
 
 
@@ -233,6 +260,32 @@ def test_publish_with_damaged_body(server, raw):
     assert_open(raw)
     with pymq.connect(server.url) as client:
         assert client.queue(name).stats().depth == 0
+
+
+def test_publish_timeout_below_minus_one(server, raw):
+    name = queue_name()
+    raw.handshake()
+    handle = raw.open_queue(name)
+    raw.send(encode_publish(9, handle, [b"body"], None, -7))
+
+    assert error_of(raw.next_frame()) == (
+        8,
+        "publish timeout is -7 ms; it must be -1 (no limit) or 0 or more",
+    )
+    assert_open(raw)
+    with pymq.connect(server.url) as client:
+        assert client.queue(name).stats().depth == 0
+
+
+def test_open_of_unknown_kind_keeps_connection(server, raw):
+    raw.handshake()
+    request = encode_json({"kind": "zzz", "name": queue_name()})
+    reply = raw.request(protocol.OPEN, 3, 0, request)
+    assert error_of(reply) == (
+        17,
+        'OPEN kind is \'zzz\'; it must be "queue", "stream" or "group"',
+    )
+    assert_open(raw)
 
 
 def test_fetch_count_zero(server, raw):

@@ -410,7 +410,9 @@ def predict_publish(flags: int, payload: bytes, max_batch: int) -> Expect:
     """Predict publish_into, in the order of its checks."""
     if len(payload) < 16:
         return fails(1)
-    batch_flags, count, crc = struct.unpack_from("<III", payload)
+    batch_flags, count, crc, timeout_ms = struct.unpack_from("<IIIi", payload)
+    if timeout_ms < -1:
+        return fails(8)
     if batch_flags & ~1 or not 1 <= count <= max_batch:
         return fails(1)
     if count > (len(payload) - 16) // 4:
@@ -532,9 +534,35 @@ def predict_control(opcode: int, payload: bytes, state: ModelState) -> Expect:
     return ANY_NONFATAL
 
 
+# Opcodes the server handles, and the flags only its own frames carry.
+HANDLED = {
+    protocol.HELLO,
+    protocol.PING,
+    protocol.OPEN,
+    protocol.STATS,
+    protocol.REDRIVE,
+    protocol.NAMES,
+    protocol.GROUPS,
+    protocol.PUBLISH,
+    protocol.FETCH,
+    protocol.SUBSCRIBE,
+    protocol.CREDIT,
+    protocol.UNSUBSCRIBE,
+    protocol.ACK,
+    protocol.NACK,
+    protocol.EXTEND,
+    protocol.REJECT,
+}
+SERVER_FLAGS = FLAG_REPLY | FLAG_ERROR | FLAG_PUSH | FLAG_MORE
+
+
 def predict(request: Request, request_id: int, state: ModelState) -> Expect:
     """Return the reply the server must send to request."""
     opcode = request.opcode
+    if opcode not in HANDLED:
+        return fails(4)
+    if request.flags & SERVER_FLAGS:
+        return fails(1)
     if opcode == protocol.HELLO:
         return fails(1)
     if opcode in (protocol.PING, protocol.NAMES):

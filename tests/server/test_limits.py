@@ -99,6 +99,10 @@ def test_max_connections_refuses_third(servers):
             pymq.connect(server.url, reconnect_attempts=0)
         assert refused.value.code == 16
         assert refused.value.retriable is True
+        assert str(refused.value) == (
+            "the server holds max_connections (2) connections; try again once "
+            "others close, or start it with a higher --max-connections"
+        )
 
         assert_round_trip(first, "first")
         assert_round_trip(second, "second")
@@ -194,7 +198,7 @@ def test_failed_logins_lock_out_host(lockout):
     for _ in range(3):
         with pytest.raises(AuthenticationError) as wrong:
             pymq.connect(lockout.url, token=WRONG_TOKEN, reconnect_attempts=0)
-        assert "wrong or missing token" in str(wrong.value)
+        assert str(wrong.value) == "authentication failed: wrong token"
 
     # The right token is rejected too while the host is locked out.
     with pytest.raises(AuthenticationError) as locked:
@@ -332,4 +336,14 @@ def test_max_handles_error_names_streams(servers, name):
         "this connection holds max_handles (2) open queues, streams and groups, "
         "which the server releases only when the connection closes; reconnect, "
         "or raise --max-handles"
+    )
+
+
+def test_missing_token_says_the_server_needs_one(lockout, monkeypatch):
+    monkeypatch.delenv("PYMQ_TOKEN", raising=False)
+    with pytest.raises(AuthenticationError) as missing:
+        pymq.connect(lockout.url, reconnect_attempts=0)
+    assert str(missing.value) == (
+        "authentication failed: missing token; this server requires one "
+        "(pass token=, or set PYMQ_TOKEN)"
     )
