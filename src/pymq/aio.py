@@ -723,7 +723,7 @@ class _AsyncPublisher(_AsyncHandle):
         timeout: float | None = None,
     ) -> int:
         """Append one message and return its offset."""
-        plan_batches([body], headers, self._connection)
+        plan_batches([body], headers, self.name, self._connection)
         milliseconds = wait_ms(timeout)
         frames = await self._connection.call(
             protocol.PUBLISH,
@@ -746,7 +746,7 @@ class _AsyncPublisher(_AsyncHandle):
         connection = self._connection
         milliseconds = wait_ms(timeout)
         ranges: list[range] = []
-        for start, stop in plan_batches(items, headers, connection):
+        for start, stop in plan_batches(items, headers, self.name, connection):
             part = items[start:stop]
             frames = await connection.call(
                 protocol.PUBLISH,
