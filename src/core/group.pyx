@@ -48,6 +48,14 @@ cdef str consumer_label(GroupBase group):
     return f"group {group.group_name} of stream {group.stream.name}"
 
 
+cdef inline bint takes_reserved_headers(str name):
+    """Return whether puts into the queue or stream name may use RESERVED_HEADERS.
+
+    Only a dead-letter queue does, and its name ends in ".dlq".
+    """
+    return name.endswith(".dlq")
+
+
 cdef int check_user_header(str key) except -1:
     if key in RESERVED_HEADERS:
         raise ValueError(
@@ -101,6 +109,19 @@ cdef bytes encode_headers(dict headers, bint reserved_allowed=False):
         parts.append(len(raw_value).to_bytes(4, "little"))
         parts.append(raw_value)
     return b"".join(parts)
+
+
+def put_header_bytes(dict headers, str target not None):
+    """Return the bytes that headers add to each message of a put into target.
+
+    Checks headers as that put on the broker does, with the same TypeError
+    and ValueError, so that a remote client rejects before sending what
+    the embedded broker rejects. Reserved names (RESERVED_HEADERS) raise
+    unless target is a dead-letter queue.
+    """
+    if not headers:
+        return 0
+    return len(encode_headers(headers, takes_reserved_headers(target)))
 
 
 cdef dict decode_headers(const uint8_t *data, size_t length, size_t *used):
@@ -482,7 +503,7 @@ cdef class StreamBase:
     def __cinit__(self, SegmentStore store not None, str name not None):
         self.store = store
         self.name = name
-        self.dead_letter = name.endswith(".dlq")
+        self.dead_letter = takes_reserved_headers(name)
         self.max_length = -1
         self.max_bytes = -1
         self.put_lock = pymq_mutex_new()

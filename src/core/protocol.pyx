@@ -5,6 +5,8 @@
 from cpython.bytearray cimport (PyByteArray_AS_STRING, PyByteArray_GET_SIZE,
                                 PyByteArray_Resize)
 
+from types import GenericAlias
+
 
 cdef inline void put_u16(uint8_t *p, uint16_t value) noexcept nogil:
     memcpy(p, &value, 2)
@@ -1255,8 +1257,15 @@ cdef class RemoteMessage:
     """One delivery received from a server: the same fields as Message.
 
     ack(), nack(), extend() and reject() wait for the server's reply and
-    raise its error.
+    raise its error. They return what the same method of the queue or group
+    that delivered the message returns: None from the blocking client, a
+    coroutine to await from the asyncio client. For type checkers the
+    class is generic in that result: RemoteMessage is RemoteMessage[None],
+    and pymq.aio.AsyncMessage names the asyncio client's deliveries.
     """
+
+    def __class_getitem__(cls, item):
+        return GenericAlias(cls, item)
 
     @property
     def headers(self):

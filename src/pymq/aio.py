@@ -20,8 +20,14 @@ import os
 import ssl
 import struct
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
-from typing import Any, Final
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+)
+from typing import Any, Final, TypeAlias
 
 from pymq import errors, protocol
 from pymq._core import (
@@ -69,7 +75,14 @@ from pymq.protocol import (
 )
 from pymq.types import QueueStats
 
-__all__ = ["AsyncBroker", "AsyncGroup", "AsyncQueue", "AsyncStream", "connect"]
+__all__ = [
+    "AsyncBroker",
+    "AsyncGroup",
+    "AsyncMessage",
+    "AsyncQueue",
+    "AsyncStream",
+    "connect",
+]
 
 logger = logging.getLogger("pymq.aio")
 
@@ -78,6 +91,10 @@ _F64: Final = struct.Struct("<d")
 _PUBLISHED: Final = struct.Struct("<QI")
 
 Frame = tuple[int, int, int, int, bytes]
+
+# A delivery of this client. It is a RemoteMessage whose ack, nack, extend
+# and reject return a coroutine, which settles the delivery when awaited.
+AsyncMessage: TypeAlias = RemoteMessage[Coroutine[Any, Any, None]]
 
 
 # A request whose reply is awaited: its future, the frames come so far, and
@@ -111,7 +128,7 @@ class _Link:
         self.writer = writer
         self.task: asyncio.Task[None] | None = None
         self.waiting: dict[int, _Waiter] = {}
-        self.pushes: dict[int, asyncio.Queue[RemoteMessage | BaseException]] = {}
+        self.pushes: dict[int, asyncio.Queue[AsyncMessage | BaseException]] = {}
         self.owners: dict[int, Any] = {}
         # Frames queued in this turn of the loop, and what to report for
         # those sent without waiting if they never go out.
@@ -497,13 +514,13 @@ class AsyncConnection:
 
     async def subscribe(
         self, owner: _AsyncConsumer, credit: int
-    ) -> tuple[_Link, int, asyncio.Queue[RemoteMessage | BaseException]]:
+    ) -> tuple[_Link, int, asyncio.Queue[AsyncMessage | BaseException]]:
         """Subscribe owner with credit; return the link, its id and its pushes.
 
         A subscription lives on one socket: when it breaks, its pushes end
         with ConnectionLostError, and the caller subscribes again.
         """
-        pushes: asyncio.Queue[RemoteMessage | BaseException] = asyncio.Queue()
+        pushes: asyncio.Queue[AsyncMessage | BaseException] = asyncio.Queue()
         for attempt in (0, 1):
             self.raise_late_errors()
             link, handle = await self._ready(owner)
@@ -726,7 +743,7 @@ class _AsyncPublisher(_AsyncHandle):
         timeout: float | None = None,
     ) -> int:
         """Append one message and return its offset."""
-        plan_batches([body], headers, self._connection)
+        plan_batches([body], headers, self.name, self._connection)
         milliseconds = wait_ms(timeout)
         frames = await self._connection.call(
             protocol.PUBLISH,
@@ -749,7 +766,7 @@ class _AsyncPublisher(_AsyncHandle):
         connection = self._connection
         milliseconds = wait_ms(timeout)
         ranges: list[range] = []
-        for start, stop in plan_batches(items, headers, connection):
+        for start, stop in plan_batches(items, headers, self.name, connection):
             part = items[start:stop]
             frames = await connection.call(
                 protocol.PUBLISH,
@@ -779,9 +796,9 @@ class _AsyncConsumer(_AsyncHandle):
 
     async def get_many(
         self, count: int, timeout: float | None = None
-    ) -> list[RemoteMessage]:
+    ) -> list[AsyncMessage]:
         """Deliver up to count messages; wait up to timeout for the first one."""
-        messages: list[RemoteMessage] = []
+        messages: list[AsyncMessage] = []
         for reply in await self._fetch_frames(count, timeout):
             messages.extend(decode_deliveries(reply[4], self))
         return messages
@@ -795,12 +812,12 @@ class _AsyncConsumer(_AsyncHandle):
         replies = await self._fetch_frames(count, timeout)
         return decode_batch([reply[4] for reply in replies], self)
 
-    async def get(self, timeout: float | None = None) -> RemoteMessage | None:
+    async def get(self, timeout: float | None = None) -> AsyncMessage | None:
         """Deliver the lowest available message, or None after timeout."""
         messages = await self.get_many(1, timeout)
         return messages[0] if messages else None
 
-    async def __aiter__(self) -> AsyncIterator[RemoteMessage]:
+    async def __aiter__(self) -> AsyncIterator[AsyncMessage]:
         """Yield messages as they arrive, from a subscription with prefetch.
 
         The server sends at most prefetch messages ahead of the loop body.
@@ -835,8 +852,8 @@ class _AsyncConsumer(_AsyncHandle):
         self,
         link: _Link,
         subscription: int,
-        pushes: asyncio.Queue[RemoteMessage | BaseException],
-    ) -> AsyncGenerator[RemoteMessage, None]:
+        pushes: asyncio.Queue[AsyncMessage | BaseException],
+    ) -> AsyncGenerator[AsyncMessage, None]:
         """Yield the pushes of one subscription, on one socket."""
         connection = self._connection
         handle = self._handle
@@ -869,7 +886,7 @@ class _AsyncConsumer(_AsyncHandle):
         self,
         link: _Link,
         subscription: int,
-        pushes: asyncio.Queue[RemoteMessage | BaseException],
+        pushes: asyncio.Queue[AsyncMessage | BaseException],
     ) -> None:
         connection = self._connection
         handle = self._handle
@@ -892,7 +909,7 @@ class _AsyncConsumer(_AsyncHandle):
                 await future
         else:
             link.waiting.pop(request_id, None)
-        left: list[RemoteMessage] = []
+        left: list[AsyncMessage] = []
         while not pushes.empty():
             item = pushes.get_nowait()
             if isinstance(item, RemoteMessage):

@@ -34,6 +34,7 @@ from pymq._core import (
     encode_publish,
     encode_receipts,
     measure_bodies,
+    put_header_bytes,
 )
 from pymq._version import __version__
 from pymq.broker import (
@@ -1039,37 +1040,6 @@ def _nbytes(body: Any) -> int:
     return len(body) if type(body) is bytes else memoryview(body).nbytes
 
 
-def _header_block_bytes(headers: dict[str, str] | None) -> int:
-    """Return the size of the header block stored with each message.
-
-    Raises TypeError, with the embedded broker's message, for a header
-    name or value that is not a str.
-    """
-    if headers is None:
-        return 0
-    if type(headers) is not dict:
-        # The embedded broker's message, from its typed argument.
-        raise TypeError(
-            f"Argument 'headers' has incorrect type (expected dict, got "
-            f"{type(headers).__name__})"
-        )
-    if not headers:
-        return 0
-    for key, value in headers.items():
-        if type(key) is not str:
-            raise TypeError(
-                f"header names must be str, not {type(key).__name__} ({key!r})"
-            )
-        if type(value) is not str:
-            raise TypeError(
-                f"value of header {key!r} must be str, not {type(value).__name__}"
-            )
-    return 2 + sum(
-        6 + len(key.encode("utf-8")) + len(value.encode("utf-8"))
-        for key, value in headers.items()
-    )
-
-
 def check_size(size: int, limit: int | None) -> None:
     """Raise MessageTooLargeError, as the broker would, for size over limit."""
     if limit is not None and size > limit:
@@ -1077,17 +1047,18 @@ def check_size(size: int, limit: int | None) -> None:
 
 
 def plan_batches(
-    items: list[Any], headers: dict[str, str] | None, limits: Any
+    items: list[Any], headers: dict[str, str] | None, target: str, limits: Any
 ) -> list[tuple[int, int]]:
     """Split items into (start, stop) spans that each fit one PUBLISH frame.
 
-    limits has the connection's max_batch, max_frame_bytes and
-    max_message_bytes. A message over max_message_bytes raises first, so
-    nothing is sent.
+    target is the queue or stream put into. limits has the connection's
+    max_batch, max_frame_bytes and max_message_bytes. Headers that a put
+    into target would reject, and a message over max_message_bytes, raise
+    first, so nothing is sent.
     """
+    block = put_header_bytes(headers, target)
     if not items:
         return []
-    block = _header_block_bytes(headers)
     largest, total = measure_bodies(items)
     check_size(largest + block, limits.max_message_bytes)
     count = len(items)
@@ -1145,7 +1116,7 @@ class _Publisher(_Handle):
         connection = self._connection
         size = len(body) if type(body) is bytes else _nbytes(body)
         if headers:
-            size += _header_block_bytes(headers)
+            size += put_header_bytes(headers, self.name)
         check_size(size, connection.max_message_bytes)
         milliseconds = -1 if timeout is None else wait_ms(timeout)
         frames = connection.call(
@@ -1172,7 +1143,7 @@ class _Publisher(_Handle):
         milliseconds = wait_ms(timeout)
         connection = self._connection
         ranges: list[range] = []
-        for start, stop in plan_batches(items, headers, connection):
+        for start, stop in plan_batches(items, headers, self.name, connection):
             frames = connection.call(
                 protocol.PUBLISH,
                 functools.partial(

@@ -92,6 +92,26 @@ _OUTBOX_BYTES: Final = 64 * 1024
 _MIN_ROOM_WAIT: Final = 0.001
 # Maximum number of peer addresses whose failed logins are kept in memory.
 _MAX_LOGIN_HOSTS: Final = 10_000
+# Maximum number of failed TLS handshakes logged one by one per second. The
+# others are counted, and their count is logged when the second is over.
+_HANDSHAKE_WARNINGS_PER_SECOND: Final = 5
+# The listen() backlog of a TLS listener: asyncio's create_server default.
+_TLS_BACKLOG: Final = 100
+# The likely cause of the TLS alerts and errors met most often, by the
+# reason OpenSSL gives, for the failed-handshake warning.
+_HANDSHAKE_HINTS: Final = {
+    "WRONG_VERSION_NUMBER": "the client does not speak TLS, or uses pymq:// in "
+    "place of pymqs://",
+    "HTTP_REQUEST": "the client sent an HTTP request",
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust the authority that "
+    "signed the server's certificate",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the client rejected the server's "
+    "certificate, for example for a host name it does not cover",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client sent no certificate, and "
+    "the server requires one (--tls-client-ca)",
+    "CERTIFICATE_VERIFY_FAILED": "the client's certificate failed the check "
+    "against the server's --tls-client-ca authority",
+}
 # Control requests that may take long (files created and synced, or a
 # whole DLQ moved) run in the pool; STATS and the listings run inline.
 _CONTROL: Final = frozenset({protocol.OPEN, protocol.REDRIVE})
@@ -324,6 +344,207 @@ class _Subscription:
         self.task: asyncio.Task[None] | None = None
 
 
+class _HandshakeFailureLog:
+    """Logs failed TLS handshakes as WARNINGs, at most `limit` a second.
+
+    The failures past the limit within a second are counted. One WARNING
+    with their count and the last of them follows when flush() finds that
+    second over: the server's sweep calls it at least once a second.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        # When the current second of counting started, or None before the
+        # first failure after a flush.
+        self.window_start: float | None = None
+        self.logged = 0
+        self.suppressed = 0
+        self.last_suppressed = ""
+
+    def add(self, peer: str, reason: str, now: float) -> None:
+        self.flush(now)
+        if self.window_start is None:
+            self.window_start = now
+        if self.logged < self.limit:
+            self.logged += 1
+            logger.warning("TLS handshake with %s failed: %s", peer, reason)
+        else:
+            self.suppressed += 1
+            self.last_suppressed = f"{peer}: {reason}"
+
+    def flush(self, now: float, *, final: bool = False) -> None:
+        """Log the count of unlogged failures once their second is over.
+
+        With final, as the server stops, the count is logged at once.
+        """
+        if self.window_start is None:
+            return
+        if not final and now - self.window_start < 1.0:
+            return
+        if self.suppressed:
+            logger.warning(
+                "%d more TLS handshakes failed within 1 s and were not logged "
+                "one by one (at most %d a second are); the last: %s",
+                self.suppressed,
+                self.limit,
+                self.last_suppressed,
+            )
+        self.window_start = None
+        self.logged = self.suppressed = 0
+        self.last_suppressed = ""
+
+
+def _handshake_failure_reason(exc: OSError, timeout: float) -> str:
+    """Describe why a server-side TLS handshake failed, for the log.
+
+    The text is OpenSSL's short reason and its verify message, or the
+    socket error: never key material or certificate contents.
+    """
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or type(exc).__name__
+        if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+            reason = f"{reason}: {exc.verify_message}"
+        hint = _HANDSHAKE_HINTS.get(exc.reason or "")
+        return f"{reason} ({hint})" if hint else reason
+    if isinstance(exc, ConnectionAbortedError):
+        # asyncio's and uvloop's SSL protocols raise it when
+        # ssl_handshake_timeout passes.
+        return f"handshake timed out after {timeout:g} s (handshake_timeout)"
+    if isinstance(exc, ConnectionResetError) and exc.errno is None:
+        # Raised with no errno for an end of stream during the handshake.
+        return "the client closed the connection during the handshake"
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+async def _bind_tcp(host: str, port: int) -> list[socket.socket]:
+    """Return listening sockets on the addresses host resolves to.
+
+    The sockets are set up as loop.create_server sets up its own:
+    SO_REUSEADDR, IPV6_V6ONLY on IPv6, and OSError with the same message
+    when an address cannot be bound.
+    """
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        # getaddrinfo may return an address twice; dict keeps the order.
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"error while attempting to bind on address {address!r}: "
+                    f"{(exc.strerror or str(exc)).lower()}",
+                ) from None
+            sock.listen(_TLS_BACKLOG)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class _TlsListener:
+    """A TCP listener that runs each TLS handshake in a task of its own.
+
+    loop.create_server(ssl=...) reports a failed handshake only in the
+    loop's debug mode, so this listener accepts sockets itself and hands
+    each to loop.connect_accepted_socket(ssl=...), which raises the
+    handshake's error. A connection whose handshake succeeds goes on as
+    with create_server: _Connection.connection_made runs after the
+    handshake.
+    """
+
+    def __init__(
+        self, server: Server, context: ssl.SSLContext, sockets: list[socket.socket]
+    ) -> None:
+        self._server = server
+        self._context = context
+        self.sockets = tuple(sockets)
+        # Each handshake task, with its socket until the task has started:
+        # from then on the loop's transport owns the socket.
+        self._handshakes: dict[asyncio.Task[None], socket.socket | None] = {}
+        self._accepting = [
+            asyncio.ensure_future(self._accept(sock)) for sock in sockets
+        ]
+
+    async def _accept(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    sock, address = await loop.sock_accept(listening)
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    continue
+                except OSError as exc:
+                    # Out of file descriptors or memory: asyncio's own
+                    # listener also waits a second before it accepts again.
+                    logger.error(
+                        "could not accept a TLS connection on %s: %s; accepting "
+                        "again in 1 s",
+                        _address_text(listening.getsockname()),
+                        exc,
+                    )
+                    await asyncio.sleep(1.0)
+                    continue
+                task = asyncio.ensure_future(
+                    self._handshake(sock, _address_text(address))
+                )
+                self._handshakes[task] = sock
+                task.add_done_callback(self._handshake_done)
+        finally:
+            listening.close()
+
+    async def _handshake(self, sock: socket.socket, peer: str) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handshakes[task] = None
+        server = self._server
+        timeout = server.limits.handshake_timeout
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: _Connection(server),
+                sock,
+                ssl=self._context,
+                ssl_handshake_timeout=timeout,
+            )
+        except OSError as exc:
+            server.handshake_failed(peer, _handshake_failure_reason(exc, timeout))
+
+    def _handshake_done(self, task: asyncio.Task[None]) -> None:
+        sock = self._handshakes.pop(task, None)
+        if sock is not None:
+            # Cancelled before it started, so no transport closes it.
+            sock.close()
+
+    def close(self) -> None:
+        """Stop accepting, and end the handshakes under way."""
+        for task in self._accepting:
+            task.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(
+            *self._accepting, *self._handshakes, return_exceptions=True
+        )
+
+
+def _address_text(address: Any) -> str:
+    """Return a socket address as the logs write it: HOST:PORT."""
+    if isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return str(address)
+
+
 class Server:
     """Serves one Broker over the wire protocol; see docs/protocol.md.
 
@@ -360,12 +581,13 @@ class Server:
         self._waiting_executor = ThreadPoolExecutor(
             max_workers=256, thread_name_prefix="pymq-server-put"
         )
-        self._listeners: list[asyncio.Server] = []
+        self._listeners: list[asyncio.Server | _TlsListener] = []
         self._connections: set[_Connection] = set()
         self._hubs: dict[str, _Hub] = {}
         self._housekeeping: asyncio.Task[None] | None = None
         self._failed_logins = 0
         self._last_failed_login_log = 0.0
+        self._handshake_failures = _HandshakeFailureLog(_HANDSHAKE_WARNINGS_PER_SECOND)
         # Peer address (host only) to the times of its recent failed logins.
         self._login_failures: dict[str, collections.deque[float]] = {}
         self.addresses: list[str] = []
@@ -387,15 +609,14 @@ class Server:
             # Checked before any listener opens.
             _check_unix_socket_path(unix)
         if host is not None:
-            tls: dict[str, Any] = {}
-            if self._ssl is not None:
-                tls = {
-                    "ssl": self._ssl,
-                    "ssl_handshake_timeout": self.limits.handshake_timeout,
-                }
-            listener = await loop.create_server(
-                lambda: _Connection(self), host, port, reuse_address=True, **tls
-            )
+            listener: asyncio.Server | _TlsListener
+            if self._ssl is None:
+                listener = await loop.create_server(
+                    lambda: _Connection(self), host, port, reuse_address=True
+                )
+            else:
+                sockets = await _bind_tcp(host, port)
+                listener = _TlsListener(self, self._ssl, sockets)
             self._listeners.append(listener)
             for sock in listener.sockets:
                 address = sock.getsockname()
@@ -447,6 +668,7 @@ class Server:
         for listener in self._listeners:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(listener.wait_closed(), 1.0)
+        self._handshake_failures.flush(time.monotonic(), final=True)
         self._remove_own_socket()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
@@ -492,6 +714,7 @@ class Server:
             for connection in list(self._connections):
                 connection.check_timeouts(now)
             self.forget_old_login_failures(now)
+            self._handshake_failures.flush(now)
 
     # Shared state -----------------------------------------------------------
 
@@ -566,6 +789,10 @@ class Server:
                 self._failed_logins,
             )
             self._last_failed_login_log = now
+
+    def handshake_failed(self, peer: str, reason: str) -> None:
+        """Log a failed TLS handshake, rate-limited: see _HandshakeFailureLog."""
+        self._handshake_failures.add(peer, reason, time.monotonic())
 
     def forget_old_login_failures(self, now: float) -> None:
         """Drop hosts whose failed logins are all older than login_window."""

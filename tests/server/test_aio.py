@@ -112,6 +112,36 @@ def test_aio_redrive_reports_progress(shared_server, name):
     assert run(body()) == [1000, 2000, 2500]
 
 
+def test_aio_reserved_header_raises_value_error(shared_server, name):
+    expected = (
+        "header 'x-reason' is reserved for the headers that pymq writes when it "
+        "moves a message to a dead-letter queue and back (x-attempts, x-dead-at, "
+        "x-for-group, x-group, x-offset, x-reason, x-source); use another name"
+    )
+
+    async def body() -> None:
+        broker = await pymq.aio.connect(shared_server.url)
+        try:
+            q = await broker.queue(name)
+            stream = await broker.stream(f"{name}-stream")
+            for target in (q, stream):
+                with pytest.raises(ValueError) as raised:
+                    await target.put(b"x", headers={"x-reason": "mine"})
+                assert str(raised.value) == expected
+                with pytest.raises(ValueError) as raised:
+                    await target.put_many([b"x"], headers={"x-reason": "mine"})
+                assert str(raised.value) == expected
+            # Nothing was written, so the first good put takes offset 0.
+            assert await q.put(b"x") == 0
+            assert await stream.put(b"x") == 0
+            dlq = await broker.queue(f"{name}.dlq")
+            assert await dlq.put(b"x", headers={"x-reason": "imported"}) == 0
+        finally:
+            await broker.close()
+
+    run(body())
+
+
 # Reconnecting ---------------------------------------------------------------------
 
 

@@ -450,6 +450,58 @@ def test_header_of_wrong_type_raises(broker, name):
     assert q.stats().depth == 0
 
 
+def reserved_header_error(header):
+    return (
+        f"header {header!r} is reserved for the headers that pymq writes when it "
+        f"moves a message to a dead-letter queue and back (x-attempts, x-dead-at, "
+        f"x-for-group, x-group, x-offset, x-reason, x-source); use another name"
+    )
+
+
+@pytest.mark.parametrize("header", sorted(X_HEADERS | {"x-for-group"}))
+def test_reserved_header_raises_value_error(broker, name, header):
+    q = broker.queue(name)
+    stream = broker.stream(f"{name}-stream")
+    for target in (q, stream):
+        with pytest.raises(ValueError) as raised:
+            target.put(b"body", headers={"kind": "demo", header: "mine"})
+        assert str(raised.value) == reserved_header_error(header)
+        with pytest.raises(ValueError) as raised:
+            target.put_many([b"a", b"b"], headers={header: "mine"})
+        assert str(raised.value) == reserved_header_error(header)
+    # Nothing was written, so the first good put takes offset 0. Names
+    # that only start like the reserved ones are the caller's.
+    assert q.put(b"body", headers={f"{header}s": "mine"}) == 0
+    assert stream.put(b"body", headers={f"{header}s": "mine"}) == 0
+
+
+def test_unencodable_header_raises_value_error(broker, name):
+    q = broker.queue(name)
+    with pytest.raises(ValueError) as raised:
+        q.put(b"body", headers={"trace": "x\udc80"})
+    assert str(raised.value) == (
+        "value of header 'trace' cannot be encoded as UTF-8: it has a lone "
+        "surrogate at index 1"
+    )
+    with pytest.raises(ValueError) as raised:
+        q.put_many([b"body"], headers={"bad\udc80": "v"})
+    assert str(raised.value) == (
+        "header name 'bad\\udc80' cannot be encoded as UTF-8: it has a lone "
+        "surrogate at index 3"
+    )
+    assert q.stats().depth == 0
+
+
+def test_dead_letter_queue_takes_reserved_headers(broker, name):
+    dlq = broker.queue(f"{name}.dlq")
+    headers = {"x-source": name, "x-group": "", "x-reason": "imported"}
+    assert dlq.put(b"one", headers=headers) == 0
+    assert dlq.put_many([b"two"], headers=headers) == range(1, 2)
+    moved = dlq.get(timeout=WAIT)
+    assert moved.headers == headers
+    moved.ack()
+
+
 @pytest.mark.parametrize("timeout", ["1", True, [1]], ids=["str", "bool", "list"])
 def test_timeout_of_wrong_type_raises(broker, name, timeout):
     q = broker.queue(name)

@@ -2,7 +2,8 @@
 
 The tests make their own authority and certificates with the openssl
 command (skipped without it), start `python -m pymq serve --tls-cert ...`
-on 127.0.0.1 and connect with pymqs:// URLs.
+on 127.0.0.1 and connect with pymqs:// URLs, or with raw sockets for the
+handshakes that fail.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -26,6 +29,7 @@ import pytest
 import pymq
 import pymq.aio
 from pymq.errors import ConfigError, ConnectionLostError, PymqError
+from pymq.protocol import PREAMBLE
 from tests.server.helpers import ServerProcess
 from tests.server_loop import loop_options
 
@@ -34,6 +38,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 START_TIMEOUT = 30.0
+# Bound on the wait for a line in the server's log, or for it to close a socket.
+LOG_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,9 @@ class Certificates:
     client_cert: Path
     client_key: Path
     other_ca: Path
+    # A client certificate signed by other_ca, not by ca.
+    other_client_cert: Path
+    other_client_key: Path
 
 
 def openssl(*args: str | Path) -> None:
@@ -113,6 +122,7 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     other = make_authority(folder, "other-ca")
     sign(folder, "server", ca, "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     sign(folder, "client", ca, "extendedKeyUsage=clientAuth\n")
+    sign(folder, "other-client", other, "extendedKeyUsage=clientAuth\n")
     return Certificates(
         ca=ca[0],
         server_cert=folder / "server.pem",
@@ -120,6 +130,8 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
         client_cert=folder / "client.pem",
         client_key=folder / "client.key",
         other_ca=other[0],
+        other_client_cert=folder / "other-client.pem",
+        other_client_key=folder / "other-client.key",
     )
 
 
@@ -501,3 +513,255 @@ def test_cli_tls_key_without_cert_names_options(
         "pymq: --tls-key is given without --tls-cert; give --tls-cert too, or "
         "only --tls-cert when its file contains the key\n"
     )
+
+
+# Failed handshakes in the server's log ---------------------------------------
+
+
+def wait_for_log(server: TlsServer, text: str) -> str:
+    """Return the server's log once it contains text; fail after LOG_TIMEOUT."""
+    deadline = time.monotonic() + LOG_TIMEOUT
+    while True:
+        log = server.log.read_text(errors="replace")
+        if text in log:
+            return log
+        if time.monotonic() > deadline:
+            pytest.fail(f"{text!r} is not in the server's log:\n{log}")
+        time.sleep(0.05)
+
+
+def handshake_warning(peer: str, reason: str) -> str:
+    return f" WARNING pymq.server: TLS handshake with {peer} failed: {reason}"
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def address_of(sock: socket.socket) -> str:
+    """Return the client side's address as the server's log writes it."""
+    host, port = sock.getsockname()
+    return f"{host}:{port}"
+
+
+def send_plain(url: str, data: bytes) -> str:
+    """Send data without TLS and wait until the server closes the connection.
+
+    With no data, the client ends its side of the connection at once.
+    Returns the client's address.
+    """
+    with socket.create_connection(("127.0.0.1", port_of(url)), timeout=5.0) as sock:
+        peer = address_of(sock)
+        sock.settimeout(LOG_TIMEOUT)
+        if data:
+            sock.sendall(data)
+        else:
+            sock.shutdown(socket.SHUT_WR)
+        # For a failed handshake the server sends at most an alert, then closes.
+        while sock.recv(4096):
+            pass
+    return peer
+
+
+def connect_tls(
+    url: str,
+    context: ssl.SSLContext,
+    host_name: str = "127.0.0.1",
+) -> str:
+    """Try a TLS handshake as a client, and return the client's address.
+
+    The handshake may fail on either side, so the error is not checked here.
+    """
+    with socket.create_connection(("127.0.0.1", port_of(url)), timeout=5.0) as sock:
+        peer = address_of(sock)
+        sock.settimeout(LOG_TIMEOUT)
+        try:
+            with context.wrap_socket(sock, server_hostname=host_name) as tls:
+                # With TLS 1.3 the server checks a client certificate after
+                # the client's handshake ends: the read gets its alert.
+                tls.sendall(PREAMBLE)
+                tls.recv(4096)
+        except (ssl.SSLError, OSError):
+            pass
+    return peer
+
+
+def test_plain_and_untrusted_handshakes_logged(
+    tls_server: TlsServer, certificates: Certificates
+) -> None:
+    trusting = ssl.create_default_context(cafile=str(certificates.ca))
+    untrusting = ssl.create_default_context(cafile=str(certificates.other_ca))
+    cases = [
+        (
+            send_plain(tls_server.url, PREAMBLE + b"\x00" * 32),
+            "WRONG_VERSION_NUMBER (the client does not speak TLS, or uses "
+            "pymq:// in place of pymqs://)",
+        ),
+        (
+            send_plain(tls_server.url, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+            "HTTP_REQUEST (the client sent an HTTP request)",
+        ),
+        (
+            connect_tls(tls_server.url, untrusting),
+            "TLSV1_ALERT_UNKNOWN_CA (the client does not trust the authority "
+            "that signed the server's certificate)",
+        ),
+        (
+            connect_tls(tls_server.url, trusting, host_name="wrong.localhost"),
+            "SSLV3_ALERT_BAD_CERTIFICATE (the client rejected the server's "
+            "certificate, for example for a host name it does not cover)",
+        ),
+        (
+            send_plain(tls_server.url, b""),
+            "the client closed the connection during the handshake",
+        ),
+    ]
+    for peer, reason in cases:
+        log = wait_for_log(tls_server, handshake_warning(peer, reason))
+        assert log.count(f"TLS handshake with {peer} failed") == 1, log
+    with pymq.connect(tls_server.url, ca_file=str(certificates.ca)) as broker:
+        assert broker.queue("after").put(b"still served") == 0
+    assert stop(tls_server) == 0
+    log = tls_server.log.read_text()
+    assert log.count(" WARNING pymq.server: TLS handshake with ") == len(cases), log
+    assert "ERROR" not in log, log
+
+
+def test_handshake_timeout_logged(tmp_path: Path, certificates: Certificates) -> None:
+    server = start(tmp_path, certificates, "--handshake-timeout", "0.5")
+    try:
+        with socket.create_connection(
+            ("127.0.0.1", port_of(server.url)), timeout=5.0
+        ) as sock:
+            peer = address_of(sock)
+            sock.settimeout(LOG_TIMEOUT)
+            started = time.monotonic()
+            assert sock.recv(4096) == b""
+            waited = time.monotonic() - started
+        assert waited >= 0.4
+        wait_for_log(
+            server,
+            handshake_warning(
+                peer, "handshake timed out after 0.5 s (handshake_timeout)"
+            ),
+        )
+        with pymq.connect(server.url, ca_file=str(certificates.ca)) as broker:
+            assert broker.queue("after").put(b"still served") == 0
+    finally:
+        assert stop(server) == 0
+
+
+def test_client_certificate_failures_logged(
+    mutual_server: TlsServer, certificates: Certificates
+) -> None:
+    without = ssl.create_default_context(cafile=str(certificates.ca))
+    other = ssl.create_default_context(cafile=str(certificates.ca))
+    other.load_cert_chain(certificates.other_client_cert, certificates.other_client_key)
+    peer = connect_tls(mutual_server.url, without)
+    wait_for_log(
+        mutual_server,
+        handshake_warning(
+            peer,
+            "PEER_DID_NOT_RETURN_A_CERTIFICATE (the client sent no certificate, "
+            "and the server requires one (--tls-client-ca))",
+        ),
+    )
+    peer = connect_tls(mutual_server.url, other)
+    wait_for_log(
+        mutual_server,
+        handshake_warning(
+            peer,
+            "CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate "
+            "(the client's certificate failed the check against the server's "
+            "--tls-client-ca authority)",
+        ),
+    )
+    with pymq.connect(
+        mutual_server.url,
+        ca_file=str(certificates.ca),
+        cert_file=str(certificates.client_cert),
+        key_file=str(certificates.client_key),
+    ) as broker:
+        assert broker.queue("jobs").put(b"with certificate") == 0
+
+
+def test_handshake_warnings_rate_limited(tls_server: TlsServer) -> None:
+    attempts = 40
+    peers = [send_plain(tls_server.url, PREAMBLE) for _ in range(attempts)]
+    # Stopping logs the count of the failures not yet logged one by one.
+    assert stop(tls_server) == 0
+    log = tls_server.log.read_text()
+    logged = [peer for peer in peers if f"TLS handshake with {peer} failed" in log]
+    counts = [
+        int(count)
+        for count in re.findall(
+            r" WARNING pymq\.server: ([0-9]+) more TLS handshakes failed within "
+            r"1 s and were not logged one by one \(at most 5 a second are\); "
+            r"the last: 127\.0\.0\.1:[0-9]+: WRONG_VERSION_NUMBER ",
+            log,
+        )
+    ]
+    assert counts, log
+    assert len(logged) < attempts
+    assert len(logged) + sum(counts) == attempts, log
+    # The first failures of a burst are the ones logged one by one.
+    assert logged[:5] == peers[:5]
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Return whether the server closes sock within LOG_TIMEOUT.
+
+    A server that closes a socket with unread bytes in it sends a reset.
+    """
+    sock.settimeout(LOG_TIMEOUT)
+    try:
+        return sock.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_stop_during_handshakes(tls_server: TlsServer) -> None:
+    port = port_of(tls_server.url)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5.0) as silent,
+        socket.create_connection(("127.0.0.1", port), timeout=5.0) as partial,
+    ):
+        # The first bytes of a TLS record, so that the handshake has begun.
+        partial.sendall(b"\x16\x03\x01")
+        wait_for_log(tls_server, "serving ")
+        assert stop(tls_server) == 0
+        assert closed_by_server(silent)
+        assert closed_by_server(partial)
+    log = tls_server.log.read_text()
+    # Handshakes that the stop cut short are no failures of the client.
+    assert "TLS handshake with" not in log
+    assert "ERROR" not in log
+    assert "Task was destroyed" not in log
+
+
+def test_tls_port_in_use_exits_2(tmp_path: Path, certificates: Certificates) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(
+            "serve",
+            "--data",
+            str(tmp_path / "data"),
+            "--port",
+            str(port),
+            "--tls-cert",
+            str(certificates.server_cert),
+            "--tls-key",
+            str(certificates.server_key),
+            *loop_options(),
+        )
+    assert result.returncode == 2
+    assert (
+        f"could not serve {tmp_path / 'data'} on 127.0.0.1:{port}: OSError: "
+        f"[Errno {errno.EADDRINUSE}] error while attempting to bind on address "
+        f"('127.0.0.1', {port}): address already in use\n"
+    ) in result.stderr
+    assert not (tmp_path / "data").exists()
