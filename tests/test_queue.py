@@ -130,7 +130,7 @@ def test_next_due_reports_fractional_seconds(broker):
     q = broker.queue("jobs", visibility_timeout=0.5)
     q.put(b"a")
     q.get(timeout=0)
-    due = q.next_due()
+    due = q._next_due()
     assert 0.3 < due <= 0.5
 
 

@@ -43,9 +43,9 @@ cdef str RESERVED_LIST = ", ".join(sorted(RESERVED_HEADERS))
 
 cdef str consumer_label(GroupBase group):
     """Return "queue Q" or "group G of stream S", for messages."""
-    if group.group_name is None:
+    if group._group_name is None:
         return f"queue {group.stream.name}"
-    return f"group {group.group_name} of stream {group.stream.name}"
+    return f"group {group._group_name} of stream {group.stream.name}"
 
 
 cdef int check_user_header(str key) except -1:
@@ -667,9 +667,9 @@ cdef class GroupBase:
 
     cdef inline int64_t now(self) except? -1:
         """Return the group's clock: monotonic ns, or clock() when it is set."""
-        if self.clock is None:
+        if self._clock is None:
             return coarse_monotonic_ns()
-        return self.clock()
+        return self._clock()
 
     @property
     def visibility_timeout(self):
@@ -940,7 +940,7 @@ cdef class GroupBase:
                                   offset in settled)
         self.ring.fill_settled(covered)
         # A move to the DLQ that began and never finished may or may not
-        # have put the message there: the broker looks (unfinished_moves).
+        # have put the message there: the broker looks (_unfinished_moves).
         self.moving = {offset for offset in moving
                        if offset >= low and offset not in settled}
         # Offsets this group saw are never handed to a new message, even if
@@ -977,14 +977,14 @@ cdef class GroupBase:
                   bint dead_now) except -1:
         """Redeliver a failed delivery, or queue it for the DLQ.
 
-        Without on_dead (the group of a dead-letter queue) the message is
+        Without _on_dead (the group of a dead-letter queue) the message is
         always redelivered, so it never leaves its DLQ.
         """
         cdef Slot *slot = self.ring.slot(offset)
 
         if dead_now or (
                 self.max_deliveries and slot.attempt >= self.max_deliveries):
-            if self.on_dead is not None:
+            if self._on_dead is not None:
                 if not dead_now:
                     reason = f"{reason}; max_deliveries reached"
                 # Until the move is done the slot stays delivered, and
@@ -1066,10 +1066,10 @@ cdef class GroupBase:
                              &attempt):
                 return False
             if (self.max_deliveries and attempt > self.max_deliveries and
-                    self.on_dead is not None):
+                    self._on_dead is not None):
                 # Delivered max_deliveries times already, each time lost
                 # with its consumer (a crash): dead-letter it now. A group
-                # without on_dead (a DLQ's) delivers it again instead, because
+                # without _on_dead (a DLQ's) delivers it again instead, because
                 # fail() would only make it available and this loop would
                 # take it forever.
                 ring.slot(offset).attempt = attempt - 1
@@ -1098,7 +1098,7 @@ cdef class GroupBase:
                 if status == FOUND:
                     if not flags & REC_FLAG_TARGETED or (
                             headers is not None and
-                            headers.get("x-for-group") == self.group_name):
+                            headers.get("x-for-group") == self._group_name):
                         if flags & REC_FLAG_TARGETED:
                             # The routing header is pymq's own.
                             del headers["x-for-group"]
@@ -1231,7 +1231,7 @@ cdef class GroupBase:
         if ((settled and self.stream.waiters > 0) or
                 self.journal.policy == FSYNC_ALWAYS or
                 self.unrecorded_dead or self.dead_due or
-                (self.deletes_acked and self.ring.low >= self.delete_mark and
+                (self._deletes_acked and self.ring.low >= self.delete_mark and
                  len(self.stream.store.segments) > 1) or
                 (len(self.journal.segments) > 1 and (
                     # The waiting checkpoint is synced, or none waits
@@ -1278,9 +1278,9 @@ cdef class GroupBase:
                     self.restore_due(due[i:])
                     break
                 try:
-                    self.on_dead(self, offset, attempt, reason)
+                    self._on_dead(self, offset, attempt, reason)
                 except Exception:
-                    # The move failed (on_dead logs and counts it): the
+                    # The move failed (_on_dead logs and counts it): the
                     # message stays here and is tried again at its next
                     # delivery.
                     self.moving.discard(offset)
@@ -1300,7 +1300,7 @@ cdef class GroupBase:
                     self.log_journal_error(
                         "syncing moves to the dead-letter queue", exc)
         # With one segment there is nothing to delete: the active one stays.
-        if (self.deletes_acked and self.ring.low >= self.delete_mark and
+        if (self._deletes_acked and self.ring.low >= self.delete_mark and
                 len(self.stream.store.segments) > 1):
             self.retain()
         if len(self.journal.segments) > 1:
@@ -1351,7 +1351,7 @@ cdef class GroupBase:
         return 0
 
     cdef int end_move(self, uint64_t offset) except -1:
-        """Settle offset, which on_dead put in the DLQ, and journal it."""
+        """Settle offset, which _on_dead put in the DLQ, and journal it."""
         cdef object error = None
 
         self.acquire()
@@ -1690,11 +1690,11 @@ cdef class GroupBase:
         self.finish(False)
         return batch
 
-    def unfinished_moves(self):
+    def _unfinished_moves(self):
         """Return the offsets whose move to the DLQ began before a crash.
 
-        Each may or may not be in the DLQ: settle_moved() those found there
-        and forget_move() the others, which stay available here.
+        Each may or may not be in the DLQ: _settle_moved() those found there
+        and _forget_move() the others, which stay available here.
         """
         self.acquire()
         try:
@@ -1702,7 +1702,7 @@ cdef class GroupBase:
         finally:
             self.release()
 
-    def settle_moved(self, uint64_t offset):
+    def _settle_moved(self, uint64_t offset):
         """Record that the message at offset is in the DLQ: settle it here."""
         self.acquire()
         try:
@@ -1716,7 +1716,7 @@ cdef class GroupBase:
             self.release()
         self.finish(True)
 
-    def forget_move(self, uint64_t offset):
+    def _forget_move(self, uint64_t offset):
         """Record that the move of offset never reached the DLQ."""
         self.acquire()
         try:
@@ -1724,7 +1724,7 @@ cdef class GroupBase:
         finally:
             self.release()
 
-    def next_due(self):
+    def _next_due(self):
         """Return seconds until a delivery expires or a delay ends, or None."""
         cdef int64_t due
 
@@ -1924,7 +1924,7 @@ cdef class GroupBase:
         try:
             self.expire(now)
             offset = self.check_receipt(value)
-            if self.on_dead is None:
+            if self._on_dead is None:
                 self.fail(offset, now, reason, True)
             else:
                 slot = self.ring.slot(offset)
@@ -1936,11 +1936,11 @@ cdef class GroupBase:
                 self.dead_pending += 1
         finally:
             self.release()
-        if self.on_dead is not None:
+        if self._on_dead is not None:
             try:
                 self.begin_move(offset)
                 try:
-                    self.on_dead(self, offset, attempt, reason)
+                    self._on_dead(self, offset, attempt, reason)
                 except BaseException:
                     self.moving.discard(offset)
                     raise
@@ -1957,7 +1957,7 @@ cdef class GroupBase:
 
     # State ---------------------------------------------------------------
 
-    def counts(self):
+    def _counts(self):
         """Return a dict: in_flight, waiting, backlog, acked, and more."""
         cdef SegmentStore store = self.stream.store
         cdef uint64_t end

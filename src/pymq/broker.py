@@ -581,7 +581,7 @@ class Broker:
                     journal.close()
                     raise
             if not name.endswith(".dlq"):
-                queue.on_dead = self._dead_letter_function(name, None, queue)
+                queue._on_dead = self._dead_letter_function(name, None, queue)
                 self._resume_moves(queue, name, None)
             self._queues[name] = queue
             logger.info("opened queue %s", name)
@@ -813,7 +813,7 @@ class Broker:
                     shutil.rmtree(folder, ignore_errors=True)
                 raise
             self._check_dlq_name(group.dlq_name)
-            group.on_dead = self._dead_letter_function(stream.name, name, group)
+            group._on_dead = self._dead_letter_function(stream.name, name, group)
             self._resume_moves(group, stream.name, name)
             self._groups[key] = group
             logger.info("opened %s", label)
@@ -841,7 +841,7 @@ class Broker:
         are searched for the message by its x- headers. If it is found, the
         move is settled; otherwise the message stays available.
         """
-        moves = consumer.unfinished_moves()
+        moves = consumer._unfinished_moves()
         if not moves:
             return
         wanted = {str(offset): offset for offset in moves}
@@ -863,12 +863,12 @@ class Broker:
                 and headers.get("x-source") == source
                 and headers.get("x-group", "") == (group_name or "")
             ):
-                consumer.settle_moved(found)
+                consumer._settle_moved(found)
                 del wanted[headers["x-offset"]]
                 if not wanted:
                     break
         for offset in wanted.values():
-            consumer.forget_move(offset)
+            consumer._forget_move(offset)
         logger.warning(
             "%s: %d moves to %s were not finished (the process stopped, or the "
             "move failed); %d had reached it",

@@ -133,7 +133,7 @@ class _Consumer(GroupBase):
                     found = attempt()
                     if found is not None:
                         return found
-                    wait = self.next_due()
+                    wait = self._next_due()
                     if deadline is not None:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
@@ -154,7 +154,7 @@ class _Consumer(GroupBase):
 
     def stats(self) -> QueueStats:
         """Return the counts of this queue or group; see QueueStats."""
-        counts = self.counts()
+        counts = self._counts()
         store: SegmentStore = self.stream.store
         low = counts["low"]
         age = None
@@ -213,7 +213,7 @@ class Queue(_Publisher, _Consumer):
         self.name = name
         self._broker = broker
         self._ready = ready
-        self.deletes_acked = True
+        self._deletes_acked = True
         stream.queue_group = self
         stream.wait_room = self._wait_room
         self.max_length = max_length
@@ -311,7 +311,7 @@ class Group(_Consumer):
     ) -> None:
         super().__init__(stream, journal, start=start, **options)
         self.name = name
-        self.group_name = name
+        self._group_name = name
         self.stream_name = stream_name
         self._broker = broker
         self._ready = ready
