@@ -2,10 +2,13 @@
 
 from cpython.bytes cimport _PyBytes_Resize
 from cpython.dict cimport PyDict_New, PyDict_SetItem
+from cpython.buffer cimport PyObject_CheckBuffer
 from cpython.object cimport PyObject
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdlib cimport qsort
+from libc.math cimport INFINITY
 from libc.string cimport memcpy
 
 import logging
@@ -176,11 +179,11 @@ cdef class Message:
         """Settle this delivery: the message is done."""
         self.group.ack_receipt(self.receipt)
 
-    def nack(self, double delay=0.0):
+    def nack(self, delay=0.0):
         """Give the message back, for redelivery after delay seconds."""
         self.group.nack(self.receipt, delay)
 
-    def extend(self, double seconds):
+    def extend(self, seconds):
         """Set this delivery's deadline to now plus seconds."""
         self.group.extend(self.receipt, seconds)
 
@@ -320,14 +323,79 @@ cdef int compare_u64(const void *left, const void *right) noexcept nogil:
     return (a > b) - (a < b)
 
 
-cpdef int check_timeout(object timeout) except -1:
-    """Raise for a timeout of put or get that is not None or 0 to 1e9 s."""
+cpdef int check_timeout(object timeout, str method) except -1:
+    """Raise for a timeout of put or get that is not None or 0 to 1e9 s.
+
+    method is the name of the call, which the error message starts with.
+    """
     if type(timeout) is bool or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds or None, not "
-                        f"{timeout!r}")
+        raise TypeError(f"{method}(): timeout must be a number of seconds or "
+                        f"None, not {timeout!r}")
     if not 0 <= timeout < 1e9:
-        raise ValueError(f"timeout is {timeout} seconds; it must be from 0 "
-                         f"to 1e9, or None to wait without a limit")
+        raise ValueError(f"{method}(): timeout is {timeout} seconds; it must "
+                         f"be from 0 to 1e9, or None to wait without a limit")
+    return 0
+
+
+cdef double seconds_argument(object value, str method,
+                             str name) except? -1.0:
+    """Return value, the argument name of method, as seconds in a double.
+
+    Raises TypeError for a value that is not a number, and ValueError for
+    one outside 0 to 1e9, each naming method and name. An int or a float
+    costs two type checks only, so nack and extend stay cheap.
+    """
+    cdef double seconds
+
+    if type(value) is not float and type(value) is not int:
+        if type(value) is bool or not hasattr(type(value), "__float__"):
+            raise TypeError(f"{method}(): {name} must be a number of "
+                            f"seconds, not {value!r}")
+    try:
+        seconds = value
+    except OverflowError:
+        # An int too large for a double.
+        seconds = INFINITY
+    # Written so that NaN fails the check too.
+    if not 0 <= seconds <= 1e9:
+        raise ValueError(f"{method}(): {name} is {value!r}; it must be from "
+                         f"0 to 1e9 seconds")
+    return seconds
+
+
+cpdef Py_ssize_t check_count(object count, str method,
+                             Py_ssize_t limit=PY_SSIZE_T_MAX) except -1:
+    """Return count, the number of messages a get of method asks for.
+
+    A count over limit returns limit. Raises TypeError for a count that
+    is not an int, and ValueError for one below 1, each naming method.
+    """
+    if type(count) is not int:
+        if type(count) is bool or not hasattr(type(count), "__index__"):
+            raise TypeError(f"{method}(): count must be an int, not "
+                            f"{type(count).__name__}")
+        # An integer type such as numpy.int64.
+        count = count.__index__()
+    if count < 1:
+        raise ValueError(f"{method}(): count is {count}; it must be 1 or more")
+    if count > limit:
+        return limit
+    return count
+
+
+cdef int raise_bad_body(list bodies, str method) except -1:
+    """Raise TypeError naming the first of bodies that is not bytes-like.
+
+    Returns 0 when every one is, so that the caller raises its own error.
+    Called only after a put failed, to say which body was wrong.
+    """
+    cdef Py_ssize_t index
+
+    for index in range(len(bodies)):
+        if not PyObject_CheckBuffer(bodies[index]):
+            raise TypeError(
+                f"{method}(): item {index} of bodies must be a bytes-like "
+                f"object, not {type(bodies[index]).__name__}")
     return 0
 
 
@@ -475,7 +543,10 @@ cdef class StreamBase:
         cdef bint limited = self.max_length >= 0 or self.max_bytes >= 0
 
         if timeout is not None:
-            check_timeout(timeout)
+            check_timeout(timeout, "put")
+        if type(body) is not bytes and not PyObject_CheckBuffer(body):
+            raise TypeError(f"put(): body must be a bytes-like object, not "
+                            f"{type(body).__name__}")
         if self.store.closed:
             self.raise_closed()
         if headers:
@@ -530,26 +601,33 @@ cdef class StreamBase:
         else:
             items = list(bodies)
         if timeout is not None:
-            check_timeout(timeout)
+            check_timeout(timeout, "put_many")
         if self.store.closed:
             self.raise_closed()
-        if headers:
-            block = encode_headers(headers, self.dead_letter)
-            items = [block + memoryview(body).tobytes() for body in items]
-            flags = REC_FLAG_HEADERS
-        if not limited:
-            first = self.store.append_many(items, flags=flags)
-            self.published()
-            return range(first, first + len(items))
-
-        for item in items:
-            size += record_size(len(item))
-        lock_without_gil(self.put_lock)
+        # The bodies as given, for the error below: items becomes records.
+        bodies = items
         try:
-            self.reserve_room(len(items), size, timeout)
-            first = self.append_batch_unsynced(items, flags, &written)
-        finally:
-            pymq_mutex_unlock(self.put_lock)
+            if headers:
+                block = encode_headers(headers, self.dead_letter)
+                items = [block + memoryview(body).tobytes() for body in items]
+                flags = REC_FLAG_HEADERS
+            if not limited:
+                first = self.store.append_many(items, flags=flags)
+                self.published()
+                return range(first, first + len(items))
+
+            for item in items:
+                size += record_size(len(item))
+            lock_without_gil(self.put_lock)
+            try:
+                self.reserve_room(len(items), size, timeout)
+                first = self.append_batch_unsynced(items, flags, &written)
+            finally:
+                pymq_mutex_unlock(self.put_lock)
+        except TypeError:
+            # Off the fast path: find the body that is not bytes-like.
+            raise_bad_body(bodies, "put_many")
+            raise
         if self.store.policy == FSYNC_ALWAYS:
             self.store.sync_to(written)
         self.published()
@@ -1438,7 +1516,7 @@ cdef class GroupBase:
         if timeout is not None:
             # Checked first, so a bad timeout raises whether or not a
             # message is available.
-            check_timeout(timeout)
+            check_timeout(timeout, "get")
         message = self.take_now()
         if message is not None or (timeout is not None and timeout == 0):
             return message
@@ -1473,9 +1551,10 @@ cdef class GroupBase:
         self.finish(False)
         return message
 
-    def get_many_nowait(self, Py_ssize_t count):
+    def get_many_nowait(self, count):
         """Deliver up to count available messages, lowest offsets first."""
         cdef int64_t now = self.now()
+        cdef Py_ssize_t limit
         cdef SegmentStore store = self.stream.store
         cdef list messages = []
         cdef list run_headers = []
@@ -1487,18 +1566,17 @@ cdef class GroupBase:
         cdef Py_ssize_t taken = 0, run, i
         cdef uint64_t first
 
-        if count <= 0:
-            raise ValueError(f"count is {count}; it must be 1 or more")
         # One journal record holds the whole batch, so a batch is at most
         # what fits in one record.
-        count = min(count, (self.journal.max_message_bytes - 5) //
-                    DELIVER_ENTRY_BYTES)
+        limit = check_count(
+            count, "get_many_nowait",
+            (self.journal.max_message_bytes - 5) // DELIVER_ENTRY_BYTES)
         try:
-            offsets = <uint64_t *>PyMem_Malloc(count * 8)
-            attempts = <uint32_t *>PyMem_Malloc(count * 4)
+            offsets = <uint64_t *>PyMem_Malloc(limit * 8)
+            attempts = <uint32_t *>PyMem_Malloc(limit * 4)
             records = <const uint8_t **>PyMem_Malloc(
-                count * sizeof(const uint8_t *))
-            used = <size_t *>PyMem_Malloc(count * sizeof(size_t))
+                limit * sizeof(const uint8_t *))
+            used = <size_t *>PyMem_Malloc(limit * sizeof(size_t))
             if (offsets == NULL or attempts == NULL or records == NULL or
                     used == NULL):
                 raise MemoryError()
@@ -1506,8 +1584,8 @@ cdef class GroupBase:
             try:
                 try:
                     self.expire(now)
-                    while taken < count:
-                        run = self.take_fresh(now, count - taken, records,
+                    while taken < limit:
+                        run = self.take_fresh(now, limit - taken, records,
                                               used, run_headers)
                         if run:
                             # Counted as taken first, so that a failure
@@ -1552,13 +1630,14 @@ cdef class GroupBase:
         self.finish(False)
         return messages
 
-    def get_batch_nowait(self, Py_ssize_t count):
+    def get_batch_nowait(self, count):
         """Deliver up to count messages as one MessageBatch of columns.
 
         The columns and the bodies are copied straight from the records,
         without a Message object per message.
         """
         cdef int64_t now = self.now()
+        cdef Py_ssize_t limit
         cdef SegmentStore store = self.stream.store
         cdef Py_ssize_t taken = 0, run, i, index
         cdef const uint8_t *record
@@ -1577,18 +1656,17 @@ cdef class GroupBase:
         cdef object header_map
         cdef MessageBatch batch
 
-        if count <= 0:
-            raise ValueError(f"count is {count}; it must be 1 or more")
-        count = min(count, (self.journal.max_message_bytes - 5) //
-                    DELIVER_ENTRY_BYTES)
+        limit = check_count(
+            count, "get_batch_nowait",
+            (self.journal.max_message_bytes - 5) // DELIVER_ENTRY_BYTES)
         data.bytes = NULL
         data.size = data.capacity = 0
         batch = MessageBatch.__new__(MessageBatch)
-        batch.offset_bytes = PyBytes_FromStringAndSize(NULL, count * 8)
-        batch.receipt_bytes = PyBytes_FromStringAndSize(NULL, count * 8)
-        batch.attempt_bytes = PyBytes_FromStringAndSize(NULL, count * 4)
-        batch.timestamp_bytes = PyBytes_FromStringAndSize(NULL, count * 8)
-        batch.length_bytes = PyBytes_FromStringAndSize(NULL, count * 8)
+        batch.offset_bytes = PyBytes_FromStringAndSize(NULL, limit * 8)
+        batch.receipt_bytes = PyBytes_FromStringAndSize(NULL, limit * 8)
+        batch.attempt_bytes = PyBytes_FromStringAndSize(NULL, limit * 4)
+        batch.timestamp_bytes = PyBytes_FromStringAndSize(NULL, limit * 8)
+        batch.length_bytes = PyBytes_FromStringAndSize(NULL, limit * 8)
         offsets = <uint64_t *>PyBytes_AS_STRING(batch.offset_bytes)
         receipts = <uint64_t *>PyBytes_AS_STRING(batch.receipt_bytes)
         attempts = <uint32_t *>PyBytes_AS_STRING(batch.attempt_bytes)
@@ -1596,16 +1674,16 @@ cdef class GroupBase:
         lengths = <uint64_t *>PyBytes_AS_STRING(batch.length_bytes)
         try:
             records = <const uint8_t **>PyMem_Malloc(
-                count * sizeof(const uint8_t *))
-            used = <size_t *>PyMem_Malloc(count * sizeof(size_t))
+                limit * sizeof(const uint8_t *))
+            used = <size_t *>PyMem_Malloc(limit * sizeof(size_t))
             if records == NULL or used == NULL:
                 raise MemoryError()
             self.acquire()
             try:
                 try:
                     self.expire(now)
-                    while taken < count:
-                        run = self.take_fresh(now, count - taken, records,
+                    while taken < limit:
+                        run = self.take_fresh(now, limit - taken, records,
                                               used, headers)
                         if run:
                             # Counted as taken first, so that a failure
@@ -1623,7 +1701,7 @@ cdef class GroupBase:
                                 for i in range(run):
                                     needed += load_u32(
                                         records[i] + REC_OFF_LENGTH) - used[i]
-                                reserve_body_bytes(&data, needed, count)
+                                reserve_body_bytes(&data, needed, limit)
                                 for i in range(run):
                                     record = records[i]
                                     length = load_u32(
@@ -1652,7 +1730,7 @@ cdef class GroupBase:
                             headers.append(header_map)
                             length = load_u32(
                                 record + REC_OFF_LENGTH) - self.taken_used
-                            reserve_body_bytes(&data, length, count)
+                            reserve_body_bytes(&data, length, limit)
                             memcpy(bytes_pointer(data.bytes) + data.size,
                                    record + REC_HEADER_SIZE + self.taken_used,
                                    length)
@@ -1679,7 +1757,7 @@ cdef class GroupBase:
             Py_XDECREF(data.bytes)
             PyMem_Free(records)
             PyMem_Free(used)
-        if taken < count:
+        if taken < limit:
             batch.offset_bytes = batch.offset_bytes[:taken * 8]
             batch.receipt_bytes = batch.receipt_bytes[:taken * 8]
             batch.attempt_bytes = batch.attempt_bytes[:taken * 4]
@@ -1865,39 +1943,44 @@ cdef class GroupBase:
             self.release()
         return 0
 
-    def nack(self, receipt, double delay=0.0):
+    def nack(self, receipt, delay=0.0):
         """Give a delivery back, for redelivery after delay seconds.
 
         A delivery whose attempt reached max_deliveries goes to the
         dead-letter queue instead. A nack's delay is not journaled: after
-        a restart the message is available at once.
+        a restart the message is available at once. A delay that is not a
+        number raises TypeError, and one outside 0 to 1e9 ValueError.
         """
         cdef uint64_t offset, value = as_receipt(receipt)
+        cdef double seconds = seconds_argument(delay, "nack", "delay")
         cdef int64_t now = self.now()
 
-        check_delay("delay", delay)
         self.acquire()
         try:
             self.expire(now)
             offset = self.check_receipt(value)
-            self.fail(offset, now + <int64_t>(delay * NS_PER_SECOND), "nack",
+            self.fail(offset, now + <int64_t>(seconds * NS_PER_SECOND), "nack",
                       False)
         finally:
             self.release()
         self.finish(True)
 
-    def extend(self, receipt, double seconds):
-        """Set the deadline of a delivery to now plus seconds."""
+    def extend(self, receipt, seconds):
+        """Set the deadline of a delivery to now plus seconds.
+
+        Raises TypeError for seconds that are not a number, and ValueError
+        for seconds outside 0 to 1e9.
+        """
         cdef uint64_t offset, value = as_receipt(receipt)
+        cdef double duration = seconds_argument(seconds, "extend", "seconds")
         cdef int64_t now = self.now()
 
-        check_delay("seconds", seconds)
         self.acquire()
         try:
             self.expire(now)
             offset = self.check_receipt(value)
             self.ring.set_deadline(
-                offset, now + <int64_t>(seconds * NS_PER_SECOND))
+                offset, now + <int64_t>(duration * NS_PER_SECOND))
         finally:
             self.release()
         # expire() may have queued dead letters for finish() to move.

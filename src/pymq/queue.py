@@ -18,6 +18,7 @@ from pymq._core import (
     MessageBatch,
     SegmentStore,
     StreamBase,
+    check_count,
     check_timeout,
 )
 from pymq.types import QueueStats
@@ -93,7 +94,8 @@ class _Consumer(GroupBase):
     def get_many(self, count: int, timeout: float | None = None) -> list[Message]:
         """Deliver up to count messages; wait up to timeout for the first one."""
         if timeout is not None:
-            check_timeout(timeout)
+            check_timeout(timeout, "get_many")
+        check_count(count, "get_many")
         messages = self.get_many_nowait(count)
         if messages or timeout == 0:
             return messages
@@ -107,7 +109,8 @@ class _Consumer(GroupBase):
         batch with ack_many(batch).
         """
         if timeout is not None:
-            check_timeout(timeout)
+            check_timeout(timeout, "get_batch")
+        check_count(count, "get_batch")
         batch = self.get_batch_nowait(count)
         if len(batch) or timeout == 0:
             return batch

@@ -624,8 +624,9 @@ def predict_settle(request: Request, state: ModelState) -> Expect:
         return fails(1)
     if start and count:
         (seconds,) = struct.unpack_from("<d", payload)
+        # An argument out of range is a ValueError, as embedded.
         if not 0 <= seconds <= 1e9:
-            return fails(8)
+            return fails(17)
     return settle_outcome(request.flags, count)
 
 
