@@ -1640,8 +1640,8 @@ def test_serve_port_in_use_keeps_existing_empty_dir(tmp_path: Path) -> None:
             "serve", "--data", str(data), "--port", str(port), *loop_options()
         )
     assert result.returncode == 2
-    # Not made by this serve, so its LOCK file stays, as after any run.
-    assert sorted(path.name for path in data.iterdir()) == ["LOCK"]
+    # Not made by this serve, so its files stay, as after any run.
+    assert sorted(path.name for path in data.iterdir()) == ["LOCK", "PYMQ"]
 
 
 @pytest.mark.skipif(

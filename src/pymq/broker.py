@@ -144,6 +144,9 @@ MEMORY_FOLDER_PREFIX: Final = "pymq-memory-"
 # The file in the folder of a broker without a path that contains the PID of
 # its process, so that a later open can find the folders of dead processes.
 MEMORY_OWNER_FILE: Final = "OWNER"
+# The file that marks a folder as a data directory, written when a broker
+# first opens it, so that no data directory is opened inside another.
+DATA_MARKER: Final = "PYMQ"
 
 
 @atexit.register
@@ -274,19 +277,54 @@ def _remove_stale_memory_folders(parent: str) -> list[str]:
     return removed
 
 
-def _check_not_nested(path: Path) -> None:
-    """Raise ConfigError if path lies inside another broker's data directory.
+def _is_data_directory(folder: Path) -> bool:
+    """Return whether folder is a data directory of pymq.
 
-    A data directory is a folder with a LOCK file and a streams folder.
-    Opening a folder inside one would add a LOCK and queues to its streams
-    or groups, which the outer broker then reads as its own.
+    That is a folder with the DATA_MARKER file, or, as versions before the
+    marker left it, with a LOCK file and a streams folder.
     """
-    for parent in path.resolve().parents:
-        if (parent / "LOCK").is_file() and (parent / "streams").is_dir():
+    if (folder / DATA_MARKER).is_file():
+        return True
+    return (folder / "LOCK").is_file() and (folder / "streams").is_dir()
+
+
+def _data_directory_below(folder: Path) -> Path | None:
+    """Return a data directory inside folder, or None if it contains none.
+
+    Walks the whole tree below folder without following links. So the
+    broker calls it only for a folder without DATA_MARKER: a new data
+    directory, or one that a version before the marker made.
+    """
+    for parent, folders, files in os.walk(folder):
+        if parent == str(folder):
+            continue
+        if DATA_MARKER in files or ("LOCK" in files and "streams" in folders):
+            return Path(parent)
+    return None
+
+
+def _check_not_nested(path: Path) -> None:
+    """Raise ConfigError if path is inside a data directory or contains one.
+
+    Either way one broker's folders would be inside the other's: a broker
+    opened in data/streams/x writes its LOCK and streams into the folder
+    of the outer broker's queue x. The message names both directories.
+    """
+    resolved = path.resolve()
+    for parent in resolved.parents:
+        if _is_data_directory(parent):
             raise ConfigError(
                 f"data directory {path} is inside the data directory {parent} "
                 f"of another broker; give a folder outside it"
             )
+    if not resolved.is_dir() or (resolved / DATA_MARKER).is_file():
+        return
+    inner = _data_directory_below(resolved)
+    if inner is not None:
+        raise ConfigError(
+            f"data directory {path} contains the data directory {inner} of "
+            f"another broker; give a folder that contains no data directory"
+        )
 
 
 def cut_reason(reason: str) -> str:
@@ -441,6 +479,13 @@ class Broker:
             )
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = DirectoryLock(str(self.path))
+        marker = self.path / DATA_MARKER
+        if not marker.exists():
+            try:
+                _write_durably(marker, "pymq data directory\n")
+            except BaseException:
+                self._lock.release()
+                raise
 
         self._store_options: dict[str, Any] = {
             "fsync": fsync,
@@ -1181,7 +1226,8 @@ def open(
     process, removes such folders whose process is gone.
 
     Raises BrokerLockedError when another broker owns the directory, and
-    ConfigError for a path inside another broker's data directory.
+    ConfigError for a path inside another broker's data directory, or for
+    a folder that contains one.
     """
     return Broker(
         path,

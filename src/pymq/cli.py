@@ -30,7 +30,7 @@ from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
 import pymq
 from pymq._core import DirectoryLock
 from pymq._version import __version__
-from pymq.broker import REDRIVE_TO_ADVICE
+from pymq.broker import DATA_MARKER, REDRIVE_TO_ADVICE
 from pymq.errors import (
     AuthenticationError,
     BrokerLockedError,
@@ -1053,18 +1053,17 @@ def _remove_unused_folders(created: list[Path]) -> None:
     """Remove the folders in created that hold nothing a broker left in use.
 
     created lists the folders made by this command, deepest first. The data
-    directory may hold only the LOCK file of a broker that has closed: a
-    lock that another process holds now keeps everything.
+    directory may hold only the LOCK and DATA_MARKER files of a broker that
+    has closed: a lock that another process holds now keeps everything.
     """
     if not created:
         return
     data = created[0]
-    lock_path = data / "LOCK"
     try:
         entries = os.listdir(data)
     except OSError:
         return
-    if entries not in ([], ["LOCK"]):
+    if not set(entries) <= {"LOCK", DATA_MARKER}:
         return
     if entries:
         try:
@@ -1072,7 +1071,8 @@ def _remove_unused_folders(created: list[Path]) -> None:
         except (BrokerLockedError, OSError):
             return
         try:
-            lock_path.unlink()
+            (data / DATA_MARKER).unlink(missing_ok=True)
+            (data / "LOCK").unlink()
         finally:
             lock.release()
     for folder in created:
