@@ -585,10 +585,55 @@ class Broker:
 
         A name ending in ".dlq" opens a dead-letter queue, and may be up to
         255 characters long, as a DLQ's name derived from a long source name
-        may be.
+        may be. A DLQ that does not exist yet is created only for its
+        source: the queue <source> of <source>.dlq, or the group G of
+        stream S for S.G.dlq. Otherwise this raises QueueNotFound, and
+        InvalidNameError when the source is a DLQ, which has no DLQ.
         """
         check_queue_name(name)
+        if name.endswith(".dlq"):
+            with self._mutex:
+                self._check_open()
+                self._check_dlq_source(name)
         return self._open_queue(name, options)
+
+    def _check_dlq_source(self, name: str) -> None:
+        """Raise unless the DLQ name exists or its source does, so that a
+        mistyped name does not create a DLQ that nothing fills."""
+        if name in self._queues or self._kind_of(name)[0]:
+            # An existing name; one that is not a queue raises on open.
+            return
+        source = name.removesuffix(".dlq")
+        kind = self._kind_of(source)[0]
+        if kind == "queue" and source.endswith(".dlq"):
+            raise InvalidNameError(
+                f"queue name {name!r} names a DLQ of the dead-letter queue "
+                f"{source}, which has none, because a message that fails in "
+                f"a DLQ stays there; use {source}"
+            )
+        if kind == "queue" or self._is_group_source(source):
+            return
+        if kind == "stream":
+            raise QueueNotFound(
+                f"dead-letter queue {name} cannot be created: {source} is a "
+                f"stream, and a stream has no DLQ; each of its groups G has "
+                f"{source}.G.dlq"
+            )
+        raise QueueNotFound(
+            f"dead-letter queue {name} cannot be created: there is no queue "
+            f"{source}, nor a group G of a stream S with S.G = {source}; "
+            f"create the queue or group first"
+        )
+
+    def _is_group_source(self, source: str) -> bool:
+        """Return whether source is S.G for an existing group G of stream S."""
+        start = 0
+        while (dot := source.find(".", start)) >= 0:
+            stream, group = source[:dot], source[dot + 1 :]
+            if self._kind_of(stream)[0] == "stream" and self._has_group(stream, group):
+                return True
+            start = dot + 1
+        return False
 
     def _open_queue(self, name: str, options: dict[str, Any]) -> Queue:
         options = _check_options(options, QUEUE_DEFAULTS)
@@ -821,6 +866,12 @@ class Broker:
                     self._apply(group, options)
                 return group
             _check_case(folder.parent, name, "group")
+            if name.endswith(".dlq") and not folder.is_dir():
+                # A group of such a name that an older version made opens.
+                raise InvalidNameError(
+                    f"group name {name!r} ends in '.dlq', which is kept for "
+                    f"dead-letter queues"
+                )
             self._check_dlq_name(f"{stream.name}.{name}.dlq")
             core, ready = self._open_stream(stream.name, "stream")
             store = core.store

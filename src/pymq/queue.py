@@ -183,7 +183,10 @@ class _Consumer(GroupBase):
 
     @property
     def dlq(self) -> Queue:
-        """The dead-letter queue of this queue or group (created on first use)."""
+        """The dead-letter queue of this queue or group (created on first use).
+
+        A dead-letter queue's is the DLQ itself; see dlq_name.
+        """
         return self._broker._open_queue(self.dlq_name, {})
 
     @property
@@ -273,7 +276,13 @@ class Queue(_Publisher, _Consumer):
 
     @property
     def dlq_name(self) -> str:
-        """The name of the dead-letter queue: ``<queue>.dlq``."""
+        """The name of the dead-letter queue: ``<queue>.dlq``.
+
+        A dead-letter queue's is its own name: a message that fails in a
+        DLQ stays there, so the DLQ of ``jobs.dlq`` is ``jobs.dlq`` itself.
+        """
+        if self.stream.dead_letter:
+            return self.name
         return f"{self.name}.dlq"
 
     def close(self) -> None:

@@ -159,11 +159,12 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     try:
         checker = pymq.connect(server.url, reconnect_attempts=0)
         # Open every store the examples can touch, so that the pages the
-        # store touches when it opens are in the baseline.
+        # store touches when it opens are in the baseline. The group comes
+        # first: its DLQ is created only once the group exists.
+        checker.stream(STREAM).group(GROUP)
         for name, kind in KINDS.items():
             if kind == "queue":
                 checker.queue(name)
-        checker.stream(STREAM).group(GROUP)
         raw = RawClient(server.port)
         try:
             hello = json.loads(handshake(raw)[1])
