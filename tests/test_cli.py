@@ -522,6 +522,106 @@ def test_put_invalid_header_rejected(
         assert broker.names() == {}
 
 
+RESERVED_MESSAGE = (
+    "pymq: header {key!r} is reserved: pymq writes x-attempts, x-dead-at, "
+    "x-for-group, x-group, x-offset, x-reason, x-source when it moves a message "
+    "to a dead-letter queue and back, so puts to other queues reject these "
+    "names; use another name\n"
+)
+
+
+@pytest.mark.parametrize("key", ["x-source", "x-for-group", "x-dead-at"])
+def test_put_reserved_header_exits_2(tmp_path: Path, key: str) -> None:
+    folder = tmp_path / "data"
+    # Nothing listens on the --url port: the header is checked before
+    # connecting, as it is before --data is opened.
+    for where in (
+        ["--data", str(folder)],
+        ["--url", f"pymq://127.0.0.1:{free_port()}"],
+    ):
+        result = cli_process("put", "jobs", "x", "--header", f"{key}=a", *where)
+        assert result.returncode == 2
+        assert result.stdout == b""
+        assert result.stderr.decode() == RESERVED_MESSAGE.format(key=key)
+    assert not folder.exists()
+
+
+@pytest.mark.skipif(
+    not (HAS_CLIENT and HAS_SERVER), reason="pymq.server or pymq.connect is missing"
+)
+def test_put_reserved_header_through_server(
+    served: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, token = served
+    remote = ["--url", url, "--token-file", str(token)]
+    assert main(["put", "jobs", "x", "--header", "x-group=g", *remote]) == 2
+    assert capsys.readouterr().err == RESERVED_MESSAGE.format(key="x-group")
+    assert main(["stats", *remote]) == 0
+    assert "no queues" in capsys.readouterr().err
+
+
+def test_put_reserved_header_into_dlq_accepted(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        broker.queue("jobs")
+    where = ["--data", str(data)]
+    assert main(["put", "jobs.dlq", "x", "--header", "x-source=jobs", *where]) == 0
+    assert capsys.readouterr().out == "put 1 message to jobs.dlq at offset 0\n"
+    with pymq.open(data) as broker:
+        message = broker.queue("jobs.dlq").get(timeout=0)
+        assert message is not None
+        assert message.headers == {"x-source": "jobs"}
+
+
+NOT_UTF8_HEADERS = [
+    (b"k=a\xff", "value b'a\\xff'"),
+    (b"\xfe=v", "name b'\\xfe'"),
+]
+
+
+@pytest.mark.parametrize(("header", "part"), NOT_UTF8_HEADERS)
+def test_put_header_not_utf8_exits_2(tmp_path: Path, header: bytes, part: str) -> None:
+    folder = tmp_path / "data"
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("PYMQ_")
+    }
+    command = [sys.executable, "-m", "pymq", "put", "jobs", "x", "--header", header]
+    result = subprocess.run(
+        [*command, "--data", str(folder)],
+        capture_output=True,
+        env=env,
+        timeout=PROCESS_TIMEOUT,
+    )
+    assert result.returncode == 2
+    assert result.stderr.decode() == (
+        f"pymq: header {part} is not valid UTF-8; header names and values "
+        f"must be UTF-8 text\n"
+    )
+    assert not folder.exists()
+
+
+def test_put_header_name_too_long_exits_2(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    header = "k" * 70_000 + "=v"
+    assert main(["put", "jobs", "x", "--header", header, "--data", str(data)]) == 2
+    assert capsys.readouterr().err == (
+        "pymq: put failed: ValueError: header name is 70000 bytes; the maximum "
+        "is 65535\n"
+    )
+
+
+def test_put_to_group_exits_2(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["put", "events/billing", "x", "--data", str(data)]) == 2
+    assert capsys.readouterr().err == (
+        "pymq: put takes a queue or a stream, not the group events/billing; put "
+        "to the stream (events), and each of its groups receives the message\n"
+    )
+    with pymq.open(data) as broker:
+        assert broker.names() == {}
+
+
 def test_put_invalid_queue_name_rejected(
     data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

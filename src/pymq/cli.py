@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
 
 import pymq
-from pymq._core import DirectoryLock
+from pymq._core import RESERVED_HEADERS, DirectoryLock
 from pymq._version import __version__
 from pymq.broker import DATA_MARKER, REDRIVE_TO_ADVICE
 from pymq.errors import (
@@ -253,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
         _report(args, f"{command} failed: {_describe(exc)}")
         return ExitCode.FAILED
+    except ValueError as exc:
+        # pymq raises a plain ValueError for an argument value it rejects,
+        # such as a header name over 65,535 bytes: a usage error.
+        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+        _report(args, f"{command} failed: {_describe(exc)}")
+        return ExitCode.USAGE
 
 
 def _exit_status(code: str | int | None) -> int:
@@ -1088,7 +1094,17 @@ def _remove_unused_folders(created: list[Path]) -> None:
 
 def _put(args: argparse.Namespace) -> int:
     headers = parse_headers(args.header)
+    if "/" in args.queue:
+        stream = args.queue.partition("/")[0]
+        raise CommandError(
+            f"put takes a queue or a stream, not the group {args.queue}; put "
+            f"to the stream ({stream}), and each of its groups receives the "
+            f"message",
+            ExitCode.USAGE,
+        )
     name: str = check_queue_name(args.queue)
+    # Checked before connecting, so that a bad header changes nothing.
+    check_put_headers(headers, name)
     with open_broker(args, create=True) as broker:
         # A stream takes puts too; anything else is opened (or created) as a
         # queue.
@@ -1130,6 +1146,34 @@ def parse_headers(items: Sequence[str]) -> dict[str, str] | None:
             )
         headers[key] = value
     return headers or None
+
+
+def check_put_headers(headers: dict[str, str] | None, name: str) -> None:
+    """Raise CommandError for headers that a put to queue name would reject.
+
+    The reserved names of a dead-letter move are rejected unless name is a
+    DLQ, as the broker does. A name or value must be valid UTF-8: a
+    command-line argument that is not arrives with surrogate escapes.
+    """
+    for key, value in (headers or {}).items():
+        if key in RESERVED_HEADERS and not name.endswith(".dlq"):
+            raise CommandError(
+                f"header {key!r} is reserved: pymq writes "
+                f"{', '.join(sorted(RESERVED_HEADERS))} when it moves a message "
+                f"to a dead-letter queue and back, so puts to other queues "
+                f"reject these names; use another name",
+                ExitCode.USAGE,
+            )
+        for part, text in (("name", key), ("value", value)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raw = os.fsencode(text)
+                raise CommandError(
+                    f"header {part} {raw!r} is not valid UTF-8; header names "
+                    f"and values must be UTF-8 text",
+                    ExitCode.USAGE,
+                ) from None
 
 
 class _LineTooLong(Exception):
