@@ -944,13 +944,75 @@ def test_get_empty_queue_exits_1(
     )
 
 
-def test_get_stream_name_exits_5(
+def test_get_stream_name_exits_2(
     data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pymq.open(data) as broker:
         broker.stream("events")
-    assert main(["get", "events", "--data", str(data)]) == 5
-    assert capsys.readouterr().err == "pymq: events is a stream, not a queue\n"
+    assert main(["get", "events", "--data", str(data)]) == 2
+    assert capsys.readouterr().err == (
+        "pymq: events is a stream, not a queue; read it through a group: pymq "
+        "get events/GROUP for the group GROUP (it has no groups yet)\n"
+    )
+    with pymq.open(data) as broker:
+        events = broker.stream("events")
+        events.group("billing")
+        events.group("audit")
+    assert main(["get", "events", "--data", str(data)]) == 2
+    assert capsys.readouterr().err == (
+        "pymq: events is a stream, not a queue; read it through a group: pymq "
+        "get events/GROUP for the group GROUP (its groups: audit, billing)\n"
+    )
+
+
+def test_get_group_prints_and_acks(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        events = broker.stream("events")
+        events.group("billing")
+        events.group("audit")
+        events.put_many([b"one", b"two", b"three"])
+    where = ["--data", str(data)]
+    assert main(["get", "events/billing", "-n", "2", "--no-ack", *where]) == 0
+    assert capsys.readouterr().out == (
+        "offset=0 attempt=1 headers={} body=one\n"
+        "offset=1 attempt=1 headers={} body=two\n"
+    )
+    assert main(["get", "events/billing", "-n", "5", "--json", *where]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["body"] for line in lines] == ["one", "two", "three"]
+    assert [json.loads(line)["attempt"] for line in lines] == [2, 2, 1]
+    assert main(["get", "events/billing", *where]) == 1
+    assert capsys.readouterr().err == (
+        "pymq: group billing of stream events had no message available\n"
+    )
+    with pymq.open(data) as broker:
+        events = broker.stream("events")
+        assert events.group("billing").stats().depth == 0
+        # The other group still has every message.
+        assert events.group("audit").stats().depth == 3
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("events/nope", "group nope of stream events does not exist"),
+        ("nope/billing", "group billing of stream nope does not exist"),
+        ("jobs/billing", "group billing of stream jobs does not exist"),
+    ],
+)
+def test_get_missing_group_exits_5(
+    data: Path, capsys: pytest.CaptureFixture[str], target: str, message: str
+) -> None:
+    with pymq.open(data) as broker:
+        broker.stream("events").group("billing")
+        broker.queue("jobs")
+    assert main(["get", target, "--data", str(data)]) == 5
+    assert capsys.readouterr().err == f"pymq: {message}\n"
+    with pymq.open(data) as broker:
+        assert broker.names() == {"events": "stream", "jobs": "queue"}
+        assert broker.groups("events") == ["billing"]
 
 
 @pytest.mark.parametrize(
@@ -1455,6 +1517,32 @@ def test_dlq_redrive_failure_reports_moved_count(
         assert broker.queue("jobs.dlq").stats().depth == 500
 
 
+@pytest.mark.parametrize("action", ["list", "redrive"])
+def test_dlq_of_stream_name_exits_2(
+    data: Path, capsys: pytest.CaptureFixture[str], action: str
+) -> None:
+    with pymq.open(data) as broker:
+        broker.stream("events").group("billing")
+    assert main(["dlq", action, "events", "--data", str(data)]) == 2
+    assert capsys.readouterr().err == (
+        f"pymq: events is a stream, which has no dead-letter queue; each of its "
+        f"groups has one: pymq dlq {action} events/GROUP for the group GROUP "
+        f"(its groups: billing)\n"
+    )
+
+
+@pytest.mark.parametrize("action", ["list", "redrive"])
+def test_dlq_of_missing_group_exits_5(
+    data: Path, capsys: pytest.CaptureFixture[str], action: str
+) -> None:
+    with pymq.open(data) as broker:
+        broker.stream("events").group("billing")
+    assert main(["dlq", action, "events/audit", "--data", str(data)]) == 5
+    assert capsys.readouterr().err == (
+        "pymq: group audit of stream events does not exist\n"
+    )
+
+
 def test_dlq_of_stream_group(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pymq.open(data) as broker:
         events = broker.stream("events")
@@ -1472,7 +1560,10 @@ def test_dlq_of_stream_group(data: Path, capsys: pytest.CaptureFixture[str]) -> 
         "offset=0 x-source=events x-group=billing x-offset=0 x-attempts=1 x-dead-at="
     )
     assert out.endswith(" x-reason=unpaid headers={} body=invoice\n")
-    assert main(["dlq", "redrive", "events.billing", "--data", str(data)]) == 0
+    # S/G names the group as stats and get do.
+    assert main(["dlq", "list", "events/billing", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == out
+    assert main(["dlq", "redrive", "events/billing", "--data", str(data)]) == 0
     assert capsys.readouterr().out == "moved 1 message from events.billing.dlq\n"
     with pymq.open(data) as broker:
         events = broker.stream("events")
@@ -1627,6 +1718,23 @@ def test_serve_then_client_commands(
     monkeypatch.setenv("PYMQ_TOKEN", "s3cret")
     assert main(["get", "jobs", "--url", url]) == 0
     assert capsys.readouterr().out == "offset=2 attempt=1 headers={} body=three\n"
+
+    with pymq.connect(url, token="s3cret") as client:
+        events = client.stream("events")
+        billing = events.group("billing")
+        events.put_many([b"paid", b"unpaid"])
+        billing.get(timeout=5.0).ack()
+        billing.get(timeout=5.0).reject("no funds")
+    assert main(["get", "events", *remote]) == 2
+    assert "read it through a group: pymq get events/GROUP" in capsys.readouterr().err
+    assert main(["dlq", "list", "events/billing", *remote]) == 0
+    assert capsys.readouterr().out.endswith(
+        ' x-reason="no funds" headers={} body=unpaid\n'
+    )
+    assert main(["dlq", "redrive", "events/billing", *remote]) == 0
+    assert capsys.readouterr().out == "moved 1 message from events.billing.dlq\n"
+    assert main(["get", "events/billing", *remote]) == 0
+    assert capsys.readouterr().out == "offset=2 attempt=1 headers={} body=unpaid\n"
 
 
 @pytest.mark.skipif(

@@ -618,11 +618,15 @@ def _add_get(commands: Any, client: argparse.ArgumentParser) -> None:
     get = commands.add_parser(
         "get",
         parents=[client],
-        help="get messages from a queue",
+        help="get messages from a queue or a stream group",
         description="Get up to N messages and print each with its offset, "
         "attempt and headers. Exits with 1 when none is available.",
     )
-    get.add_argument("queue", metavar="QUEUE", help="queue name")
+    get.add_argument(
+        "queue",
+        metavar="QUEUE",
+        help="queue name, or S/G for the group G of stream S",
+    )
     get.add_argument(
         "-n",
         dest="count",
@@ -673,7 +677,7 @@ def _add_dlq(commands: Any, client: argparse.ArgumentParser) -> None:
         "dlq",
         help="list or redrive a dead-letter queue",
         description="Manage QUEUE.dlq, the dead-letter queue of QUEUE. For the "
-        "group G of stream S, QUEUE is S.G.",
+        "group G of stream S, QUEUE is S/G (or S.G).",
     )
     actions = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser(
@@ -964,14 +968,60 @@ def _authentication_message(url: str, exc: AuthenticationError) -> str:
     return f"{url}: {text}; check --token-file or PYMQ_TOKEN"
 
 
-def _require_queue(broker: BrokerAPI, name: str) -> Any:
-    """Open the existing queue name, never creating it."""
+def split_group(text: str) -> tuple[str, str] | None:
+    """Return (stream, group) for S/G, the group G of stream S, else None.
+
+    Raises InvalidNameError for a stream or group name that breaks the
+    naming rules.
+    """
+    if "/" not in text:
+        return None
+    stream, _, group = text.partition("/")
+    return check_name("stream", stream), check_name("group", group)
+
+
+def _require_group(broker: BrokerAPI, stream: str, group: str) -> None:
+    """Raise CommandError unless the group exists: opening it would create it."""
+    if broker.names().get(stream) != "stream" or group not in broker.groups(stream):
+        raise CommandError(
+            f"group {group} of stream {stream} does not exist",
+            ExitCode.QUEUE_NOT_FOUND,
+        )
+
+
+def _stream_advice(broker: BrokerAPI, stream: str, command: str) -> str:
+    """Return how to name a group of stream in command, with its groups."""
+    groups = broker.groups(stream)
+    listed = f"its groups: {', '.join(groups)}" if groups else "it has no groups yet"
+    return f"{command} {stream}/GROUP for the group GROUP ({listed})"
+
+
+def _require_consumer(broker: BrokerAPI, target: str) -> tuple[Any, str]:
+    """Open the existing queue, or S/G group, that target names.
+
+    Never creates anything. Returns the queue or group and its label for
+    messages ("queue jobs", "group billing of stream events").
+    """
+    pair = split_group(target)
+    if pair is not None:
+        stream, group = pair
+        _require_group(broker, stream, group)
+        return broker.stream(stream).group(group), f"group {group} of stream {stream}"
+    name: str = check_queue_name(target)
     kind = broker.names().get(name)
     if kind is None:
         raise CommandError(f"queue {name} does not exist", ExitCode.QUEUE_NOT_FOUND)
+    if kind == "stream":
+        # Reading a stream goes through one of its groups, which keeps the
+        # position; a usage error, not a missing queue.
+        raise CommandError(
+            f"{name} is a stream, not a queue; read it through a group: "
+            f"{_stream_advice(broker, name, 'pymq get')}",
+            ExitCode.USAGE,
+        )
     if kind != "queue":
         raise CommandError(f"{name} is a {kind}, not a queue", ExitCode.QUEUE_NOT_FOUND)
-    return broker.queue(name)
+    return broker.queue(name), f"queue {name}"
 
 
 # serve ------------------------------------------------------------------------
@@ -1327,14 +1377,16 @@ def _put_lines(
 
 
 def _get(args: argparse.Namespace) -> int:
-    name: str = check_queue_name(args.queue)
+    # Names are checked before the broker is opened.
+    if split_group(args.queue) is None:
+        check_queue_name(args.queue)
     with open_broker(args, create=False) as broker:
-        queue = _require_queue(broker, name)
+        queue, label = _require_consumer(broker, args.queue)
         messages = take_messages(queue, args.count, args.timeout)
         if not messages:
             within = f" within {args.timeout:g} seconds" if args.timeout else ""
             raise CommandError(
-                f"queue {name} had no message available{within}",
+                f"{label} had no message available{within}",
                 ExitCode.NOTHING_FOUND,
             )
         written = 0
@@ -1466,20 +1518,13 @@ def _stats(args: argparse.Namespace) -> int:
     with open_broker(args, create=False) as broker:
         names = broker.names()
         group_name = None
+        pair = None if args.queue is None else split_group(args.queue)
         if args.queue is None:
             targets = list(names.items())
-        elif "/" in args.queue:
+        elif pair is not None:
             # S/G, as the table names the group G of stream S.
-            stream_name, _, group_name = args.queue.partition("/")
-            check_name("stream", stream_name)
-            check_name("group", group_name)
-            if names.get(stream_name) != "stream" or group_name not in broker.groups(
-                stream_name
-            ):
-                raise CommandError(
-                    f"group {group_name} of stream {stream_name} does not exist",
-                    ExitCode.QUEUE_NOT_FOUND,
-                )
+            stream_name, group_name = pair
+            _require_group(broker, stream_name, group_name)
             targets = [(stream_name, "stream")]
         else:
             name: str = check_queue_name(args.queue)
@@ -1554,7 +1599,7 @@ def format_table(
 def _dlq_list(args: argparse.Namespace) -> int:
     source, dlq_name = _dlq_names(args.queue)
     with open_broker(args, create=False) as broker:
-        if not _dlq_exists(broker, source, dlq_name):
+        if not _dlq_exists(broker, args.queue, source, dlq_name, "pymq dlq list"):
             print(f"pymq: {dlq_name} has no messages", file=sys.stderr)
             return ExitCode.OK
         dlq = broker.queue(dlq_name)
@@ -1593,7 +1638,7 @@ def _dlq_redrive(args: argparse.Namespace) -> int:
             # when there is nothing to move.
             _check_redrive_target(broker, to)
         moved = 0
-        if _dlq_exists(broker, source, dlq_name):
+        if _dlq_exists(broker, args.queue, source, dlq_name, "pymq dlq redrive"):
             show_progress = args.progress or sys.stderr.isatty()
             try:
                 moved = _redrive(broker, dlq_name, to, where, show_progress)
@@ -1669,23 +1714,41 @@ def _redrive(
 
 
 def _dlq_names(source: str) -> tuple[str, str]:
-    check_name("queue", source)
+    """Return the source and DLQ names for QUEUE, S.G or S/G (group G of S)."""
+    pair = split_group(source)
+    if pair is not None:
+        source = ".".join(pair)
+    else:
+        check_name("queue", source)
     dlq_name = f"{source}.dlq"
     check_name("dead-letter queue", dlq_name, derived=True)
     return source, dlq_name
 
 
-def _dlq_exists(broker: BrokerAPI, source: str, dlq_name: str) -> bool:
+def _dlq_exists(
+    broker: BrokerAPI, text: str, source: str, dlq_name: str, command: str
+) -> bool:
     """Return whether dlq_name exists, or raise CommandError if its source is missing.
 
-    The source is a queue, or S.G for the group G of stream S. A source that
-    exists but never dead-lettered a message has no DLQ yet.
+    text is the argument of command (such as "pymq dlq list"): a queue, S.G
+    or S/G for the group G of stream S. A source that exists but never
+    dead-lettered a message has no DLQ yet.
     """
+    pair = split_group(text)
+    if pair is not None:
+        _require_group(broker, *pair)
+        return dlq_name in broker.names()
     names = broker.names()
     if dlq_name in names:
         return True
     if names.get(source) == "queue":
         return False
+    if names.get(source) == "stream":
+        raise CommandError(
+            f"{source} is a stream, which has no dead-letter queue; each of its "
+            f"groups has one: {_stream_advice(broker, source, command)}",
+            ExitCode.USAGE,
+        )
     for stream, kind in names.items():
         prefix = f"{stream}."
         if (
