@@ -87,8 +87,8 @@ class _Child:
                 opened = stream.group(group, **(options or {}))
                 self.consumers[f"{name}.{group}"] = opened
         for consumer in list(self.consumers.values()):
-            consumer.clock = self.clock
-            consumer.dlq.clock = self.clock
+            consumer._clock = self.clock
+            consumer.dlq._clock = self.clock
 
     def put(self, log: str, body: bytes, headers: dict[str, str]) -> int:
         offset: int = self.logs[log].put(body, headers=headers or None)
@@ -138,7 +138,7 @@ class _Child:
         """Return counts, stats and DLQ depth per consumer, and each log's end."""
         found: dict[str, Any] = {}
         for name, consumer in self.consumers.items():
-            counts = consumer.counts()
+            counts = consumer._counts()
             stats = consumer.stats()
             found[name] = {
                 "in_flight": counts["in_flight"],
@@ -161,7 +161,7 @@ class _Child:
         ends the move is never written.
         """
         group = self.consumers[consumer]
-        move = group.on_dead
+        move = group._on_dead
 
         def die_in_move(core: Any, offset: int, attempt: int, cause: str) -> bool:
             if after_put:
@@ -169,7 +169,7 @@ class _Child:
             os.kill(os.getpid(), signal.SIGKILL)
             return False  # not reached
 
-        group.on_dead = die_in_move
+        group._on_dead = die_in_move
         group.reject(receipt, reason)
         raise AssertionError("the child outlived its SIGKILL")
 

@@ -310,7 +310,7 @@ class QueueModel:
         )
 
     def counts(self, now: int) -> dict[str, int]:
-        """Return in_flight, waiting and backlog as GroupBase.counts() does."""
+        """Return in_flight, waiting and backlog as GroupBase._counts() does."""
         self.expire(now)
         return {
             "in_flight": self.in_flight,

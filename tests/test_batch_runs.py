@@ -129,7 +129,7 @@ def test_several_nacked_offsets_in_order(broker: pymq.Broker, form: str) -> None
 def test_delayed_nack_lets_fresh_go_first(broker: pymq.Broker, form: str) -> None:
     clock = FakeClock()
     jobs = broker.queue("jobs")
-    jobs.clock = clock
+    jobs._clock = clock
     jobs.put_many([b"m%d" % i for i in range(4)])
     first = deliver(jobs, form, 2)
     jobs.nack(first[0].receipt, delay=5.0)
@@ -143,7 +143,7 @@ def test_delayed_nack_lets_fresh_go_first(broker: pymq.Broker, form: str) -> Non
 def test_expired_deliveries_before_fresh_ones(broker: pymq.Broker, form: str) -> None:
     clock = FakeClock()
     jobs = broker.queue("jobs", visibility_timeout=1.0)
-    jobs.clock = clock
+    jobs._clock = clock
     jobs.put_many([b"m%d" % i for i in range(4)])
     first = deliver(jobs, form, 2)
     assert pairs(first) == [(0, 1), (1, 1)]

@@ -80,6 +80,80 @@ def test_open_inside_data_directory_raises(tmp_path: Path) -> None:
     ]
 
 
+def test_open_inside_empty_data_directory_raises(tmp_path: Path) -> None:
+    outer = tmp_path / "data"
+    with pymq.open(outer):
+        # No queue yet, so no streams folder: only the marker shows it.
+        assert sorted(path.name for path in outer.iterdir()) == ["LOCK", "PYMQ"]
+        inner = outer / "streams" / "x"
+        with pytest.raises(pymq.ConfigError) as raised:
+            pymq.open(inner)
+        assert str(raised.value) == (
+            f"data directory {inner} is inside the data directory {outer} "
+            f"of another broker; give a folder outside it"
+        )
+        assert not (outer / "streams").exists()
+    with pytest.raises(pymq.ConfigError, match="is inside the data directory"):
+        pymq.open(outer / "deeper" / "still")
+    assert not (outer / "deeper").exists()
+
+
+@pytest.mark.parametrize(
+    "inner_parts", [("streams", "x"), ("a",), ("a", "b", "c", "d")]
+)
+def test_open_around_data_directory_raises(
+    tmp_path: Path, inner_parts: tuple[str, ...]
+) -> None:
+    outer = tmp_path / "data"
+    inner = outer.joinpath(*inner_parts)
+    with pymq.open(inner) as broker:
+        broker.queue("jobs").put(b"x")
+    for opened_inner in (False, True):
+        if opened_inner:
+            # Open too: a broker in use below is found the same way.
+            held = pymq.open(inner)
+        try:
+            with pytest.raises(pymq.ConfigError) as raised:
+                pymq.open(outer)
+            assert str(raised.value) == (
+                f"data directory {outer} contains the data directory {inner} of "
+                f"another broker; give a folder that contains no data directory"
+            )
+        finally:
+            if opened_inner:
+                held.close()
+    assert not (outer / "LOCK").exists()
+    assert not (outer / "PYMQ").exists()
+    with pymq.open(inner) as broker:
+        assert broker.queue("jobs").stats().depth == 1
+
+
+def test_data_directory_of_older_version_detected(tmp_path: Path) -> None:
+    outer = tmp_path / "data"
+    with pymq.open(outer) as broker:
+        broker.queue("jobs").put(b"x")
+        broker.stream("events").group("billing")
+    # A version before the marker left a LOCK file and a streams folder.
+    (outer / "PYMQ").unlink()
+    with pytest.raises(pymq.ConfigError, match="is inside the data directory"):
+        pymq.open(outer / "streams" / "x")
+    with pytest.raises(pymq.ConfigError, match="contains the data directory"):
+        pymq.open(tmp_path)
+    # Its own queues and groups are not taken for data directories inside it.
+    with pymq.open(outer) as broker:
+        assert broker.queue("jobs").stats().depth == 1
+        assert (outer / "PYMQ").is_file()
+
+
+def test_reopen_data_directory_works(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for _ in range(2):
+        with pymq.open(data) as broker:
+            broker.queue("jobs").put(b"x")
+    with pymq.open(data) as broker:
+        assert broker.queue("jobs").stats().depth == 2
+
+
 def test_open_beside_data_directory_works(tmp_path: Path) -> None:
     with pymq.open(tmp_path / "data") as broker:
         broker.queue("jobs")

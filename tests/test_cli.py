@@ -522,6 +522,106 @@ def test_put_invalid_header_rejected(
         assert broker.names() == {}
 
 
+RESERVED_MESSAGE = (
+    "pymq: header {key!r} is reserved: pymq writes x-attempts, x-dead-at, "
+    "x-for-group, x-group, x-offset, x-reason, x-source when it moves a message "
+    "to a dead-letter queue and back, so puts to other queues reject these "
+    "names; use another name\n"
+)
+
+
+@pytest.mark.parametrize("key", ["x-source", "x-for-group", "x-dead-at"])
+def test_put_reserved_header_exits_2(tmp_path: Path, key: str) -> None:
+    folder = tmp_path / "data"
+    # Nothing listens on the --url port: the header is checked before
+    # connecting, as it is before --data is opened.
+    for where in (
+        ["--data", str(folder)],
+        ["--url", f"pymq://127.0.0.1:{free_port()}"],
+    ):
+        result = cli_process("put", "jobs", "x", "--header", f"{key}=a", *where)
+        assert result.returncode == 2
+        assert result.stdout == b""
+        assert result.stderr.decode() == RESERVED_MESSAGE.format(key=key)
+    assert not folder.exists()
+
+
+@pytest.mark.skipif(
+    not (HAS_CLIENT and HAS_SERVER), reason="pymq.server or pymq.connect is missing"
+)
+def test_put_reserved_header_through_server(
+    served: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, token = served
+    remote = ["--url", url, "--token-file", str(token)]
+    assert main(["put", "jobs", "x", "--header", "x-group=g", *remote]) == 2
+    assert capsys.readouterr().err == RESERVED_MESSAGE.format(key="x-group")
+    assert main(["stats", *remote]) == 0
+    assert "no queues" in capsys.readouterr().err
+
+
+def test_put_reserved_header_into_dlq_accepted(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        broker.queue("jobs")
+    where = ["--data", str(data)]
+    assert main(["put", "jobs.dlq", "x", "--header", "x-source=jobs", *where]) == 0
+    assert capsys.readouterr().out == "put 1 message to jobs.dlq at offset 0\n"
+    with pymq.open(data) as broker:
+        message = broker.queue("jobs.dlq").get(timeout=0)
+        assert message is not None
+        assert message.headers == {"x-source": "jobs"}
+
+
+NOT_UTF8_HEADERS = [
+    (b"k=a\xff", "value b'a\\xff'"),
+    (b"\xfe=v", "name b'\\xfe'"),
+]
+
+
+@pytest.mark.parametrize(("header", "part"), NOT_UTF8_HEADERS)
+def test_put_header_not_utf8_exits_2(tmp_path: Path, header: bytes, part: str) -> None:
+    folder = tmp_path / "data"
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith("PYMQ_")
+    }
+    command = [sys.executable, "-m", "pymq", "put", "jobs", "x", "--header", header]
+    result = subprocess.run(
+        [*command, "--data", str(folder)],
+        capture_output=True,
+        env=env,
+        timeout=PROCESS_TIMEOUT,
+    )
+    assert result.returncode == 2
+    assert result.stderr.decode() == (
+        f"pymq: header {part} is not valid UTF-8; header names and values "
+        f"must be UTF-8 text\n"
+    )
+    assert not folder.exists()
+
+
+def test_put_header_name_too_long_exits_2(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    header = "k" * 70_000 + "=v"
+    assert main(["put", "jobs", "x", "--header", header, "--data", str(data)]) == 2
+    assert capsys.readouterr().err == (
+        "pymq: put failed: ValueError: header name is 70000 bytes; the maximum "
+        "is 65535\n"
+    )
+
+
+def test_put_to_group_exits_2(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["put", "events/billing", "x", "--data", str(data)]) == 2
+    assert capsys.readouterr().err == (
+        "pymq: put takes a queue or a stream, not the group events/billing; put "
+        "to the stream (events), and each of its groups receives the message\n"
+    )
+    with pymq.open(data) as broker:
+        assert broker.names() == {}
+
+
 def test_put_invalid_queue_name_rejected(
     data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -844,13 +944,75 @@ def test_get_empty_queue_exits_1(
     )
 
 
-def test_get_stream_name_exits_5(
+def test_get_stream_name_exits_2(
     data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pymq.open(data) as broker:
         broker.stream("events")
-    assert main(["get", "events", "--data", str(data)]) == 5
-    assert capsys.readouterr().err == "pymq: events is a stream, not a queue\n"
+    assert main(["get", "events", "--data", str(data)]) == 2
+    assert capsys.readouterr().err == (
+        "pymq: events is a stream, not a queue; read it through a group: pymq "
+        "get events/GROUP for the group GROUP (it has no groups yet)\n"
+    )
+    with pymq.open(data) as broker:
+        events = broker.stream("events")
+        events.group("billing")
+        events.group("audit")
+    assert main(["get", "events", "--data", str(data)]) == 2
+    assert capsys.readouterr().err == (
+        "pymq: events is a stream, not a queue; read it through a group: pymq "
+        "get events/GROUP for the group GROUP (its groups: audit, billing)\n"
+    )
+
+
+def test_get_group_prints_and_acks(
+    data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pymq.open(data) as broker:
+        events = broker.stream("events")
+        events.group("billing")
+        events.group("audit")
+        events.put_many([b"one", b"two", b"three"])
+    where = ["--data", str(data)]
+    assert main(["get", "events/billing", "-n", "2", "--no-ack", *where]) == 0
+    assert capsys.readouterr().out == (
+        "offset=0 attempt=1 headers={} body=one\n"
+        "offset=1 attempt=1 headers={} body=two\n"
+    )
+    assert main(["get", "events/billing", "-n", "5", "--json", *where]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["body"] for line in lines] == ["one", "two", "three"]
+    assert [json.loads(line)["attempt"] for line in lines] == [2, 2, 1]
+    assert main(["get", "events/billing", *where]) == 1
+    assert capsys.readouterr().err == (
+        "pymq: group billing of stream events had no message available\n"
+    )
+    with pymq.open(data) as broker:
+        events = broker.stream("events")
+        assert events.group("billing").stats().depth == 0
+        # The other group still has every message.
+        assert events.group("audit").stats().depth == 3
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("events/nope", "group nope of stream events does not exist"),
+        ("nope/billing", "group billing of stream nope does not exist"),
+        ("jobs/billing", "group billing of stream jobs does not exist"),
+    ],
+)
+def test_get_missing_group_exits_5(
+    data: Path, capsys: pytest.CaptureFixture[str], target: str, message: str
+) -> None:
+    with pymq.open(data) as broker:
+        broker.stream("events").group("billing")
+        broker.queue("jobs")
+    assert main(["get", target, "--data", str(data)]) == 5
+    assert capsys.readouterr().err == f"pymq: {message}\n"
+    with pymq.open(data) as broker:
+        assert broker.names() == {"events": "stream", "jobs": "queue"}
+        assert broker.groups("events") == ["billing"]
 
 
 @pytest.mark.parametrize(
@@ -1355,6 +1517,32 @@ def test_dlq_redrive_failure_reports_moved_count(
         assert broker.queue("jobs.dlq").stats().depth == 500
 
 
+@pytest.mark.parametrize("action", ["list", "redrive"])
+def test_dlq_of_stream_name_exits_2(
+    data: Path, capsys: pytest.CaptureFixture[str], action: str
+) -> None:
+    with pymq.open(data) as broker:
+        broker.stream("events").group("billing")
+    assert main(["dlq", action, "events", "--data", str(data)]) == 2
+    assert capsys.readouterr().err == (
+        f"pymq: events is a stream, which has no dead-letter queue; each of its "
+        f"groups has one: pymq dlq {action} events/GROUP for the group GROUP "
+        f"(its groups: billing)\n"
+    )
+
+
+@pytest.mark.parametrize("action", ["list", "redrive"])
+def test_dlq_of_missing_group_exits_5(
+    data: Path, capsys: pytest.CaptureFixture[str], action: str
+) -> None:
+    with pymq.open(data) as broker:
+        broker.stream("events").group("billing")
+    assert main(["dlq", action, "events/audit", "--data", str(data)]) == 5
+    assert capsys.readouterr().err == (
+        "pymq: group audit of stream events does not exist\n"
+    )
+
+
 def test_dlq_of_stream_group(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pymq.open(data) as broker:
         events = broker.stream("events")
@@ -1372,7 +1560,10 @@ def test_dlq_of_stream_group(data: Path, capsys: pytest.CaptureFixture[str]) -> 
         "offset=0 x-source=events x-group=billing x-offset=0 x-attempts=1 x-dead-at="
     )
     assert out.endswith(" x-reason=unpaid headers={} body=invoice\n")
-    assert main(["dlq", "redrive", "events.billing", "--data", str(data)]) == 0
+    # S/G names the group as stats and get do.
+    assert main(["dlq", "list", "events/billing", "--data", str(data)]) == 0
+    assert capsys.readouterr().out == out
+    assert main(["dlq", "redrive", "events/billing", "--data", str(data)]) == 0
     assert capsys.readouterr().out == "moved 1 message from events.billing.dlq\n"
     with pymq.open(data) as broker:
         events = broker.stream("events")
@@ -1528,6 +1719,23 @@ def test_serve_then_client_commands(
     assert main(["get", "jobs", "--url", url]) == 0
     assert capsys.readouterr().out == "offset=2 attempt=1 headers={} body=three\n"
 
+    with pymq.connect(url, token="s3cret") as client:
+        events = client.stream("events")
+        billing = events.group("billing")
+        events.put_many([b"paid", b"unpaid"])
+        billing.get(timeout=5.0).ack()
+        billing.get(timeout=5.0).reject("no funds")
+    assert main(["get", "events", *remote]) == 2
+    assert "read it through a group: pymq get events/GROUP" in capsys.readouterr().err
+    assert main(["dlq", "list", "events/billing", *remote]) == 0
+    assert capsys.readouterr().out.endswith(
+        ' x-reason="no funds" headers={} body=unpaid\n'
+    )
+    assert main(["dlq", "redrive", "events/billing", *remote]) == 0
+    assert capsys.readouterr().out == "moved 1 message from events.billing.dlq\n"
+    assert main(["get", "events/billing", *remote]) == 0
+    assert capsys.readouterr().out == "offset=2 attempt=1 headers={} body=unpaid\n"
+
 
 @pytest.mark.skipif(
     not (HAS_CLIENT and HAS_SERVER), reason="pymq.server or pymq.connect is missing"
@@ -1640,8 +1848,8 @@ def test_serve_port_in_use_keeps_existing_empty_dir(tmp_path: Path) -> None:
             "serve", "--data", str(data), "--port", str(port), *loop_options()
         )
     assert result.returncode == 2
-    # Not made by this serve, so its LOCK file stays, as after any run.
-    assert sorted(path.name for path in data.iterdir()) == ["LOCK"]
+    # Not made by this serve, so its files stay, as after any run.
+    assert sorted(path.name for path in data.iterdir()) == ["LOCK", "PYMQ"]
 
 
 @pytest.mark.skipif(

@@ -123,7 +123,7 @@ def test_dlq_message_timed_out_stays_in_dlq(broker):
     q.get(timeout=0).reject("bad")
     dlq = broker.queue("jobs.dlq")
     now = [10**12]
-    dlq.clock = lambda: now[0]
+    dlq._clock = lambda: now[0]
 
     # Seven timeouts, more than the default max_deliveries of 5, and none moves it.
     for attempt in range(1, 8):

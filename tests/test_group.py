@@ -239,3 +239,20 @@ def test_group_context_manager_closes_group(broker):
     with pytest.raises(pymq.ClosedError):
         billing.get(timeout=0)
     assert events.group("billing").get(timeout=0).body == b"one"
+
+
+def test_group_ending_in_dlq_of_older_version_opens(broker):
+    events = broker.stream("events")
+    events.put(b"x")
+    events.group("old").close()
+    # An older version took group names ending in ".dlq".
+    groups = broker.path / "streams" / "events" / "groups"
+    (groups / "old").rename(groups / "old.dlq")
+    with pytest.raises(InvalidNameError, match=r"ends in '\.dlq'"):
+        events.group("new.dlq")
+    group = events.group("old.dlq")
+    message = group.get(timeout=0)
+    assert message is not None
+    assert message.body == b"x"
+    message.ack()
+    assert broker.groups("events") == ["old.dlq"]

@@ -88,7 +88,6 @@ LAYOUT_NAMES = [
     "spare.log",
     "00000000000000000000.log",
     "queue",
-    "x.dlq.dlq",
     "-starts-with-dash",
     ":",
     "a..b",
@@ -276,7 +275,9 @@ def test_bad_name_in_redrive_rejected(side, name):
 @pytest.mark.parametrize("name", BAD_NAMES.values(), ids=BAD_NAMES.keys())
 def test_bad_redrive_target_rejected(side, name):
     """redrive(to=) checks the target's name before moving any message."""
-    dlq_name = unique("source") + ".dlq"
+    source = unique("source")
+    side.broker.queue(source)
+    dlq_name = source + ".dlq"
     side.broker.queue(dlq_name).put(b"waits in the DLQ")
     before = side.listing()
     with pytest.raises(InvalidNameError) as raised:
@@ -443,7 +444,9 @@ def test_dlq_named_queue_used_as_source(side):
     Such a queue never dead-letters, so max_deliveries is rejected before
     any file is made.
     """
-    name = unique("orphan") + ".dlq"
+    source = unique("source")
+    side.broker.queue(source)
+    name = source + ".dlq"
     before = side.listing()
     with pytest.raises(ConfigError) as raised:
         side.broker.queue(name, max_deliveries=1, visibility_timeout=60)
@@ -458,6 +461,81 @@ def test_dlq_named_queue_used_as_source(side):
     assert again.attempt == 2
     again.ack()
     assert f"{name}.dlq" not in side.broker.names()
+    assert queue.dlq_name == name
+
+
+def test_dlq_of_dlq_is_the_dlq(side):
+    """A DLQ keeps what fails in it, so its dlq is itself and .dlq.dlq is invalid."""
+    source = unique("twice")
+    dlq = side.broker.queue(source).dlq
+    assert dlq.name == f"{source}.dlq"
+    assert dlq.dlq_name == dlq.name
+    assert dlq.dlq.name == dlq.name
+    before = side.listing()
+    with pytest.raises(InvalidNameError) as raised:
+        side.broker.queue(f"{source}.dlq.dlq")
+    assert str(raised.value) == (
+        f"queue name '{source}.dlq.dlq' names a DLQ of the dead-letter queue "
+        f"{source}.dlq, which has none, because a message that fails in a DLQ "
+        f"stays there; use {source}.dlq"
+    )
+    assert changes(before, side.listing()) == NO_CHANGES
+    assert f"{source}.dlq.dlq" not in side.broker.names()
+
+
+def test_dlq_without_source_rejected(side):
+    """queue(x.dlq) creates a DLQ only for an existing queue x or group S.G."""
+    missing = unique("missing")
+    before = side.listing()
+    with pytest.raises(QueueNotFound) as raised:
+        side.broker.queue(f"{missing}.dlq")
+    assert str(raised.value) == (
+        f"dead-letter queue {missing}.dlq cannot be created: there is no queue "
+        f"{missing}, nor a group G of a stream S with S.G = {missing}; create "
+        f"the queue or group first"
+    )
+    assert changes(before, side.listing()) == NO_CHANGES
+
+    stream_name = unique("events")
+    side.broker.stream(stream_name).group("billing")
+    before = side.listing()
+    with pytest.raises(QueueNotFound) as raised:
+        side.broker.queue(f"{stream_name}.dlq")
+    assert str(raised.value) == (
+        f"dead-letter queue {stream_name}.dlq cannot be created: {stream_name} "
+        f"is a stream, and a stream has no DLQ; each of its groups G has "
+        f"{stream_name}.G.dlq"
+    )
+    with pytest.raises(QueueNotFound):
+        side.broker.queue(f"{stream_name}.audit.dlq")
+    assert changes(before, side.listing()) == NO_CHANGES
+
+    # With the source in place, the DLQ opens, and stays openable.
+    side.broker.queue(missing)
+    side.broker.queue(f"{missing}.dlq").put(b"kept")
+    side.broker.queue(f"{stream_name}.billing.dlq")
+    names = side.broker.names()
+    assert names[f"{missing}.dlq"] == "queue"
+    assert names[f"{stream_name}.billing.dlq"] == "queue"
+
+
+def test_group_name_ending_in_dlq_rejected(side):
+    """Group names follow the stream rule: names ending in .dlq are for DLQs."""
+    stream_name = unique("groups-dlq")
+    stream = side.broker.stream(stream_name)
+    before = side.listing()
+    for name in ("a.dlq", "dlq.dlq"):
+        with pytest.raises(InvalidNameError) as raised:
+            stream.group(name)
+        assert str(raised.value) == (
+            f"group name '{name}' ends in '.dlq', which is kept for dead-letter queues"
+        )
+    assert changes(before, side.listing()) == NO_CHANGES
+    assert side.broker.groups(stream_name) == []
+    # Only the ending is kept: "dlq" alone, or inside a name, is a group name.
+    stream.group("dlq")
+    stream.group("a.dlq.b")
+    assert side.broker.groups(stream_name) == ["a.dlq.b", "dlq"]
 
 
 def test_queue_whose_dlq_name_is_a_stream(side):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+import pytest
+
 import pymq
 
 
@@ -65,3 +67,103 @@ def test_queue_stats_docstring_names_both_skip_reasons() -> None:
         "readable record (damage, or a gap) or because stream retention deleted "
         "them before this group settled them."
     ) in text
+
+
+# The public names of each class: a new public name must be added here, and
+# documented, on purpose.
+CONSUMER_NAMES = {
+    "ack",
+    "ack_many",
+    "close",
+    "closed",
+    "dlq",
+    "dlq_name",
+    "extend",
+    "get",
+    "get_batch",
+    "get_batch_nowait",
+    "get_many",
+    "get_many_nowait",
+    "get_nowait",
+    "max_deliveries",
+    "max_in_flight",
+    "nack",
+    "reject",
+    "stats",
+    "stream",
+    "visibility_timeout",
+}
+PUBLIC_NAMES: dict[type, set[str]] = {
+    pymq.Queue: CONSUMER_NAMES
+    | {"max_bytes", "max_length", "overflow", "put", "put_many"},
+    pymq.Group: CONSUMER_NAMES,
+    pymq.Stream: {"group", "put", "put_many", "store"},
+    pymq.Broker: {
+        "apply_retention",
+        "close",
+        "groups",
+        "names",
+        "queue",
+        "redrive",
+        "stream",
+    },
+}
+# Internal parts of the compiled core, which lose messages when misused.
+INTERNAL_NAMES = [
+    "counts",
+    "clock",
+    "deletes_acked",
+    "forget_move",
+    "group_name",
+    "next_due",
+    "on_dead",
+    "settle_moved",
+    "unfinished_moves",
+]
+
+
+def public_names(value: object) -> set[str]:
+    return {name for name in dir(value) if not name.startswith("_")}
+
+
+@pytest.mark.parametrize("cls", list(PUBLIC_NAMES), ids=lambda cls: cls.__name__)
+def test_class_public_names_exact(cls: type) -> None:
+    assert public_names(cls) == PUBLIC_NAMES[cls]
+
+
+def test_instances_add_only_their_names(tmp_path: Path) -> None:
+    with pymq.open(tmp_path / "data") as broker:
+        jobs = broker.queue("jobs")
+        billing = broker.stream("events").group("billing")
+        assert public_names(jobs) == PUBLIC_NAMES[pymq.Queue] | {"name"}
+        assert public_names(billing) == CONSUMER_NAMES | {"name", "stream_name"}
+
+
+@pytest.mark.parametrize("name", INTERNAL_NAMES)
+def test_core_internals_not_public(tmp_path: Path, name: str) -> None:
+    with pymq.open(tmp_path / "data") as broker:
+        jobs = broker.queue("jobs")
+        billing = broker.stream("events").group("billing")
+        for consumer in (jobs, billing):
+            assert not hasattr(consumer, name)
+
+
+def test_settle_moved_not_reachable(tmp_path: Path) -> None:
+    with pymq.open(tmp_path / "data") as broker:
+        jobs = broker.queue("jobs")
+        jobs.put(b"x")
+        message = jobs.get(timeout=0)
+        assert message is not None
+        with pytest.raises(AttributeError):
+            jobs.settle_moved(message.offset)  # type: ignore[attr-defined]
+        message.ack()
+        stats = jobs.stats()
+        assert (stats.acked, stats.dead_lettered) == (1, 0)
+
+
+def test_public_methods_documented() -> None:
+    for cls, names in PUBLIC_NAMES.items():
+        for name in names:
+            attribute = getattr(cls, name)
+            if callable(attribute):
+                assert attribute.__doc__, f"{cls.__name__}.{name}"

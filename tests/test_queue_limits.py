@@ -121,8 +121,8 @@ def test_blocked_put_raises_closed_on_close(tmp_path: Path) -> None:
 
 
 def test_full_dlq_with_block_does_not_stall_source(broker: pymq.Broker) -> None:
-    broker.queue("jobs.dlq", max_length=1, overflow="block")
     jobs = broker.queue("jobs", max_deliveries=1)
+    broker.queue("jobs.dlq", max_length=1, overflow="block")
     jobs.put_many([b"1", b"2"])
     jobs.get_nowait().reject("first")
     second = jobs.get_nowait()

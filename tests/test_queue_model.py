@@ -110,8 +110,8 @@ class QueueMachine(RuleBasedStateMachine):
         self._set_clocks()
 
     def _set_clocks(self) -> None:
-        self.queue.clock = self.clock
-        self.queue.dlq.clock = self.clock
+        self.queue._clock = self.clock
+        self.queue.dlq._clock = self.clock
 
     def teardown(self) -> None:
         try:
@@ -324,7 +324,7 @@ class QueueMachine(RuleBasedStateMachine):
     def counts_match_model(self) -> None:
         if self.model is None:
             return
-        counts = self.queue.counts()
+        counts = self.queue._counts()
         expected = self.model.counts(self.clock.now)
         assert counts["in_flight"] == expected["in_flight"]
         assert counts["waiting"] == expected["waiting"]
@@ -342,7 +342,7 @@ class QueueMachine(RuleBasedStateMachine):
     def no_message_lost(self) -> None:
         if self.model is None:
             return
-        counts = self.queue.counts()
+        counts = self.queue._counts()
         unsettled = counts["in_flight"] + counts["waiting"] + counts["backlog"]
         dlq_depth = self.queue.dlq.stats().depth
         assert dlq_depth == self.model.dlq_unread
@@ -361,8 +361,8 @@ def open_jobs(
 ) -> tuple[pymq.Broker, pymq.Queue]:
     broker = pymq.open(folder)
     queue = broker.queue("jobs", **options)
-    queue.clock = clock
-    queue.dlq.clock = clock
+    queue._clock = clock
+    queue.dlq._clock = clock
     return broker, queue
 
 
@@ -375,7 +375,7 @@ def test_counts_timeout_at_limit_counted_in_dlq(tmp_path):
         queue.put(b"poison")
         queue.get_nowait()
         clock.now += seconds_to_ns(1.0)
-        counts = queue.counts()
+        counts = queue._counts()
         assert counts["in_flight"] == 0
         assert counts["dead_lettered"] == 1
         assert queue.dlq.stats().depth == 1

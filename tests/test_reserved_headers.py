@@ -98,7 +98,7 @@ def test_dlq_put_takes_reserved_headers(broker: pymq.Broker) -> None:
 def test_compiled_publish_into_dlq_takes_reserved_header(
     broker: pymq.Broker,
 ) -> None:
-    dlq = broker.queue("jobs.dlq")
+    dlq = broker.queue("jobs").dlq
     payload = encode_publish(1, 1, [b"x"], {"x-source": "jobs"}, -1)[16:]
     assert publish_into(dlq.stream, payload, 100) == (0, 1)
     moved = dlq.get(timeout=0)

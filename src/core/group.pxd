@@ -116,15 +116,17 @@ cdef class GroupBase:
     cdef int64_t visibility_ns
     cdef public uint32_t max_deliveries
     cdef public size_t max_in_flight
-    cdef public object on_dead        # callable(group, offset, attempt,
+    # Public for pymq.broker, pymq.queue and the tests, but internal: their
+    # names start with "_" so that they are not taken for public API.
+    cdef public object _on_dead       # callable(group, offset, attempt,
                                       # reason); raises if not moved
-    cdef public object clock          # callable() -> ns for tests, or None
-    cdef public str group_name        # a stream group's name; None for queues
-    cdef public bint deletes_acked    # a queue: delete segments once acked
+    cdef public object _clock         # callable() -> ns for tests, or None
+    cdef public str _group_name       # a stream group's name; None for queues
+    cdef public bint _deletes_acked   # a queue: delete segments once acked
     cdef uint64_t delete_mark         # check for deletable segments from here
-    cdef readonly uint64_t acked      # acks since open
-    cdef readonly uint64_t dead_lettered
-    cdef readonly uint64_t skipped    # offsets with no readable record
+    cdef uint64_t acked               # acks since open
+    cdef uint64_t dead_lettered
+    cdef uint64_t skipped             # offsets with no readable record
     cdef list dead_due                # (offset, attempt, reason) to move
     cdef size_t dead_pending          # slots queued for or being moved to the DLQ
     cdef uint64_t journal_written     # journal bytes to sync before returning
@@ -160,7 +162,7 @@ cdef class GroupBase:
                                const uint8_t **records, size_t *used,
                                list headers) except -1
     cdef Message take_now(self)
-    cdef Py_ssize_t batch_limit(self, Py_ssize_t count) except -1
+    cdef Py_ssize_t batch_limit(self, object count, str method) except -1
     cdef Py_ssize_t take_into(self, Py_ssize_t count, TakeSink sink) except -1
     cdef int fail(self, uint64_t offset, int64_t not_before, str reason,
                   bint dead_now) except -1

@@ -2,10 +2,13 @@
 
 from cpython.bytes cimport _PyBytes_Resize
 from cpython.dict cimport PyDict_New, PyDict_SetItem
+from cpython.buffer cimport PyObject_CheckBuffer
 from cpython.object cimport PyObject
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdlib cimport qsort
+from libc.math cimport INFINITY
 from libc.string cimport memcpy
 
 import logging
@@ -43,9 +46,9 @@ cdef str RESERVED_LIST = ", ".join(sorted(RESERVED_HEADERS))
 
 cdef str consumer_label(GroupBase group):
     """Return "queue Q" or "group G of stream S", for messages."""
-    if group.group_name is None:
+    if group._group_name is None:
         return f"queue {group.stream.name}"
-    return f"group {group.group_name} of stream {group.stream.name}"
+    return f"group {group._group_name} of stream {group.stream.name}"
 
 
 cdef inline bint takes_reserved_headers(str name):
@@ -197,11 +200,11 @@ cdef class Message:
         """Settle this delivery: the message is done."""
         self.group.ack_receipt(self.receipt)
 
-    def nack(self, double delay=0.0):
+    def nack(self, delay=0.0):
         """Give the message back, for redelivery after delay seconds."""
         self.group.nack(self.receipt, delay)
 
-    def extend(self, double seconds):
+    def extend(self, seconds):
         """Set this delivery's deadline to now plus seconds."""
         self.group.extend(self.receipt, seconds)
 
@@ -446,14 +449,79 @@ cdef int compare_u64(const void *left, const void *right) noexcept nogil:
     return (a > b) - (a < b)
 
 
-cpdef int check_timeout(object timeout) except -1:
-    """Raise for a timeout of put or get that is not None or 0 to 1e9 s."""
+cpdef int check_timeout(object timeout, str method) except -1:
+    """Raise for a timeout of put or get that is not None or 0 to 1e9 s.
+
+    method is the name of the call, which the error message starts with.
+    """
     if type(timeout) is bool or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds or None, not "
-                        f"{timeout!r}")
+        raise TypeError(f"{method}(): timeout must be a number of seconds or "
+                        f"None, not {timeout!r}")
     if not 0 <= timeout < 1e9:
-        raise ValueError(f"timeout is {timeout} seconds; it must be from 0 "
-                         f"to 1e9, or None to wait without a limit")
+        raise ValueError(f"{method}(): timeout is {timeout} seconds; it must "
+                         f"be from 0 to 1e9, or None to wait without a limit")
+    return 0
+
+
+cdef double seconds_argument(object value, str method,
+                             str name) except? -1.0:
+    """Return value, the argument name of method, as seconds in a double.
+
+    Raises TypeError for a value that is not a number, and ValueError for
+    one outside 0 to 1e9, each naming method and name. An int or a float
+    costs two type checks only, so nack and extend stay cheap.
+    """
+    cdef double seconds
+
+    if type(value) is not float and type(value) is not int:
+        if type(value) is bool or not hasattr(type(value), "__float__"):
+            raise TypeError(f"{method}(): {name} must be a number of "
+                            f"seconds, not {value!r}")
+    try:
+        seconds = value
+    except OverflowError:
+        # An int too large for a double.
+        seconds = INFINITY
+    # Written so that NaN fails the check too.
+    if not 0 <= seconds <= 1e9:
+        raise ValueError(f"{method}(): {name} is {value!r}; it must be from "
+                         f"0 to 1e9 seconds")
+    return seconds
+
+
+cpdef Py_ssize_t check_count(object count, str method,
+                             Py_ssize_t limit=PY_SSIZE_T_MAX) except -1:
+    """Return count, the number of messages a get of method asks for.
+
+    A count over limit returns limit. Raises TypeError for a count that
+    is not an int, and ValueError for one below 1, each naming method.
+    """
+    if type(count) is not int:
+        if type(count) is bool or not hasattr(type(count), "__index__"):
+            raise TypeError(f"{method}(): count must be an int, not "
+                            f"{type(count).__name__}")
+        # An integer type such as numpy.int64.
+        count = count.__index__()
+    if count < 1:
+        raise ValueError(f"{method}(): count is {count}; it must be 1 or more")
+    if count > limit:
+        return limit
+    return count
+
+
+cdef int raise_bad_body(list bodies, str method) except -1:
+    """Raise TypeError naming the first of bodies that is not bytes-like.
+
+    Returns 0 when every one is, so that the caller raises its own error.
+    Called only after a put failed, to say which body was wrong.
+    """
+    cdef Py_ssize_t index
+
+    for index in range(len(bodies)):
+        if not PyObject_CheckBuffer(bodies[index]):
+            raise TypeError(
+                f"{method}(): item {index} of bodies must be a bytes-like "
+                f"object, not {type(bodies[index]).__name__}")
     return 0
 
 
@@ -601,7 +669,10 @@ cdef class StreamBase:
         cdef bint limited = self.max_length >= 0 or self.max_bytes >= 0
 
         if timeout is not None:
-            check_timeout(timeout)
+            check_timeout(timeout, "put")
+        if type(body) is not bytes and not PyObject_CheckBuffer(body):
+            raise TypeError(f"put(): body must be a bytes-like object, not "
+                            f"{type(body).__name__}")
         if self.store.closed:
             self.raise_closed()
         if headers:
@@ -656,26 +727,33 @@ cdef class StreamBase:
         else:
             items = list(bodies)
         if timeout is not None:
-            check_timeout(timeout)
+            check_timeout(timeout, "put_many")
         if self.store.closed:
             self.raise_closed()
-        if headers:
-            block = encode_headers(headers, self.dead_letter)
-            items = [block + memoryview(body).tobytes() for body in items]
-            flags = REC_FLAG_HEADERS
-        if not limited:
-            first = self.store.append_many(items, flags=flags)
-            self.published()
-            return range(first, first + len(items))
-
-        for item in items:
-            size += record_size(len(item))
-        lock_without_gil(self.put_lock)
+        # The bodies as given, for the error below: items becomes records.
+        bodies = items
         try:
-            self.reserve_room(len(items), size, timeout)
-            first = self.append_batch_unsynced(items, flags, &written)
-        finally:
-            pymq_mutex_unlock(self.put_lock)
+            if headers:
+                block = encode_headers(headers, self.dead_letter)
+                items = [block + memoryview(body).tobytes() for body in items]
+                flags = REC_FLAG_HEADERS
+            if not limited:
+                first = self.store.append_many(items, flags=flags)
+                self.published()
+                return range(first, first + len(items))
+
+            for item in items:
+                size += record_size(len(item))
+            lock_without_gil(self.put_lock)
+            try:
+                self.reserve_room(len(items), size, timeout)
+                first = self.append_batch_unsynced(items, flags, &written)
+            finally:
+                pymq_mutex_unlock(self.put_lock)
+        except TypeError:
+            # Off the fast path: find the body that is not bytes-like.
+            raise_bad_body(bodies, "put_many")
+            raise
         if self.store.policy == FSYNC_ALWAYS:
             self.store.sync_to(written)
         self.published()
@@ -793,9 +871,9 @@ cdef class GroupBase:
 
     cdef inline int64_t now(self) except? -1:
         """Return the group's clock: monotonic ns, or clock() when it is set."""
-        if self.clock is None:
+        if self._clock is None:
             return coarse_monotonic_ns()
-        return self.clock()
+        return self._clock()
 
     @property
     def visibility_timeout(self):
@@ -1066,7 +1144,7 @@ cdef class GroupBase:
                                   offset in settled)
         self.ring.fill_settled(covered)
         # A move to the DLQ that began and never finished may or may not
-        # have put the message there: the broker looks (unfinished_moves).
+        # have put the message there: the broker looks (_unfinished_moves).
         self.moving = {offset for offset in moving
                        if offset >= low and offset not in settled}
         # Offsets this group saw are never handed to a new message, even if
@@ -1103,14 +1181,14 @@ cdef class GroupBase:
                   bint dead_now) except -1:
         """Redeliver a failed delivery, or queue it for the DLQ.
 
-        Without on_dead (the group of a dead-letter queue) the message is
+        Without _on_dead (the group of a dead-letter queue) the message is
         always redelivered, so it never leaves its DLQ.
         """
         cdef Slot *slot = self.ring.slot(offset)
 
         if dead_now or (
                 self.max_deliveries and slot.attempt >= self.max_deliveries):
-            if self.on_dead is not None:
+            if self._on_dead is not None:
                 if not dead_now:
                     reason = f"{reason}; max_deliveries reached"
                 # Until the move is done the slot stays delivered, and
@@ -1192,10 +1270,10 @@ cdef class GroupBase:
                              &attempt):
                 return False
             if (self.max_deliveries and attempt > self.max_deliveries and
-                    self.on_dead is not None):
+                    self._on_dead is not None):
                 # Delivered max_deliveries times already, each time lost
                 # with its consumer (a crash): dead-letter it now. A group
-                # without on_dead (a DLQ's) delivers it again instead, because
+                # without _on_dead (a DLQ's) delivers it again instead, because
                 # fail() would only make it available and this loop would
                 # take it forever.
                 ring.slot(offset).attempt = attempt - 1
@@ -1224,7 +1302,7 @@ cdef class GroupBase:
                 if status == FOUND:
                     if not flags & REC_FLAG_TARGETED or (
                             headers is not None and
-                            headers.get("x-for-group") == self.group_name):
+                            headers.get("x-for-group") == self._group_name):
                         if flags & REC_FLAG_TARGETED:
                             # The routing header is pymq's own.
                             del headers["x-for-group"]
@@ -1357,7 +1435,7 @@ cdef class GroupBase:
         if ((settled and self.stream.waiters > 0) or
                 self.journal.policy == FSYNC_ALWAYS or
                 self.unrecorded_dead or self.dead_due or
-                (self.deletes_acked and self.ring.low >= self.delete_mark and
+                (self._deletes_acked and self.ring.low >= self.delete_mark and
                  len(self.stream.store.segments) > 1) or
                 (len(self.journal.segments) > 1 and (
                     # The waiting checkpoint is synced, or none waits
@@ -1404,9 +1482,9 @@ cdef class GroupBase:
                     self.restore_due(due[i:])
                     break
                 try:
-                    self.on_dead(self, offset, attempt, reason)
+                    self._on_dead(self, offset, attempt, reason)
                 except Exception:
-                    # The move failed (on_dead logs and counts it): the
+                    # The move failed (_on_dead logs and counts it): the
                     # message stays here and is tried again at its next
                     # delivery.
                     self.moving.discard(offset)
@@ -1426,7 +1504,7 @@ cdef class GroupBase:
                     self.log_journal_error(
                         "syncing moves to the dead-letter queue", exc)
         # With one segment there is nothing to delete: the active one stays.
-        if (self.deletes_acked and self.ring.low >= self.delete_mark and
+        if (self._deletes_acked and self.ring.low >= self.delete_mark and
                 len(self.stream.store.segments) > 1):
             self.retain()
         if len(self.journal.segments) > 1:
@@ -1477,7 +1555,7 @@ cdef class GroupBase:
         return 0
 
     cdef int end_move(self, uint64_t offset) except -1:
-        """Settle offset, which on_dead put in the DLQ, and journal it."""
+        """Settle offset, which _on_dead put in the DLQ, and journal it."""
         cdef object error = None
 
         self.acquire()
@@ -1564,7 +1642,7 @@ cdef class GroupBase:
         if timeout is not None:
             # Checked first, so a bad timeout raises whether or not a
             # message is available.
-            check_timeout(timeout)
+            check_timeout(timeout, "get")
         message = self.take_now()
         if message is not None or (timeout is not None and timeout == 0):
             return message
@@ -1599,12 +1677,15 @@ cdef class GroupBase:
         self.finish(False)
         return message
 
-    cdef Py_ssize_t batch_limit(self, Py_ssize_t count) except -1:
-        """Return count cut to what one journal record of deliveries holds."""
-        if count <= 0:
-            raise ValueError(f"count is {count}; it must be 1 or more")
-        return min(count, (self.journal.max_message_bytes - 5) //
-                   DELIVER_ENTRY_BYTES)
+    cdef Py_ssize_t batch_limit(self, object count, str method) except -1:
+        """Check count for method; return it cut to one journal record.
+
+        One journal record lists every delivery of a get, so a get takes at
+        most what fits in one record.
+        """
+        return check_count(
+            count, method,
+            (self.journal.max_message_bytes - 5) // DELIVER_ENTRY_BYTES)
 
     cdef Py_ssize_t take_into(self, Py_ssize_t count, TakeSink sink) except -1:
         """Take up to count available deliveries, lowest offsets first.
@@ -1614,7 +1695,7 @@ cdef class GroupBase:
         take_fresh() leaves to take_record()) go to sink.take_one. One
         journal record lists them all. If the sink or the journal raises,
         every delivery taken is given back and none is handed out. count
-        must be at most batch_limit(count). Returns the number taken; the
+        must be what batch_limit() returned. Returns the number taken; the
         caller calls finish().
         """
         cdef int64_t now = self.now()
@@ -1694,16 +1775,16 @@ cdef class GroupBase:
             store.report()
         return taken
 
-    def get_many_nowait(self, Py_ssize_t count):
+    def get_many_nowait(self, count):
         """Deliver up to count available messages, lowest offsets first."""
         cdef MessageSink sink = MessageSink.__new__(MessageSink)
 
         sink.messages = []
-        self.take_into(self.batch_limit(count), sink)
+        self.take_into(self.batch_limit(count, "get_many_nowait"), sink)
         self.finish(False)
         return sink.messages
 
-    def get_batch_nowait(self, Py_ssize_t count):
+    def get_batch_nowait(self, count):
         """Deliver up to count messages as one MessageBatch of columns.
 
         The columns and the bodies are copied straight from the records,
@@ -1711,24 +1792,24 @@ cdef class GroupBase:
         """
         cdef BatchSink sink = BatchSink.__new__(BatchSink)
         cdef MessageBatch batch = MessageBatch.__new__(MessageBatch)
-        cdef Py_ssize_t taken
+        cdef Py_ssize_t taken, limit
 
-        count = self.batch_limit(count)
-        batch.offset_bytes = PyBytes_FromStringAndSize(NULL, count * 8)
-        batch.receipt_bytes = PyBytes_FromStringAndSize(NULL, count * 8)
-        batch.attempt_bytes = PyBytes_FromStringAndSize(NULL, count * 4)
-        batch.timestamp_bytes = PyBytes_FromStringAndSize(NULL, count * 8)
-        batch.length_bytes = PyBytes_FromStringAndSize(NULL, count * 8)
+        limit = self.batch_limit(count, "get_batch_nowait")
+        batch.offset_bytes = PyBytes_FromStringAndSize(NULL, limit * 8)
+        batch.receipt_bytes = PyBytes_FromStringAndSize(NULL, limit * 8)
+        batch.attempt_bytes = PyBytes_FromStringAndSize(NULL, limit * 4)
+        batch.timestamp_bytes = PyBytes_FromStringAndSize(NULL, limit * 8)
+        batch.length_bytes = PyBytes_FromStringAndSize(NULL, limit * 8)
         sink.offsets = <uint64_t *>PyBytes_AS_STRING(batch.offset_bytes)
         sink.receipts = <uint64_t *>PyBytes_AS_STRING(batch.receipt_bytes)
         sink.attempts = <uint32_t *>PyBytes_AS_STRING(batch.attempt_bytes)
         sink.timestamps = <int64_t *>PyBytes_AS_STRING(batch.timestamp_bytes)
         sink.lengths = <uint64_t *>PyBytes_AS_STRING(batch.length_bytes)
         sink.headers = []
-        sink.count = count
-        taken = self.take_into(count, sink)
+        sink.count = limit
+        taken = self.take_into(limit, sink)
         batch.data = take_body_bytes(&sink.data)
-        if taken < count:
+        if taken < limit:
             batch.offset_bytes = batch.offset_bytes[:taken * 8]
             batch.receipt_bytes = batch.receipt_bytes[:taken * 8]
             batch.attempt_bytes = batch.attempt_bytes[:taken * 4]
@@ -1739,11 +1820,11 @@ cdef class GroupBase:
         self.finish(False)
         return batch
 
-    def unfinished_moves(self):
+    def _unfinished_moves(self):
         """Return the offsets whose move to the DLQ began before a crash.
 
-        Each may or may not be in the DLQ: settle_moved() those found there
-        and forget_move() the others, which stay available here.
+        Each may or may not be in the DLQ: _settle_moved() those found there
+        and _forget_move() the others, which stay available here.
         """
         self.acquire()
         try:
@@ -1751,7 +1832,7 @@ cdef class GroupBase:
         finally:
             self.release()
 
-    def settle_moved(self, uint64_t offset):
+    def _settle_moved(self, uint64_t offset):
         """Record that the message at offset is in the DLQ: settle it here."""
         self.acquire()
         try:
@@ -1765,7 +1846,7 @@ cdef class GroupBase:
             self.release()
         self.finish(True)
 
-    def forget_move(self, uint64_t offset):
+    def _forget_move(self, uint64_t offset):
         """Record that the move of offset never reached the DLQ."""
         self.acquire()
         try:
@@ -1773,7 +1854,7 @@ cdef class GroupBase:
         finally:
             self.release()
 
-    def next_due(self):
+    def _next_due(self):
         """Return seconds until a delivery expires or a delay ends, or None."""
         cdef int64_t due
 
@@ -1914,39 +1995,44 @@ cdef class GroupBase:
             self.release()
         return 0
 
-    def nack(self, receipt, double delay=0.0):
+    def nack(self, receipt, delay=0.0):
         """Give a delivery back, for redelivery after delay seconds.
 
         A delivery whose attempt reached max_deliveries goes to the
         dead-letter queue instead. A nack's delay is not journaled: after
-        a restart the message is available at once.
+        a restart the message is available at once. A delay that is not a
+        number raises TypeError, and one outside 0 to 1e9 ValueError.
         """
         cdef uint64_t offset, value = as_receipt(receipt)
+        cdef double seconds = seconds_argument(delay, "nack", "delay")
         cdef int64_t now = self.now()
 
-        check_delay("delay", delay)
         self.acquire()
         try:
             self.expire(now)
             offset = self.check_receipt(value)
-            self.fail(offset, now + <int64_t>(delay * NS_PER_SECOND), "nack",
+            self.fail(offset, now + <int64_t>(seconds * NS_PER_SECOND), "nack",
                       False)
         finally:
             self.release()
         self.finish(True)
 
-    def extend(self, receipt, double seconds):
-        """Set the deadline of a delivery to now plus seconds."""
+    def extend(self, receipt, seconds):
+        """Set the deadline of a delivery to now plus seconds.
+
+        Raises TypeError for seconds that are not a number, and ValueError
+        for seconds outside 0 to 1e9.
+        """
         cdef uint64_t offset, value = as_receipt(receipt)
+        cdef double duration = seconds_argument(seconds, "extend", "seconds")
         cdef int64_t now = self.now()
 
-        check_delay("seconds", seconds)
         self.acquire()
         try:
             self.expire(now)
             offset = self.check_receipt(value)
             self.ring.set_deadline(
-                offset, now + <int64_t>(seconds * NS_PER_SECOND))
+                offset, now + <int64_t>(duration * NS_PER_SECOND))
         finally:
             self.release()
         # expire() may have queued dead letters for finish() to move.
@@ -1973,7 +2059,7 @@ cdef class GroupBase:
         try:
             self.expire(now)
             offset = self.check_receipt(value)
-            if self.on_dead is None:
+            if self._on_dead is None:
                 self.fail(offset, now, reason, True)
             else:
                 slot = self.ring.slot(offset)
@@ -1985,11 +2071,11 @@ cdef class GroupBase:
                 self.dead_pending += 1
         finally:
             self.release()
-        if self.on_dead is not None:
+        if self._on_dead is not None:
             try:
                 self.begin_move(offset)
                 try:
-                    self.on_dead(self, offset, attempt, reason)
+                    self._on_dead(self, offset, attempt, reason)
                 except BaseException:
                     self.moving.discard(offset)
                     raise
@@ -2006,7 +2092,7 @@ cdef class GroupBase:
 
     # State ---------------------------------------------------------------
 
-    def counts(self):
+    def _counts(self):
         """Return a dict: in_flight, waiting, backlog, acked, and more."""
         cdef SegmentStore store = self.stream.store
         cdef uint64_t end

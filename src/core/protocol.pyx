@@ -819,7 +819,7 @@ cdef list fetch_frames(GroupBase group, Py_ssize_t count,
     cdef bytes frame
 
     try:
-        count = group.batch_limit(count)
+        count = group.batch_limit(count, "fetch")
         sink.count = count
         sink.receipts = <uint64_t *>PyMem_Malloc(count * 8)
         if sink.receipts == NULL:

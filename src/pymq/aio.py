@@ -961,14 +961,18 @@ class _AsyncConsumer(_AsyncHandle):
         """Give the message back, for redelivery after delay seconds."""
         check_receipt(receipt)
         await self._settle(
-            protocol.NACK, [receipt], _seconds("delay", delay), b"", True
+            protocol.NACK, [receipt], _seconds("nack", "delay", delay), b"", True
         )
 
     async def extend(self, receipt: int, seconds: float) -> None:
         """Set the delivery's deadline to now plus seconds."""
         check_receipt(receipt)
         await self._settle(
-            protocol.EXTEND, [receipt], _seconds("seconds", seconds), b"", True
+            protocol.EXTEND,
+            [receipt],
+            _seconds("extend", "seconds", seconds),
+            b"",
+            True,
         )
 
     async def reject(self, receipt: int, reason: str = "rejected") -> None:

@@ -144,6 +144,9 @@ MEMORY_FOLDER_PREFIX: Final = "pymq-memory-"
 # The file in the folder of a broker without a path that contains the PID of
 # its process, so that a later open can find the folders of dead processes.
 MEMORY_OWNER_FILE: Final = "OWNER"
+# The file that marks a folder as a data directory, written when a broker
+# first opens it, so that no data directory is opened inside another.
+DATA_MARKER: Final = "PYMQ"
 
 
 @atexit.register
@@ -274,19 +277,54 @@ def _remove_stale_memory_folders(parent: str) -> list[str]:
     return removed
 
 
-def _check_not_nested(path: Path) -> None:
-    """Raise ConfigError if path lies inside another broker's data directory.
+def _is_data_directory(folder: Path) -> bool:
+    """Return whether folder is a data directory of pymq.
 
-    A data directory is a folder with a LOCK file and a streams folder.
-    Opening a folder inside one would add a LOCK and queues to its streams
-    or groups, which the outer broker then reads as its own.
+    That is a folder with the DATA_MARKER file, or, as versions before the
+    marker left it, with a LOCK file and a streams folder.
     """
-    for parent in path.resolve().parents:
-        if (parent / "LOCK").is_file() and (parent / "streams").is_dir():
+    if (folder / DATA_MARKER).is_file():
+        return True
+    return (folder / "LOCK").is_file() and (folder / "streams").is_dir()
+
+
+def _data_directory_below(folder: Path) -> Path | None:
+    """Return a data directory inside folder, or None if it contains none.
+
+    Walks the whole tree below folder without following links. So the
+    broker calls it only for a folder without DATA_MARKER: a new data
+    directory, or one that a version before the marker made.
+    """
+    for parent, folders, files in os.walk(folder):
+        if parent == str(folder):
+            continue
+        if DATA_MARKER in files or ("LOCK" in files and "streams" in folders):
+            return Path(parent)
+    return None
+
+
+def _check_not_nested(path: Path) -> None:
+    """Raise ConfigError if path is inside a data directory or contains one.
+
+    Either way one broker's folders would be inside the other's: a broker
+    opened in data/streams/x writes its LOCK and streams into the folder
+    of the outer broker's queue x. The message names both directories.
+    """
+    resolved = path.resolve()
+    for parent in resolved.parents:
+        if _is_data_directory(parent):
             raise ConfigError(
                 f"data directory {path} is inside the data directory {parent} "
                 f"of another broker; give a folder outside it"
             )
+    if not resolved.is_dir() or (resolved / DATA_MARKER).is_file():
+        return
+    inner = _data_directory_below(resolved)
+    if inner is not None:
+        raise ConfigError(
+            f"data directory {path} contains the data directory {inner} of "
+            f"another broker; give a folder that contains no data directory"
+        )
 
 
 def cut_reason(reason: str) -> str:
@@ -441,6 +479,13 @@ class Broker:
             )
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = DirectoryLock(str(self.path))
+        marker = self.path / DATA_MARKER
+        if not marker.exists():
+            try:
+                _write_durably(marker, "pymq data directory\n")
+            except BaseException:
+                self._lock.release()
+                raise
 
         self._store_options: dict[str, Any] = {
             "fsync": fsync,
@@ -540,10 +585,55 @@ class Broker:
 
         A name ending in ".dlq" opens a dead-letter queue, and may be up to
         255 characters long, as a DLQ's name derived from a long source name
-        may be.
+        may be. A DLQ that does not exist yet is created only for its
+        source: the queue <source> of <source>.dlq, or the group G of
+        stream S for S.G.dlq. Otherwise this raises QueueNotFound, and
+        InvalidNameError when the source is a DLQ, which has no DLQ.
         """
         check_queue_name(name)
+        if name.endswith(".dlq"):
+            with self._mutex:
+                self._check_open()
+                self._check_dlq_source(name)
         return self._open_queue(name, options)
+
+    def _check_dlq_source(self, name: str) -> None:
+        """Raise unless the DLQ name exists or its source does, so that a
+        mistyped name does not create a DLQ that nothing fills."""
+        if name in self._queues or self._kind_of(name)[0]:
+            # An existing name; one that is not a queue raises on open.
+            return
+        source = name.removesuffix(".dlq")
+        kind = self._kind_of(source)[0]
+        if kind == "queue" and source.endswith(".dlq"):
+            raise InvalidNameError(
+                f"queue name {name!r} names a DLQ of the dead-letter queue "
+                f"{source}, which has none, because a message that fails in "
+                f"a DLQ stays there; use {source}"
+            )
+        if kind == "queue" or self._is_group_source(source):
+            return
+        if kind == "stream":
+            raise QueueNotFound(
+                f"dead-letter queue {name} cannot be created: {source} is a "
+                f"stream, and a stream has no DLQ; each of its groups G has "
+                f"{source}.G.dlq"
+            )
+        raise QueueNotFound(
+            f"dead-letter queue {name} cannot be created: there is no queue "
+            f"{source}, nor a group G of a stream S with S.G = {source}; "
+            f"create the queue or group first"
+        )
+
+    def _is_group_source(self, source: str) -> bool:
+        """Return whether source is S.G for an existing group G of stream S."""
+        start = 0
+        while (dot := source.find(".", start)) >= 0:
+            stream, group = source[:dot], source[dot + 1 :]
+            if self._kind_of(stream)[0] == "stream" and self._has_group(stream, group):
+                return True
+            start = dot + 1
+        return False
 
     def _open_queue(self, name: str, options: dict[str, Any]) -> Queue:
         options = _check_options(options, QUEUE_DEFAULTS)
@@ -581,7 +671,7 @@ class Broker:
                     journal.close()
                     raise
             if not name.endswith(".dlq"):
-                queue.on_dead = self._dead_letter_function(name, None, queue)
+                queue._on_dead = self._dead_letter_function(name, None, queue)
                 self._resume_moves(queue, name, None)
             self._queues[name] = queue
             logger.info("opened queue %s", name)
@@ -776,6 +866,12 @@ class Broker:
                     self._apply(group, options)
                 return group
             _check_case(folder.parent, name, "group")
+            if name.endswith(".dlq") and not folder.is_dir():
+                # A group of such a name that an older version made opens.
+                raise InvalidNameError(
+                    f"group name {name!r} ends in '.dlq', which is kept for "
+                    f"dead-letter queues"
+                )
             self._check_dlq_name(f"{stream.name}.{name}.dlq")
             core, ready = self._open_stream(stream.name, "stream")
             store = core.store
@@ -813,7 +909,7 @@ class Broker:
                     shutil.rmtree(folder, ignore_errors=True)
                 raise
             self._check_dlq_name(group.dlq_name)
-            group.on_dead = self._dead_letter_function(stream.name, name, group)
+            group._on_dead = self._dead_letter_function(stream.name, name, group)
             self._resume_moves(group, stream.name, name)
             self._groups[key] = group
             logger.info("opened %s", label)
@@ -841,7 +937,7 @@ class Broker:
         are searched for the message by its x- headers. If it is found, the
         move is settled; otherwise the message stays available.
         """
-        moves = consumer.unfinished_moves()
+        moves = consumer._unfinished_moves()
         if not moves:
             return
         wanted = {str(offset): offset for offset in moves}
@@ -863,12 +959,12 @@ class Broker:
                 and headers.get("x-source") == source
                 and headers.get("x-group", "") == (group_name or "")
             ):
-                consumer.settle_moved(found)
+                consumer._settle_moved(found)
                 del wanted[headers["x-offset"]]
                 if not wanted:
                     break
         for offset in wanted.values():
-            consumer.forget_move(offset)
+            consumer._forget_move(offset)
         logger.warning(
             "%s: %d moves to %s were not finished (the process stopped, or the "
             "move failed); %d had reached it",
@@ -1181,7 +1277,8 @@ def open(
     process, removes such folders whose process is gone.
 
     Raises BrokerLockedError when another broker owns the directory, and
-    ConfigError for a path inside another broker's data directory.
+    ConfigError for a path inside another broker's data directory, or for
+    a folder that contains one.
     """
     return Broker(
         path,

@@ -28,9 +28,9 @@ from urllib.parse import urlsplit
 from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
 
 import pymq
-from pymq._core import DirectoryLock
+from pymq._core import RESERVED_HEADERS, DirectoryLock
 from pymq._version import __version__
-from pymq.broker import REDRIVE_TO_ADVICE
+from pymq.broker import DATA_MARKER, REDRIVE_TO_ADVICE
 from pymq.errors import (
     AuthenticationError,
     BrokerLockedError,
@@ -253,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
         _report(args, f"{command} failed: {_describe(exc)}")
         return ExitCode.FAILED
+    except ValueError as exc:
+        # pymq raises a plain ValueError for an argument value it rejects,
+        # such as a header name over 65,535 bytes: a usage error.
+        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+        _report(args, f"{command} failed: {_describe(exc)}")
+        return ExitCode.USAGE
 
 
 def _exit_status(code: str | int | None) -> int:
@@ -612,11 +618,15 @@ def _add_get(commands: Any, client: argparse.ArgumentParser) -> None:
     get = commands.add_parser(
         "get",
         parents=[client],
-        help="get messages from a queue",
+        help="get messages from a queue or a stream group",
         description="Get up to N messages and print each with its offset, "
         "attempt and headers. Exits with 1 when none is available.",
     )
-    get.add_argument("queue", metavar="QUEUE", help="queue name")
+    get.add_argument(
+        "queue",
+        metavar="QUEUE",
+        help="queue name, or S/G for the group G of stream S",
+    )
     get.add_argument(
         "-n",
         dest="count",
@@ -667,7 +677,7 @@ def _add_dlq(commands: Any, client: argparse.ArgumentParser) -> None:
         "dlq",
         help="list or redrive a dead-letter queue",
         description="Manage QUEUE.dlq, the dead-letter queue of QUEUE. For the "
-        "group G of stream S, QUEUE is S.G.",
+        "group G of stream S, QUEUE is S/G (or S.G).",
     )
     actions = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser(
@@ -966,14 +976,60 @@ def _authentication_message(url: str, exc: AuthenticationError) -> str:
     return f"{url}: {text}; check --token-file or PYMQ_TOKEN"
 
 
-def _require_queue(broker: BrokerAPI, name: str) -> Any:
-    """Open the existing queue name, never creating it."""
+def split_group(text: str) -> tuple[str, str] | None:
+    """Return (stream, group) for S/G, the group G of stream S, else None.
+
+    Raises InvalidNameError for a stream or group name that breaks the
+    naming rules.
+    """
+    if "/" not in text:
+        return None
+    stream, _, group = text.partition("/")
+    return check_name("stream", stream), check_name("group", group)
+
+
+def _require_group(broker: BrokerAPI, stream: str, group: str) -> None:
+    """Raise CommandError unless the group exists: opening it would create it."""
+    if broker.names().get(stream) != "stream" or group not in broker.groups(stream):
+        raise CommandError(
+            f"group {group} of stream {stream} does not exist",
+            ExitCode.QUEUE_NOT_FOUND,
+        )
+
+
+def _stream_advice(broker: BrokerAPI, stream: str, command: str) -> str:
+    """Return how to name a group of stream in command, with its groups."""
+    groups = broker.groups(stream)
+    listed = f"its groups: {', '.join(groups)}" if groups else "it has no groups yet"
+    return f"{command} {stream}/GROUP for the group GROUP ({listed})"
+
+
+def _require_consumer(broker: BrokerAPI, target: str) -> tuple[Any, str]:
+    """Open the existing queue, or S/G group, that target names.
+
+    Never creates anything. Returns the queue or group and its label for
+    messages ("queue jobs", "group billing of stream events").
+    """
+    pair = split_group(target)
+    if pair is not None:
+        stream, group = pair
+        _require_group(broker, stream, group)
+        return broker.stream(stream).group(group), f"group {group} of stream {stream}"
+    name: str = check_queue_name(target)
     kind = broker.names().get(name)
     if kind is None:
         raise CommandError(f"queue {name} does not exist", ExitCode.QUEUE_NOT_FOUND)
+    if kind == "stream":
+        # Reading a stream goes through one of its groups, which keeps the
+        # position; a usage error, not a missing queue.
+        raise CommandError(
+            f"{name} is a stream, not a queue; read it through a group: "
+            f"{_stream_advice(broker, name, 'pymq get')}",
+            ExitCode.USAGE,
+        )
     if kind != "queue":
         raise CommandError(f"{name} is a {kind}, not a queue", ExitCode.QUEUE_NOT_FOUND)
-    return broker.queue(name)
+    return broker.queue(name), f"queue {name}"
 
 
 # serve ------------------------------------------------------------------------
@@ -1070,18 +1126,17 @@ def _remove_unused_folders(created: list[Path]) -> None:
     """Remove the folders in created that hold nothing a broker left in use.
 
     created lists the folders made by this command, deepest first. The data
-    directory may hold only the LOCK file of a broker that has closed: a
-    lock that another process holds now keeps everything.
+    directory may hold only the LOCK and DATA_MARKER files of a broker that
+    has closed: a lock that another process holds now keeps everything.
     """
     if not created:
         return
     data = created[0]
-    lock_path = data / "LOCK"
     try:
         entries = os.listdir(data)
     except OSError:
         return
-    if entries not in ([], ["LOCK"]):
+    if not set(entries) <= {"LOCK", DATA_MARKER}:
         return
     if entries:
         try:
@@ -1089,7 +1144,8 @@ def _remove_unused_folders(created: list[Path]) -> None:
         except (BrokerLockedError, OSError):
             return
         try:
-            lock_path.unlink()
+            (data / DATA_MARKER).unlink(missing_ok=True)
+            (data / "LOCK").unlink()
         finally:
             lock.release()
     for folder in created:
@@ -1105,7 +1161,17 @@ def _remove_unused_folders(created: list[Path]) -> None:
 
 def _put(args: argparse.Namespace) -> int:
     headers = parse_headers(args.header)
+    if "/" in args.queue:
+        stream = args.queue.partition("/")[0]
+        raise CommandError(
+            f"put takes a queue or a stream, not the group {args.queue}; put "
+            f"to the stream ({stream}), and each of its groups receives the "
+            f"message",
+            ExitCode.USAGE,
+        )
     name: str = check_queue_name(args.queue)
+    # Checked before connecting, so that a bad header changes nothing.
+    check_put_headers(headers, name)
     with open_broker(args, create=True) as broker:
         # A stream takes puts too; anything else is opened (or created) as a
         # queue.
@@ -1147,6 +1213,34 @@ def parse_headers(items: Sequence[str]) -> dict[str, str] | None:
             )
         headers[key] = value
     return headers or None
+
+
+def check_put_headers(headers: dict[str, str] | None, name: str) -> None:
+    """Raise CommandError for headers that a put to queue name would reject.
+
+    The reserved names of a dead-letter move are rejected unless name is a
+    DLQ, as the broker does. A name or value must be valid UTF-8: a
+    command-line argument that is not arrives with surrogate escapes.
+    """
+    for key, value in (headers or {}).items():
+        if key in RESERVED_HEADERS and not name.endswith(".dlq"):
+            raise CommandError(
+                f"header {key!r} is reserved: pymq writes "
+                f"{', '.join(sorted(RESERVED_HEADERS))} when it moves a message "
+                f"to a dead-letter queue and back, so puts to other queues "
+                f"reject these names; use another name",
+                ExitCode.USAGE,
+            )
+        for part, text in (("name", key), ("value", value)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raw = os.fsencode(text)
+                raise CommandError(
+                    f"header {part} {raw!r} is not valid UTF-8; header names "
+                    f"and values must be UTF-8 text",
+                    ExitCode.USAGE,
+                ) from None
 
 
 class _LineTooLong(Exception):
@@ -1300,14 +1394,16 @@ def _put_lines(
 
 
 def _get(args: argparse.Namespace) -> int:
-    name: str = check_queue_name(args.queue)
+    # Names are checked before the broker is opened.
+    if split_group(args.queue) is None:
+        check_queue_name(args.queue)
     with open_broker(args, create=False) as broker:
-        queue = _require_queue(broker, name)
+        queue, label = _require_consumer(broker, args.queue)
         messages = take_messages(queue, args.count, args.timeout)
         if not messages:
             within = f" within {args.timeout:g} seconds" if args.timeout else ""
             raise CommandError(
-                f"queue {name} had no message available{within}",
+                f"{label} had no message available{within}",
                 ExitCode.NOTHING_FOUND,
             )
         written = 0
@@ -1439,20 +1535,13 @@ def _stats(args: argparse.Namespace) -> int:
     with open_broker(args, create=False) as broker:
         names = broker.names()
         group_name = None
+        pair = None if args.queue is None else split_group(args.queue)
         if args.queue is None:
             targets = list(names.items())
-        elif "/" in args.queue:
+        elif pair is not None:
             # S/G, as the table names the group G of stream S.
-            stream_name, _, group_name = args.queue.partition("/")
-            check_name("stream", stream_name)
-            check_name("group", group_name)
-            if names.get(stream_name) != "stream" or group_name not in broker.groups(
-                stream_name
-            ):
-                raise CommandError(
-                    f"group {group_name} of stream {stream_name} does not exist",
-                    ExitCode.QUEUE_NOT_FOUND,
-                )
+            stream_name, group_name = pair
+            _require_group(broker, stream_name, group_name)
             targets = [(stream_name, "stream")]
         else:
             name: str = check_queue_name(args.queue)
@@ -1527,7 +1616,7 @@ def format_table(
 def _dlq_list(args: argparse.Namespace) -> int:
     source, dlq_name = _dlq_names(args.queue)
     with open_broker(args, create=False) as broker:
-        if not _dlq_exists(broker, source, dlq_name):
+        if not _dlq_exists(broker, args.queue, source, dlq_name, "pymq dlq list"):
             print(f"pymq: {dlq_name} has no messages", file=sys.stderr)
             return ExitCode.OK
         dlq = broker.queue(dlq_name)
@@ -1566,7 +1655,7 @@ def _dlq_redrive(args: argparse.Namespace) -> int:
             # when there is nothing to move.
             _check_redrive_target(broker, to)
         moved = 0
-        if _dlq_exists(broker, source, dlq_name):
+        if _dlq_exists(broker, args.queue, source, dlq_name, "pymq dlq redrive"):
             show_progress = args.progress or sys.stderr.isatty()
             try:
                 moved = _redrive(broker, dlq_name, to, where, show_progress)
@@ -1642,23 +1731,41 @@ def _redrive(
 
 
 def _dlq_names(source: str) -> tuple[str, str]:
-    check_name("queue", source)
+    """Return the source and DLQ names for QUEUE, S.G or S/G (group G of S)."""
+    pair = split_group(source)
+    if pair is not None:
+        source = ".".join(pair)
+    else:
+        check_name("queue", source)
     dlq_name = f"{source}.dlq"
     check_name("dead-letter queue", dlq_name, derived=True)
     return source, dlq_name
 
 
-def _dlq_exists(broker: BrokerAPI, source: str, dlq_name: str) -> bool:
+def _dlq_exists(
+    broker: BrokerAPI, text: str, source: str, dlq_name: str, command: str
+) -> bool:
     """Return whether dlq_name exists, or raise CommandError if its source is missing.
 
-    The source is a queue, or S.G for the group G of stream S. A source that
-    exists but never dead-lettered a message has no DLQ yet.
+    text is the argument of command (such as "pymq dlq list"): a queue, S.G
+    or S/G for the group G of stream S. A source that exists but never
+    dead-lettered a message has no DLQ yet.
     """
+    pair = split_group(text)
+    if pair is not None:
+        _require_group(broker, *pair)
+        return dlq_name in broker.names()
     names = broker.names()
     if dlq_name in names:
         return True
     if names.get(source) == "queue":
         return False
+    if names.get(source) == "stream":
+        raise CommandError(
+            f"{source} is a stream, which has no dead-letter queue; each of its "
+            f"groups has one: {_stream_advice(broker, source, command)}",
+            ExitCode.USAGE,
+        )
     for stream, kind in names.items():
         prefix = f"{stream}."
         if (

@@ -1029,10 +1029,18 @@ class _Handle:
         return self._handle
 
 
-def _seconds(name: str, value: object) -> bytes:
-    """Return value packed as an f64, or raise TypeError as the core does."""
-    if not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {value!r}")
+def _seconds(method: str, name: str, value: object) -> bytes:
+    """Return value packed as an f64, or raise TypeError or ValueError as the
+    core does for the argument name of method."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{method}(): {name} must be a number of seconds, not {value!r}"
+        )
+    # Written so that NaN fails the check too.
+    if not 0 <= value <= 1e9:
+        raise ValueError(
+            f"{method}(): {name} is {value!r}; it must be from 0 to 1e9 seconds"
+        )
     return _F64.pack(value)
 
 
@@ -1278,13 +1286,19 @@ class _RemoteConsumer(_Handle):
     def nack(self, receipt: int, delay: float = 0.0) -> None:
         """Give the message back, for redelivery after delay seconds."""
         check_receipt(receipt)
-        self._settle(protocol.NACK, [receipt], _seconds("delay", delay), b"", True)
+        self._settle(
+            protocol.NACK, [receipt], _seconds("nack", "delay", delay), b"", True
+        )
 
     def extend(self, receipt: int, seconds: float) -> None:
         """Set the delivery's deadline to now plus seconds."""
         check_receipt(receipt)
         self._settle(
-            protocol.EXTEND, [receipt], _seconds("seconds", seconds), b"", True
+            protocol.EXTEND,
+            [receipt],
+            _seconds("extend", "seconds", seconds),
+            b"",
+            True,
         )
 
     def reject(self, receipt: int, reason: str = "rejected") -> None:

@@ -18,6 +18,7 @@ from pymq._core import (
     MessageBatch,
     SegmentStore,
     StreamBase,
+    check_count,
     check_timeout,
 )
 from pymq.types import QueueStats
@@ -93,7 +94,8 @@ class _Consumer(GroupBase):
     def get_many(self, count: int, timeout: float | None = None) -> list[Message]:
         """Deliver up to count messages; wait up to timeout for the first one."""
         if timeout is not None:
-            check_timeout(timeout)
+            check_timeout(timeout, "get_many")
+        check_count(count, "get_many")
         messages = self.get_many_nowait(count)
         if messages or timeout == 0:
             return messages
@@ -107,7 +109,8 @@ class _Consumer(GroupBase):
         batch with ack_many(batch).
         """
         if timeout is not None:
-            check_timeout(timeout)
+            check_timeout(timeout, "get_batch")
+        check_count(count, "get_batch")
         batch = self.get_batch_nowait(count)
         if len(batch) or timeout == 0:
             return batch
@@ -133,7 +136,7 @@ class _Consumer(GroupBase):
                     found = attempt()
                     if found is not None:
                         return found
-                    wait = self.next_due()
+                    wait = self._next_due()
                     if deadline is not None:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
@@ -154,7 +157,7 @@ class _Consumer(GroupBase):
 
     def stats(self) -> QueueStats:
         """Return the counts of this queue or group; see QueueStats."""
-        counts = self.counts()
+        counts = self._counts()
         store: SegmentStore = self.stream.store
         low = counts["low"]
         age = None
@@ -180,7 +183,10 @@ class _Consumer(GroupBase):
 
     @property
     def dlq(self) -> Queue:
-        """The dead-letter queue of this queue or group (created on first use)."""
+        """The dead-letter queue of this queue or group (created on first use).
+
+        A dead-letter queue's is the DLQ itself; see dlq_name.
+        """
         return self._broker._open_queue(self.dlq_name, {})
 
     @property
@@ -213,7 +219,7 @@ class Queue(_Publisher, _Consumer):
         self.name = name
         self._broker = broker
         self._ready = ready
-        self.deletes_acked = True
+        self._deletes_acked = True
         stream.queue_group = self
         stream.wait_room = self._wait_room
         self.max_length = max_length
@@ -270,7 +276,13 @@ class Queue(_Publisher, _Consumer):
 
     @property
     def dlq_name(self) -> str:
-        """The name of the dead-letter queue: ``<queue>.dlq``."""
+        """The name of the dead-letter queue: ``<queue>.dlq``.
+
+        A dead-letter queue's is its own name: a message that fails in a
+        DLQ stays there, so the DLQ of ``jobs.dlq`` is ``jobs.dlq`` itself.
+        """
+        if self.stream.dead_letter:
+            return self.name
         return f"{self.name}.dlq"
 
     def close(self) -> None:
@@ -311,7 +323,7 @@ class Group(_Consumer):
     ) -> None:
         super().__init__(stream, journal, start=start, **options)
         self.name = name
-        self.group_name = name
+        self._group_name = name
         self.stream_name = stream_name
         self._broker = broker
         self._ready = ready

@@ -1528,7 +1528,7 @@ class _Connection(asyncio.Protocol):
                     break
                 self.unacked.unreserve(reserved)
                 reserved = 0
-                timeout = consumer.next_due()
+                timeout = consumer._next_due()
                 if deadline is not None:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
@@ -1727,7 +1727,7 @@ class _Connection(asyncio.Protocol):
                     ]
                     await asyncio.wait(
                         pending,
-                        timeout=consumer.next_due(),
+                        timeout=consumer._next_due(),
                         return_when="FIRST_COMPLETED",
                     )
                 finally:

@@ -43,7 +43,7 @@ def clock() -> FakeClock:
 def jobs(tmp_path: Path, clock: FakeClock) -> Iterator[pymq.Queue]:
     with pymq.open(tmp_path / "data") as broker:
         queue = broker.queue("jobs", visibility_timeout=VISIBILITY)
-        queue.clock = clock
+        queue._clock = clock
         queue.put_many([b"m%d" % index for index in range(20)])
         yield queue
 

@@ -396,7 +396,7 @@ def run_dead_letter_crash(config: dict[str, Any]) -> None:
     queue.put(b"rejected once")
     message = queue.get(timeout=10.0)
     assert message is not None
-    move = queue.on_dead
+    move = queue._on_dead
     assert move is not None
 
     def move_then_crash(*arguments: Any) -> object:
@@ -406,7 +406,7 @@ def run_dead_letter_crash(config: dict[str, Any]) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
         return moved
 
-    queue.on_dead = move_then_crash
+    queue._on_dead = move_then_crash
     message.reject("rejected by the test")
 
 

@@ -430,7 +430,14 @@ def test_aio_extend_names_its_argument(shared_server, name):
             message = await q.get(timeout=WAIT)
             with pytest.raises(TypeError) as raised:
                 await message.extend("1")
-            assert str(raised.value) == "seconds must be a number of seconds, not '1'"
+            assert str(raised.value) == (
+                "extend(): seconds must be a number of seconds, not '1'"
+            )
+            with pytest.raises(ValueError) as out_of_range:
+                await message.nack(-1)
+            assert str(out_of_range.value) == (
+                "nack(): delay is -1; it must be from 0 to 1e9 seconds"
+            )
             await message.ack()
         finally:
             await broker.close()

@@ -504,10 +504,14 @@ def test_extend_and_nack_name_their_argument(shared_server, name):
         message = q.get(timeout=10.0)
         with pytest.raises(TypeError) as extend_error:
             message.extend("1")
-        assert str(extend_error.value) == "seconds must be a number of seconds, not '1'"
+        assert str(extend_error.value) == (
+            "extend(): seconds must be a number of seconds, not '1'"
+        )
         with pytest.raises(TypeError) as nack_error:
             message.nack("1")
-        assert str(nack_error.value) == "delay must be a number of seconds, not '1'"
+        assert str(nack_error.value) == (
+            "nack(): delay must be a number of seconds, not '1'"
+        )
         message.ack()
 
 

@@ -186,6 +186,37 @@ def test_wrong_argument_type_raises_type_error(broker, name, case):
     assert queue.stats().in_flight == 1
 
 
+BAD_VALUES = {
+    "nack delay -1": (
+        lambda queue, message: message.nack(-1),
+        "nack(): delay is -1; it must be from 0 to 1e9 seconds",
+    ),
+    "nack delay nan": (
+        lambda queue, message: queue.nack(message.receipt, float("nan")),
+        "nack(): delay is nan; it must be from 0 to 1e9 seconds",
+    ),
+    "extend seconds 2e9": (
+        lambda queue, message: message.extend(2e9),
+        "extend(): seconds is 2000000000.0; it must be from 0 to 1e9 seconds",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_bad_argument_value_raises_value_error(broker, name, case):
+    queue = broker.queue(name, visibility_timeout=3600)
+    queue.put(b"x")
+    message = queue.get(timeout=5.0)
+    call, text = BAD_VALUES[case]
+
+    with pytest.raises(ValueError) as raised:
+        call(queue, message)
+
+    assert type(raised.value) is ValueError
+    assert str(raised.value) == text
+    assert queue.stats().in_flight == 1
+
+
 # Sizes -----------------------------------------------------------------------
 
 
