@@ -15,6 +15,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import functools
 import hmac
 import importlib
 import ipaddress
@@ -240,13 +241,27 @@ def _check_frame_room(limits: ServerLimits, max_message_bytes: int) -> None:
 class _Park:
     """A handler's result meaning the request waits: a long poll."""
 
-    __slots__ = ("count", "handle", "request_id", "wait_ms")
+    __slots__ = (
+        "cancelled_by",
+        "count",
+        "handle",
+        "request_id",
+        "taking",
+        "task",
+        "wait_ms",
+    )
 
     def __init__(self, request_id: int, handle: int, count: int, wait_ms: int) -> None:
         self.request_id = request_id
         self.handle = handle
         self.count = count
         self.wait_ms = wait_ms
+        self.task: asyncio.Task[None] | None = None
+        # True while the poll takes messages in the pool (fsync="always"):
+        # a CANCEL that comes then cannot stop the take, so it waits for it.
+        self.taking = False
+        # Request id, flags and handle of the CANCEL that came while taking.
+        self.cancelled_by: tuple[int, int, int] | None = None
 
 
 class _Target:
@@ -627,6 +642,8 @@ class _Connection(asyncio.Protocol):
         )
         self.worker: asyncio.Task[None] | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        # The long polls waiting, by the request id of their FETCH.
+        self.parked: dict[int, _Park] = {}
         self.disconnected: asyncio.Future[None] | None = None
         self.writable = asyncio.Event()
         self.writable.set()
@@ -652,6 +669,7 @@ class _Connection(asyncio.Protocol):
             protocol.SUBSCRIBE: self.on_subscribe,
             protocol.CREDIT: self.on_credit,
             protocol.UNSUBSCRIBE: self.on_unsubscribe,
+            protocol.CANCEL: self.on_cancel,
             protocol.ACK: self.on_ack,
             protocol.NACK: self.on_nack,
             protocol.EXTEND: self.on_extend,
@@ -965,8 +983,15 @@ class _Connection(asyncio.Protocol):
             return
         if isinstance(result, _Park):
             task = asyncio.ensure_future(self.long_poll(result))
+            result.task = task
+            self.parked[result.request_id] = result
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+            task.add_done_callback(functools.partial(self.unpark, result))
+
+    def unpark(self, park: _Park, task: object = None) -> None:
+        if self.parked.get(park.request_id) is park:
+            del self.parked[park.request_id]
 
     def reply(self, opcode: int, request_id: int, handle: int, payload: bytes) -> bytes:
         return encode_frame(opcode, FLAG_REPLY, request_id, handle, payload)
@@ -1025,6 +1050,7 @@ class _Connection(asyncio.Protocol):
                     "max_batch": self.limits.max_batch,
                     "max_message_bytes": self.server.max_message_bytes,
                     "max_unacked": self.limits.max_unacked,
+                    "cancel": True,
                 }
             ),
         )
@@ -1256,12 +1282,15 @@ class _Connection(asyncio.Protocol):
                 continue
             woken = hub.arm()
             try:
+                park.taking = True
                 try:
                     messages = await self.fetch(consumer, reserved)
                 except BaseException:
                     self.unacked.unreserve(reserved)
                     raise
-                if messages or self.closed:
+                finally:
+                    park.taking = False
+                if messages or self.closed or park.cancelled_by is not None:
                     break
                 self.unacked.unreserve(reserved)
                 reserved = 0
@@ -1282,9 +1311,71 @@ class _Connection(asyncio.Protocol):
             self.unacked.unreserve(reserved)
             self.release(consumer, [message.receipt for message in messages])
             return
-        frames = self.deliver(FLAG_REPLY, park.request_id, target, messages, reserved)
+        if messages or park.cancelled_by is None:
+            frames = self.deliver(
+                FLAG_REPLY, park.request_id, target, messages, reserved
+            )
+        else:
+            self.unacked.unreserve(reserved)
+            frames = [self.cancelled_reply(park)]
+        if park.cancelled_by is not None:
+            # The CANCEL that came during the take gets its reply after it.
+            cancel_id, cancel_flags, cancel_handle = park.cancelled_by
+            reply = self.settled(
+                cancel_flags, protocol.CANCEL, cancel_id, cancel_handle
+            )
+            if reply is not None:
+                frames.append(reply)
         if self.transport is not None:
             self.transport.writelines(frames)
+
+    def on_cancel(
+        self, flags: int, request_id: int, handle: int, payload: bytes
+    ) -> Any:
+        """Stop the long poll of the FETCH that payload names, if it waits.
+
+        A poll stopped while it waits takes nothing: its FETCH gets error
+        CANCELLED, then the CANCEL its reply. A poll that is taking
+        messages in the pool replies to both once the take ends. Any other id
+        gets the reply alone: its FETCH was answered before this CANCEL.
+        """
+        if len(payload) != 4:
+            raise errors.ProtocolError(
+                f"CANCEL payload is {len(payload)} bytes; it must be a u32 request id"
+            )
+        (fetch_id,) = _U32.unpack(payload)
+        park = self.parked.get(fetch_id)
+        if (
+            park is None
+            or park.task is None
+            or park.task.done()
+            or park.cancelled_by is not None
+        ):
+            return self.settled(flags, protocol.CANCEL, request_id, handle)
+        if park.taking:
+            park.cancelled_by = (request_id, flags, handle)
+            return None
+        del self.parked[fetch_id]
+        # The task is at an await that takes nothing (a wait for a put or
+        # for room, or not started yet), so cancelling it takes nothing.
+        park.task.cancel()
+        frames = [self.cancelled_reply(park)]
+        reply = self.settled(flags, protocol.CANCEL, request_id, handle)
+        if reply is not None:
+            frames.append(reply)
+        return frames
+
+    def cancelled_reply(self, park: _Park) -> bytes:
+        return encode_frame(
+            protocol.FETCH,
+            FLAG_REPLY | FLAG_ERROR,
+            park.request_id,
+            park.handle,
+            encode_error(
+                protocol.CANCELLED,
+                f"FETCH {park.request_id} was cancelled; it took no message",
+            ),
+        )
 
     async def wait_for_room(self, timeout: float | None = None) -> None:
         """Wait until room under max_unacked may be free, or timeout passes.
