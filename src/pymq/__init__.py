@@ -28,6 +28,7 @@ from pymq.errors import (
     QueueFull,
     QueueNotFound,
     ServerError,
+    ShuttingDownError,
     StaleReceiptError,
 )
 from pymq.queue import Group, Queue, Stream
@@ -60,6 +61,7 @@ __all__ = [
     "RemoteBroker",
     "SegmentStore",
     "ServerError",
+    "ShuttingDownError",
     "StaleReceiptError",
     "Stream",
     "__version__",

@@ -301,6 +301,12 @@ class AsyncConnection:
                 )
             if flags & FLAG_ERROR:
                 error = decode_error(frame[4])
+                pushes = link.pushes.get(request_id)
+                if pushes is not None:
+                    # The server ended the subscription, as it does when it
+                    # stops: `async for` raises the error.
+                    pushes.put_nowait(error)
+                    return
                 logger.error(
                     "request %d, sent without waiting for a reply, failed: %s",
                     request_id,

@@ -20,6 +20,7 @@ __all__ = [
     "QueueFull",
     "QueueNotFound",
     "ServerError",
+    "ShuttingDownError",
     "StaleReceiptError",
 ]
 
@@ -95,6 +96,16 @@ class BrokerLockedError(PymqError):
 
 class ClosedError(PymqError):
     """The broker, store or connection was closed."""
+
+
+class ShuttingDownError(ClosedError):
+    """The server is stopping: it replied to a waiting request with error 13.
+
+    The request took no effect: a get took no message, and a put that
+    waited for room in a full queue wrote nothing. The server closes the
+    connection next, so the clients raise this at once, without trying to
+    reconnect first.
+    """
 
 
 class ProtocolError(PymqError):

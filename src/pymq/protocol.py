@@ -79,7 +79,7 @@ ERROR_CODES: Final[dict[int, tuple[str, bool, type[errors.PymqError]]]] = {
     10: ("QUEUE_FULL", True, errors.QueueFull),
     11: ("MESSAGE_TOO_LARGE", False, errors.MessageTooLargeError),
     12: ("CORRUPT_BATCH", True, errors.CorruptBatchError),
-    13: ("SHUTTING_DOWN", True, errors.ClosedError),
+    13: ("SHUTTING_DOWN", True, errors.ShuttingDownError),
     14: ("UNKNOWN_HANDLE", False, errors.ProtocolError),
     15: ("STORAGE", True, errors.ServerError),
     16: ("TOO_MANY_CONNECTIONS", True, errors.ServerError),

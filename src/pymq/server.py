@@ -446,12 +446,20 @@ class Server:
         raise errors.ConfigError("the server listens on no TCP port")
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting, finish requests under way, release deliveries."""
+        """Stop accepting, finish requests under way, release deliveries.
+
+        Requests that wait (long polls, subscriptions, puts waiting for
+        room in a full queue) get error 13 (SHUTTING_DOWN) at once, before
+        their connection closes. Those took no effect.
+        """
         self.stopping = True
         for listener in self._listeners:
             listener.close()
         for connection in list(self._connections):
             connection.stop_reading()
+        self.broker._stop_waits("the server is shutting down")
+        for connection in list(self._connections):
+            connection.end_waits()
         deadline = time.monotonic() + grace
         for connection in list(self._connections):
             await connection.drained(max(0.0, deadline - time.monotonic()))
@@ -1228,6 +1236,10 @@ class _Connection(asyncio.Protocol):
         if frames is not None:
             return frames
         # Nothing to deliver yet, and the request may wait for a message.
+        if self.server.stopping:
+            raise errors.ShuttingDownError(
+                "the server is shutting down; the FETCH took no message"
+            )
         if len(self.tasks) >= limits.max_waiting:
             raise errors.ConfigError(
                 f"this connection has max_waiting ({limits.max_waiting}) "
@@ -1270,7 +1282,7 @@ class _Connection(asyncio.Protocol):
         messages: list[Any] = []
         # Room under max_unacked reserved for the messages taken.
         reserved = 0
-        while not self.closed:
+        while not self.closed and not self.server.stopping:
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 break
@@ -1290,7 +1302,12 @@ class _Connection(asyncio.Protocol):
                     raise
                 finally:
                     park.taking = False
-                if messages or self.closed or park.cancelled_by is not None:
+                if (
+                    messages
+                    or self.closed
+                    or self.server.stopping
+                    or park.cancelled_by is not None
+                ):
                     break
                 self.unacked.unreserve(reserved)
                 reserved = 0
@@ -1311,13 +1328,18 @@ class _Connection(asyncio.Protocol):
             self.unacked.unreserve(reserved)
             self.release(consumer, [message.receipt for message in messages])
             return
-        if messages or park.cancelled_by is None:
+        if messages or (park.cancelled_by is None and not self.server.stopping):
             frames = self.deliver(
                 FLAG_REPLY, park.request_id, target, messages, reserved
             )
-        else:
+        elif park.cancelled_by is not None:
             self.unacked.unreserve(reserved)
             frames = [self.cancelled_reply(park)]
+        else:
+            self.unacked.unreserve(reserved)
+            frames = [
+                self.shutting_down_reply(protocol.FETCH, park.request_id, park.handle)
+            ]
         if park.cancelled_by is not None:
             # The CANCEL that came during the take gets its reply after it.
             cancel_id, cancel_flags, cancel_handle = park.cancelled_by
@@ -1364,6 +1386,54 @@ class _Connection(asyncio.Protocol):
         if reply is not None:
             frames.append(reply)
         return frames
+
+    def shutting_down_reply(self, opcode: int, request_id: int, handle: int) -> bytes:
+        return encode_frame(
+            opcode,
+            FLAG_REPLY | FLAG_ERROR,
+            request_id,
+            handle,
+            encode_error(
+                13,
+                f"the server is shutting down; request {request_id} took no "
+                f"effect, so send it again after a reconnect",
+            ),
+        )
+
+    def end_waits(self) -> None:
+        """Reply with error 13 to the waiting long polls and subscriptions.
+
+        Run when the server stops. A long poll that is taking messages in
+        the pool replies by itself once the take ends: with the messages
+        it took, or with error 13.
+        """
+        if self.closed or self.transport is None:
+            return
+        frames: list[bytes] = []
+        for park in list(self.parked.values()):
+            if park.taking or park.task is None or park.task.done():
+                continue
+            del self.parked[park.request_id]
+            park.task.cancel()
+            frames.append(
+                self.shutting_down_reply(protocol.FETCH, park.request_id, park.handle)
+            )
+        for subscription_id, subscription in list(self.subscriptions.items()):
+            del self.subscriptions[subscription_id]
+            if subscription.task is not None:
+                subscription.task.cancel()
+            frames.append(
+                self.shutting_down_reply(
+                    protocol.SUBSCRIBE, subscription_id, subscription.handle
+                )
+            )
+        if frames:
+            logger.debug(
+                "replied with error 13 (shutting down) to %d waiting requests of %s",
+                len(frames),
+                self.peer,
+            )
+            self.transport.writelines(frames)
 
     def cancelled_reply(self, park: _Park) -> bytes:
         return encode_frame(
@@ -1462,6 +1532,8 @@ class _Connection(asyncio.Protocol):
                 f"SUBSCRIBE payload is {len(payload)} bytes, not 4"
             )
         (credit,) = _U32.unpack(payload)
+        if self.server.stopping:
+            raise errors.ShuttingDownError("the server is shutting down")
         if request_id in self.subscriptions:
             raise errors.ConfigError(f"subscription {request_id} exists already")
         if len(self.subscriptions) >= self.limits.max_waiting:
@@ -1690,8 +1762,13 @@ class _Connection(asyncio.Protocol):
                 self.transport.pause_reading()
 
     async def drained(self, timeout: float) -> None:
+        """Wait until the requests under way have replied, or timeout passes.
+
+        Long polls still parked after end_waits() are taking messages in
+        the pool, and reply once the take ends.
+        """
         deadline = time.monotonic() + timeout
-        while self.worker is not None and time.monotonic() < deadline:
+        while (self.worker is not None or self.parked) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
     def close(self) -> None:
