@@ -30,6 +30,7 @@ from pymq.errors import (
     ServerError,
     ShuttingDownError,
     StaleReceiptError,
+    UnconfirmedSettleError,
 )
 from pymq.queue import Group, Queue, Stream
 from pymq.storage import SegmentStore, open_store
@@ -64,6 +65,7 @@ __all__ = [
     "ShuttingDownError",
     "StaleReceiptError",
     "Stream",
+    "UnconfirmedSettleError",
     "__version__",
     "connect",
     "open_store",

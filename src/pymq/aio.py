@@ -39,6 +39,7 @@ from pymq.broker import GROUP_DEFAULTS, QUEUE_DEFAULTS, STREAM_DEFAULTS, _check_
 from pymq.client import (
     SAFE_TO_RETRY,
     LateDeliveries,
+    UnconfirmedSettles,
     _seconds,
     apply_hello,
     cancel_frame,
@@ -55,6 +56,7 @@ from pymq.client import (
     plan_batches,
     reconnect_attempts_failed,
     reconnect_delays,
+    take_unconfirmed_error,
     tls_failed,
     visibility_timeout_of,
     wait_ms,
@@ -85,10 +87,11 @@ _PUBLISHED: Final = struct.Struct("<QI")
 Frame = tuple[int, int, int, int, bytes]
 
 
-# A request whose reply is awaited: its future, the frames come so far, and
-# the queue of frames flagged MORE for a caller that reports progress.
+# A request whose reply is awaited: its future, the frames come so far, the
+# queue of frames flagged MORE for a caller that reports progress, and the
+# index of its frame among those queued on the link.
 _Waiter = tuple[
-    "asyncio.Future[list[Frame]]", list[Frame], "asyncio.Queue[Frame] | None"
+    "asyncio.Future[list[Frame]]", list[Frame], "asyncio.Queue[Frame] | None", int
 ]
 
 
@@ -105,7 +108,9 @@ class _Link:
         "outgoing",
         "owners",
         "pushes",
+        "queued",
         "task",
+        "unconfirmed",
         "unwritten",
         "waiting",
         "writer",
@@ -118,10 +123,14 @@ class _Link:
         self.waiting: dict[int, _Waiter] = {}
         self.pushes: dict[int, asyncio.Queue[RemoteMessage | BaseException]] = {}
         self.owners: dict[int, Any] = {}
-        # Frames queued in this turn of the loop, and what to report for
-        # those sent without waiting if they never go out.
+        # Frames queued in this turn of the loop, and for those sent without
+        # waiting, what to report if they never go out, the frame and its index.
         self.outgoing: list[bytes] = []
-        self.unwritten: list[str] = []
+        self.unwritten: list[tuple[str, bytes, int]] = []
+        # Frames queued on this link so far, and the settles written
+        # without waiting that no later reply has confirmed.
+        self.queued = 0
+        self.unconfirmed = UnconfirmedSettles()
         self.lost: BaseException | None = None
 
 
@@ -314,7 +323,10 @@ class AsyncConnection:
                 )
                 self._late_errors.append(error)
             return
-        future, frames, parts = waiter
+        future, frames, parts, index = waiter
+        unconfirmed = link.unconfirmed
+        if unconfirmed.last and index > unconfirmed.last:
+            unconfirmed.confirm()
         frames.append(frame)
         if parts is not None and flags & FLAG_MORE and not future.cancelled():
             parts.put_nowait(frame)
@@ -345,8 +357,12 @@ class AsyncConnection:
                 pushes.get_nowait()
             pushes.put_nowait(lost)
         link.outgoing = []
+        if not isinstance(exc, errors.ClosedError):
+            unconfirmed = link.unconfirmed.lost(self.address, exc)
+            if unconfirmed is not None:
+                self._late_errors.insert(0, unconfirmed)
         unwritten, link.unwritten = link.unwritten, []
-        for what in unwritten:
+        for what, _, _ in unwritten:
             # Sent without waiting, but never written: say so, later.
             self._late_errors.append(
                 errors.ConnectionLostError(
@@ -423,7 +439,7 @@ class AsyncConnection:
             parts: asyncio.Queue[Frame] | None = (
                 None if progress is None else asyncio.Queue()
             )
-            link.waiting[request_id] = (future, [], parts)
+            link.waiting[request_id] = (future, [], parts, link.queued + 1)
             self._queue_frame(link, frame)
             try:
                 if opcode == protocol.FETCH:
@@ -434,7 +450,10 @@ class AsyncConnection:
                     frames = await future
                 else:
                     frames = await _with_parts(future, parts, progress)
-            except errors.ConnectionLostError:
+            except errors.ConnectionLostError as exc:
+                unconfirmed = take_unconfirmed_error(self._late_errors)
+                if unconfirmed is not None:
+                    raise unconfirmed from exc
                 if attempt or opcode not in SAFE_TO_RETRY or self._closed:
                     raise
                 continue
@@ -537,8 +556,9 @@ class AsyncConnection:
         # Frames queued in one turn of the loop (a gather of puts, say) go
         # out in one write, once the running tasks have had their turn.
         link.outgoing.append(frame)
+        link.queued += 1
         if what is not None:
-            link.unwritten.append(what)
+            link.unwritten.append((what, frame, link.queued))
         if len(link.outgoing) == 1:
             asyncio.get_running_loop().call_soon(self._flush, link)
 
@@ -548,9 +568,12 @@ class AsyncConnection:
             # dropped by the transport, so it is reported instead.
             self._fail(link, ConnectionResetError("the connection closed"))
         outgoing, link.outgoing = link.outgoing, []
-        link.unwritten = []
+        unwritten, link.unwritten = link.unwritten, []
         if outgoing and link.lost is None:
             link.writer.writelines(outgoing)
+            # Written, but the server may not have read them yet.
+            for _, frame, index in unwritten:
+                link.unconfirmed.add(frame, index)
 
     async def subscribe(
         self, owner: _AsyncConsumer, credit: int
@@ -570,7 +593,7 @@ class AsyncConnection:
             future: asyncio.Future[list[Frame]] = (
                 asyncio.get_running_loop().create_future()
             )
-            link.waiting[subscription] = (future, [], None)
+            link.waiting[subscription] = (future, [], None, link.queued + 1)
             self._queue_frame(
                 link,
                 encode_frame(
@@ -970,7 +993,7 @@ class _AsyncConsumer(_AsyncHandle):
         # still arrive here, and all that is left then goes back.
         request_id = connection.next_id()
         future: asyncio.Future[list[Frame]] = asyncio.get_running_loop().create_future()
-        link.waiting[request_id] = (future, [], None)
+        link.waiting[request_id] = (future, [], None, link.queued + 1)
         if connection.send_on(
             link,
             encode_frame(
@@ -1024,7 +1047,9 @@ class _AsyncConsumer(_AsyncHandle):
         With wait=False the ack is sent without waiting for the reply; an
         error it gets is logged and raised by a later call on this
         connection, and so is a ConnectionLostError when the connection
-        broke before the ack was written.
+        broke before the ack was written. When it broke after, but before
+        the reply to a later request confirmed the ack, a call raises
+        UnconfirmedSettleError.
         """
         check_receipt(receipt)
         await self._settle(protocol.ACK, [receipt], b"", b"", wait)

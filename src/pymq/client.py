@@ -407,6 +407,90 @@ def give_back_frame(
     )
 
 
+# The name of each settle request, for the messages about them.
+SETTLE_NAMES: Final = {
+    protocol.ACK: "ack",
+    protocol.NACK: "nack",
+    protocol.EXTEND: "extend",
+    protocol.REJECT: "reject",
+}
+
+
+class UnconfirmedSettles:
+    """Settles sent flagged NO_REPLY that no later reply has confirmed yet.
+
+    The server handles a connection's requests in order. So the reply to
+    any request sent after a settle shows that the server processed the
+    settle, and an error it got has come before that reply. Each frame
+    sent on the connection has an index in the order it went out.
+    """
+
+    __slots__ = ("counts", "last", "messages")
+
+    def __init__(self) -> None:
+        # Requests by name ("ack"), the receipts they carry, and the index
+        # of the last one sent (0 when there is none).
+        self.counts: dict[str, int] = {}
+        self.messages = 0
+        self.last = 0
+
+    def add(self, frame: bytes, index: int) -> None:
+        """Count frame, sent at index, if it is a settle."""
+        opcode = frame[4] if len(frame) > 4 else 0
+        name = SETTLE_NAMES.get(opcode)
+        prefix = 8 if opcode in (protocol.NACK, protocol.EXTEND) else 0
+        if name is None or len(frame) < 20 + prefix:
+            return
+        self.counts[name] = self.counts.get(name, 0) + 1
+        self.messages += _U32.unpack_from(frame, 16 + prefix)[0]
+        self.last = index
+
+    def confirm(self) -> None:
+        """Forget them all: a reply to a later request came."""
+        self.counts = {}
+        self.messages = 0
+        self.last = 0
+
+    def lost(
+        self, address: object, reason: BaseException
+    ) -> errors.UnconfirmedSettleError | None:
+        """Return the error that reports them after the connection broke.
+
+        Returns None when there are none. Forgets them, so that each is
+        reported once, and logs the error as a WARNING.
+        """
+        if not self.last:
+            return None
+        requests = sum(self.counts.values())
+        kinds = ", ".join(
+            f"{count} {name}{'' if count == 1 else 's'}"
+            for name, count in sorted(self.counts.items())
+        )
+        noun = "message" if self.messages == 1 else "messages"
+        error = errors.UnconfirmedSettleError(
+            f"connection to {address} broke ({reason}) before the server "
+            f"confirmed {kinds} sent without waiting for a reply, for "
+            f"{self.messages} {noun}: they may not have been applied, so those "
+            f"messages may be delivered again",
+            requests=requests,
+            messages=self.messages,
+        )
+        self.confirm()
+        logger.warning("%s", error)
+        return error
+
+
+def take_unconfirmed_error(
+    late_errors: list[errors.PymqError],
+) -> errors.UnconfirmedSettleError | None:
+    """Remove and return the UnconfirmedSettleError among late_errors, if any."""
+    for index, error in enumerate(late_errors):
+        if isinstance(error, errors.UnconfirmedSettleError):
+            del late_errors[index]
+            return error
+    return None
+
+
 class _NotSent(Exception):
     """A request found its connection gone or replaced before it was sent."""
 
@@ -423,6 +507,7 @@ class _Slot:
         "done",
         "error",
         "frames",
+        "index",
         "progress",
         "sock",
         "updates",
@@ -437,8 +522,10 @@ class _Slot:
         self.abandoned = False
         # The queue or group of a FETCH, else None.
         self.consumer: _RemoteConsumer | None = None
-        # The socket the request went out on.
+        # The socket the request went out on, and the index of its frame
+        # among those sent on it (see UnconfirmedSettles).
         self.sock: Any = None
+        self.index = 0
         # Called, in the caller's thread, with each frame flagged MORE.
         self.progress = progress
         self.updates: list[Frame] = []
@@ -568,6 +655,10 @@ class Connection:
         # thread that reads (see _reading) uses it.
         self._buffer = bytearray(_RECV_BYTES)
         self._late_errors: list[errors.PymqError] = []
+        # Frames sent on the current socket, counted under _send_lock.
+        self._sent = 0
+        # Settles sent without waiting for a reply, guarded by _lock.
+        self._unconfirmed = UnconfirmedSettles()
         self._closed = False
         self.generation = 0
         self.max_frame_bytes = 16 << 20
@@ -636,6 +727,8 @@ class Connection:
             raise
         apply_hello(self, answer)
         self._reader = FrameReader(self.max_frame_bytes)
+        self._sent = 0
+        self._unconfirmed = UnconfirmedSettles()
         self._sock = sock
         self.generation += 1
 
@@ -709,7 +802,8 @@ class Connection:
                 if rebuilt > _MAX_REBUILDS or self._closed:
                     raise errors.ConnectionLostError(str(exc)) from None
                 continue
-            except errors.ConnectionLostError:
+            except errors.ConnectionLostError as exc:
+                self.raise_unconfirmed(exc)
                 if repeated or opcode not in SAFE_TO_RETRY or self._closed:
                     raise
                 repeated += 1
@@ -747,11 +841,28 @@ class Connection:
         try:
             with self._send_lock:
                 sock.sendall(frame)
+                self._sent += 1
+                with self._lock:
+                    if self._sock is sock:
+                        self._unconfirmed.add(frame, self._sent)
         except OSError as exc:
             self._broken(exc, sock)
+            self.raise_unconfirmed(exc)
             raise errors.ConnectionLostError(
                 f"connection to {self.address} broke: {exc}"
             ) from exc
+
+    def raise_unconfirmed(self, cause: BaseException) -> None:
+        """Raise the UnconfirmedSettleError of a break, if one is pending.
+
+        Run by a call that found the connection broken, so that it reports
+        the settles that may be lost rather than its own error alone.
+        """
+        if self._late_errors:
+            with self._cv:
+                error = take_unconfirmed_error(self._late_errors)
+            if error is not None:
+                raise error from cause
 
     def raise_late_errors(self) -> None:
         """Raise the first error a no-reply request got, if any came."""
@@ -798,6 +909,8 @@ class Connection:
             try:
                 with self._send_lock:
                     sent = None
+                    self._sent += 1
+                    slot.index = self._sent
                     sock.sendall(frame)
                     sent = True
             except OSError as exc:
@@ -900,6 +1013,8 @@ class Connection:
             self._slots[request_id] = cancelling
         with self._send_lock:
             try:
+                self._sent += 1
+                cancelling.index = self._sent
                 sock.sendall(cancel_frame(fetch_id, request_id, 0))
             except OSError as exc:
                 self._broken(exc, sock)
@@ -947,6 +1062,7 @@ class Connection:
             return
         try:
             with self._send_lock:
+                self._sent += 1
                 sock.sendall(frame)
         except OSError as exc:
             logger.warning("could not send %s to %s: %s", what, self.address, exc)
@@ -1031,6 +1147,9 @@ class Connection:
                 )
                 self._late_errors.append(error)
             return
+        unconfirmed = self._unconfirmed
+        if unconfirmed.last and slot.index > unconfirmed.last:
+            unconfirmed.confirm()
         if slot.abandoned and slot.consumer is not None:
             self._keep_late(slot.consumer, frame)
         elif not slot.frames or slot.frames[-1] is not frame:
@@ -1051,6 +1170,10 @@ class Connection:
                 return
             self._sock = None
             slots, self._slots = self._slots, {}
+            unconfirmed = self._unconfirmed.lost(self.address, exc)
+            if unconfirmed is not None:
+                # Raised by the call that found the break, or the next one.
+                self._late_errors.insert(0, unconfirmed)
             lost = errors.ConnectionLostError(
                 f"connection to {self.address} broke: {exc}"
             )
@@ -1581,6 +1704,8 @@ class _RemoteConsumer(_Handle):
 
         With wait=False the ack is sent without waiting for the reply; an
         error it gets is logged and raised by a later call on this connection.
+        When the connection breaks before the reply to a later request
+        confirmed the ack, a call raises UnconfirmedSettleError.
         """
         check_receipt(receipt)
         self._settle(protocol.ACK, [receipt], b"", b"", wait)

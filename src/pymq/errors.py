@@ -22,6 +22,7 @@ __all__ = [
     "ServerError",
     "ShuttingDownError",
     "StaleReceiptError",
+    "UnconfirmedSettleError",
 ]
 
 
@@ -133,6 +134,32 @@ class ConnectionLostError(PymqError, ConnectionError):
     A request that changes state (put, ack, nack, reject, extend) may or
     may not have taken effect; the client does not send it again.
     """
+
+
+class UnconfirmedSettleError(ConnectionLostError):
+    """The connection broke before the server confirmed settles sent without waiting.
+
+    Acks (or nacks, rejects) sent with ``wait=False`` get no reply. The
+    server handles a connection's requests in order, so the reply to any
+    later request confirms that it processed them. These were not
+    confirmed: they may not have been applied, and their messages may be
+    delivered again. ``requests`` counts the requests and ``messages`` the
+    receipts they carried.
+    """
+
+    def __init__(self, message: str, *, requests: int = 0, messages: int = 0) -> None:
+        super().__init__(message)
+        self.requests = requests
+        self.messages = messages
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_unconfirmed_settle_error, (str(self), self.requests, self.messages))
+
+
+def _unconfirmed_settle_error(
+    message: str, requests: int, messages: int
+) -> UnconfirmedSettleError:
+    return UnconfirmedSettleError(message, requests=requests, messages=messages)
 
 
 class CorruptSegmentError(PymqError):
