@@ -32,6 +32,7 @@ cdef enum:
 cdef class FrameReader:
     cdef bytearray buffer
     cdef readonly uint32_t max_frame_bytes
+    cdef readonly object ready        # frames that receive() completed, a deque
 
     cdef list take(self, const uint8_t *data, Py_ssize_t size)
     cdef Py_ssize_t split(self, const uint8_t *p, Py_ssize_t available,
@@ -86,6 +87,7 @@ cdef enum:
     OP_SUBSCRIBE = 0x22
     OP_CREDIT = 0x23
     OP_UNSUBSCRIBE = 0x24
+    OP_CANCEL = 0x25
     OP_DELIVER = 0x28
     OP_ACK = 0x30
     OP_NACK = 0x31

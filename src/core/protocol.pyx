@@ -5,6 +5,7 @@
 from cpython.bytearray cimport (PyByteArray_AS_STRING, PyByteArray_GET_SIZE,
                                 PyByteArray_Resize)
 
+from collections import deque
 from types import GenericAlias
 
 
@@ -81,6 +82,22 @@ cdef class FrameReader:
                               f"must be at least {FRAME_HEADER_BYTES}")
         self.buffer = bytearray()
         self.max_frame_bytes = max_frame_bytes
+        self.ready = deque()
+
+    def receive(self, sock, buffer):
+        """Read once from sock into buffer; append the frames completed to ready.
+
+        Returns the bytes read, 0 when the peer closed the connection. The
+        read and the split run in compiled code, with no Python bytecode
+        between them. So a signal handler that raises when the read
+        returns (Ctrl-C in a blocking client) finds the frames in ready,
+        where the caller takes them from, instead of losing the bytes read.
+        """
+        cdef Py_ssize_t size = sock.recv_into(buffer)
+
+        if size:
+            self.ready.extend(self.feed(buffer, size))
+        return size
 
     @property
     def buffered(self):
@@ -1300,7 +1317,7 @@ PROTOCOL_OPCODES = {
     "HELLO": OP_HELLO, "PING": OP_PING, "OPEN": OP_OPEN, "STATS": OP_STATS,
     "REDRIVE": OP_REDRIVE, "NAMES": OP_NAMES, "GROUPS": OP_GROUPS,
     "PUBLISH": OP_PUBLISH, "FETCH": OP_FETCH, "SUBSCRIBE": OP_SUBSCRIBE,
-    "CREDIT": OP_CREDIT, "UNSUBSCRIBE": OP_UNSUBSCRIBE,
+    "CREDIT": OP_CREDIT, "UNSUBSCRIBE": OP_UNSUBSCRIBE, "CANCEL": OP_CANCEL,
     "DELIVER": OP_DELIVER, "ACK": OP_ACK, "NACK": OP_NACK,
     "EXTEND": OP_EXTEND, "REJECT": OP_REJECT,
 }

@@ -28,7 +28,9 @@ from pymq.errors import (
     QueueFull,
     QueueNotFound,
     ServerError,
+    ShuttingDownError,
     StaleReceiptError,
+    UnconfirmedSettleError,
 )
 from pymq.queue import Group, Queue, Stream
 from pymq.storage import SegmentStore, open_store
@@ -60,8 +62,10 @@ __all__ = [
     "RemoteBroker",
     "SegmentStore",
     "ServerError",
+    "ShuttingDownError",
     "StaleReceiptError",
     "Stream",
+    "UnconfirmedSettleError",
     "__version__",
     "connect",
     "open_store",

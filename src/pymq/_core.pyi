@@ -1,5 +1,6 @@
 # Type stub of the compiled core, pymq._core (built from src/core).
 
+import collections
 from collections.abc import Callable, Iterable, Iterator
 from os import PathLike
 from types import TracebackType
@@ -232,12 +233,14 @@ def encode_frame(
 
 class FrameReader:
     max_frame_bytes: Final[int]
+    ready: Final[collections.deque[tuple[int, int, int, int, bytes]]]
     def __init__(self, max_frame_bytes: int) -> None: ...
     @property
     def buffered(self) -> int: ...
     def feed(
         self, data: Buffer, size: int = -1
     ) -> list[tuple[int, int, int, int, bytes]]: ...
+    def receive(self, sock: Any, buffer: bytearray) -> int: ...
 
 def measure_bodies(bodies: list[Any]) -> tuple[int, int]: ...
 def encode_publish(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -43,21 +44,28 @@ from pymq._core import (
 from pymq.broker import GROUP_DEFAULTS, QUEUE_DEFAULTS, STREAM_DEFAULTS, _check_options
 from pymq.client import (
     SAFE_TO_RETRY,
+    LateDeliveries,
+    UnconfirmedSettles,
     _seconds,
     apply_hello,
+    cancel_frame,
     check_connect_options,
     check_receipt,
     client_ssl_context,
     connect_failed,
     encode_reason,
     fetch_payload,
+    give_back_frame,
     handshake_closed,
     hello_payload,
     join_offsets,
+    late_frames,
     plan_batches,
     reconnect_attempts_failed,
     reconnect_delays,
+    take_unconfirmed_error,
     tls_failed,
+    visibility_timeout_of,
     wait_ms,
 )
 from pymq.names import check_name, check_queue_name
@@ -97,10 +105,11 @@ Frame = tuple[int, int, int, int, bytes]
 AsyncMessage: TypeAlias = RemoteMessage[Coroutine[Any, Any, None]]
 
 
-# A request whose reply is awaited: its future, the frames come so far, and
-# the queue of frames flagged MORE for a caller that reports progress.
+# A request whose reply is awaited: its future, the frames come so far, the
+# queue of frames flagged MORE for a caller that reports progress, and the
+# index of its frame among those queued on the link.
 _Waiter = tuple[
-    "asyncio.Future[list[Frame]]", list[Frame], "asyncio.Queue[Frame] | None"
+    "asyncio.Future[list[Frame]]", list[Frame], "asyncio.Queue[Frame] | None", int
 ]
 
 
@@ -117,7 +126,9 @@ class _Link:
         "outgoing",
         "owners",
         "pushes",
+        "queued",
         "task",
+        "unconfirmed",
         "unwritten",
         "waiting",
         "writer",
@@ -130,10 +141,14 @@ class _Link:
         self.waiting: dict[int, _Waiter] = {}
         self.pushes: dict[int, asyncio.Queue[AsyncMessage | BaseException]] = {}
         self.owners: dict[int, Any] = {}
-        # Frames queued in this turn of the loop, and what to report for
-        # those sent without waiting if they never go out.
+        # Frames queued in this turn of the loop, and for those sent without
+        # waiting, what to report if they never go out, the frame and its index.
         self.outgoing: list[bytes] = []
-        self.unwritten: list[str] = []
+        self.unwritten: list[tuple[str, bytes, int]] = []
+        # Frames queued on this link so far, and the settles written
+        # without waiting that no later reply has confirmed.
+        self.queued = 0
+        self.unconfirmed = UnconfirmedSettles()
         self.lost: BaseException | None = None
 
 
@@ -166,11 +181,14 @@ class AsyncConnection:
         self._late_errors: list[errors.PymqError] = []
         self._reconnecting: asyncio.Lock | None = None
         self._closed = False
+        # Queues and groups that kept deliveries after a cancelled get.
+        self._late_owners: set[_AsyncConsumer] = set()
         self.generation = 0
         self.max_frame_bytes = 16 << 20
         self.max_message_bytes: int | None = None
         self.max_batch = 10_000
         self.max_unacked: int | None = None
+        self.supports_cancel = False
         self.server = ""
 
     # Connecting ---------------------------------------------------------------
@@ -312,6 +330,12 @@ class AsyncConnection:
                 )
             if flags & FLAG_ERROR:
                 error = decode_error(frame[4])
+                pushes = link.pushes.get(request_id)
+                if pushes is not None:
+                    # The server ended the subscription, as it does when it
+                    # stops: `async for` raises the error.
+                    pushes.put_nowait(error)
+                    return
                 logger.error(
                     "request %d, sent without waiting for a reply, failed: %s",
                     request_id,
@@ -319,34 +343,17 @@ class AsyncConnection:
                 )
                 self._late_errors.append(error)
             return
-        future, frames, parts = waiter
+        future, frames, parts, index = waiter
+        unconfirmed = link.unconfirmed
+        if unconfirmed.last and index > unconfirmed.last:
+            unconfirmed.confirm()
         frames.append(frame)
-        if future.cancelled():
-            if frame[0] == protocol.DELIVER and not flags & FLAG_ERROR:
-                # The caller gave up (a timeout around get, say): the messages
-                # that still came go back at once, not after their timeout.
-                self._give_back(link, frame)
-        elif parts is not None and flags & FLAG_MORE:
+        if parts is not None and flags & FLAG_MORE and not future.cancelled():
             parts.put_nowait(frame)
         if not flags & FLAG_MORE:
             del link.waiting[request_id]
             if not future.done():
                 future.set_result(frames)
-
-    def _give_back(self, link: _Link, frame: Frame) -> None:
-        deliveries = decode_deliveries(frame[4], None)
-        if deliveries and link.lost is None:
-            self._queue_frame(
-                link,
-                encode_receipts(
-                    protocol.NACK,
-                    FLAG_NO_REPLY,
-                    self.next_id(),
-                    frame[3],
-                    deliveries,
-                    _F64.pack(0.0),
-                ),
-            )
 
     def _fail(self, link: _Link, exc: BaseException) -> None:
         """Fail everything waiting on link; the next call reconnects."""
@@ -370,8 +377,12 @@ class AsyncConnection:
                 pushes.get_nowait()
             pushes.put_nowait(lost)
         link.outgoing = []
+        if not isinstance(exc, errors.ClosedError):
+            unconfirmed = link.unconfirmed.lost(self.address, exc)
+            if unconfirmed is not None:
+                self._late_errors.insert(0, unconfirmed)
         unwritten, link.unwritten = link.unwritten, []
-        for what in unwritten:
+        for what, _, _ in unwritten:
             # Sent without waiting, but never written: say so, later.
             self._late_errors.append(
                 errors.ConnectionLostError(
@@ -448,17 +459,28 @@ class AsyncConnection:
             parts: asyncio.Queue[Frame] | None = (
                 None if progress is None else asyncio.Queue()
             )
-            link.waiting[request_id] = (future, [], parts)
+            link.waiting[request_id] = (future, [], parts, link.queued + 1)
             self._queue_frame(link, frame)
             try:
-                if parts is None or progress is None:
+                if opcode == protocol.FETCH:
+                    # Shielded, so that the reply of a cancelled FETCH still
+                    # comes to _abandon_fetch, which keeps its deliveries.
+                    frames = await asyncio.shield(future)
+                elif parts is None or progress is None:
                     frames = await future
                 else:
                     frames = await _with_parts(future, parts, progress)
-            except errors.ConnectionLostError:
+            except errors.ConnectionLostError as exc:
+                unconfirmed = take_unconfirmed_error(self._late_errors)
+                if unconfirmed is not None:
+                    raise unconfirmed from exc
                 if attempt or opcode not in SAFE_TO_RETRY or self._closed:
                     raise
                 continue
+            except BaseException:
+                if opcode == protocol.FETCH and isinstance(owner, _AsyncConsumer):
+                    self._abandon_fetch(link, request_id, future, owner)
+                raise
             # An error is the last frame of a reply.
             last = frames[-1]
             if last[1] & FLAG_ERROR:
@@ -467,6 +489,63 @@ class AsyncConnection:
                 opened._generation = link.generation
             return frames
         raise AssertionError("unreachable")
+
+    def _abandon_fetch(
+        self,
+        link: _Link,
+        request_id: int,
+        future: asyncio.Future[list[Frame]],
+        owner: _AsyncConsumer,
+    ) -> None:
+        """Cancel a FETCH whose caller stopped waiting; keep what it still gets.
+
+        The server may have sent deliveries before the CANCEL arrived. They
+        go to owner's next get, which first waits for the FETCH's last frame.
+        """
+        if future.done():
+            # The whole reply came before the caller was cancelled.
+            self._keep_reply(link, owner, None, future)
+            return
+        end: asyncio.Future[None] | None = None
+        if self.supports_cancel and link.lost is None:
+            end = asyncio.get_running_loop().create_future()
+            owner._cancelling.add(end)
+            self._queue_frame(
+                link, cancel_frame(request_id, self.next_id(), FLAG_NO_REPLY)
+            )
+        future.add_done_callback(functools.partial(self._keep_reply, link, owner, end))
+
+    def _keep_reply(
+        self,
+        link: _Link,
+        owner: _AsyncConsumer,
+        end: asyncio.Future[None] | None,
+        future: asyncio.Future[list[Frame]],
+    ) -> None:
+        """Keep the deliveries of an abandoned FETCH's reply for owner."""
+        if not future.cancelled() and future.exception() is None:
+            visibility_timeout = visibility_timeout_of(owner._answer)
+            for frame in future.result():
+                if frame[0] == protocol.DELIVER and not frame[1] & FLAG_ERROR:
+                    owner._late.add(frame[4], link.generation, visibility_timeout)
+                    self._late_owners.add(owner)
+        if end is not None and not end.done():
+            end.set_result(None)
+
+    def _give_back_late(self, link: _Link) -> None:
+        """Nack, on link, the deliveries every owner kept after a cancelled get.
+
+        Written at once, for close(): they are available again at once,
+        with their attempt counted.
+        """
+        owners, self._late_owners = self._late_owners, set()
+        for owner in owners:
+            payloads = owner._late.drain(link.generation)
+            if not payloads or owner._generation != link.generation:
+                continue
+            frame = give_back_frame(payloads, self.next_id(), owner._handle)
+            if frame is not None:
+                link.writer.write(frame)
 
     async def send(
         self,
@@ -497,8 +576,9 @@ class AsyncConnection:
         # Frames queued in one turn of the loop (a gather of puts, say) go
         # out in one write, once the running tasks have had their turn.
         link.outgoing.append(frame)
+        link.queued += 1
         if what is not None:
-            link.unwritten.append(what)
+            link.unwritten.append((what, frame, link.queued))
         if len(link.outgoing) == 1:
             asyncio.get_running_loop().call_soon(self._flush, link)
 
@@ -508,9 +588,12 @@ class AsyncConnection:
             # dropped by the transport, so it is reported instead.
             self._fail(link, ConnectionResetError("the connection closed"))
         outgoing, link.outgoing = link.outgoing, []
-        link.unwritten = []
+        unwritten, link.unwritten = link.unwritten, []
         if outgoing and link.lost is None:
             link.writer.writelines(outgoing)
+            # Written, but the server may not have read them yet.
+            for _, frame, index in unwritten:
+                link.unconfirmed.add(frame, index)
 
     async def subscribe(
         self, owner: _AsyncConsumer, credit: int
@@ -530,7 +613,7 @@ class AsyncConnection:
             future: asyncio.Future[list[Frame]] = (
                 asyncio.get_running_loop().create_future()
             )
-            link.waiting[subscription] = (future, [], None)
+            link.waiting[subscription] = (future, [], None, link.queued + 1)
             self._queue_frame(
                 link,
                 encode_frame(
@@ -564,6 +647,8 @@ class AsyncConnection:
         link = self._link
         if link is None:
             return
+        if link.lost is None and self._late_owners:
+            self._give_back_late(link)
         if link.task is not None:
             link.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -783,9 +868,39 @@ class _AsyncPublisher(_AsyncHandle):
 class _AsyncConsumer(_AsyncHandle):
     prefetch = 100
 
+    def __init__(self, broker: AsyncBroker, request: dict[str, Any]) -> None:
+        super().__init__(broker, request)
+        # Deliveries of FETCHes whose caller was cancelled, for the next get.
+        self._late = LateDeliveries()
+        # Resolved when the last frame of such a FETCH, cancelled, has come.
+        self._cancelling: set[asyncio.Future[None]] = set()
+
+    async def _late_frames(self, count: int) -> list[Frame]:
+        """Take up to count deliveries kept after a cancelled get."""
+        if self._cancelling:
+            ends = list(self._cancelling)
+            # The server replies to a cancelled FETCH as soon as it reads
+            # the CANCEL, and a broken connection resolves them too.
+            await asyncio.wait(ends)
+            self._cancelling.difference_update(ends)
+        if not self._late:
+            return []
+        link = self._connection._link
+        generation = -1 if link is None or link.lost is not None else link.generation
+        payloads = self._late.take(count, generation, self.name)
+        return late_frames(payloads, self._handle)
+
     async def _fetch_frames(self, count: int, timeout: float | None) -> list[Frame]:
+        """Send FETCH for up to count messages; return the DELIVER frames.
+
+        Deliveries kept after a cancelled get come first, without a FETCH.
+        """
         connection = self._connection
         payload = fetch_payload(count, timeout, connection.max_batch)
+        if self._cancelling or self._late:
+            late = await self._late_frames(count)
+            if late:
+                return late
         return await connection.call(
             protocol.FETCH,
             lambda request_id, handle: encode_frame(
@@ -831,6 +946,10 @@ class _AsyncConsumer(_AsyncHandle):
         """
         connection = self._connection
         while True:
+            if self._cancelling or self._late:
+                for frame in await self._late_frames(self.prefetch):
+                    for message in decode_deliveries(frame[4], self):
+                        yield message
             link, subscription, pushes = await connection.subscribe(self, self.prefetch)
             # Closed here, not later by the loop, so that leaving the loop
             # unsubscribes before it returns.
@@ -894,7 +1013,7 @@ class _AsyncConsumer(_AsyncHandle):
         # still arrive here, and all that is left then goes back.
         request_id = connection.next_id()
         future: asyncio.Future[list[Frame]] = asyncio.get_running_loop().create_future()
-        link.waiting[request_id] = (future, [], None)
+        link.waiting[request_id] = (future, [], None, link.queued + 1)
         if connection.send_on(
             link,
             encode_frame(
@@ -948,7 +1067,9 @@ class _AsyncConsumer(_AsyncHandle):
         With wait=False the ack is sent without waiting for the reply; an
         error it gets is logged and raised by a later call on this
         connection, and so is a ConnectionLostError when the connection
-        broke before the ack was written.
+        broke before the ack was written. When it broke after, but before
+        the reply to a later request confirmed the ack, a call raises
+        UnconfirmedSettleError.
         """
         check_receipt(receipt)
         await self._settle(protocol.ACK, [receipt], b"", b"", wait)

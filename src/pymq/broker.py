@@ -510,6 +510,8 @@ class Broker:
         self._retention: dict[str, tuple[float | None, int | None]] = {}
         self._retention_thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        # Set by _stop_waits(): why puts may no longer wait for room.
+        self._waits_stopped: str | None = None
         self._closed = False
         logger.info("opened broker in %s (fsync=%s)", self.path, fsync)
 
@@ -551,6 +553,20 @@ class Broker:
         core.wake = wake
         self._streams[name] = (core, ready, kind)
         return core, ready
+
+    def _stop_waits(self, reason: str) -> None:
+        """Make puts that wait for room in a full queue raise ClosedError now.
+
+        Later puts that find a queue full raise it too, without waiting.
+        The server calls this when it stops, so that such puts get error
+        13 (SHUTTING_DOWN) before their connection closes.
+        """
+        with self._mutex:
+            self._waits_stopped = reason
+            conditions = [ready for _, ready, _ in self._streams.values()]
+        for ready in conditions:
+            with ready:
+                ready.notify_all()
 
     def _listen(self, stream: str, listener: Callable[[], object]) -> None:
         """Call listener after each put or settlement on stream with waiters.

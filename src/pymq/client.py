@@ -9,6 +9,7 @@ not hold up the others.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import itertools
@@ -21,13 +22,14 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from pymq import errors, protocol
 from pymq._core import (
     FrameReader,
     MessageBatch,
     RemoteMessage,
+    crc32c,
     decode_batch,
     decode_deliveries,
     encode_frame,
@@ -51,6 +53,7 @@ from pymq.protocol import (
     FLAG_MORE,
     FLAG_NO_REPLY,
     FLAG_PUSH,
+    FLAG_REPLY,
     PREAMBLE,
     Address,
     decode_error,
@@ -73,7 +76,13 @@ logger = logging.getLogger("pymq.client")
 
 _FETCH: Final = struct.Struct("<Ii")
 _F64: Final = struct.Struct("<d")
+_U32: Final = struct.Struct("<I")
 _PUBLISHED: Final = struct.Struct("<QI")
+# The head of a DELIVER payload: u32 count, u32 CRC32C of the rest.
+_DELIVER_HEAD: Final = struct.Struct("<II")
+# Bytes of one delivery before its record; the record's length is the
+# u32 at offset 32.
+_DELIVERY_HEAD_BYTES: Final = 36
 # Requests sent again on their own after a reconnect, by both clients.
 SAFE_TO_RETRY: Final = frozenset(
     {
@@ -96,6 +105,7 @@ _MAX_CONNECT_TIMEOUT: Final = 1e9
 _MAX_RECONNECT_ATTEMPTS: Final = 1_000_000
 
 Frame = tuple[int, int, int, int, bytes]
+_Decoded = TypeVar("_Decoded")
 
 
 def wait_ms(timeout: float | None) -> int:
@@ -274,6 +284,9 @@ def apply_hello(connection: Any, answer: dict[str, Any]) -> None:
     # None from a server older than the limit.
     unacked = answer.get("max_unacked")
     connection.max_unacked = None if unacked is None else int(unacked)
+    # False from a server older than CANCEL, which would close the
+    # connection on that opcode.
+    connection.supports_cancel = answer.get("cancel") is True
     connection.server = str(answer.get("server", ""))
 
 
@@ -290,6 +303,217 @@ def fetch_payload(count: int, timeout: float | None, max_batch: int) -> bytes:
     return _FETCH.pack(min(count, max_batch), wait_ms(timeout))
 
 
+def cancel_frame(fetch_id: int, request_id: int, flags: int) -> bytes:
+    """Return a CANCEL of the FETCH whose request id is fetch_id."""
+    return encode_frame(protocol.CANCEL, flags, request_id, 0, _U32.pack(fetch_id))
+
+
+def split_deliveries(payload: bytes) -> list[bytes]:
+    """Split a DELIVER payload into DELIVER payloads of one delivery each.
+
+    Raises CorruptBatchError or ProtocolError, as decode_deliveries does,
+    for a payload that fails its CRC32C or whose lengths do not add up.
+    """
+    decode_deliveries(payload, None)
+    (count,) = _U32.unpack_from(payload)
+    if count == 1:
+        return [payload]
+    parts: list[bytes] = []
+    position = _DELIVER_HEAD.size
+    for _ in range(count):
+        (length,) = _U32.unpack_from(payload, position + 32)
+        end = position + _DELIVERY_HEAD_BYTES + length
+        delivery = payload[position:end]
+        parts.append(_DELIVER_HEAD.pack(1, crc32c(delivery)) + delivery)
+        position = end
+    return parts
+
+
+def visibility_timeout_of(answer: dict[str, Any]) -> float:
+    """Return the visibility timeout in seconds from the reply to OPEN."""
+    return float(answer["options"]["visibility_timeout"])
+
+
+class LateDeliveries:
+    """Deliveries that came for a get after its caller stopped waiting.
+
+    A FETCH whose caller was cancelled or interrupted may still get
+    messages in its reply: the server sent them before the CANCEL
+    arrived. Their receipts are valid, so the next get of the same queue
+    or group object returns them before it asks the server. Each entry is
+    a DELIVER payload, the generation of the connection it came on, and
+    the monotonic time its visibility timeout ends. That time is counted
+    from when the client received it, so it may be later than the
+    server's by the time the reply took to arrive.
+    """
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: collections.deque[tuple[bytes, int, float]] = collections.deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def add(self, payload: bytes, generation: int, visibility_timeout: float) -> None:
+        if payload[:4] == b"\0\0\0\0":
+            # An empty reply: the wait ended with no message.
+            return
+        if self._entries and self._entries[-1][0] is payload:
+            # Routed twice, after an interrupt: see Connection._read_until.
+            return
+        deadline = time.monotonic() + visibility_timeout
+        self._entries.append((payload, generation, deadline))
+
+    def take(self, count: int, generation: int, name: str) -> list[bytes]:
+        """Remove and return up to count payloads of one delivery each.
+
+        Entries of another generation are dropped: the server released
+        them when that connection closed. So are those whose visibility
+        timeout passed, whose receipts are stale: the server delivers
+        those messages again, with their attempt counted.
+        """
+        taken: list[bytes] = []
+        expired = 0
+        now = time.monotonic()
+        while self._entries and len(taken) < count:
+            payload, came_on, deadline = self._entries.popleft()
+            if came_on != generation:
+                continue
+            if now >= deadline:
+                expired += _U32.unpack_from(payload)[0]
+                continue
+            parts = split_deliveries(payload)
+            room = count - len(taken)
+            taken.extend(parts[:room])
+            for part in reversed(parts[room:]):
+                self._entries.appendleft((part, came_on, deadline))
+        if expired:
+            logger.warning(
+                "%d deliveries of %s that came after their get was cancelled "
+                "passed their visibility timeout before the next get; the "
+                "server delivers them again",
+                expired,
+                name,
+            )
+        return taken
+
+    def drain(self, generation: int) -> list[bytes]:
+        """Remove every entry; return the payloads that came on generation."""
+        entries, self._entries = self._entries, collections.deque()
+        return [payload for payload, came_on, _ in entries if came_on == generation]
+
+
+def late_frames(payloads: list[bytes], handle: int) -> list[Frame]:
+    """Return late deliveries as the DELIVER frames of one FETCH reply."""
+    return [(protocol.DELIVER, FLAG_REPLY, 0, handle, payload) for payload in payloads]
+
+
+def give_back_frame(
+    payloads: list[bytes], request_id: int, handle: int
+) -> bytes | None:
+    """Return a NACK, flagged NO_REPLY, of every delivery in payloads.
+
+    Returns None when the payloads hold no delivery, or when one of them
+    cannot be decoded: the server releases those deliveries when the
+    connection closes, or when their visibility timeout passes.
+    """
+    try:
+        messages = [m for payload in payloads for m in decode_deliveries(payload, None)]
+    except errors.PymqError as exc:
+        logger.warning("could not give back deliveries kept after a get: %s", exc)
+        return None
+    if not messages:
+        return None
+    return encode_receipts(
+        protocol.NACK, FLAG_NO_REPLY, request_id, handle, messages, _F64.pack(0.0)
+    )
+
+
+# The name of each settle request, for the messages about them.
+SETTLE_NAMES: Final = {
+    protocol.ACK: "ack",
+    protocol.NACK: "nack",
+    protocol.EXTEND: "extend",
+    protocol.REJECT: "reject",
+}
+
+
+class UnconfirmedSettles:
+    """Settles sent flagged NO_REPLY that no later reply has confirmed yet.
+
+    The server handles a connection's requests in order. So the reply to
+    any request sent after a settle shows that the server processed the
+    settle, and an error it got has come before that reply. Each frame
+    sent on the connection has an index in the order it went out.
+    """
+
+    __slots__ = ("counts", "last", "messages")
+
+    def __init__(self) -> None:
+        # Requests by name ("ack"), the receipts they carry, and the index
+        # of the last one sent (0 when there is none).
+        self.counts: dict[str, int] = {}
+        self.messages = 0
+        self.last = 0
+
+    def add(self, frame: bytes, index: int) -> None:
+        """Count frame, sent at index, if it is a settle."""
+        opcode = frame[4] if len(frame) > 4 else 0
+        name = SETTLE_NAMES.get(opcode)
+        prefix = 8 if opcode in (protocol.NACK, protocol.EXTEND) else 0
+        if name is None or len(frame) < 20 + prefix:
+            return
+        self.counts[name] = self.counts.get(name, 0) + 1
+        self.messages += _U32.unpack_from(frame, 16 + prefix)[0]
+        self.last = index
+
+    def confirm(self) -> None:
+        """Forget them all: a reply to a later request came."""
+        self.counts = {}
+        self.messages = 0
+        self.last = 0
+
+    def lost(
+        self, address: object, reason: BaseException
+    ) -> errors.UnconfirmedSettleError | None:
+        """Return the error that reports them after the connection broke.
+
+        Returns None when there are none. Forgets them, so that each is
+        reported once, and logs the error as a WARNING.
+        """
+        if not self.last:
+            return None
+        requests = sum(self.counts.values())
+        kinds = ", ".join(
+            f"{count} {name}{'' if count == 1 else 's'}"
+            for name, count in sorted(self.counts.items())
+        )
+        noun = "message" if self.messages == 1 else "messages"
+        error = errors.UnconfirmedSettleError(
+            f"connection to {address} broke ({reason}) before the server "
+            f"confirmed {kinds} sent without waiting for a reply, for "
+            f"{self.messages} {noun}: they may not have been applied, so those "
+            f"messages may be delivered again",
+            requests=requests,
+            messages=self.messages,
+        )
+        self.confirm()
+        logger.warning("%s", error)
+        return error
+
+
+def take_unconfirmed_error(
+    late_errors: list[errors.PymqError],
+) -> errors.UnconfirmedSettleError | None:
+    """Remove and return the UnconfirmedSettleError among late_errors, if any."""
+    for index, error in enumerate(late_errors):
+        if isinstance(error, errors.UnconfirmedSettleError):
+            del late_errors[index]
+            return error
+    return None
+
+
 class _NotSent(Exception):
     """A request found its connection gone or replaced before it was sent."""
 
@@ -300,14 +524,31 @@ _MAX_REBUILDS: Final = 5
 
 
 class _Slot:
-    __slots__ = ("abandoned", "done", "error", "frames", "progress", "updates")
+    __slots__ = (
+        "abandoned",
+        "consumer",
+        "done",
+        "error",
+        "frames",
+        "index",
+        "progress",
+        "sock",
+        "updates",
+    )
 
     def __init__(self, progress: Callable[[Frame], object] | None = None) -> None:
         self.frames: list[Frame] = []
         self.done = False
         self.error: BaseException | None = None
-        # The caller stopped waiting; deliveries that come are given back.
+        # The caller stopped waiting. Deliveries that still come for a
+        # FETCH are kept for its consumer's next get.
         self.abandoned = False
+        # The queue or group of a FETCH, else None.
+        self.consumer: _RemoteConsumer | None = None
+        # The socket the request went out on, and the index of its frame
+        # among those sent on it (see UnconfirmedSettles).
+        self.sock: Any = None
+        self.index = 0
         # Called, in the caller's thread, with each frame flagged MORE.
         self.progress = progress
         self.updates: list[Frame] = []
@@ -382,6 +623,9 @@ class TlsChannel:
                 self._flush()
             if data:
                 return data
+            # NOTE: a signal handler that raises as this recv returns drops
+            # the bytes read. The TLS session then fails and the connection
+            # breaks, so over TLS an interrupted get may still spend an attempt.
             raw = self.sock.recv(262144)
             if not raw:
                 return b""
@@ -417,29 +661,34 @@ class Connection:
         self._reconnect_attempts = reconnect_attempts
         self._send_lock = threading.Lock()
         # _lock guards the state below. _cv, over the same lock, wakes the
-        # threads that wait for another thread to read their reply. Hot
-        # paths call _lock.acquire() and release(), which cost less than a
-        # with statement on the condition.
+        # threads that wait for another thread to read their reply. Where a
+        # signal handler may raise (a get waiting for its reply), the locks
+        # are taken by with statements: an interrupt right after acquire()
+        # would leave the lock held.
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._waiting = 0
         self._ids = itertools.count(1)
         self._slots: dict[int, _Slot] = {}
-        self._reading = False
+        # The ident of the thread that reads the socket, or 0 when none does.
+        self._reading = 0
         self._sock: Any = None  # a socket, or a TlsChannel over one
         self._reader: FrameReader | None = None
         # Received bytes land here, so a read allocates nothing. Only the
         # thread that reads (see _reading) uses it.
         self._buffer = bytearray(_RECV_BYTES)
         self._late_errors: list[errors.PymqError] = []
-        # Replies to abandoned requests, to give back once out of the lock.
-        self._release: list[Frame] = []
+        # Frames sent on the current socket, counted under _send_lock.
+        self._sent = 0
+        # Settles sent without waiting for a reply, guarded by _lock.
+        self._unconfirmed = UnconfirmedSettles()
         self._closed = False
         self.generation = 0
         self.max_frame_bytes = 16 << 20
         self.max_message_bytes: int | None = None
         self.max_batch = 10_000
         self.max_unacked: int | None = None
+        self.supports_cancel = False
         self.server = ""
         self._connect()
 
@@ -507,6 +756,8 @@ class Connection:
             raise
         apply_hello(self, answer)
         self._reader = FrameReader(self.max_frame_bytes)
+        self._sent = 0
+        self._unconfirmed = UnconfirmedSettles()
         self._sock = sock
         self.generation += 1
 
@@ -552,6 +803,8 @@ class Connection:
         opcode: int,
         build: Callable[[int], bytes],
         progress: Callable[[Frame], object] | None = None,
+        consumer: _RemoteConsumer | None = None,
+        received: list[Frame] | None = None,
     ) -> list[Frame]:
         """Send the frame build(request_id) returns; return its reply frames.
 
@@ -559,7 +812,10 @@ class Connection:
         connection breaks. A request that is safe to repeat is built and
         sent once more after reconnecting, so it names the new handles.
         progress, if given, is called in this thread with each frame of the
-        reply flagged MORE, as it arrives.
+        reply flagged MORE, as it arrives. consumer is the queue or group
+        of a FETCH: the deliveries of a FETCH whose caller is interrupted
+        are kept for its next get. received, if given, is the list that
+        the reply's frames are added to and that is returned.
         """
         repeated = rebuilt = 0
         while True:
@@ -569,7 +825,9 @@ class Connection:
             request_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
             frame = build(request_id)
             try:
-                frames = self._exchange(request_id, frame, progress, generation)
+                frames = self._exchange(
+                    request_id, frame, progress, generation, consumer, received
+                )
             except _NotSent as exc:
                 # Nothing went out, so any request may be built again for
                 # the new connection's handles.
@@ -577,7 +835,8 @@ class Connection:
                 if rebuilt > _MAX_REBUILDS or self._closed:
                     raise errors.ConnectionLostError(str(exc)) from None
                 continue
-            except errors.ConnectionLostError:
+            except errors.ConnectionLostError as exc:
+                self.raise_unconfirmed(exc)
                 if repeated or opcode not in SAFE_TO_RETRY or self._closed:
                     raise
                 repeated += 1
@@ -615,11 +874,28 @@ class Connection:
         try:
             with self._send_lock:
                 sock.sendall(frame)
+                self._sent += 1
+                with self._lock:
+                    if self._sock is sock:
+                        self._unconfirmed.add(frame, self._sent)
         except OSError as exc:
             self._broken(exc, sock)
+            self.raise_unconfirmed(exc)
             raise errors.ConnectionLostError(
                 f"connection to {self.address} broke: {exc}"
             ) from exc
+
+    def raise_unconfirmed(self, cause: BaseException) -> None:
+        """Raise the UnconfirmedSettleError of a break, if one is pending.
+
+        Run by a call that found the connection broken, so that it reports
+        the settles that may be lost rather than its own error alone.
+        """
+        if self._late_errors:
+            with self._cv:
+                error = take_unconfirmed_error(self._late_errors)
+            if error is not None:
+                raise error from cause
 
     def raise_late_errors(self) -> None:
         """Raise the first error a no-reply request got, if any came."""
@@ -635,13 +911,20 @@ class Connection:
         frame: bytes,
         progress: Callable[[Frame], object] | None,
         generation: int,
+        consumer: _RemoteConsumer | None = None,
+        received: list[Frame] | None = None,
     ) -> list[Frame]:
         if self._late_errors:
             self.raise_late_errors()
         slot = _Slot(progress)
-        lock = self._lock
-        lock.acquire()
-        try:
+        slot.consumer = consumer
+        if received is not None:
+            # Frames of an earlier try, on a connection that broke.
+            received.clear()
+            slot.frames = received
+        # with statements here, not acquire() then try: an interrupt that
+        # comes right after acquire() would leave the lock held.
+        with self._lock:
             # The frame names handles of the connection it was built for:
             # after a reconnect by another thread, the same numbers may
             # name other queues.
@@ -651,31 +934,46 @@ class Connection:
                     f"connection to {self.address} broke before the request went out"
                 )
             self._slots[request_id] = slot
-        finally:
-            lock.release()
-        send_lock = self._send_lock
+        slot.sock = sock
+        # False before sendall, None during it (part of the frame may be
+        # out), True once the whole frame is out.
+        sent: bool | None = False
         try:
-            send_lock.acquire()
             try:
-                sock.sendall(frame)
-            finally:
-                send_lock.release()
-        except OSError as exc:
-            self._broken(exc, sock)
-        try:
-            while True:
-                lock.acquire()
-                try:
+                with self._send_lock:
+                    sent = None
+                    self._sent += 1
+                    slot.index = self._sent
+                    sock.sendall(frame)
+                    sent = True
+            except OSError as exc:
+                self._broken(exc, sock)
+            self._wait_reply(slot, sock)
+        except BaseException:
+            # Interrupted (Ctrl-C, a signal handler): the next waiting thread
+            # reads instead.
+            self._abandon(request_id, slot, sent)
+            raise
+        if slot.error is not None:
+            raise slot.error
+        return slot.frames
+
+    def _wait_reply(self, slot: _Slot, sock: Any) -> None:
+        """Return once slot is done, reading sock when no other thread does."""
+        lock = self._lock
+        me = threading.get_ident()
+        while True:
+            try:
+                with lock:
                     if slot.done or slot.updates or self._reading:
-                        read = self._take_turn(slot)
+                        read = self._take_turn(slot, me)
                     else:
                         # No thread is reading, so this one reads now.
-                        self._reading = read = True
+                        self._reading = me
+                        read = True
                     updates = slot.updates
                     if updates:
                         slot.updates = []
-                finally:
-                    lock.release()
                 if read:
                     self._read_until(slot, sock)
                     if slot.done and not slot.updates:
@@ -688,26 +986,128 @@ class Connection:
                         slot.progress(update)
                 else:
                     break
-        except BaseException:
-            # Interrupted (Ctrl-C, a signal handler): the next waiting thread
-            # reads instead, and deliveries that still come for this request
-            # are nacked.
-            with self._cv:
-                slot.abandoned = True
-                self._cv.notify_all()
-            raise
-        if slot.error is not None:
-            raise slot.error
-        return slot.frames
+            except BaseException:
+                # An interrupt after this thread took its turn, but before
+                # _read_until started, leaves it the reader: hand the turn on.
+                with self._cv:
+                    if self._reading == me:
+                        self._reading = 0
+                        self._cv.notify_all()
+                raise
 
-    def _take_turn(self, slot: _Slot) -> bool:
+    def _abandon(self, request_id: int, slot: _Slot, sent: bool | None) -> None:
+        """Stop waiting for the reply of request_id: its caller was interrupted.
+
+        sent is as in _exchange. A frame cut off part way breaks the
+        connection, because the server cannot tell where the next frame
+        starts. A FETCH that went out whole is cancelled, on a server that
+        supports CANCEL, and the deliveries that come for it are kept for
+        its consumer's next get. That get first waits for the CANCEL's
+        reply, which the server sends after the FETCH's last frame.
+        """
+        sock = slot.sock
+        consumer = slot.consumer
+        cancel = False
+        with self._cv:
+            slot.abandoned = True
+            self._cv.notify_all()
+            if not sent:
+                self._slots.pop(request_id, None)
+            elif consumer is not None:
+                # Emptied in place: it may be the caller's received list.
+                frames = list(slot.frames)
+                slot.frames.clear()
+                for frame in frames:
+                    self._keep_late(consumer, frame)
+                cancel = not slot.done and self.supports_cancel and self._sock is sock
+        if sent is None:
+            self._broken(
+                ConnectionAbortedError("a request was interrupted while it was sent"),
+                sock,
+            )
+        elif cancel:
+            assert consumer is not None
+            cancelling = self._send_cancel(request_id, sock)
+            if cancelling is not None:
+                with self._cv:
+                    consumer._cancelling.append((request_id, slot, cancelling))
+
+    def _send_cancel(self, fetch_id: int, sock: Any) -> _Slot | None:
+        """Send a CANCEL of fetch_id on sock; return the slot of its reply.
+
+        Returns None when sock was replaced: its FETCH was failed then.
+        """
+        request_id = self.next_id()
+        cancelling = _Slot()
+        cancelling.sock = sock
+        with self._cv:
+            if self._sock is not sock:
+                return None
+            self._slots[request_id] = cancelling
+        with self._send_lock:
+            try:
+                self._sent += 1
+                cancelling.index = self._sent
+                sock.sendall(cancel_frame(fetch_id, request_id, 0))
+            except OSError as exc:
+                self._broken(exc, sock)
+            except BaseException as exc:
+                # Another interrupt may have cut the frame.
+                self._broken(exc, sock)
+                raise
+        return cancelling
+
+    def _keep_late(self, consumer: _RemoteConsumer, frame: Frame) -> None:
+        """Keep the deliveries of frame for consumer; run under _lock."""
+        if frame[0] == protocol.DELIVER and not frame[1] & FLAG_ERROR:
+            consumer._late.add(frame[4], self.generation, consumer.visibility_timeout)
+
+    def keep_received(self, consumer: _RemoteConsumer, frames: list[Frame]) -> None:
+        """Keep for consumer the deliveries of a reply its caller never got."""
+        with self._cv:
+            for frame in frames:
+                self._keep_late(consumer, frame)
+            frames.clear()
+
+    def finish_cancelled(self, consumer: _RemoteConsumer) -> None:
+        """Wait until each cancelled FETCH of consumer has sent its last frame.
+
+        The reply to a CANCEL comes after the last frame of its FETCH.
+        """
+        while consumer._cancelling:
+            entry = consumer._cancelling[0]
+            fetch_id, fetch, cancelling = entry
+            self._wait_reply(cancelling, cancelling.sock)
+            with self._cv:
+                if consumer._cancelling and consumer._cancelling[0] is entry:
+                    del consumer._cancelling[0]
+                if not fetch.done and self._slots.get(fetch_id) is fetch:
+                    # An interrupt stopped the reading thread after it read
+                    # the FETCH's last frame but before it routed it.
+                    del self._slots[fetch_id]
+                    fetch.done = True
+
+    def send_quietly(self, frame: bytes, what: str) -> None:
+        """Send frame on the current socket; log a failure instead of raising."""
+        with self._cv:
+            sock = self._sock
+        if sock is None:
+            return
+        try:
+            with self._send_lock:
+                self._sent += 1
+                sock.sendall(frame)
+        except OSError as exc:
+            logger.warning("could not send %s to %s: %s", what, self.address, exc)
+
+    def _take_turn(self, slot: _Slot, me: int) -> bool:
         """Wait, holding _lock, until slot has news or nobody reads.
 
-        Returns True when this thread is now the reader.
+        Returns True when this thread, whose ident is me, is now the reader.
         """
         while not slot.done and not slot.updates:
             if not self._reading:
-                self._reading = True
+                self._reading = me
                 return True
             self._waiting += 1
             try:
@@ -721,72 +1121,43 @@ class Connection:
         assert reader is not None
         buffer = self._buffer
         lock = self._lock
+        # Frames read but not yet routed. An interrupt (a signal handler
+        # that raises) leaves them there, and the handler below routes them.
+        ready = reader.ready
         try:
             while True:
-                size = sock.recv_into(buffer)
-                if not size:
+                if not reader.receive(sock, buffer):
                     raise ConnectionResetError("the server closed the connection")
-                frames = reader.feed(buffer, size)
-                if not frames:
+                if not ready:
                     continue
-                release = None
-                lock.acquire()
-                try:
-                    for frame in frames:
-                        self._route(frame)
-                    if self._release:
-                        release, self._release = self._release, []
+                with lock:
+                    while ready:
+                        self._route(ready[0])
+                        ready.popleft()
                     # Back to the caller for its result, or a part to report.
                     done = slot.done or bool(slot.updates)
                     if done:
-                        self._reading = False
+                        self._reading = 0
                     if self._waiting:
                         self._cv.notify_all()
-                finally:
-                    lock.release()
-                if release:
-                    for frame in release:
-                        self._give_back(frame)
                 if done:
                     return
         except (OSError, errors.ProtocolError) as exc:
             with self._cv:
-                self._reading = False
+                self._reading = 0
                 self._cv.notify_all()
             self._broken(exc, sock)
         except BaseException:
             with self._cv:
-                self._reading = False
+                self._reading = 0
+                # Interrupted: the frames already read still reach their
+                # requests, or the deliveries among them would be lost.
+                with contextlib.suppress(ConnectionResetError):
+                    while ready:
+                        self._route(ready[0])
+                        ready.popleft()
                 self._cv.notify_all()
             raise
-
-    def _give_back(self, frame: Frame) -> None:
-        """Nack the deliveries of a reply to an abandoned request."""
-        deliveries = decode_deliveries(frame[4], None)
-        if not deliveries:
-            return
-        nack = encode_receipts(
-            protocol.NACK,
-            FLAG_NO_REPLY,
-            self.next_id(),
-            frame[3],
-            deliveries,
-            _F64.pack(0.0),
-        )
-        with self._cv:
-            sock = self._sock
-        try:
-            if sock is not None:
-                with self._send_lock:
-                    sock.sendall(nack)
-        except OSError as exc:
-            # The server releases them anyway when the connection breaks.
-            logger.warning(
-                "could not give back %d deliveries of request %d: %s",
-                len(deliveries),
-                frame[2],
-                exc,
-            )
 
     def _route(self, frame: Frame) -> None:
         flags, request_id = frame[1], frame[2]
@@ -809,11 +1180,17 @@ class Connection:
                 )
                 self._late_errors.append(error)
             return
-        slot.frames.append(frame)
-        if slot.progress is not None and flags & FLAG_MORE and not slot.abandoned:
-            slot.updates.append(frame)
-        if slot.abandoned and frame[0] == protocol.DELIVER and not flags & FLAG_ERROR:
-            self._release.append(frame)
+        unconfirmed = self._unconfirmed
+        if unconfirmed.last and slot.index > unconfirmed.last:
+            unconfirmed.confirm()
+        if slot.abandoned and slot.consumer is not None:
+            self._keep_late(slot.consumer, frame)
+        elif not slot.frames or slot.frames[-1] is not frame:
+            # Checked because an interrupt right after the append makes
+            # _read_until route the same frame again.
+            slot.frames.append(frame)
+            if slot.progress is not None and flags & FLAG_MORE and not slot.abandoned:
+                slot.updates.append(frame)
         if not flags & FLAG_MORE:
             slot.done = True
             del self._slots[request_id]
@@ -826,6 +1203,10 @@ class Connection:
                 return
             self._sock = None
             slots, self._slots = self._slots, {}
+            unconfirmed = self._unconfirmed.lost(self.address, exc)
+            if unconfirmed is not None:
+                # Raised by the call that found the break, or the next one.
+                self._late_errors.insert(0, unconfirmed)
             lost = errors.ConnectionLostError(
                 f"connection to {self.address} broke: {exc}"
             )
@@ -978,7 +1359,14 @@ class RemoteBroker:
         return self._connection.max_unacked
 
     def close(self) -> None:
-        """Close the connection; deliveries not yet settled go back at once."""
+        """Close the connection; deliveries not yet settled go back at once.
+
+        Deliveries kept after an interrupted get are nacked first.
+        """
+        with self._lock:
+            consumers = [*self._queues.values(), *self._groups.values()]
+        for consumer in consumers:
+            consumer._give_back_late()
         self._connection.close()
 
     def __enter__(self) -> RemoteBroker:
@@ -1166,16 +1554,72 @@ class _Publisher(_Handle):
 class _RemoteConsumer(_Handle):
     """get, get_many, ack and the rest, for a queue or a group."""
 
+    def __init__(self, broker: RemoteBroker, request: dict[str, Any]) -> None:
+        super().__init__(broker, request)
+        # Deliveries of FETCHes whose caller was interrupted, for the next get.
+        self._late = LateDeliveries()
+        # Those FETCHes, cancelled, until the CANCEL's reply has come:
+        # (the FETCH's request id, its slot, the CANCEL's slot).
+        self._cancelling: list[tuple[int, _Slot, _Slot]] = []
+
     def _encode_fetch(self, payload: bytes, request_id: int) -> bytes:
         return encode_frame(protocol.FETCH, 0, request_id, self.handle(), payload)
 
-    def _fetch_frames(self, count: int, timeout: float | None) -> list[Frame]:
-        """Send FETCH for up to count messages; return the DELIVER frames."""
+    def _late_frames(self, count: int) -> list[Frame]:
+        """Take up to count deliveries kept after an interrupted get."""
         connection = self._connection
-        payload = fetch_payload(count, timeout, connection.max_batch)
-        return connection.call(
-            protocol.FETCH, functools.partial(self._encode_fetch, payload)
-        )
+        if self._cancelling:
+            connection.finish_cancelled(self)
+        if not self._late:
+            return []
+        with connection._cv:
+            payloads = self._late.take(count, connection.generation, self.name)
+        return late_frames(payloads, self._handle)
+
+    def _give_back_late(self) -> None:
+        """Nack the deliveries kept after an interrupted get, if any.
+
+        They are available again at once, with their attempt counted.
+        """
+        connection = self._connection
+        with connection._cv:
+            payloads = self._late.drain(connection.generation)
+            current = self._generation == connection.generation
+        if not payloads or not current:
+            return
+        frame = give_back_frame(payloads, connection.next_id(), self._handle)
+        if frame is not None:
+            connection.send_quietly(
+                frame, f"the nack of deliveries kept by {self.name}"
+            )
+
+    def _fetch(
+        self, count: int, payload: bytes, decode: Callable[[list[Frame]], _Decoded]
+    ) -> _Decoded:
+        """Send FETCH with payload; return decode(the reply's frames).
+
+        Deliveries kept after an interrupted get come first, without a
+        FETCH. When the caller is interrupted after the reply came, before
+        this returns, its deliveries are kept for the next get.
+        """
+        connection = self._connection
+        received: list[Frame] = []
+        try:
+            if self._cancelling or self._late:
+                received.extend(self._late_frames(count))
+            if not received:
+                connection.call(
+                    protocol.FETCH,
+                    functools.partial(self._encode_fetch, payload),
+                    consumer=self,
+                    received=received,
+                )
+            return decode(received)
+        except BaseException as exc:
+            # pymq's own errors come with no reply to keep, or a bad one.
+            if received and not isinstance(exc, errors.PymqError):
+                connection.keep_received(self, received)
+            raise
 
     def _messages(self, replies: list[Frame]) -> list[RemoteMessage]:
         """Return the messages of the DELIVER frames of one FETCH."""
@@ -1186,8 +1630,9 @@ class _RemoteConsumer(_Handle):
             messages.extend(decode_deliveries(reply[4], self))
         return messages
 
-    def _fetch(self, count: int, timeout: float | None) -> list[RemoteMessage]:
-        return self._messages(self._fetch_frames(count, timeout))
+    def _fetch_messages(self, count: int, timeout: float | None) -> list[RemoteMessage]:
+        payload = fetch_payload(count, timeout, self._connection.max_batch)
+        return self._fetch(count, payload, self._messages)
 
     def get(self, timeout: float | None = None) -> RemoteMessage | None:
         """Deliver the lowest available message, waiting up to timeout seconds.
@@ -1196,16 +1641,13 @@ class _RemoteConsumer(_Handle):
         limit.
         """
         # A count of 1 needs none of fetch_payload's checks.
-        replies = self._connection.call(
-            protocol.FETCH,
-            functools.partial(self._encode_fetch, _FETCH.pack(1, wait_ms(timeout))),
-        )
-        messages = self._messages(replies)
+        payload = _FETCH.pack(1, wait_ms(timeout))
+        messages = self._fetch(1, payload, self._messages)
         return messages[0] if messages else None
 
     def get_many(self, count: int, timeout: float | None = None) -> list[RemoteMessage]:
         """Deliver up to count messages; wait up to timeout for the first one."""
-        return self._fetch(count, timeout)
+        return self._fetch_messages(count, timeout)
 
     def get_batch(self, count: int, timeout: float | None = None) -> MessageBatch:
         """Deliver up to count messages as one MessageBatch of numpy columns.
@@ -1214,7 +1656,10 @@ class _RemoteConsumer(_Handle):
         batch with ack_many(batch). The batch is built from the server's
         reply in compiled code, without an object per message.
         """
-        replies = self._fetch_frames(count, timeout)
+        payload = fetch_payload(count, timeout, self._connection.max_batch)
+        return self._fetch(count, payload, self._batch)
+
+    def _batch(self, replies: list[Frame]) -> MessageBatch:
         return decode_batch([reply[4] for reply in replies], self)
 
     def get_nowait(self) -> RemoteMessage | None:
@@ -1223,7 +1668,7 @@ class _RemoteConsumer(_Handle):
 
     def get_many_nowait(self, count: int) -> list[RemoteMessage]:
         """Deliver up to count available messages without waiting."""
-        return self._fetch(count, 0)
+        return self._fetch_messages(count, 0)
 
     def __iter__(self) -> Iterator[RemoteMessage]:
         """Yield messages as they arrive, forever; settle each one.
@@ -1272,6 +1717,8 @@ class _RemoteConsumer(_Handle):
 
         With wait=False the ack is sent without waiting for the reply; an
         error it gets is logged and raised by a later call on this connection.
+        When the connection breaks before the reply to a later request
+        confirmed the ack, a call raises UnconfirmedSettleError.
         """
         check_receipt(receipt)
         self._settle(protocol.ACK, [receipt], b"", b"", wait)
@@ -1360,13 +1807,14 @@ class RemoteQueue(_RemoteConsumer, _Publisher):
         return str(self._answer["options"].get("overflow", "reject"))
 
     def close(self) -> None:
-        """Do nothing: the server keeps the queue's handle until the connection
-        closes.
+        """Nack the deliveries kept after an interrupted get, if any.
 
-        Each queue, stream and group a connection opens counts toward the
+        The server keeps the queue's handle until the connection closes:
+        each queue, stream and group a connection opens counts toward the
         server's max_handles until then. Close the RemoteBroker, or open
         another connection, to release them.
         """
+        self._give_back_late()
 
     def __enter__(self) -> RemoteQueue:
         return self
@@ -1382,8 +1830,8 @@ class RemoteGroup(_RemoteConsumer):
     """A consumer group of a stream on a server, as pymq.Group."""
 
     def close(self) -> None:
-        """Do nothing: the server keeps the group's handle until the connection
-        closes; see RemoteQueue.close."""
+        """Nack the deliveries kept after an interrupted get; see RemoteQueue.close."""
+        self._give_back_late()
 
     def __enter__(self) -> RemoteGroup:
         return self

@@ -20,7 +20,9 @@ __all__ = [
     "QueueFull",
     "QueueNotFound",
     "ServerError",
+    "ShuttingDownError",
     "StaleReceiptError",
+    "UnconfirmedSettleError",
 ]
 
 
@@ -97,6 +99,16 @@ class ClosedError(PymqError):
     """The broker, store or connection was closed."""
 
 
+class ShuttingDownError(ClosedError):
+    """The server is stopping: it replied to a waiting request with error 13.
+
+    The request took no effect: a get took no message, and a put that
+    waited for room in a full queue wrote nothing. The server closes the
+    connection next, so the clients raise this at once, without trying to
+    reconnect first.
+    """
+
+
 class ProtocolError(PymqError):
     """A peer sent bytes that break the wire protocol."""
 
@@ -122,6 +134,32 @@ class ConnectionLostError(PymqError, ConnectionError):
     A request that changes state (put, ack, nack, reject, extend) may or
     may not have taken effect; the client does not send it again.
     """
+
+
+class UnconfirmedSettleError(ConnectionLostError):
+    """The connection broke before the server confirmed settles sent without waiting.
+
+    Acks (or nacks, rejects) sent with ``wait=False`` get no reply. The
+    server handles a connection's requests in order, so the reply to any
+    later request confirms that it processed them. These were not
+    confirmed: they may not have been applied, and their messages may be
+    delivered again. ``requests`` counts the requests and ``messages`` the
+    receipts they carried.
+    """
+
+    def __init__(self, message: str, *, requests: int = 0, messages: int = 0) -> None:
+        super().__init__(message)
+        self.requests = requests
+        self.messages = messages
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_unconfirmed_settle_error, (str(self), self.requests, self.messages))
+
+
+def _unconfirmed_settle_error(
+    message: str, requests: int, messages: int
+) -> UnconfirmedSettleError:
+    return UnconfirmedSettleError(message, requests=requests, messages=messages)
 
 
 class CorruptSegmentError(PymqError):

@@ -47,6 +47,7 @@ FETCH: Final = PROTOCOL_OPCODES["FETCH"]
 SUBSCRIBE: Final = PROTOCOL_OPCODES["SUBSCRIBE"]
 CREDIT: Final = PROTOCOL_OPCODES["CREDIT"]
 UNSUBSCRIBE: Final = PROTOCOL_OPCODES["UNSUBSCRIBE"]
+CANCEL: Final = PROTOCOL_OPCODES["CANCEL"]
 DELIVER: Final = PROTOCOL_OPCODES["DELIVER"]
 ACK: Final = PROTOCOL_OPCODES["ACK"]
 NACK: Final = PROTOCOL_OPCODES["NACK"]
@@ -61,6 +62,8 @@ FLAG_MORE: Final = 16
 
 # The error code of a FETCH on a connection already at max_unacked.
 TOO_MANY_UNACKED: Final = 19
+# The error code of a FETCH that a CANCEL stopped before it took a message.
+CANCELLED: Final = 20
 
 # Error codes: (code, retriable, class). The class is what the client raises.
 ERROR_CODES: Final[dict[int, tuple[str, bool, type[errors.PymqError]]]] = {
@@ -76,13 +79,14 @@ ERROR_CODES: Final[dict[int, tuple[str, bool, type[errors.PymqError]]]] = {
     10: ("QUEUE_FULL", True, errors.QueueFull),
     11: ("MESSAGE_TOO_LARGE", False, errors.MessageTooLargeError),
     12: ("CORRUPT_BATCH", True, errors.CorruptBatchError),
-    13: ("SHUTTING_DOWN", True, errors.ClosedError),
+    13: ("SHUTTING_DOWN", True, errors.ShuttingDownError),
     14: ("UNKNOWN_HANDLE", False, errors.ProtocolError),
     15: ("STORAGE", True, errors.ServerError),
     16: ("TOO_MANY_CONNECTIONS", True, errors.ServerError),
     17: ("INVALID_REQUEST", False, errors.ServerError),
     18: ("UNKNOWN", False, errors.ServerError),
     TOO_MANY_UNACKED: ("TOO_MANY_UNACKED", True, errors.ServerError),
+    CANCELLED: ("CANCELLED", False, errors.ServerError),
 }
 _CODE_OF_CLASS: Final[list[tuple[type[BaseException], int]]] = [
     (errors.FrameTooLargeError, 2),

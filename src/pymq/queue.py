@@ -21,6 +21,7 @@ from pymq._core import (
     check_count,
     check_timeout,
 )
+from pymq.errors import ClosedError
 from pymq.types import QueueStats
 
 if TYPE_CHECKING:
@@ -261,7 +262,13 @@ class Queue(_Publisher, _Consumer):
         self.stream.overflow_block = value == "block"
 
     def _wait_room(self, timeout: float | None) -> bool:
-        """Wait for an ack or a timeout; return False once timeout passed."""
+        """Wait for an ack or a timeout; return False once timeout passed.
+
+        Raises ClosedError once the broker's _stop_waits() ran.
+        """
+        stopped = self._broker._waits_stopped
+        if stopped is not None:
+            raise ClosedError(f"queue {self.name} is full and {stopped}")
         if timeout is not None and timeout <= 0:
             return False
         with self._ready:

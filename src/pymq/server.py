@@ -15,6 +15,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import functools
 import hmac
 import importlib
 import ipaddress
@@ -262,13 +263,27 @@ def _check_frame_room(limits: ServerLimits, max_message_bytes: int) -> None:
 class _Park:
     """A handler's result meaning the request waits: a long poll."""
 
-    __slots__ = ("count", "handle", "request_id", "wait_ms")
+    __slots__ = (
+        "cancelled_by",
+        "count",
+        "handle",
+        "request_id",
+        "taking",
+        "task",
+        "wait_ms",
+    )
 
     def __init__(self, request_id: int, handle: int, count: int, wait_ms: int) -> None:
         self.request_id = request_id
         self.handle = handle
         self.count = count
         self.wait_ms = wait_ms
+        self.task: asyncio.Task[None] | None = None
+        # True while the poll takes messages in the pool (fsync="always"):
+        # a CANCEL that comes then cannot stop the take, so it waits for it.
+        self.taking = False
+        # Request id, flags and handle of the CANCEL that came while taking.
+        self.cancelled_by: tuple[int, int, int] | None = None
 
 
 class _Target:
@@ -654,12 +669,20 @@ class Server:
         raise errors.ConfigError("the server listens on no TCP port")
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting, finish requests under way, release deliveries."""
+        """Stop accepting, finish requests under way, release deliveries.
+
+        Requests that wait (long polls, subscriptions, puts waiting for
+        room in a full queue) get error 13 (SHUTTING_DOWN) at once, before
+        their connection closes. Those took no effect.
+        """
         self.stopping = True
         for listener in self._listeners:
             listener.close()
         for connection in list(self._connections):
             connection.stop_reading()
+        self.broker._stop_waits("the server is shutting down")
+        for connection in list(self._connections):
+            connection.end_waits()
         deadline = time.monotonic() + grace
         for connection in list(self._connections):
             await connection.drained(max(0.0, deadline - time.monotonic()))
@@ -862,6 +885,8 @@ class _Connection(asyncio.Protocol):
         )
         self.worker: asyncio.Task[None] | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        # The long polls waiting, by the request id of their FETCH.
+        self.parked: dict[int, _Park] = {}
         self.disconnected: asyncio.Future[None] | None = None
         self.writable = asyncio.Event()
         self.writable.set()
@@ -887,6 +912,7 @@ class _Connection(asyncio.Protocol):
             protocol.SUBSCRIBE: self.on_subscribe,
             protocol.CREDIT: self.on_credit,
             protocol.UNSUBSCRIBE: self.on_unsubscribe,
+            protocol.CANCEL: self.on_cancel,
             protocol.ACK: self.on_ack,
             protocol.NACK: self.on_nack,
             protocol.EXTEND: self.on_extend,
@@ -1226,8 +1252,15 @@ class _Connection(asyncio.Protocol):
             return
         if isinstance(result, _Park):
             task = asyncio.ensure_future(self.long_poll(result))
+            result.task = task
+            self.parked[result.request_id] = result
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+            task.add_done_callback(functools.partial(self.unpark, result))
+
+    def unpark(self, park: _Park, task: object = None) -> None:
+        if self.parked.get(park.request_id) is park:
+            del self.parked[park.request_id]
 
     def reply(self, opcode: int, request_id: int, handle: int, payload: bytes) -> bytes:
         return encode_frame(opcode, FLAG_REPLY, request_id, handle, payload)
@@ -1286,6 +1319,7 @@ class _Connection(asyncio.Protocol):
                     "max_batch": self.limits.max_batch,
                     "max_message_bytes": self.server.max_message_bytes,
                     "max_unacked": self.limits.max_unacked,
+                    "cancel": True,
                 }
             ),
         )
@@ -1465,6 +1499,10 @@ class _Connection(asyncio.Protocol):
         if frames is not None:
             return frames
         # Nothing to deliver yet, and the request may wait for a message.
+        if self.server.stopping:
+            raise errors.ShuttingDownError(
+                "the server is shutting down; the FETCH took no message"
+            )
         if len(self.tasks) >= limits.max_waiting:
             raise errors.ConfigError(
                 f"this connection has max_waiting ({limits.max_waiting}) "
@@ -1507,7 +1545,7 @@ class _Connection(asyncio.Protocol):
         messages: list[Any] = []
         # Room under max_unacked reserved for the messages taken.
         reserved = 0
-        while not self.closed:
+        while not self.closed and not self.server.stopping:
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 break
@@ -1519,12 +1557,20 @@ class _Connection(asyncio.Protocol):
                 continue
             woken = hub.arm()
             try:
+                park.taking = True
                 try:
                     messages = await self.fetch(consumer, reserved)
                 except BaseException:
                     self.unacked.unreserve(reserved)
                     raise
-                if messages or self.closed:
+                finally:
+                    park.taking = False
+                if (
+                    messages
+                    or self.closed
+                    or self.server.stopping
+                    or park.cancelled_by is not None
+                ):
                     break
                 self.unacked.unreserve(reserved)
                 reserved = 0
@@ -1545,9 +1591,124 @@ class _Connection(asyncio.Protocol):
             self.unacked.unreserve(reserved)
             self.release(consumer, [message.receipt for message in messages])
             return
-        frames = self.deliver(FLAG_REPLY, park.request_id, target, messages, reserved)
+        if messages or (park.cancelled_by is None and not self.server.stopping):
+            frames = self.deliver(
+                FLAG_REPLY, park.request_id, target, messages, reserved
+            )
+        elif park.cancelled_by is not None:
+            self.unacked.unreserve(reserved)
+            frames = [self.cancelled_reply(park)]
+        else:
+            self.unacked.unreserve(reserved)
+            frames = [
+                self.shutting_down_reply(protocol.FETCH, park.request_id, park.handle)
+            ]
+        if park.cancelled_by is not None:
+            # The CANCEL that came during the take gets its reply after it.
+            cancel_id, cancel_flags, cancel_handle = park.cancelled_by
+            reply = self.settled(
+                cancel_flags, protocol.CANCEL, cancel_id, cancel_handle
+            )
+            if reply is not None:
+                frames.append(reply)
         if self.transport is not None:
             self.transport.writelines(frames)
+
+    def on_cancel(
+        self, flags: int, request_id: int, handle: int, payload: bytes
+    ) -> Any:
+        """Stop the long poll of the FETCH that payload names, if it waits.
+
+        A poll stopped while it waits takes nothing: its FETCH gets error
+        CANCELLED, then the CANCEL its reply. A poll that is taking
+        messages in the pool replies to both once the take ends. Any other id
+        gets the reply alone: its FETCH was answered before this CANCEL.
+        """
+        if len(payload) != 4:
+            raise errors.ProtocolError(
+                f"CANCEL payload is {len(payload)} bytes; it must be a u32 request id"
+            )
+        (fetch_id,) = _U32.unpack(payload)
+        park = self.parked.get(fetch_id)
+        if (
+            park is None
+            or park.task is None
+            or park.task.done()
+            or park.cancelled_by is not None
+        ):
+            return self.settled(flags, protocol.CANCEL, request_id, handle)
+        if park.taking:
+            park.cancelled_by = (request_id, flags, handle)
+            return None
+        del self.parked[fetch_id]
+        # The task is at an await that takes nothing (a wait for a put or
+        # for room, or not started yet), so cancelling it takes nothing.
+        park.task.cancel()
+        frames = [self.cancelled_reply(park)]
+        reply = self.settled(flags, protocol.CANCEL, request_id, handle)
+        if reply is not None:
+            frames.append(reply)
+        return frames
+
+    def shutting_down_reply(self, opcode: int, request_id: int, handle: int) -> bytes:
+        return encode_frame(
+            opcode,
+            FLAG_REPLY | FLAG_ERROR,
+            request_id,
+            handle,
+            encode_error(
+                13,
+                f"the server is shutting down; request {request_id} took no "
+                f"effect, so send it again after a reconnect",
+            ),
+        )
+
+    def end_waits(self) -> None:
+        """Reply with error 13 to the waiting long polls and subscriptions.
+
+        Run when the server stops. A long poll that is taking messages in
+        the pool replies by itself once the take ends: with the messages
+        it took, or with error 13.
+        """
+        if self.closed or self.transport is None:
+            return
+        frames: list[bytes] = []
+        for park in list(self.parked.values()):
+            if park.taking or park.task is None or park.task.done():
+                continue
+            del self.parked[park.request_id]
+            park.task.cancel()
+            frames.append(
+                self.shutting_down_reply(protocol.FETCH, park.request_id, park.handle)
+            )
+        for subscription_id, subscription in list(self.subscriptions.items()):
+            del self.subscriptions[subscription_id]
+            if subscription.task is not None:
+                subscription.task.cancel()
+            frames.append(
+                self.shutting_down_reply(
+                    protocol.SUBSCRIBE, subscription_id, subscription.handle
+                )
+            )
+        if frames:
+            logger.debug(
+                "replied with error 13 (shutting down) to %d waiting requests of %s",
+                len(frames),
+                self.peer,
+            )
+            self.transport.writelines(frames)
+
+    def cancelled_reply(self, park: _Park) -> bytes:
+        return encode_frame(
+            protocol.FETCH,
+            FLAG_REPLY | FLAG_ERROR,
+            park.request_id,
+            park.handle,
+            encode_error(
+                protocol.CANCELLED,
+                f"FETCH {park.request_id} was cancelled; it took no message",
+            ),
+        )
 
     async def wait_for_room(self, timeout: float | None = None) -> None:
         """Wait until room under max_unacked may be free, or timeout passes.
@@ -1634,6 +1795,8 @@ class _Connection(asyncio.Protocol):
                 f"SUBSCRIBE payload is {len(payload)} bytes, not 4"
             )
         (credit,) = _U32.unpack(payload)
+        if self.server.stopping:
+            raise errors.ShuttingDownError("the server is shutting down")
         if request_id in self.subscriptions:
             raise errors.ConfigError(f"subscription {request_id} exists already")
         if len(self.subscriptions) >= self.limits.max_waiting:
@@ -1862,8 +2025,13 @@ class _Connection(asyncio.Protocol):
                 self.transport.pause_reading()
 
     async def drained(self, timeout: float) -> None:
+        """Wait until the requests under way have replied, or timeout passes.
+
+        Long polls still parked after end_waits() are taking messages in
+        the pool, and reply once the take ends.
+        """
         deadline = time.monotonic() + timeout
-        while self.worker is not None and time.monotonic() < deadline:
+        while (self.worker is not None or self.parked) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
     def close(self) -> None:

@@ -81,6 +81,7 @@ KINDS = {
 SENTINEL = 0xFFFF_FFF0
 # Error codes after which the server closes the connection (docs/protocol.md).
 FATAL_CODES = frozenset({1, 2, 3, 4, 5, 14})
+CANCELLED = protocol.CANCELLED
 OPCODES = frozenset(protocol.PROTOCOL_OPCODES.values())
 OPCODE_NAMES = {opcode: name for name, opcode in protocol.PROTOCOL_OPCODES.items()}
 # The server's default limit, which the bad lengths are drawn around.
@@ -553,6 +554,7 @@ HANDLED = {
     protocol.NACK,
     protocol.EXTEND,
     protocol.REJECT,
+    protocol.CANCEL,
 }
 SERVER_FLAGS = FLAG_REPLY | FLAG_ERROR | FLAG_PUSH | FLAG_MORE
 
@@ -586,6 +588,10 @@ def predict(request: Request, request_id: int, state: ModelState) -> Expect:
         return predict_subscription(request, request_id, state)
     if opcode in (protocol.ACK, protocol.NACK, protocol.EXTEND, protocol.REJECT):
         return predict_settle(request, state)
+    if opcode == protocol.CANCEL:
+        if len(request.payload) != 4:
+            return fails(1)
+        return succeeds("none" if request.flags & FLAG_NO_REPLY else "frame")
     return fails(4)
 
 
@@ -684,6 +690,21 @@ def belongs(frame: Frame, request: Request, request_id: int) -> bool:
     return frame[2] == request_id and frame[0] in answers
 
 
+def is_late(frame: Frame) -> bool:
+    """Return whether frame may reply to a waiting FETCH out of order.
+
+    Its DELIVER frames come when a message does, and its CANCELLED error
+    when a CANCEL names it.
+    """
+    if frame[0] == protocol.DELIVER:
+        return True
+    return (
+        frame[0] == protocol.FETCH
+        and bool(frame[1] & FLAG_ERROR)
+        and error_of(frame)[0] == CANCELLED
+    )
+
+
 def check_example(
     requests: list[Request],
     expects: list[Expect],
@@ -712,10 +733,14 @@ def check_example(
         if expect.success == "maybe-deliver"
     }
     replies = [frame for frame in frames if not frame[1] & FLAG_PUSH]
-    late = [f for f in replies if f[2] in waiting and f[0] == protocol.DELIVER]
-    queue = [f for f in replies if not (f[2] in waiting and f[0] == protocol.DELIVER)]
+    late = [f for f in replies if f[2] in waiting and is_late(f)]
+    queue = [f for f in replies if not (f[2] in waiting and is_late(f))]
     for frame in late:
-        assert frame[1] in (FLAG_REPLY, FLAG_REPLY | FLAG_MORE), frame
+        if frame[0] == protocol.DELIVER:
+            assert frame[1] in (FLAG_REPLY, FLAG_REPLY | FLAG_MORE), frame
+            continue
+        index = ids.index(frame[2])
+        assert CANCELLED in expects[index].codes, f"{frame!r} for {requests[index]!r}"
     # A bad length is answered with opcode 0 and request id 0.
     length_error = None
     if (
@@ -816,10 +841,22 @@ def run_example(
         }
         state = ModelState(dict(handles), labels, target.max_batch)
         expects: list[Expect] = []
+        # The FETCHes that may wait, by request id, to their position.
+        waiting: dict[int, int] = {}
         data = b""
         for index, request in enumerate(requests):
             request_id = index + 1 if request.refers is None else request.refers + 1
             expect = predict(request, request_id, state)
+            if expect.success == "maybe-deliver":
+                waiting[request_id] = index
+            elif request.opcode == protocol.CANCEL and expect.ok:
+                named = waiting.get(struct.unpack("<I", request.payload)[0])
+                if named is not None:
+                    # Unless its messages came first, the FETCH is cancelled.
+                    cancelled = expects[named]
+                    expects[named] = dataclasses.replace(
+                        cancelled, codes=cancelled.codes | {CANCELLED}
+                    )
             # Shown by pytest --hypothesis-show-statistics.
             name = OPCODE_NAMES.get(request.opcode, "unknown opcode")
             event(f"{name}: {describe(expect)}")
@@ -1095,6 +1132,7 @@ def field_requests(draw: st.DrawFn, position: int) -> Request:
                 protocol.SUBSCRIBE,
                 protocol.CREDIT,
                 protocol.UNSUBSCRIBE,
+                protocol.CANCEL,
                 protocol.ACK,
                 protocol.NACK,
                 protocol.EXTEND,
@@ -1119,6 +1157,10 @@ def field_requests(draw: st.DrawFn, position: int) -> Request:
             refers = draw(st.integers(0, position - 1))
         if opcode == protocol.UNSUBSCRIBE and position and draw(st.booleans()):
             payload = resize(draw, struct.pack("<I", draw(st.integers(1, position))))
+    elif opcode == protocol.CANCEL:
+        # Most name an earlier request of the example, a FETCH that may wait.
+        named = draw(st.integers(1, position)) if position else draw(COUNTS)
+        payload = resize(draw, struct.pack("<I", named))
     elif opcode in (protocol.ACK, protocol.REJECT):
         payload = resize(draw, draw(receipt_lists()))
         if opcode == protocol.REJECT:

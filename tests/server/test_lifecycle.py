@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import shutil
@@ -16,7 +17,8 @@ from typing import Any
 import pytest
 
 import pymq
-from pymq import ConnectionLostError
+import pymq.aio
+from pymq import ConnectionLostError, ShuttingDownError
 from tests.server.helpers import START_TIMEOUT, STOP_TIMEOUT, take
 from tests.server_loop import loop_options
 
@@ -68,7 +70,10 @@ def test_sigterm_with_idle_clients_exits_zero(servers, name):
 
 def test_sigterm_during_long_poll_exits_zero(servers, name):
     server = servers().start()
-    with pymq.connect(server.url, reconnect_attempts=0) as client:
+    # With the default reconnect attempts: a get that found its connection
+    # closed would try to reconnect, with pauses of 1.55 s in all, then
+    # raise ConnectionLostError.
+    with pymq.connect(server.url) as client:
         q = client.queue(name)
         outcome: list[Any] = []
 
@@ -85,13 +90,58 @@ def test_sigterm_during_long_poll_exits_zero(servers, name):
         poller.join(timeout=JOIN_TIMEOUT)
         assert not poller.is_alive()
     assert len(outcome) == 1
-    assert isinstance(outcome[0], ConnectionLostError)
+    assert isinstance(outcome[0], ShuttingDownError), outcome
+    assert outcome[0].code == 13
 
 
-@pytest.mark.slow
+def test_sigterm_answers_aio_waits(servers, name):
+    """A waiting get, subscription and put raise ShuttingDownError at once."""
+    server = servers().start()
+    assert server.process is not None
+    process = server.process
+
+    async def body() -> list[Any]:
+        broker = await pymq.aio.connect(server.url)
+        try:
+            polled = await broker.queue(name)
+            subscribed = await broker.queue(f"{name}-s")
+            full = await broker.queue(f"{name}-full", max_length=1, overflow="block")
+            await full.put(b"fills the queue")
+
+            async def first_pushed() -> Any:
+                async for message in subscribed:
+                    return message
+                return None
+
+            waits = [
+                asyncio.ensure_future(polled.get(timeout=30.0)),
+                asyncio.ensure_future(first_pushed()),
+                asyncio.ensure_future(full.put(b"waits for room", timeout=30.0)),
+            ]
+            await asyncio.sleep(0.3)
+            os.kill(process.pid, signal.SIGTERM)
+            return await asyncio.wait_for(
+                asyncio.gather(*waits, return_exceptions=True), JOIN_TIMEOUT
+            )
+        finally:
+            await broker.close()
+
+    outcomes = asyncio.run(body())
+    assert process.wait(timeout=STOP_TIMEOUT) == 0
+    for outcome in outcomes:
+        assert isinstance(outcome, ShuttingDownError), outcomes
+        assert outcome.code == 13
+    assert "ERROR" not in server.log()
+
+    server.start()
+    with pymq.connect(server.url) as client:
+        # The put that waited for room wrote nothing.
+        assert client.queue(f"{name}-full").stats().depth == 1
+
+
 def test_sigterm_with_blocked_put_exits(servers, name):
     server = servers().start()
-    with pymq.connect(server.url, reconnect_attempts=0) as client:
+    with pymq.connect(server.url) as client:
         q = client.queue(name, max_length=1, overflow="block")
         q.put(b"fills the queue")
         outcome: list[Any] = []
@@ -105,12 +155,12 @@ def test_sigterm_with_blocked_put_exits(servers, name):
         putter = threading.Thread(target=blocked_put, daemon=True)
         putter.start()
         time.sleep(0.3)
-        # The server gives requests under way 5 s, then closes connections.
-        assert server.stop(timeout=12.0) == 0
+        assert server.stop() == 0
         putter.join(timeout=JOIN_TIMEOUT)
     assert len(outcome) == 1
-    assert isinstance(outcome[0], ConnectionLostError)
-    # The put, still running when its connection closed, ends without error.
+    # Error 13 came before the connection closed, and nothing was written.
+    assert isinstance(outcome[0], ShuttingDownError), outcome
+    assert outcome[0].code == 13
     assert "Traceback" not in server.log()
     assert "ERROR" not in server.log()
 
