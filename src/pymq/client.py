@@ -340,7 +340,7 @@ class LateDeliveries:
     A FETCH whose caller was cancelled or interrupted may still get
     messages in its reply: the server sent them before the CANCEL
     arrived. Their receipts are valid, so the next get of the same queue
-    or group object returns them before it asks the server. Each entry is
+    or group object returns them before it sends a FETCH. Each entry is
     a DELIVER payload, the generation of the connection it came on, and
     the monotonic time its visibility timeout ends. That time is counted
     from when the client received it, so it may be later than the

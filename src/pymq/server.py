@@ -1622,7 +1622,7 @@ class _Connection(asyncio.Protocol):
         A poll stopped while it waits takes nothing: its FETCH gets error
         CANCELLED, then the CANCEL its reply. A poll that is taking
         messages in the pool replies to both once the take ends. Any other id
-        gets the reply alone: its FETCH was answered before this CANCEL.
+        gets the reply alone: its FETCH got its reply before this CANCEL.
         """
         if len(payload) != 4:
             raise errors.ProtocolError(

@@ -91,9 +91,9 @@ def test_get_many_lowest_offset_first(broker, name):
     assert [m.attempt for m in again] == [2, 1, 1]
 
 
-def test_get_many_keeps_every_field_of_redelivered_and_fresh(broker, name):
-    # One reply holds a redelivery (with headers) before fresh messages
-    # with and without headers: each keeps its own fields.
+def test_get_many_mixed_reply_fields(broker, name):
+    # One reply contains a redelivery (with headers) before fresh messages
+    # with and without headers. Each keeps its own fields.
     q = broker.queue(name, visibility_timeout=3600)
     q.put(b"again", headers={"kind": "retry"})
     q.put_many([b"plain", b""])
