@@ -33,8 +33,13 @@ cdef class FrameReader:
     cdef bytearray buffer
     cdef readonly uint32_t max_frame_bytes
     cdef readonly object ready        # frames that receive() completed, a deque
+    # Busy polling before a blocking read, in monotonic ns (see receive()).
+    cdef int poll_fd                  # the socket's descriptor, or -1: no polling
+    cdef int64_t poll_limit_ns        # the longest poll
+    cdef int64_t poll_ns              # the next poll, 0 to poll_limit_ns
 
     cdef list take(self, const uint8_t *data, Py_ssize_t size)
+    cdef void adapt_poll(self, int64_t waited) noexcept
     cdef Py_ssize_t split(self, const uint8_t *p, Py_ssize_t available,
                           list frames) except -1
 

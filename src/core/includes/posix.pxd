@@ -106,3 +106,13 @@ cdef inline void take_lock(pymq_lock *lock) noexcept:
 
 cdef extern from "includes/allocator.h" nogil:
     int pymq_keep_large_buffers(int mmap_threshold, int trim_threshold)
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    enum:
+        MSG_DONTWAIT
+    ssize_t recv(int fd, void *buffer, size_t length, int flags)
+
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
