@@ -118,6 +118,7 @@ cdef class Segment:
     cdef bint closed                 # files closed; unmapped once exports is 0
     cdef list events                 # damage messages not yet reported
     cdef pymq_prefault prefault      # thread touching pages ahead of writes
+    cdef size_t prefault_end         # end of the pages given to it, or 0
 
     @staticmethod
     cdef Segment create(str directory, str name, uint64_t base,

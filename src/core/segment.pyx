@@ -394,8 +394,11 @@ cdef class Segment:
         cdef size_t first = page_floor(start + PAGE_SIZE - 1)
 
         if self.data == NULL or self.capacity < first + PREFAULT_MIN_BYTES:
+            # Too little left to be worth a thread: the writer takes it.
+            self.prefault_end = self.capacity
             return 0
         length = min(length, self.capacity - first)
+        self.prefault_end = first + length
         # A thread that cannot start only means the writer takes the faults.
         pymq_prefault_start(&self.prefault, self.data + first, length,
                             PAGE_SIZE)

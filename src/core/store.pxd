@@ -82,6 +82,7 @@ cdef class SegmentStore:
     cdef report_events(self, Segment seg)
     cdef Segment new_segment(self, uint64_t base)
     cdef int make_spare(self) except -1
+    cdef int follow_prefault(self, Segment seg) except -1
     cdef bint reserve_index(self, Segment seg) except -1
     cdef int refill_reserve(self) except -1
     cdef int keep_reserve(self, Segment seg) except -1

@@ -22,6 +22,9 @@ MIN_SEGMENT_BYTES = 64
 RECORD_HEADER_BYTES = REC_HEADER_SIZE
 # Bytes of the active segment prefaulted when a store opens.
 cdef size_t OPEN_PREFAULT_BYTES = 4 * 1024 * 1024
+# Once appends come this close to the end of the pages being prefaulted,
+# the rest of the segment is prefaulted too: the store is in real use.
+cdef size_t PREFAULT_AHEAD_BYTES = 2 * 1024 * 1024
 # With reserve_ahead, how long a failed reservation waits before the next
 # try, so that appends on a full disk do not each create and delete files.
 cdef int64_t RESERVE_RETRY_NS = 1000000000
@@ -568,6 +571,8 @@ cdef class SegmentStore:
                 if (self.segment_bytes >= PREFAULT_MIN_BYTES and
                         not self.spare_failed):
                     self.make_spare()
+            if seg.length + PREFAULT_AHEAD_BYTES > seg.prefault_end:
+                self.follow_prefault(seg)
             return 0
 
         fresh = []
@@ -588,6 +593,20 @@ cdef class SegmentStore:
                 self.segment_bytes >= PREFAULT_MIN_BYTES and
                 not self.spare_failed):
             self.make_spare()
+        if seg.length + PREFAULT_AHEAD_BYTES > seg.prefault_end:
+            self.follow_prefault(seg)
+        return 0
+
+    cdef int follow_prefault(self, Segment seg) except -1:
+        """Prefault the rest of seg, whose appends near its prefaulted end.
+
+        A segment that was never prefaulted (prefault_end 0) is left to its
+        writer, as are the last few pages of a segment.
+        """
+        if seg.prefault_end == 0:
+            seg.prefault_end = seg.capacity
+        elif seg.prefault_end < seg.capacity:
+            seg.start_prefault(seg.length, seg.capacity)
         return 0
 
     cdef int reserve(self, const BodyRef *bodies, Py_ssize_t count,

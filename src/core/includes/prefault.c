@@ -1,6 +1,10 @@
 /* Background prefaulting of a shared file mapping; see prefault.h. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE  /* SCHED_IDLE */
+#endif
 #include "prefault.h"
 
+#include <sched.h>
 #include <stdint.h>
 #include <unistd.h>
 
@@ -8,7 +12,11 @@ static void *prefault_run(void *argument)
 {
     pymq_prefault *job = (pymq_prefault *)argument;
     size_t pos;
+    struct sched_param param = {0};
 
+    /* Runs only on a CPU that nothing else wants, so it never takes the
+     * writer's CPU away; on a busy machine the writer takes its own faults. */
+    pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);
     for (pos = 0; pos < job->length; pos += job->page_size) {
         if (__atomic_load_n(&job->stop, __ATOMIC_RELAXED))
             break;
