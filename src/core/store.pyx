@@ -601,11 +601,15 @@ cdef class SegmentStore:
         """Prefault the rest of seg, whose appends near its prefaulted end.
 
         A segment that was never prefaulted (prefault_end 0) is left to its
-        writer, as are the last few pages of a segment.
+        writer, as are the last few pages of a segment. While the thread
+        of the last prefault still runs, a later append tries again: the
+        thread runs at the lowest priority, and waiting for it to stop
+        could stall this append on a busy machine.
         """
         if seg.prefault_end == 0:
             seg.prefault_end = seg.capacity
-        elif seg.prefault_end < seg.capacity:
+        elif (seg.prefault_end < seg.capacity and
+                not pymq_prefault_busy(&seg.prefault)):
             seg.start_prefault(seg.length, seg.capacity)
         return 0
 

@@ -58,6 +58,7 @@ cdef extern from "includes/prefault.h" nogil:
     int pymq_prefault_start(pymq_prefault *job, void *start, size_t length,
                             size_t page_size)
     void pymq_prefault_stop(pymq_prefault *job)
+    int pymq_prefault_busy(pymq_prefault *job)
 
 
 cdef extern from "includes/mutex.h" nogil:

@@ -23,6 +23,7 @@ static void *prefault_run(void *argument)
         __atomic_fetch_or((uint64_t *)(job->start + pos), 0,
                           __ATOMIC_RELAXED);
     }
+    __atomic_store_n(&job->done, 1, __ATOMIC_RELEASE);
     return NULL;
 }
 
@@ -36,6 +37,7 @@ int pymq_prefault_start(pymq_prefault *job, void *start, size_t length,
     job->length = length;
     job->page_size = page_size;
     __atomic_store_n(&job->stop, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&job->done, 0, __ATOMIC_RELAXED);
     rc = pthread_create(&job->thread, NULL, prefault_run, job);
     job->running = rc == 0;
     job->owner = getpid();
@@ -53,4 +55,9 @@ void pymq_prefault_stop(pymq_prefault *job)
     __atomic_store_n(&job->stop, 1, __ATOMIC_RELAXED);
     pthread_join(job->thread, NULL);
     job->running = 0;
+}
+
+int pymq_prefault_busy(pymq_prefault *job)
+{
+    return job->running && !__atomic_load_n(&job->done, __ATOMIC_ACQUIRE);
 }

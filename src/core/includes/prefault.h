@@ -22,6 +22,7 @@ typedef struct {
     size_t page_size;
     int stop;               /* set by pymq_prefault_stop, read atomically */
     int running;            /* a thread was started and not yet joined */
+    int done;               /* set by the thread as it ends, read atomically */
     pid_t owner;            /* process that started it; a forked child
                                has no such thread and must not join it */
     pthread_t thread;
@@ -33,5 +34,8 @@ int pymq_prefault_start(pymq_prefault *job, void *start, size_t length,
 
 /* Ask the thread to stop and wait for it; does nothing if none runs. */
 void pymq_prefault_stop(pymq_prefault *job);
+
+/* Return 1 while a started thread has not yet touched its last page. */
+int pymq_prefault_busy(pymq_prefault *job);
 
 #endif
