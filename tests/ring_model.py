@@ -97,6 +97,21 @@ class RingModel:
         slot.time = deadline
         return offset, slot.attempt, make_receipt(offset, slot.attempt)
 
+    def take_run(
+        self, now: int, count: int, deadline: int
+    ) -> list[tuple[int, int, int]] | None:
+        """Deliver count new offsets, or None when an available one is due."""
+        if any(
+            slot.state == AVAILABLE and slot.time <= now for slot in self.slots.values()
+        ):
+            return None
+        taken = []
+        for _ in range(count):
+            delivery = self.take_next(now, self.cursor + 1, deadline)
+            assert delivery is not None
+            taken.append(delivery)
+        return taken
+
     def ack(self, receipt: int) -> int:
         offset = self._lookup(receipt)
         self._settle(offset)

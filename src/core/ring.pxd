@@ -44,6 +44,7 @@ cdef struct TimedEntry:
     int64_t time           # when the entry is due, monotonic ns
     uint64_t offset
     uint32_t attempt       # the slot's attempt when the entry was pushed
+    uint32_t count         # offsets from offset on that it covers, 1 or more
 
 
 cdef struct TimedHeap:
@@ -102,6 +103,7 @@ cdef class RingBuffer:
     cdef int untake(self, uint64_t offset) except -1
     cdef int set_deadline(self, uint64_t offset, int64_t deadline) except -1
     cdef int pop_expired(self, int64_t now, uint64_t *offset) except -1
+    cdef bint covers(self, const TimedEntry *entry, uint64_t offset) noexcept
     cdef int restore(self, uint64_t offset, uint32_t attempt,
                      bint settled) except -1
     cdef uint64_t checked(self, uint64_t receipt) except? 0

@@ -10,6 +10,12 @@ cdef enum:
 
 cdef int timed_push(TimedHeap *heap, int64_t time, uint64_t offset,
                     uint32_t attempt) except -1:
+    return timed_push_span(heap, time, offset, 1, attempt)
+
+
+cdef int timed_push_span(TimedHeap *heap, int64_t time, uint64_t offset,
+                         uint32_t count, uint32_t attempt) except -1:
+    """Push one entry for the count offsets from offset on."""
     cdef size_t i, parent
     cdef TimedEntry *grown
     cdef TimedEntry entry
@@ -25,6 +31,7 @@ cdef int timed_push(TimedHeap *heap, int64_t time, uint64_t offset,
     entry.time = time
     entry.offset = offset
     entry.attempt = attempt
+    entry.count = count
     i = heap.size
     heap.size += 1
     while i > 0:
@@ -39,38 +46,18 @@ cdef int timed_push(TimedHeap *heap, int64_t time, uint64_t offset,
 
 cdef int timed_push_run(TimedHeap *heap, int64_t time, uint64_t first,
                         uint64_t count, uint32_t attempt) except -1:
-    """Push the entries (time, first + i, attempt), for i < count, as
-    timed_push() does.
+    """Push entries for the offsets first to first + count, all due at time.
 
-    Deadlines grow with the clock, so each new entry usually stays where it
-    is appended, after one comparison with its parent.
+    One entry covers up to 2**32 - 1 of them: a run of fresh deliveries
+    costs one push, not one per offset.
     """
-    cdef size_t i, parent, needed = heap.size + count, capacity
-    cdef TimedEntry *grown
-    cdef TimedEntry entry
-    cdef uint64_t offset
+    cdef uint32_t span
 
-    if needed > heap.capacity:
-        capacity = max(heap.capacity * 2, needed, HEAP_INITIAL_ENTRIES)
-        grown = <TimedEntry *>realloc(heap.entries,
-                                      capacity * sizeof(TimedEntry))
-        if grown == NULL:
-            raise MemoryError()
-        heap.entries = grown
-        heap.capacity = capacity
-    entry.time = time
-    entry.attempt = attempt
-    for offset in range(first, first + count):
-        entry.offset = offset
-        i = heap.size
-        heap.size += 1
-        while i > 0:
-            parent = (i - 1) // 2
-            if not timed_before(&entry, &heap.entries[parent]):
-                break
-            heap.entries[i] = heap.entries[parent]
-            i = parent
-        heap.entries[i] = entry
+    while count:
+        span = <uint32_t>min(count, 0xFFFFFFFF)
+        timed_push_span(heap, time, first, span, attempt)
+        first += span
+        count -= span
     return 0
 
 
@@ -221,17 +208,25 @@ cdef class RingBuffer:
         cdef TimedHeap *heap = &self.deadlines
         cdef size_t kept = 0, i
         cdef TimedEntry *entry
-        cdef Slot *slot
+        cdef uint64_t candidate, first, end, live_first, live_end
 
         for i in range(heap.size):
             entry = &heap.entries[i]
-            if entry.offset < self.low or entry.offset >= self.cursor:
-                continue
-            slot = self.slot(entry.offset)
-            if (slot.state == SLOT_DELIVERED and
-                    slot.attempt == entry.attempt and
-                    slot.time == entry.time):
+            # An entry shrinks to the span from its first live offset to
+            # its last; offsets in between that are not live are skipped
+            # when it comes due.
+            first = max(entry.offset, self.low)
+            end = min(entry.offset + entry.count, self.cursor)
+            live_first = live_end = 0
+            for candidate in range(first, end):
+                if self.covers(entry, candidate):
+                    if live_end == 0:
+                        live_first = candidate
+                    live_end = candidate + 1
+            if live_end:
                 heap.entries[kept] = entry[0]
+                heap.entries[kept].offset = live_first
+                heap.entries[kept].count = <uint32_t>(live_end - live_first)
                 kept += 1
         heap.size = kept
         i = kept // 2
@@ -475,20 +470,36 @@ cdef class RingBuffer:
         settles it (after a move to the dead-letter queue).
         """
         cdef TimedEntry entry
-        cdef Slot *slot
+        cdef uint64_t candidate, end
 
         while self.deadlines.size and self.deadlines.entries[0].time <= now:
             entry = self.deadlines.entries[0]
             timed_pop(&self.deadlines)
-            if entry.offset < self.low or entry.offset >= self.cursor:
-                continue
-            slot = self.slot(entry.offset)
-            if (slot.state == SLOT_DELIVERED and
-                    slot.attempt == entry.attempt and
-                    slot.time == entry.time):
-                offset[0] = entry.offset
-                return 1
+            end = entry.offset + entry.count
+            for candidate in range(max(entry.offset, self.low),
+                                   min(end, self.cursor)):
+                if self.covers(&entry, candidate):
+                    if candidate + 1 < end:
+                        # The rest of the span, due at the same time.
+                        timed_push_span(&self.deadlines, entry.time,
+                                        candidate + 1,
+                                        <uint32_t>(end - candidate - 1),
+                                        entry.attempt)
+                    offset[0] = candidate
+                    return 1
         return 0
+
+    cdef bint covers(self, const TimedEntry *entry,
+                     uint64_t offset) noexcept:
+        """Return whether entry is the live deadline of offset's delivery.
+
+        offset must be in the window (low to cursor). An ack, a nack, an
+        extend or a redelivery leaves the entry stale for that offset.
+        """
+        cdef Slot *slot = self.slot(offset)
+
+        return (slot.state == SLOT_DELIVERED and
+                slot.attempt == entry.attempt and slot.time == entry.time)
 
     cdef int restore(self, uint64_t offset, uint32_t attempt,
                      bint settled) except -1:
@@ -592,6 +603,22 @@ cdef class RingBuffer:
         if not self.take(now, end, deadline, &offset, &attempt):
             return None
         return offset, attempt, self.receipt(offset, attempt)
+
+    def take_run(self, int64_t now, uint64_t count, int64_t deadline):
+        """Deliver the count offsets from cursor on as one run.
+
+        Returns a list of (offset, attempt, receipt), or None, taking
+        nothing, when an available offset is due: that one goes first, and
+        take_next hands it out.
+        """
+        cdef uint64_t first = self.cursor
+
+        if self.ready_due(now):
+            return None
+        if count:
+            self.take_fresh(count, deadline)
+        return [(offset, 1, self.receipt(offset, 1))
+                for offset in range(first, first + count)]
 
     cdef uint64_t checked(self, uint64_t receipt) except? 0:
         cdef uint64_t offset

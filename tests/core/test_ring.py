@@ -752,6 +752,13 @@ class RingBufferMachine(RuleBasedStateMachine):
         assert states.get(offset, "available") != "delivered"
         return receipt
 
+    @rule(target=receipts, count=st.integers(0, 6), ttl=st.integers(0, 60))
+    def take_run(self, count: int, ttl: int):
+        _, deliveries = self.both("take_run", self.now, count, self.now + ttl)
+        if not deliveries:
+            return multiple()
+        return multiple(*(receipt for _, _, receipt in deliveries))
+
     @rule(receipt=receipts)
     def ack(self, receipt: int) -> None:
         self.both("ack", receipt)
