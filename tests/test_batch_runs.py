@@ -310,6 +310,64 @@ def test_run_keeps_headers_of_each_record(broker: pymq.Broker, form: str) -> Non
     ]
 
 
+def test_batch_headers_none_for_plain_records(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs")
+    jobs.put_many([b"a", b"b", b"c"])
+    batch = jobs.get_batch(10, timeout=0)
+    assert batch.headers == [None, None, None]
+    jobs.ack_many(batch)
+
+
+def test_batch_headers_line_up_with_messages(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs")
+    jobs.put_many([b"a", b"b"])
+    jobs.put(b"c", headers={"k": "c"})
+    jobs.put(b"d")
+    batch = jobs.get_batch(10, timeout=0)
+    assert batch.headers == [None, None, {"k": "c"}, None]
+
+
+def test_batch_headers_of_redelivery_then_run(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs")
+    jobs.put(b"a", headers={"k": "a"})
+    jobs.put_many([b"b", b"c"])
+    first = jobs.get_nowait()
+    assert first is not None
+    first.nack()
+    batch = jobs.get_batch(10, timeout=0)
+    assert [int(offset) for offset in batch.offsets] == [0, 1, 2]
+    assert [int(attempt) for attempt in batch.attempts] == [2, 1, 1]
+    assert batch.headers == [{"k": "a"}, None, None]
+
+
+def test_batch_headers_of_plain_redelivery_then_tagged(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs")
+    jobs.put(b"a")
+    jobs.put(b"b", headers={"k": "b"})
+    first = jobs.get_nowait()
+    assert first is not None
+    first.nack()
+    batch = jobs.get_batch(10, timeout=0)
+    assert [int(offset) for offset in batch.offsets] == [0, 1]
+    assert batch.headers == [None, {"k": "b"}]
+
+
+@pytest.mark.parametrize("form", ["get_many", "get_batch"])
+def test_headers_in_second_run_of_a_call(broker: pymq.Broker, form: str) -> None:
+    # A run ends after 1,024 records, so the tagged record starts the second.
+    jobs = broker.queue("jobs")
+    jobs.put_many([b"plain"] * 1024)
+    jobs.put(b"tagged", headers={"k": "v"})
+    jobs.put(b"plain")
+    if form == "get_batch":
+        headers = jobs.get_batch(2000, timeout=0).headers
+    else:
+        headers = [m.headers or None for m in jobs.get_many(2000, timeout=0)]
+    assert len(headers) == 1026
+    assert headers[:1024] == [None] * 1024
+    assert headers[1024:] == [{"k": "v"}, None]
+
+
 @forms
 def test_run_stops_at_end_of_log(broker: pymq.Broker, form: str) -> None:
     jobs = broker.queue("jobs")

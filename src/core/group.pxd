@@ -77,7 +77,7 @@ cdef class MessageBatch:
     cdef bytes attempt_bytes            # u32 per message
     cdef bytes timestamp_bytes          # i64 per message
     cdef bytes length_bytes             # u64 per message
-    cdef readonly list headers          # dict or None per message
+    cdef list header_list               # dict or None per message, or None: all None
     cdef GroupBase group                # settles the batch, if embedded
     cdef object owner                   # settles it, if from a server
 

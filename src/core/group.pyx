@@ -239,6 +239,13 @@ cdef class MessageBatch:
     def __len__(self):
         return len(self.offset_bytes) // 8
 
+    @property
+    def headers(self):
+        """Headers, a list with a dict (or None) per message."""
+        if self.header_list is None:
+            return [None] * (len(self.offset_bytes) // 8)
+        return self.header_list
+
     cdef object column(self, bytes raw, str dtype):
         import numpy
 
@@ -342,7 +349,8 @@ cdef class TakeSink:
 
     take_run gets count never-delivered records, of offsets first onward:
     records[i] is the record of offset first + i, used[i] the size of its
-    header block and headers[i] its headers (a dict or None). take_one gets
+    header block and headers[i] its headers (a dict or None); headers is
+    empty when none of the records has headers. take_one gets
     any other delivery. index is the position of the first one in the get.
     Both run with the group lock and the stream store's lock held; what
     they raise hands every delivery of the get back.
@@ -370,6 +378,11 @@ cdef class MessageSink(TakeSink):
                       Py_ssize_t index, Py_ssize_t count) except -1:
         cdef Py_ssize_t i
 
+        if not headers:
+            for i in range(count):
+                self.messages.append(Message.new(group, records[i], first + i,
+                                                 1, None, used[i]))
+            return 0
         for i in range(count):
             self.messages.append(Message.new(group, records[i], first + i, 1,
                                              headers[i], used[i]))
@@ -411,7 +424,9 @@ cdef class BatchSink(TakeSink):
             self.attempts[index + i] = 1
             self.receipts[index + i] = group.ring.receipt(first + i, 1)
             needed += load_u32(records[i] + REC_OFF_LENGTH) - used[i]
-        self.headers.extend(headers)
+        if headers:
+            self.pad_headers(index)
+            self.headers.extend(headers)
         reserve_body_bytes(&self.data, needed, self.count)
         for i in range(count):
             record = records[i]
@@ -432,13 +447,27 @@ cdef class BatchSink(TakeSink):
         self.offsets[index] = offset
         self.attempts[index] = attempt
         self.receipts[index] = group.ring.receipt(offset, attempt)
-        self.headers.append(headers)
+        if headers is not None:
+            self.pad_headers(index)
+            self.headers.append(headers)
         reserve_body_bytes(&self.data, length, self.count)
         memcpy(bytes_pointer(self.data.bytes) + self.data.size,
                record + REC_HEADER_SIZE + used, length)
         self.data.size += length
         self.lengths[index] = length
         self.timestamps[index] = <int64_t>load_u64(record + REC_OFF_TIMESTAMP)
+        return 0
+
+    cdef int pad_headers(self, Py_ssize_t count) except -1:
+        """Give the deliveries before delivery count their None headers.
+
+        headers stays empty while no delivery has headers, so a batch
+        without any builds no list entry per message.
+        """
+        cdef Py_ssize_t missing = count - len(self.headers)
+
+        if missing > 0:
+            self.headers.extend([None] * missing)
         return 0
 
 
@@ -1348,9 +1377,10 @@ cdef class GroupBase:
 
         Returns the number taken. When it is more than 0, the stream store's
         lock is still held, records[i] points at the record of offset
-        ring.cursor - taken + i, used[i] is the size of its header block,
-        and headers (unless None) has one more entry, a dict or None, per
-        record. The caller copies what it needs and releases the store
+        ring.cursor - taken + i, and used[i] is the size of its header
+        block. headers, unless None, must come in empty: it gets an entry
+        per record, a dict or None, or stays empty when no record taken
+        has headers. The caller copies what it needs and releases the store
         lock. When nothing was taken, no store lock is held.
         """
         cdef RingBuffer ring = self.ring
@@ -1407,8 +1437,11 @@ cdef class GroupBase:
                             load_u32(record + REC_OFF_LENGTH), &header_size)
                     except (ValueError, UnicodeDecodeError):
                         break
+                    if len(headers) < taken:
+                        # None for each record before it, which had none.
+                        headers.extend([None] * (taken - len(headers)))
                     headers.append(header_map)
-                elif headers is not None:
+                elif headers:
                     headers.append(None)
                 records[taken] = record
                 used[taken] = header_size
@@ -1740,7 +1773,8 @@ cdef class GroupBase:
                                               first, taken - run, run)
                             finally:
                                 store.release()
-                            del run_headers[:]
+                            if run_headers:
+                                del run_headers[:]
                             continue
                         if not self.take_record(now, &offset, &attempt,
                                                 &record):
@@ -1815,7 +1849,9 @@ cdef class GroupBase:
             batch.attempt_bytes = batch.attempt_bytes[:taken * 4]
             batch.timestamp_bytes = batch.timestamp_bytes[:taken * 8]
             batch.length_bytes = batch.length_bytes[:taken * 8]
-        batch.headers = sink.headers
+        if sink.headers:
+            sink.pad_headers(taken)
+            batch.header_list = sink.headers
         batch.group = self
         self.finish(False)
         return batch

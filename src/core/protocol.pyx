@@ -882,7 +882,8 @@ cdef class FrameSink(TakeSink):
             self.receipts[index + i] = group.ring.receipt(first + i, 1)
             write_delivery(
                 &self.data, self.count, first + i, self.receipts[index + i],
-                <int64_t>load_u64(record + REC_OFF_TIMESTAMP), 1, headers[i],
+                <int64_t>load_u64(record + REC_OFF_TIMESTAMP), 1,
+                headers[i] if headers else None,
                 record + REC_HEADER_SIZE + used[i],
                 load_u32(record + REC_OFF_LENGTH) - used[i])
         return 0
@@ -1243,7 +1244,7 @@ def decode_batch(list payloads not None, object owner):
             pos += DELIVERY_HEAD_BYTES + length
             n += 1
     batch.data = buffer if size == record_bytes else buffer[:size]
-    batch.headers = headers
+    batch.header_list = headers
     batch.owner = owner
     return batch
 

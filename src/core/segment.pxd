@@ -28,6 +28,7 @@
 #   40    20    reserved    zero
 #   60    4     crc         CRC32C of bytes 0-59
 
+cimport cython
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 
@@ -94,6 +95,7 @@ cdef inline void store_u64(uint8_t *p, uint64_t value) noexcept nogil:
     (<uint64_t *>p)[0] = value
 
 
+@cython.final
 cdef class Segment:
     cdef readonly uint64_t base      # offset of the first record
     cdef readonly str path           # the log file, named by base

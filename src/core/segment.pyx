@@ -51,9 +51,10 @@ cdef uint32_t record_crc(const uint8_t *header, const uint8_t *body,
     return pymq_crc32c_pair(header, REC_OFF_CRC, body, length)
 
 
-cdef bint valid_record(const uint8_t *data, size_t capacity, size_t pos,
-                       uint64_t min_offset, uint64_t max_offset,
-                       size_t *size) noexcept nogil:
+cdef inline bint valid_record(const uint8_t *data, size_t capacity,
+                              size_t pos, uint64_t min_offset,
+                              uint64_t max_offset,
+                              size_t *size) noexcept nogil:
     """Check the record at pos: magic, bounds, offset range and CRC."""
     cdef const uint8_t *header = data + pos
     cdef size_t length
