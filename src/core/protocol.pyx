@@ -5,7 +5,8 @@
 from cpython.bytearray cimport (PyByteArray_AS_STRING, PyByteArray_GET_SIZE,
                                 PyByteArray_Resize)
 
-from libc.errno cimport EAGAIN, errno
+from cpython.exc cimport PyErr_CheckSignals
+from libc.errno cimport EAGAIN, EINTR, errno
 
 from collections import deque
 from types import GenericAlias
@@ -72,9 +73,9 @@ cdef Py_ssize_t poll_recv(int fd, char *data, size_t capacity,
                           int64_t deadline) noexcept nogil:
     """Read what fd has without blocking, trying until deadline.
 
-    Returns the bytes read, 0 when the peer closed, or -1 when nothing came
-    by deadline or the read failed: the blocking read that follows then
-    waits, or raises the error.
+    Returns the bytes read, 0 when the peer closed, -1 when nothing came by
+    deadline, or -2 when the read failed, with errno set. A failure such as
+    ECONNRESET is reported only once, so the caller must raise it.
     """
     cdef Py_ssize_t got
 
@@ -82,8 +83,8 @@ cdef Py_ssize_t poll_recv(int fd, char *data, size_t capacity,
         got = recv(fd, data, capacity, MSG_DONTWAIT)
         if got >= 0:
             return got
-        if errno != EAGAIN:  # EWOULDBLOCK is EAGAIN on Linux
-            return -1
+        if errno != EAGAIN and errno != EINTR:  # EWOULDBLOCK is EAGAIN on Linux
+            return -2
         if monotonic_ns() >= deadline:
             return -1
         # Lets the peer run, should it share this CPU.
@@ -125,7 +126,7 @@ cdef class FrameReader:
         if not 0 <= seconds <= 1:
             raise ConfigError(f"busy_poll is {seconds} seconds; it must be "
                               f"from 0 to 1")
-        self.poll_fd = fd
+        self.poll_fd = fd if seconds > 0 else -1
         self.poll_limit_ns = <int64_t>(seconds * 1e9)
         self.poll_ns = self.poll_limit_ns
 
@@ -138,23 +139,37 @@ cdef class FrameReader:
         returns (Ctrl-C in a blocking client) finds the frames in ready,
         where the caller takes them from, instead of losing the bytes read.
         With busy_poll() set, the read polls first; buffer must then be a
-        bytearray.
+        bytearray. A sock whose descriptor is no longer the polled one
+        (closed by another thread, say) is read without polling, so that no
+        bytes are taken from a socket that has reused the number since.
         """
         cdef Py_ssize_t size = -1
         cdef int64_t start, deadline
+        cdef int error = 0
         cdef char *data
         cdef size_t capacity
 
-        if self.poll_fd < 0:
+        if self.poll_fd < 0 or sock.fileno() != self.poll_fd:
             size = sock.recv_into(buffer)
         else:
+            if not isinstance(buffer, bytearray):
+                raise TypeError(f"buffer must be a bytearray while busy_poll "
+                                f"is set, not {type(buffer).__name__}")
             data = PyByteArray_AS_STRING(buffer)
             capacity = <size_t>PyByteArray_GET_SIZE(buffer)
             with nogil:
                 start = monotonic_ns()
                 deadline = start + self.poll_ns
                 size = poll_recv(self.poll_fd, data, capacity, deadline)
+                if size == -2:
+                    error = errno
+            if size == -2:
+                raise OSError(error, os.strerror(error))
             if size < 0:
+                # A signal that came during the poll interrupted no system
+                # call, so its handler runs here: the recv below may sleep
+                # until the next reply comes.
+                PyErr_CheckSignals()
                 size = sock.recv_into(buffer)
                 self.adapt_poll(monotonic_ns() - start)
         if size:

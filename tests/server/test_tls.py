@@ -241,6 +241,24 @@ def test_tls_threads_share_connection(
     assert set(received) == expected
 
 
+def test_tls_connection_does_not_poll(
+    tls_server: TlsServer, certificates: Certificates
+) -> None:
+    # A poll of the descriptor would take TLS records from under the session.
+    with pymq.connect(
+        tls_server.url, ca_file=str(certificates.ca), busy_poll=0.001
+    ) as broker:
+        reader = broker._connection._reader
+        assert reader is not None
+        assert reader.poll_window == 0.0
+        queue = broker.queue("polled")
+        assert queue.put(b"over tls") == 0
+        message = queue.get(timeout=5.0)
+        assert message is not None
+        assert message.body == b"over tls"
+        message.ack()
+
+
 def test_tls_asyncio_client(tls_server: TlsServer, certificates: Certificates) -> None:
     async def main() -> list[bytes]:
         broker = await pymq.aio.connect(tls_server.url, ca_file=str(certificates.ca))
