@@ -610,7 +610,10 @@ cdef class SegmentStore:
             seg.prefault_end = seg.capacity
         elif (seg.prefault_end < seg.capacity and
                 not pymq_prefault_busy(&seg.prefault)):
-            seg.start_prefault(seg.length, seg.capacity)
+            # The pages up to prefault_end are touched already. Starting
+            # past them keeps the thread off the pages the writer is about
+            # to fault in.
+            seg.start_prefault(max(seg.length, seg.prefault_end), seg.capacity)
         return 0
 
     cdef int reserve(self, const BodyRef *bodies, Py_ssize_t count,

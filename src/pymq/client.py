@@ -1244,6 +1244,11 @@ class Connection:
                 slot.done = True
             self._cv.notify_all()
         with contextlib.suppress(OSError):
+            # shutdown() first: a thread blocked in recv() on sock wakes
+            # with end of file, and one polling it reads no other socket
+            # that reuses the descriptor after close().
+            sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
             sock.close()
         logger.warning("connection to %s broke: %s", self.address, exc)
 
