@@ -84,6 +84,18 @@ cdef class RingBuffer:
                                  uint32_t attempt) noexcept:
         return make_receipt(offset, attempt) ^ self.receipt_key
 
+    cdef inline bint covers(self, const TimedEntry *entry,
+                            uint64_t offset) noexcept:
+        """Return whether entry is the live deadline of offset's delivery.
+
+        offset must be in the window (low to cursor). An ack, a nack, an
+        extend or a redelivery leaves the entry stale for that offset.
+        """
+        cdef Slot *slot = self.slot(offset)
+
+        return (slot.state == SLOT_DELIVERED and
+                slot.attempt == entry.attempt and slot.time == entry.time)
+
     cdef int grow(self) except -1
     cdef int compact(self) except -1
     cdef int advance_low(self) except -1
@@ -103,7 +115,6 @@ cdef class RingBuffer:
     cdef int untake(self, uint64_t offset) except -1
     cdef int set_deadline(self, uint64_t offset, int64_t deadline) except -1
     cdef int pop_expired(self, int64_t now, uint64_t *offset) except -1
-    cdef bint covers(self, const TimedEntry *entry, uint64_t offset) noexcept
     cdef int restore(self, uint64_t offset, uint32_t attempt,
                      bint settled) except -1
     cdef uint64_t checked(self, uint64_t receipt) except? 0

@@ -13,8 +13,9 @@ cdef int timed_push(TimedHeap *heap, int64_t time, uint64_t offset,
     return timed_push_span(heap, time, offset, 1, attempt)
 
 
-cdef int timed_push_span(TimedHeap *heap, int64_t time, uint64_t offset,
-                         uint32_t count, uint32_t attempt) except -1:
+cdef inline int timed_push_span(TimedHeap *heap, int64_t time,
+                                uint64_t offset, uint32_t count,
+                                uint32_t attempt) except -1:
     """Push one entry for the count offsets from offset on."""
     cdef size_t i, parent
     cdef TimedEntry *grown
@@ -212,6 +213,12 @@ cdef class RingBuffer:
 
         for i in range(heap.size):
             entry = &heap.entries[i]
+            if entry.count == 1:
+                if (self.low <= entry.offset < self.cursor and
+                        self.covers(entry, entry.offset)):
+                    heap.entries[kept] = entry[0]
+                    kept += 1
+                continue
             # An entry shrinks to the span from its first live offset to
             # its last; offsets in between that are not live are skipped
             # when it comes due.
@@ -338,7 +345,11 @@ cdef class RingBuffer:
             slot.time = deadline
         if self.deadlines.size >= 2 * self.delivered + HEAP_INITIAL_ENTRIES:
             self.compact()
-        timed_push_run(&self.deadlines, deadline, self.cursor, count, 1)
+        if count <= 0xFFFFFFFF:
+            timed_push_span(&self.deadlines, deadline, self.cursor,
+                            <uint32_t>count, 1)
+        else:
+            timed_push_run(&self.deadlines, deadline, self.cursor, count, 1)
         self.cursor += count
         self.delivered += count
         return 0
@@ -488,18 +499,6 @@ cdef class RingBuffer:
                     offset[0] = candidate
                     return 1
         return 0
-
-    cdef bint covers(self, const TimedEntry *entry,
-                     uint64_t offset) noexcept:
-        """Return whether entry is the live deadline of offset's delivery.
-
-        offset must be in the window (low to cursor). An ack, a nack, an
-        extend or a redelivery leaves the entry stale for that offset.
-        """
-        cdef Slot *slot = self.slot(offset)
-
-        return (slot.state == SLOT_DELIVERED and
-                slot.attempt == entry.attempt and slot.time == entry.time)
 
     cdef int restore(self, uint64_t offset, uint32_t attempt,
                      bint settled) except -1:
