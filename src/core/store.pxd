@@ -83,6 +83,7 @@ cdef class SegmentStore:
     cdef Segment new_segment(self, uint64_t base)
     cdef int make_spare(self) except -1
     cdef int follow_prefault(self, Segment seg) except -1
+    cdef int after_append(self, Segment seg) except -1
     cdef bint reserve_index(self, Segment seg) except -1
     cdef int refill_reserve(self) except -1
     cdef int keep_reserve(self, Segment seg) except -1

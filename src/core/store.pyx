@@ -180,6 +180,43 @@ cdef class DirectoryLock:
             self.fd = -1
 
 
+cdef void write_records(Segment seg, const BodyRef *bodies, Py_ssize_t count,
+                        int64_t timestamp, uint32_t flags) noexcept:
+    """Append count records to seg, as count calls of seg.write_record().
+
+    The caller has checked that they fit the log and the index, and that
+    each body is shorter than NOGIL_BODY_BYTES, so all is done with the GIL
+    held, in one pass that updates seg's length and count once.
+    """
+    cdef uint8_t *data = seg.data
+    cdef size_t position = seg.length, size, length
+    cdef uint64_t offset = seg.base + seg.count
+    cdef uint8_t *header
+    cdef Py_ssize_t i
+
+    for i in range(count):
+        length = bodies[i].length
+        header = data + position
+        size = record_size(length)
+        if length & (REC_ALIGN - 1):
+            # Zero the padding; the body overwrites the rest of the word.
+            store_u64(header + size - REC_ALIGN, 0)
+        store_u32(header + REC_OFF_MAGIC, REC_MAGIC)
+        store_u32(header + REC_OFF_LENGTH, <uint32_t>length)
+        store_u64(header + REC_OFF_OFFSET, offset)
+        store_u64(header + REC_OFF_TIMESTAMP, <uint64_t>timestamp)
+        store_u32(header + REC_OFF_FLAGS, flags)
+        memcpy(header + REC_HEADER_SIZE, bodies[i].data, length)
+        # Over the copy in the file, as write_record() does.
+        store_u32(header + REC_OFF_CRC, record_crc(
+            header, header + REC_HEADER_SIZE, length))
+        store_u32(seg.index_entry(offset), <uint32_t>position)
+        position += size
+        offset += 1
+    seg.length = position
+    seg.count += count
+
+
 @cython.final
 cdef class SegmentStore:
     """An append-only log of records in a folder of segment files.
@@ -548,7 +585,7 @@ cdef class SegmentStore:
                            uint64_t *first) except -1:
         cdef Segment seg = self.active
         cdef Py_ssize_t i, used = 0
-        cdef size_t size
+        cdef size_t size, total = 0
         cdef list fresh
 
         first[0] = seg.base + seg.count
@@ -575,6 +612,20 @@ cdef class SegmentStore:
                 self.follow_prefault(seg)
             return 0
 
+        for i in range(count):
+            if bodies[i].length >= NOGIL_BODY_BYTES:
+                total = 0
+                break
+            total += record_size(bodies[i].length)
+        if (total and total <= seg.capacity - seg.length and
+                IDX_HEADER_SIZE + (seg.count + count) * IDX_ENTRY_SIZE <=
+                seg.index_alloc):
+            write_records(seg, bodies, count, timestamp, flags)
+            self.written_bytes += total
+            self.stored_bytes += total
+            self.after_append(seg)
+            return 0
+
         fresh = []
         self.reserve(bodies, count, fresh)
         for i in range(count):
@@ -587,6 +638,11 @@ cdef class SegmentStore:
                              flags)
             self.written_bytes += size
             self.stored_bytes += size
+        self.after_append(seg)
+        return 0
+
+    cdef int after_append(self, Segment seg) except -1:
+        """Keep the reserve, the spare and the prefault up with seg's end."""
         if self.reserve_ahead:
             self.keep_reserve(seg)
         elif (self.spare is None and seg.length > seg.capacity // 2 and

@@ -281,6 +281,33 @@ def test_append_buffer_batch_rolls_mid_batch(segment_dir: Path) -> None:
         assert store.read_range(0, 4) == bodies
 
 
+@pytest.mark.parametrize("large", [0, 2, 4])
+def test_batch_with_large_body_verifies(segment_dir: Path, large: int) -> None:
+    # Bodies of 16 KiB and more are copied without the GIL, one at a time;
+    # the others of the batch go in one pass.
+    bodies = [b"%d" % i * 9 for i in range(5)]
+    bodies[large] = bytes(range(256)) * 64
+    with SegmentStore(segment_dir, segment_bytes=1 << 20) as store:
+        assert store.append_many(bodies) == 0
+        assert store.append_many(bodies[:2]) == 5
+        assert store.read_range(0, 7) == bodies + bodies[:2]
+    with SegmentStore(segment_dir, segment_bytes=1 << 20) as store:
+        assert store.read_range(0, 7) == bodies + bodies[:2]
+        assert store.verify() == {"records": 7, "missing": 0, "damaged": []}
+
+
+def test_batch_filling_segment_exactly(segment_dir: Path) -> None:
+    # Eight records of 32 bytes fill a 256-byte segment to its last byte.
+    with SegmentStore(segment_dir, segment_bytes=256) as store:
+        assert store.append_many([b""] * 8) == 0
+        assert store.stats()["segments"] == 1
+        assert store.append_many([b"", b"x"]) == 8
+        assert store.stats()["segments"] == 2
+        assert store.read_range(0, 10) == [b""] * 9 + [b"x"]
+    with SegmentStore(segment_dir, segment_bytes=256) as store:
+        assert store.verify() == {"records": 10, "missing": 0, "damaged": []}
+
+
 def test_index_growth_keeps_every_offset(segment_dir: Path) -> None:
     # 2,048 empty bodies fill a 64 KiB segment, and its index grows past
     # its first 4 KiB on the way.
