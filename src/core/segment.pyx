@@ -51,6 +51,22 @@ cdef uint32_t record_crc(const uint8_t *header, const uint8_t *body,
     return pymq_crc32c_pair(header, REC_OFF_CRC, body, length)
 
 
+cdef inline void put_record_header(uint8_t *header, size_t length,
+                                   size_t size, uint64_t offset,
+                                   int64_t timestamp,
+                                   uint32_t flags) noexcept nogil:
+    """Store a record's header fields, all but the CRC, and its padding."""
+    if length & (REC_ALIGN - 1):
+        # Zero the padding. The body, copied after, overwrites the rest of
+        # this last word.
+        store_u64(header + size - REC_ALIGN, 0)
+    store_u32(header + REC_OFF_MAGIC, REC_MAGIC)
+    store_u32(header + REC_OFF_LENGTH, <uint32_t>length)
+    store_u64(header + REC_OFF_OFFSET, offset)
+    store_u64(header + REC_OFF_TIMESTAMP, <uint64_t>timestamp)
+    store_u32(header + REC_OFF_FLAGS, flags)
+
+
 cdef inline bint valid_record(const uint8_t *data, size_t capacity,
                               size_t pos, uint64_t min_offset,
                               uint64_t max_offset,
@@ -596,15 +612,7 @@ cdef class Segment:
         cdef size_t size = record_size(length)
         cdef uint64_t offset = self.base + self.count
 
-        if length & (REC_ALIGN - 1):
-            # Zero the padding. The body, copied below, overwrites the rest
-            # of this last word.
-            store_u64(header + size - REC_ALIGN, 0)
-        store_u32(header + REC_OFF_MAGIC, REC_MAGIC)
-        store_u32(header + REC_OFF_LENGTH, <uint32_t>length)
-        store_u64(header + REC_OFF_OFFSET, offset)
-        store_u64(header + REC_OFF_TIMESTAMP, <uint64_t>timestamp)
-        store_u32(header + REC_OFF_FLAGS, flags)
+        put_record_header(header, length, size, offset, timestamp, flags)
         # The CRC is computed over the copy in the file: a caller's buffer
         # may change while the GIL is released, and what is stored must
         # match its checksum.

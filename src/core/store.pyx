@@ -198,14 +198,7 @@ cdef void write_records(Segment seg, const BodyRef *bodies, Py_ssize_t count,
         length = bodies[i].length
         header = data + position
         size = record_size(length)
-        if length & (REC_ALIGN - 1):
-            # Zero the padding; the body overwrites the rest of the word.
-            store_u64(header + size - REC_ALIGN, 0)
-        store_u32(header + REC_OFF_MAGIC, REC_MAGIC)
-        store_u32(header + REC_OFF_LENGTH, <uint32_t>length)
-        store_u64(header + REC_OFF_OFFSET, offset)
-        store_u64(header + REC_OFF_TIMESTAMP, <uint64_t>timestamp)
-        store_u32(header + REC_OFF_FLAGS, flags)
+        put_record_header(header, length, size, offset, timestamp, flags)
         memcpy(header + REC_HEADER_SIZE, bodies[i].data, length)
         # Over the copy in the file, as write_record() does.
         store_u32(header + REC_OFF_CRC, record_crc(
