@@ -1996,28 +1996,31 @@ cdef class GroupBase:
 
     cdef int settle_receipts(self, const uint64_t *receipts,
                              uint64_t *offsets, Py_ssize_t count) except -1:
-        """Ack count receipts, all or none; offsets is scratch of count.
+        """Ack count (1 or more) receipts, all or none; offsets is scratch.
 
         Raises StaleReceiptError, settling nothing, if any receipt is
         stale or appears twice. The caller calls finish(True) afterwards.
         """
         cdef Py_ssize_t i
         cdef uint64_t key = self.ring.receipt_key
+        cdef bint rising = True
 
         # Without the key a receipt is its offset and attempt, so the
-        # receipts of one get_many come in rising order and the sort that
-        # finds duplicates is only needed for other batches. XOR with one
-        # key keeps equal receipts equal.
-        for i in range(count):
+        # receipts of one get_many come in strictly rising order, with no
+        # duplicate, and the sort that finds duplicates is only needed for
+        # other batches. XOR with one key keeps equal receipts equal.
+        offsets[0] = receipts[0] ^ key
+        for i in range(1, count):
             offsets[i] = receipts[i] ^ key
-        for i in range(1, count):
             if offsets[i] <= offsets[i - 1]:
-                qsort(offsets, count, 8, compare_u64)
-                break
-        for i in range(1, count):
-            if offsets[i] == offsets[i - 1]:
-                raise StaleReceiptError(
-                    f"receipt {offsets[i] ^ key} appears twice in the batch")
+                rising = False
+        if not rising:
+            qsort(offsets, count, 8, compare_u64)
+            for i in range(1, count):
+                if offsets[i] == offsets[i - 1]:
+                    raise StaleReceiptError(
+                        f"receipt {offsets[i] ^ key} appears twice in the "
+                        f"batch")
         self.acquire()
         try:
             self.expire(self.now())
