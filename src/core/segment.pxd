@@ -120,6 +120,7 @@ cdef class Segment:
     cdef bint closed                 # files closed; unmapped once exports is 0
     cdef list events                 # damage messages not yet reported
     cdef pymq_prefault prefault      # thread touching pages ahead of writes
+    cdef size_t prefault_base        # where its first prefault started
     cdef size_t prefault_end         # end of the pages given to it, or 0
 
     @staticmethod
@@ -134,6 +135,7 @@ cdef class Segment:
     cdef int rename_to(self, str directory, uint64_t base) except -1
     cdef int recycle(self, str directory, str name) except -1
     cdef int start_prefault(self, size_t start, size_t length) except -1
+    cdef void prefault_done(self) noexcept
     cdef int ensure_index(self, uint64_t entries) except -1
     cdef int load_checkpoint(self) except -1
     cdef int recover(self, size_t start, uint64_t start_count) except -1

@@ -412,14 +412,27 @@ cdef class Segment:
 
         if self.data == NULL or self.capacity < first + PREFAULT_MIN_BYTES:
             # Too little left to be worth a thread: the writer takes it.
-            self.prefault_end = self.capacity
+            self.prefault_done()
             return 0
         length = min(length, self.capacity - first)
+        if self.prefault_end == 0:
+            self.prefault_base = first
         self.prefault_end = first + length
+        if self.prefault_end == self.capacity:
+            self.prefault_done()
         # A thread that cannot start only means the writer takes the faults.
         pymq_prefault_start(&self.prefault, self.data + first, length,
                             PAGE_SIZE)
         return 0
+
+    cdef void prefault_done(self) noexcept:
+        """Mark the segment as prefaulted to its end, or as never to be.
+
+        Both bounds at capacity keep the appends' check of the prefault
+        (twice the length past base plus end) false from now on.
+        """
+        self.prefault_base = self.capacity
+        self.prefault_end = self.capacity
 
     cdef int ensure_index(self, uint64_t entries) except -1:
         """Reserve disk space for the first entries index slots."""

@@ -22,9 +22,6 @@ MIN_SEGMENT_BYTES = 64
 RECORD_HEADER_BYTES = REC_HEADER_SIZE
 # Bytes of the active segment prefaulted when a store opens.
 cdef size_t OPEN_PREFAULT_BYTES = 4 * 1024 * 1024
-# Once appends come this close to the end of the pages being prefaulted,
-# the rest of the segment is prefaulted too: the store is in real use.
-cdef size_t PREFAULT_AHEAD_BYTES = 2 * 1024 * 1024
 # With reserve_ahead, how long a failed reservation waits before the next
 # try, so that appends on a full disk do not each create and delete files.
 cdef int64_t RESERVE_RETRY_NS = 1000000000
@@ -601,7 +598,7 @@ cdef class SegmentStore:
                 if (self.segment_bytes >= PREFAULT_MIN_BYTES and
                         not self.spare_failed):
                     self.make_spare()
-            if seg.length + PREFAULT_AHEAD_BYTES > seg.prefault_end:
+            if 2 * seg.length > seg.prefault_base + seg.prefault_end:
                 self.follow_prefault(seg)
             return 0
 
@@ -642,27 +639,32 @@ cdef class SegmentStore:
                 self.segment_bytes >= PREFAULT_MIN_BYTES and
                 not self.spare_failed):
             self.make_spare()
-        if seg.length + PREFAULT_AHEAD_BYTES > seg.prefault_end:
+        if 2 * seg.length > seg.prefault_base + seg.prefault_end:
             self.follow_prefault(seg)
         return 0
 
     cdef int follow_prefault(self, Segment seg) except -1:
-        """Prefault the rest of seg, whose appends near its prefaulted end.
+        """Double what is prefaulted of seg, whose appends passed its middle.
 
-        A segment that was never prefaulted (prefault_end 0) is left to its
-        writer, as are the last few pages of a segment. While the thread
-        of the last prefault still runs, a later append tries again: the
-        thread runs at the lowest priority, and waiting for it to stop
-        could stall this append on a busy machine.
+        Appends that pass the middle of the prefaulted pages start a thread
+        for as many pages again, so a busy segment is soon prefaulted to
+        its end while one that takes a few MiB has at most four times what
+        it holds (4 MiB at least) in memory. A segment that was never
+        prefaulted (prefault_end 0) is left to its writer, as are the last
+        few pages of a segment. While the thread of the last prefault
+        still runs, a later append tries again: the thread runs at the
+        lowest priority, and waiting for it to stop could stall this
+        append on a busy machine.
         """
         if seg.prefault_end == 0:
-            seg.prefault_end = seg.capacity
+            seg.prefault_done()
         elif (seg.prefault_end < seg.capacity and
                 not pymq_prefault_busy(&seg.prefault)):
             # The pages up to prefault_end are touched already. Starting
             # past them keeps the thread off the pages the writer is about
             # to fault in.
-            seg.start_prefault(max(seg.length, seg.prefault_end), seg.capacity)
+            seg.start_prefault(max(seg.length, seg.prefault_end),
+                               seg.prefault_end - seg.prefault_base)
         return 0
 
     cdef int reserve(self, const BodyRef *bodies, Py_ssize_t count,

@@ -1,9 +1,9 @@
 """Prefaulting of the active segment, read from this process's /proc/self/smaps.
 
-A store prefaults the first 4 MiB past its end when it opens. Once appends
-come within 2 MiB of the end of what was prefaulted, a thread touches the
-rest of the segment. The tests compare the resident bytes of the segment's
-mapping against those bounds.
+A store prefaults the first 4 MiB past its end when it opens. Each time
+appends pass the middle of what was prefaulted, a thread touches as many
+pages again, up to the end of the segment. The tests compare the resident
+bytes of the segment's mapping against those bounds.
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ def wait_for_rss(path: Path, minimum: int) -> int:
 def append_until_rss(store: SegmentStore, path: Path, minimum: int) -> int:
     """Append a small record every 10 ms until path has minimum bytes resident.
 
-    Returns the resident bytes. An append starts the prefault of the rest of
-    the segment only once the thread of the last prefault has ended, so the
-    store must stay in use while the test waits.
+    Returns the resident bytes. An append starts the next prefault only once
+    the thread of the last one has ended, so the store must stay in use
+    while the test waits.
     """
     deadline = time.monotonic() + WAIT_SECONDS
     resident = mapped_rss(path)
@@ -92,8 +92,10 @@ def fill(store: SegmentStore, megabytes: int) -> None:
 
 
 def test_busy_segment_prefaulted_to_end(tmp_path):
+    # 10 MiB pass the middle of 4, 8 and 16 MiB prefaulted, so the last
+    # doubling reaches the end of the 32 MiB segment.
     with SegmentStore(tmp_path, segment_bytes=SEGMENT_BYTES, fsync="never") as store:
-        fill(store, 3)
+        fill(store, 10)
         log = active_log(tmp_path)
         # Nearly the whole segment: the bound leaves a margin of 2 MiB.
         resident = append_until_rss(store, log, SEGMENT_BYTES - 2 * MIB)
@@ -102,13 +104,13 @@ def test_busy_segment_prefaulted_to_end(tmp_path):
 
 def test_prefault_follows_once_first_ends(tmp_path):
     # On one CPU the prefault thread, which runs under SCHED_IDLE, gets
-    # little or no time while the appends run, so the appends that come near
-    # the end of its pages find it still busy. A later append starts the rest.
+    # little or no time while the appends run, so the appends that pass the
+    # middle of its pages find it still busy. Later appends start the rest.
     with (
         one_cpu(),
         SegmentStore(tmp_path, segment_bytes=SEGMENT_BYTES, fsync="never") as store,
     ):
-        fill(store, 3)
+        fill(store, 10)
         log = active_log(tmp_path)
         resident = append_until_rss(store, log, SEGMENT_BYTES - 2 * MIB)
         assert resident >= SEGMENT_BYTES - 2 * MIB
@@ -122,3 +124,16 @@ def test_little_used_segment_prefaulted_ahead(tmp_path):
         assert wait_for_rss(log, 4 * MIB) >= 4 * MIB
         time.sleep(0.2)
         assert mapped_rss(log) < 6 * MIB
+
+
+def test_few_mib_prefault_doubles_once(tmp_path):
+    # 3 MiB pass the middle of the first 4 MiB, which doubles the pages
+    # prefaulted to 8 MiB, but not the middle of those 8.
+    with SegmentStore(tmp_path, segment_bytes=SEGMENT_BYTES, fsync="never") as store:
+        fill(store, 3)
+        log = active_log(tmp_path)
+        assert append_until_rss(store, log, 8 * MIB) >= 8 * MIB
+        for _ in range(20):
+            store.append(b"tick")
+            time.sleep(0.01)
+        assert mapped_rss(log) < 10 * MIB
