@@ -507,7 +507,8 @@ def predict_open(request: dict[str, Any], state: ModelState) -> Expect:
             return fails(8)
         state.open("group", f"{stream}.{name}")
         return succeeds()
-    return fails(1)
+    # Another kind is a bad argument: error 17, and the connection stays.
+    return fails(17)
 
 
 def predict_control(opcode: int, payload: bytes, state: ModelState) -> Expect:
