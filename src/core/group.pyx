@@ -767,7 +767,10 @@ cdef class StreamBase:
                 items = [block + memoryview(body).tobytes() for body in items]
                 flags = REC_FLAG_HEADERS
             if not limited:
-                first = self.store.append_many(items, flags=flags)
+                if not items:
+                    return range(self.store.next_offset,
+                                 self.store.next_offset)
+                self.store.append_list(items, 0, flags, &first)
                 self.published()
                 return range(first, first + len(items))
 

@@ -83,6 +83,8 @@ cdef class SegmentStore:
     cdef Segment new_segment(self, uint64_t base)
     cdef int make_spare(self) except -1
     cdef int follow_prefault(self, Segment seg) except -1
+    cdef int append_list(self, list items, int64_t timestamp, uint32_t flags,
+                         uint64_t *first) except -1
     cdef int after_append(self, Segment seg) except -1
     cdef bint reserve_index(self, Segment seg) except -1
     cdef int refill_reserve(self) except -1

@@ -444,16 +444,23 @@ cdef class SegmentStore:
         when a check or a reservation of disk space fails, none.
         """
         cdef list items = bodies if type(bodies) is list else list(bodies)
+        cdef uint64_t first
+
+        if PyList_GET_SIZE(items) == 0:
+            return self.next_offset
+        self.append_list(items, timestamp, flags, &first)
+        return first
+
+    cdef int append_list(self, list items, int64_t timestamp, uint32_t flags,
+                         uint64_t *first) except -1:
+        """append_many() of a list of one or more bytes-like bodies."""
         cdef Py_ssize_t count = PyList_GET_SIZE(items)
         cdef Py_ssize_t i
         cdef BodyRef *refs
         cdef list views = None
-        cdef uint64_t first
         cdef object item
         cdef const uint8_t[::1] buffer
 
-        if count == 0:
-            return self.next_offset
         refs = <BodyRef *>PyMem_Malloc(count * sizeof(BodyRef))
         if refs == NULL:
             raise MemoryError()
@@ -470,10 +477,10 @@ cdef class SegmentStore:
                     views.append(buffer)
                     refs[i].data = &buffer[0] if buffer.shape[0] else NULL
                     refs[i].length = buffer.shape[0]
-            self.append_refs(refs, count, timestamp, flags, &first)
+            self.append_refs(refs, count, timestamp, flags, first)
         finally:
             PyMem_Free(refs)
-        return first
+        return 0
 
     def append_buffer(self, buffer, lengths, *, int64_t timestamp=0,
                       uint32_t flags=0):
