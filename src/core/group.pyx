@@ -1812,14 +1812,55 @@ cdef class GroupBase:
             store.report()
         return taken
 
+    def get_many(self, count, timeout=None):
+        """Deliver up to count messages; wait up to timeout for the first one.
+
+        timeout=None waits until a message arrives; an empty list means the
+        timeout passed first.
+        """
+        cdef Py_ssize_t limit
+        cdef list messages
+
+        if timeout is not None:
+            check_timeout(timeout, "get_many")
+        limit = self.batch_limit(count, "get_many")
+        messages = self.take_messages(limit)
+        if messages or (timeout is not None and timeout == 0):
+            return messages
+        # The subclass waits (pymq.queue._Consumer._wait), off the fast path.
+        found = self._wait(timeout, lambda: self.take_messages(limit) or None)
+        return found if type(found) is list else []
+
     def get_many_nowait(self, count):
         """Deliver up to count available messages, lowest offsets first."""
+        return self.take_messages(self.batch_limit(count, "get_many_nowait"))
+
+    @cython.final
+    cdef list take_messages(self, Py_ssize_t limit):
         cdef MessageSink sink = MessageSink.__new__(MessageSink)
 
         sink.messages = []
-        self.take_into(self.batch_limit(count, "get_many_nowait"), sink)
+        self.take_into(limit, sink)
         self.finish(False)
         return sink.messages
+
+    def get_batch(self, count, timeout=None):
+        """Deliver up to count messages as one MessageBatch of numpy columns.
+
+        Waits up to timeout for the first message, like get_many; settle the
+        batch with ack_many(batch).
+        """
+        cdef Py_ssize_t limit
+        cdef MessageBatch batch
+
+        if timeout is not None:
+            check_timeout(timeout, "get_batch")
+        limit = self.batch_limit(count, "get_batch")
+        batch = self.take_batch(limit)
+        if len(batch.offset_bytes) or (timeout is not None and timeout == 0):
+            return batch
+        found = self._wait(timeout, lambda: self.take_batch(limit) or None)
+        return found if type(found) is MessageBatch else batch
 
     def get_batch_nowait(self, count):
         """Deliver up to count messages as one MessageBatch of columns.
@@ -1827,11 +1868,14 @@ cdef class GroupBase:
         The columns and the bodies are copied straight from the records,
         without a Message object per message.
         """
+        return self.take_batch(self.batch_limit(count, "get_batch_nowait"))
+
+    @cython.final
+    cdef MessageBatch take_batch(self, Py_ssize_t limit):
         cdef BatchSink sink = BatchSink.__new__(BatchSink)
         cdef MessageBatch batch = MessageBatch.__new__(MessageBatch)
-        cdef Py_ssize_t taken, limit
+        cdef Py_ssize_t taken
 
-        limit = self.batch_limit(count, "get_batch_nowait")
         batch.offset_bytes = PyBytes_FromStringAndSize(NULL, limit * 8)
         batch.receipt_bytes = PyBytes_FromStringAndSize(NULL, limit * 8)
         batch.attempt_bytes = PyBytes_FromStringAndSize(NULL, limit * 4)

@@ -18,8 +18,6 @@ from pymq._core import (
     MessageBatch,
     SegmentStore,
     StreamBase,
-    check_count,
-    check_timeout,
 )
 from pymq.errors import ClosedError
 from pymq.types import QueueStats
@@ -84,44 +82,14 @@ class _Publisher:
 
 
 class _Consumer(GroupBase):
-    """Blocking get and get_many, on top of the core's non-blocking forms."""
+    """The wait of the blocking gets, which the core calls when it must wait."""
 
     name: str
     _broker: Broker
     _ready: threading.Condition
 
-    # get() is compiled (GroupBase.get); it calls _wait only when it must wait.
-
-    def get_many(self, count: int, timeout: float | None = None) -> list[Message]:
-        """Deliver up to count messages; wait up to timeout for the first one."""
-        if timeout is not None:
-            check_timeout(timeout, "get_many")
-        check_count(count, "get_many")
-        messages = self.get_many_nowait(count)
-        if messages or timeout == 0:
-            return messages
-        found = self._wait(timeout, lambda: self.get_many_nowait(count) or None)
-        return found if isinstance(found, list) else []
-
-    def get_batch(self, count: int, timeout: float | None = None) -> MessageBatch:
-        """Deliver up to count messages as one MessageBatch of numpy columns.
-
-        Waits up to timeout for the first message, like get_many; settle the
-        batch with ack_many(batch).
-        """
-        if timeout is not None:
-            check_timeout(timeout, "get_batch")
-        check_count(count, "get_batch")
-        batch = self.get_batch_nowait(count)
-        if len(batch) or timeout == 0:
-            return batch
-
-        def attempt() -> MessageBatch | None:
-            found = self.get_batch_nowait(count)
-            return found if len(found) else None
-
-        waited = self._wait(timeout, attempt)
-        return waited if isinstance(waited, MessageBatch) else batch
+    # get(), get_many() and get_batch() are compiled (GroupBase); they call
+    # _wait only when they must wait.
 
     def _wait(self, timeout: float | None, attempt: Any) -> Any:
         """Call attempt() until it returns a result, or timeout passes.
