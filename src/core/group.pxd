@@ -164,6 +164,8 @@ cdef class GroupBase:
     cdef Message take_now(self)
     cdef list take_messages(self, Py_ssize_t limit)
     cdef MessageBatch take_batch(self, Py_ssize_t limit)
+    cdef object blocking_take(self, object count, object timeout, str method,
+                              bint columns)
     cdef Py_ssize_t batch_limit(self, object count, str method) except -1
     cdef Py_ssize_t take_into(self, Py_ssize_t count, TakeSink sink) except -1
     cdef int fail(self, uint64_t offset, int64_t not_before, str reason,

@@ -471,6 +471,23 @@ cdef class BatchSink(TakeSink):
         return 0
 
 
+@cython.final
+cdef class Retake:
+    """What a blocking get_many or get_batch calls to try again as it waits."""
+
+    cdef GroupBase group
+    cdef Py_ssize_t limit
+    cdef bint columns
+
+    def __call__(self):
+        """Return what a take found, or None when it found nothing."""
+        if self.columns:
+            found = self.group.take_batch(self.limit)
+        else:
+            found = self.group.take_messages(self.limit)
+        return found if len(found) else None
+
+
 cdef int compare_u64(const void *left, const void *right) noexcept nogil:
     cdef uint64_t a = (<const uint64_t *>left)[0]
     cdef uint64_t b = (<const uint64_t *>right)[0]
@@ -1818,18 +1835,7 @@ cdef class GroupBase:
         timeout=None waits until a message arrives; an empty list means the
         timeout passed first.
         """
-        cdef Py_ssize_t limit
-        cdef list messages
-
-        if timeout is not None:
-            check_timeout(timeout, "get_many")
-        limit = self.batch_limit(count, "get_many")
-        messages = self.take_messages(limit)
-        if messages or (timeout is not None and timeout == 0):
-            return messages
-        # The subclass waits (pymq.queue._Consumer._wait), off the fast path.
-        found = self._wait(timeout, lambda: self.take_messages(limit) or None)
-        return found if type(found) is list else []
+        return self.blocking_take(count, timeout, "get_many", False)
 
     def get_many_nowait(self, count):
         """Deliver up to count available messages, lowest offsets first."""
@@ -1850,17 +1856,35 @@ cdef class GroupBase:
         Waits up to timeout for the first message, like get_many; settle the
         batch with ack_many(batch).
         """
+        return self.blocking_take(count, timeout, "get_batch", True)
+
+    @cython.final
+    cdef object blocking_take(self, object count, object timeout, str method,
+                              bint columns):
+        """Take up to count deliveries, as a batch with columns, else a list.
+
+        Waits up to timeout (None: no limit) for the first one, and returns
+        an empty batch or list when it passes first.
+        """
+        cdef Retake retake
         cdef Py_ssize_t limit
-        cdef MessageBatch batch
 
         if timeout is not None:
-            check_timeout(timeout, "get_batch")
-        limit = self.batch_limit(count, "get_batch")
-        batch = self.take_batch(limit)
-        if len(batch.offset_bytes) or (timeout is not None and timeout == 0):
-            return batch
-        found = self._wait(timeout, lambda: self.take_batch(limit) or None)
-        return found if type(found) is MessageBatch else batch
+            check_timeout(timeout, method)
+        limit = self.batch_limit(count, method)
+        if columns:
+            found = self.take_batch(limit)
+        else:
+            found = self.take_messages(limit)
+        if len(found) or (timeout is not None and timeout == 0):
+            return found
+        retake = Retake.__new__(Retake)
+        retake.group = self
+        retake.limit = limit
+        retake.columns = columns
+        # The subclass waits (pymq.queue._Consumer._wait), off the fast path.
+        waited = self._wait(timeout, retake)
+        return found if waited is None else waited
 
     def get_batch_nowait(self, count):
         """Deliver up to count messages as one MessageBatch of columns.
