@@ -1765,14 +1765,14 @@ cdef class GroupBase:
         cdef uint32_t attempt
 
         try:
-            offsets = <uint64_t *>PyMem_Malloc(count * 8)
-            attempts = <uint32_t *>PyMem_Malloc(count * 4)
-            records = <const uint8_t **>PyMem_Malloc(
-                count * sizeof(const uint8_t *))
-            used = <size_t *>PyMem_Malloc(count * sizeof(size_t))
-            if (offsets == NULL or attempts == NULL or records == NULL or
-                    used == NULL):
+            # One allocation for the four arrays, 8-byte entries first.
+            offsets = <uint64_t *>PyMem_Malloc(
+                count * (8 + sizeof(const uint8_t *) + sizeof(size_t) + 4))
+            if offsets == NULL:
                 raise MemoryError()
+            records = <const uint8_t **>(offsets + count)
+            used = <size_t *>(records + count)
+            attempts = <uint32_t *>(used + count)
             self.acquire()
             try:
                 try:
@@ -1822,9 +1822,6 @@ cdef class GroupBase:
                 self.release()
         finally:
             PyMem_Free(offsets)
-            PyMem_Free(attempts)
-            PyMem_Free(records)
-            PyMem_Free(used)
         if store.events_pending:
             store.report()
         return taken
@@ -2032,11 +2029,12 @@ cdef class GroupBase:
             count = len(listed)
         if count == 0:
             return
-        receipts = <uint64_t *>PyMem_Malloc(count * 8)
-        offsets = <uint64_t *>PyMem_Malloc(count * 8)
+        # One allocation: receipts, then offsets (scratch of settle_receipts).
+        receipts = <uint64_t *>PyMem_Malloc(count * 16)
+        if receipts == NULL:
+            raise MemoryError()
+        offsets = receipts + count
         try:
-            if receipts == NULL or offsets == NULL:
-                raise MemoryError()
             if listed is None:
                 memcpy(receipts, PyBytes_AS_STRING(
                     (<MessageBatch>items).receipt_bytes), count * 8)
@@ -2062,7 +2060,6 @@ cdef class GroupBase:
             self.settle_receipts(receipts, offsets, count)
         finally:
             PyMem_Free(receipts)
-            PyMem_Free(offsets)
         self.finish(True)
 
     cdef int settle_receipts(self, const uint64_t *receipts,
