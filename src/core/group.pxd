@@ -72,16 +72,17 @@ cdef class Message:
 @cython.final
 cdef class MessageBatch:
     cdef readonly bytes data            # the bodies back to back
-    cdef bytes offset_bytes             # u64 per message, little-endian
-    cdef bytes receipt_bytes            # u64 per message
-    cdef bytes attempt_bytes            # u32 per message
-    cdef bytes timestamp_bytes          # i64 per message
-    cdef bytes length_bytes             # u64 per message
+    # The columns, little-endian, each with room for capacity entries:
+    # offsets, receipts, timestamps and lengths (8 bytes an entry, in
+    # that order), then attempts (4 bytes an entry). See batch_column().
+    cdef bytes columns
+    cdef Py_ssize_t count               # messages in the batch
+    cdef Py_ssize_t capacity            # entries each column has room for
     cdef list header_list               # dict or None per message, or None: all None
     cdef GroupBase group                # settles the batch, if embedded
     cdef object owner                   # settles it, if from a server
 
-    cdef object column(self, bytes raw, str dtype)
+    cdef object column(self, Py_ssize_t index, str dtype)
 
 
 cdef class StreamBase:

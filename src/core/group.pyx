@@ -237,44 +237,45 @@ cdef class MessageBatch:
     """
 
     def __len__(self):
-        return len(self.offset_bytes) // 8
+        return self.count
 
     @property
     def headers(self):
         """Headers, a list with a dict (or None) per message."""
         if self.header_list is None:
-            return [None] * (len(self.offset_bytes) // 8)
+            return [None] * self.count
         return self.header_list
 
-    cdef object column(self, bytes raw, str dtype):
+    cdef object column(self, Py_ssize_t index, str dtype):
         import numpy
 
-        return numpy.frombuffer(raw, dtype=dtype)
+        return numpy.frombuffer(self.columns, dtype=dtype, count=self.count,
+                                offset=index * 8 * self.capacity)
 
     @property
     def offsets(self):
         """Offsets, a numpy uint64 array."""
-        return self.column(self.offset_bytes, "<u8")
+        return self.column(BATCH_OFFSETS, "<u8")
 
     @property
     def receipts(self):
         """Receipts, a numpy uint64 array."""
-        return self.column(self.receipt_bytes, "<u8")
+        return self.column(BATCH_RECEIPTS, "<u8")
 
     @property
     def attempts(self):
         """Attempt numbers, a numpy uint32 array."""
-        return self.column(self.attempt_bytes, "<u4")
+        return self.column(BATCH_ATTEMPTS, "<u4")
 
     @property
     def timestamps(self):
         """Timestamps in ns since the epoch, a numpy int64 array."""
-        return self.column(self.timestamp_bytes, "<i8")
+        return self.column(BATCH_TIMESTAMPS, "<i8")
 
     @property
     def lengths(self):
         """Body lengths in bytes, a numpy uint64 array."""
-        return self.column(self.length_bytes, "<u8")
+        return self.column(BATCH_LENGTHS, "<u8")
 
     @property
     def starts(self):
@@ -294,6 +295,31 @@ cdef class MessageBatch:
                              f"{len(starts)}")
         start = int(starts[index])
         return memoryview(self.data)[start:start + int(self.lengths[index])]
+
+
+cdef enum:
+    # Column indices of MessageBatch.columns; the attempts come last, at
+    # 4 * 8 * capacity bytes, after the four 8-byte columns.
+    BATCH_OFFSETS = 0
+    BATCH_RECEIPTS = 1
+    BATCH_TIMESTAMPS = 2
+    BATCH_LENGTHS = 3
+    BATCH_ATTEMPTS = 4
+
+
+cdef MessageBatch new_batch(Py_ssize_t capacity):
+    """Return an empty MessageBatch whose columns hold capacity entries."""
+    cdef MessageBatch batch = MessageBatch.__new__(MessageBatch)
+
+    batch.columns = PyBytes_FromStringAndSize(NULL, capacity * 36)
+    batch.capacity = capacity
+    batch.count = 0
+    return batch
+
+
+cdef inline void *batch_column(MessageBatch batch, Py_ssize_t index) noexcept:
+    """Return where column index of batch starts (see BATCH_OFFSETS)."""
+    return PyBytes_AS_STRING(batch.columns) + index * 8 * batch.capacity
 
 
 cdef struct BodyBuffer:
@@ -1894,29 +1920,19 @@ cdef class GroupBase:
     @cython.final
     cdef MessageBatch take_batch(self, Py_ssize_t limit):
         cdef BatchSink sink = BatchSink.__new__(BatchSink)
-        cdef MessageBatch batch = MessageBatch.__new__(MessageBatch)
+        cdef MessageBatch batch = new_batch(limit)
         cdef Py_ssize_t taken
 
-        batch.offset_bytes = PyBytes_FromStringAndSize(NULL, limit * 8)
-        batch.receipt_bytes = PyBytes_FromStringAndSize(NULL, limit * 8)
-        batch.attempt_bytes = PyBytes_FromStringAndSize(NULL, limit * 4)
-        batch.timestamp_bytes = PyBytes_FromStringAndSize(NULL, limit * 8)
-        batch.length_bytes = PyBytes_FromStringAndSize(NULL, limit * 8)
-        sink.offsets = <uint64_t *>PyBytes_AS_STRING(batch.offset_bytes)
-        sink.receipts = <uint64_t *>PyBytes_AS_STRING(batch.receipt_bytes)
-        sink.attempts = <uint32_t *>PyBytes_AS_STRING(batch.attempt_bytes)
-        sink.timestamps = <int64_t *>PyBytes_AS_STRING(batch.timestamp_bytes)
-        sink.lengths = <uint64_t *>PyBytes_AS_STRING(batch.length_bytes)
+        sink.offsets = <uint64_t *>batch_column(batch, BATCH_OFFSETS)
+        sink.receipts = <uint64_t *>batch_column(batch, BATCH_RECEIPTS)
+        sink.attempts = <uint32_t *>batch_column(batch, BATCH_ATTEMPTS)
+        sink.timestamps = <int64_t *>batch_column(batch, BATCH_TIMESTAMPS)
+        sink.lengths = <uint64_t *>batch_column(batch, BATCH_LENGTHS)
         sink.headers = []
         sink.count = limit
         taken = self.take_into(limit, sink)
         batch.data = take_body_bytes(&sink.data)
-        if taken < limit:
-            batch.offset_bytes = batch.offset_bytes[:taken * 8]
-            batch.receipt_bytes = batch.receipt_bytes[:taken * 8]
-            batch.attempt_bytes = batch.attempt_bytes[:taken * 4]
-            batch.timestamp_bytes = batch.timestamp_bytes[:taken * 8]
-            batch.length_bytes = batch.length_bytes[:taken * 8]
+        batch.count = taken
         if sink.headers:
             sink.pad_headers(taken)
             batch.header_list = sink.headers
@@ -2023,7 +2039,7 @@ cdef class GroupBase:
                     f"the batch was delivered by another queue or group, not "
                     f"by this one, {consumer_label(self)}")
             listed = None
-            count = len((<MessageBatch>items).receipt_bytes) // 8
+            count = (<MessageBatch>items).count
         else:
             listed = items if type(items) is list else list(items)
             count = len(listed)
@@ -2036,8 +2052,8 @@ cdef class GroupBase:
         offsets = receipts + count
         try:
             if listed is None:
-                memcpy(receipts, PyBytes_AS_STRING(
-                    (<MessageBatch>items).receipt_bytes), count * 8)
+                memcpy(receipts, batch_column(<MessageBatch>items,
+                                              BATCH_RECEIPTS), count * 8)
             else:
                 for i in range(count):
                     item = listed[i]

@@ -1221,19 +1221,15 @@ def decode_batch(list payloads not None, object owner):
             raise TypeError(f"payloads must be bytes, not "
                             f"{type(payloads[k]).__name__}")
         total += check_deliveries(<bytes>payloads[k], &record_bytes)
-    batch = MessageBatch.__new__(MessageBatch)
-    batch.offset_bytes = PyBytes_FromStringAndSize(NULL, total * 8)
-    batch.receipt_bytes = PyBytes_FromStringAndSize(NULL, total * 8)
-    batch.attempt_bytes = PyBytes_FromStringAndSize(NULL, total * 4)
-    batch.timestamp_bytes = PyBytes_FromStringAndSize(NULL, total * 8)
-    batch.length_bytes = PyBytes_FromStringAndSize(NULL, total * 8)
+    batch = new_batch(total)
+    batch.count = total
     # Header blocks are left out, so the bodies take record_bytes at most.
     buffer = PyBytes_FromStringAndSize(NULL, record_bytes)
-    offsets = <uint64_t *>PyBytes_AS_STRING(batch.offset_bytes)
-    receipts = <uint64_t *>PyBytes_AS_STRING(batch.receipt_bytes)
-    attempts = <uint32_t *>PyBytes_AS_STRING(batch.attempt_bytes)
-    timestamps = <int64_t *>PyBytes_AS_STRING(batch.timestamp_bytes)
-    lengths = <uint64_t *>PyBytes_AS_STRING(batch.length_bytes)
+    offsets = <uint64_t *>batch_column(batch, BATCH_OFFSETS)
+    receipts = <uint64_t *>batch_column(batch, BATCH_RECEIPTS)
+    attempts = <uint32_t *>batch_column(batch, BATCH_ATTEMPTS)
+    timestamps = <int64_t *>batch_column(batch, BATCH_TIMESTAMPS)
+    lengths = <uint64_t *>batch_column(batch, BATCH_LENGTHS)
     data = <uint8_t *>PyBytes_AS_STRING(buffer)
     for k in range(frames):
         payload = <bytes>payloads[k]
@@ -1287,7 +1283,9 @@ def encode_receipts(uint8_t opcode, uint16_t flags, uint32_t request_id,
                 "another connection, not by this queue or group object; to "
                 "settle it on this connection, ack its receipts: "
                 "ack_many(batch.receipts.tolist())")
-        raw = (<MessageBatch>items).receipt_bytes
+        raw = memoryview((<MessageBatch>items).columns)[
+            BATCH_RECEIPTS * 8 * (<MessageBatch>items).capacity:][
+            :8 * (<MessageBatch>items).count]
     elif hasattr(items, "receipts") and not isinstance(items, list):
         raw = items.receipts.astype("<u8").tobytes()
     else:
