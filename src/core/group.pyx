@@ -404,14 +404,10 @@ cdef class MessageSink(TakeSink):
                       Py_ssize_t index, Py_ssize_t count) except -1:
         cdef Py_ssize_t i
 
-        if not headers:
-            for i in range(count):
-                self.messages.append(Message.new(group, records[i], first + i,
-                                                 1, None, used[i]))
-            return 0
         for i in range(count):
             self.messages.append(Message.new(group, records[i], first + i, 1,
-                                             headers[i], used[i]))
+                                             headers[i] if headers else None,
+                                             used[i]))
         return 0
 
     cdef int take_one(self, GroupBase group, const uint8_t *record,

@@ -1212,7 +1212,8 @@ def decode_batch(list payloads not None, object owner):
     cdef uint32_t *attempts
     cdef int64_t *timestamps
     cdef uint64_t *lengths
-    cdef list headers = []
+    # None until a delivery with headers comes, as for an embedded batch.
+    cdef list headers = None
     cdef bytes payload, buffer
     cdef MessageBatch batch
 
@@ -1244,9 +1245,11 @@ def decode_batch(list payloads not None, object owner):
             attempts[n] = load_u32(p + pos + 24)
             used = 0
             if load_u32(p + pos + 28) & BATCH_HEADERS:
+                if headers is None:
+                    headers = [None] * n
                 headers.append(decode_headers(
                     p + pos + DELIVERY_HEAD_BYTES, length, &used))
-            else:
+            elif headers is not None:
                 headers.append(None)
             memcpy(data + size, p + pos + DELIVERY_HEAD_BYTES + used,
                    length - used)
@@ -1269,7 +1272,7 @@ def encode_receipts(uint8_t opcode, uint16_t flags, uint32_t request_id,
     receipts column. A RemoteMessage or MessageBatch delivered by another
     queue or group than owner raises StaleReceiptError.
     """
-    cdef Py_ssize_t count, i
+    cdef Py_ssize_t count, i, start
     cdef Py_ssize_t head = PyBytes_GET_SIZE(prefix)
     cdef bytes frame
     cdef uint8_t *out
@@ -1283,9 +1286,9 @@ def encode_receipts(uint8_t opcode, uint16_t flags, uint32_t request_id,
                 "another connection, not by this queue or group object; to "
                 "settle it on this connection, ack its receipts: "
                 "ack_many(batch.receipts.tolist())")
+        start = BATCH_RECEIPTS * 8 * (<MessageBatch>items).capacity
         raw = memoryview((<MessageBatch>items).columns)[
-            BATCH_RECEIPTS * 8 * (<MessageBatch>items).capacity:][
-            :8 * (<MessageBatch>items).count]
+            start:start + 8 * (<MessageBatch>items).count]
     elif hasattr(items, "receipts") and not isinstance(items, list):
         raw = items.receipts.astype("<u8").tobytes()
     else:

@@ -95,6 +95,11 @@ cdef inline void store_u64(uint8_t *p, uint64_t value) noexcept nogil:
     (<uint64_t *>p)[0] = value
 
 
+cdef struct BodyRef:
+    const uint8_t *data
+    size_t length
+
+
 @cython.final
 cdef class Segment:
     cdef readonly uint64_t base      # offset of the first record
@@ -145,6 +150,8 @@ cdef class Segment:
     cdef int check_at(self, uint64_t offset, uint32_t pos) except -1
     cdef int mark_damaged(self, uint64_t offset, uint32_t pos,
                           str reason) except -1
+    cdef void write_records(self, const BodyRef *bodies, Py_ssize_t count,
+                            int64_t timestamp, uint32_t flags) noexcept
     cdef int write_record(self, const uint8_t *body, size_t length,
                           int64_t timestamp, uint32_t flags) except -1
     cdef int sync_range(self, size_t start, size_t stop) except -1

@@ -618,6 +618,34 @@ cdef class Segment:
             f"(offset {offset}); record skipped")
         return 0
 
+    cdef void write_records(self, const BodyRef *bodies, Py_ssize_t count,
+                            int64_t timestamp, uint32_t flags) noexcept:
+        """Append count records, as count calls of write_record() would.
+
+        The caller has checked that they fit the log and the index, and
+        that each body is shorter than NOGIL_BODY_BYTES, so all is done
+        with the GIL held, in one pass that updates length and count once.
+        """
+        cdef size_t position = self.length, size, length
+        cdef uint64_t offset = self.base + self.count
+        cdef uint8_t *header
+        cdef Py_ssize_t i
+
+        for i in range(count):
+            length = bodies[i].length
+            header = self.data + position
+            size = record_size(length)
+            put_record_header(header, length, size, offset, timestamp, flags)
+            memcpy(header + REC_HEADER_SIZE, bodies[i].data, length)
+            # Over the copy in the file, as write_record() does.
+            store_u32(header + REC_OFF_CRC, record_crc(
+                header, header + REC_HEADER_SIZE, length))
+            store_u32(self.index_entry(offset), <uint32_t>position)
+            position += size
+            offset += 1
+        self.length = position
+        self.count += count
+
     cdef int write_record(self, const uint8_t *body, size_t length,
                           int64_t timestamp, uint32_t flags) except -1:
         """Append one record; the caller has checked that it fits."""

@@ -16,11 +16,6 @@ cdef enum LookupStatus:
     DAMAGED = 3           # the record failed its check just now
 
 
-cdef struct BodyRef:
-    const uint8_t *data
-    size_t length
-
-
 cdef class DirectoryLock:
     cdef readonly str path           # the lock file
     cdef int fd                      # holds the flock; -1 once released

@@ -177,36 +177,6 @@ cdef class DirectoryLock:
             self.fd = -1
 
 
-cdef void write_records(Segment seg, const BodyRef *bodies, Py_ssize_t count,
-                        int64_t timestamp, uint32_t flags) noexcept:
-    """Append count records to seg, as count calls of seg.write_record().
-
-    The caller has checked that they fit the log and the index, and that
-    each body is shorter than NOGIL_BODY_BYTES, so all is done with the GIL
-    held, in one pass that updates seg's length and count once.
-    """
-    cdef uint8_t *data = seg.data
-    cdef size_t position = seg.length, size, length
-    cdef uint64_t offset = seg.base + seg.count
-    cdef uint8_t *header
-    cdef Py_ssize_t i
-
-    for i in range(count):
-        length = bodies[i].length
-        header = data + position
-        size = record_size(length)
-        put_record_header(header, length, size, offset, timestamp, flags)
-        memcpy(header + REC_HEADER_SIZE, bodies[i].data, length)
-        # Over the copy in the file, as write_record() does.
-        store_u32(header + REC_OFF_CRC, record_crc(
-            header, header + REC_HEADER_SIZE, length))
-        store_u32(seg.index_entry(offset), <uint32_t>position)
-        position += size
-        offset += 1
-    seg.length = position
-    seg.count += count
-
-
 @cython.final
 cdef class SegmentStore:
     """An append-only log of records in a folder of segment files.
@@ -595,18 +565,7 @@ cdef class SegmentStore:
                              flags)
             self.written_bytes += record_size(bodies[0].length)
             self.stored_bytes += record_size(bodies[0].length)
-            if self.reserve_ahead:
-                if (self.spare is None or seg.index_alloc < seg.index_max or
-                        (not self.spare_warm and
-                         seg.length > seg.capacity // 2)):
-                    # keep_reserve() has nothing to do otherwise.
-                    self.keep_reserve(seg)
-            elif self.spare is None and seg.length > seg.capacity // 2:
-                if (self.segment_bytes >= PREFAULT_MIN_BYTES and
-                        not self.spare_failed):
-                    self.make_spare()
-            if 2 * seg.length > seg.prefault_base + seg.prefault_end:
-                self.follow_prefault(seg)
+            self.after_append(seg)
             return 0
 
         for i in range(count):
@@ -617,7 +576,7 @@ cdef class SegmentStore:
         if (total and total <= seg.capacity - seg.length and
                 IDX_HEADER_SIZE + (seg.count + count) * IDX_ENTRY_SIZE <=
                 seg.index_alloc):
-            write_records(seg, bodies, count, timestamp, flags)
+            seg.write_records(bodies, count, timestamp, flags)
             self.written_bytes += total
             self.stored_bytes += total
             self.after_append(seg)
@@ -641,7 +600,10 @@ cdef class SegmentStore:
     cdef int after_append(self, Segment seg) except -1:
         """Keep the reserve, the spare and the prefault up with seg's end."""
         if self.reserve_ahead:
-            self.keep_reserve(seg)
+            if (self.spare is None or seg.index_alloc < seg.index_max or
+                    (not self.spare_warm and seg.length > seg.capacity // 2)):
+                # keep_reserve() has nothing to do otherwise.
+                self.keep_reserve(seg)
         elif (self.spare is None and seg.length > seg.capacity // 2 and
                 self.segment_bytes >= PREFAULT_MIN_BYTES and
                 not self.spare_failed):

@@ -152,6 +152,15 @@ def test_get_batch_exact_columns(broker, name):
     assert (stats.depth, stats.in_flight, stats.acked) == (0, 0, 4)
 
 
+def test_get_batch_headers_none_without_headers(broker, name):
+    q = broker.queue(name)
+    q.put_many([b"a", b"b", b"c"])
+    batch = q.get_batch(10, timeout=5)
+    assert batch.headers == [None, None, None]
+    q.ack_many(batch)
+    assert q.stats().acked == 3
+
+
 def test_get_batch_of_nothing_is_empty(broker, name):
     q = broker.queue(name)
     for batch in (q.get_batch(5, timeout=0), q.get_batch(5, timeout=0.1)):
