@@ -105,12 +105,12 @@ class RingModel:
             slot.state == AVAILABLE and slot.time <= now for slot in self.slots.values()
         ):
             return None
-        taken = []
+        deliveries = []
         for _ in range(count):
             delivery = self.take_next(now, self.cursor + 1, deadline)
             assert delivery is not None
-            taken.append(delivery)
-        return taken
+            deliveries.append(delivery)
+        return deliveries
 
     def ack(self, receipt: int) -> int:
         offset = self._lookup(receipt)

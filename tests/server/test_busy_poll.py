@@ -66,8 +66,8 @@ def test_reader_splits_paused_sends(pair):
     reader_sock, writer_sock = pair
     reader = FrameReader(1 << 20)
     reader.busy_poll(reader_sock.fileno(), 0.001)
-    # Pieces of 24 bytes split the 16-byte frames; some follow at once,
-    # some after a pause within the poll, some after one well past it.
+    # Pieces of 24 bytes split the 16-byte frames. Some follow at once,
+    # some after a pause within the poll, and some after one well past it.
     stream = b"".join(ping(request_id) for request_id in range(1, 41))
     pieces = [stream[start : start + 24] for start in range(0, len(stream), 24)]
     pauses = [0.0, 0.0, 0.0005, 0.0, 0.02]

@@ -15,9 +15,9 @@ static void *prefault_run(void *argument)
     struct sched_param param = {0};
 
     /* Runs only on a CPU that nothing else wants, so it never takes the
-     * writer's CPU away; on a busy machine the writer takes its own faults.
+     * writer's CPU away. On a busy machine the writer takes its own faults.
      * NOTE: a writer that reaches the page this thread is faulting in waits
-     * for it, and on a saturated machine that can last a scheduler period. */
+     * for it. On a saturated machine that wait may last a scheduler period. */
     pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);
     for (pos = 0; pos < job->length; pos += job->page_size) {
         if (__atomic_load_n(&job->stop, __ATOMIC_RELAXED))
