@@ -1,7 +1,7 @@
 # Segment bodies; the layouts are in segment.pxd.
 
 from cpython.buffer cimport PyBUF_WRITABLE
-from libc.errno cimport errno
+from libc.errno cimport EIO, errno
 from libc.string cimport memcpy, memset
 from posix.mman cimport (MADV_DONTNEED, MAP_FAILED, MAP_SHARED, MS_SYNC,
                          PROT_READ, PROT_WRITE, madvise, mmap, msync, munmap)
@@ -44,6 +44,27 @@ cdef int reserve_space(int fd, size_t length, str path, str purpose) except -1:
 
 cdef inline size_t page_floor(size_t position) noexcept nogil:
     return position - position % PAGE_SIZE
+
+
+cdef int sync_mapped(uint8_t *data, size_t start, size_t stop) noexcept nogil:
+    """msync bytes start to stop of a mapped log; return 0 or the errno."""
+    cdef size_t first = page_floor(start)
+    cdef size_t whole = page_floor(stop)
+
+    if stop <= start:
+        return 0
+    if whole >= first + UNMAP_MIN_BYTES:
+        # Writeback write-protects every page mapped writable, and flushes
+        # its TLB entry on each CPU running this process, one page at a
+        # time: an interrupt of the appending thread per page. Unmapped
+        # first, the pages are written back with no such flush; the kernel
+        # keeps their dirty bits and contents, and a later read maps them
+        # again. The last, partly written page stays mapped for the next
+        # append.
+        madvise(data + first, whole - first, MADV_DONTNEED)
+    if msync(data + first, stop - first, MS_SYNC) != 0:
+        return errno
+    return 0
 
 
 cdef uint32_t record_crc(const uint8_t *header, const uint8_t *body,
@@ -673,26 +694,15 @@ cdef class Segment:
 
     cdef int sync_range(self, size_t start, size_t stop) except -1:
         """Write bytes start to stop of the log to stable storage."""
-        cdef size_t first = page_floor(start)
-        cdef size_t whole = page_floor(stop)
-        cdef int rc
+        cdef int error
 
-        if stop <= start or self.data == NULL:
+        if self.data == NULL:
             return 0
         with nogil:
-            if whole >= first + UNMAP_MIN_BYTES:
-                # Writeback write-protects every page mapped writable, and
-                # flushes its TLB entry on each CPU running this process,
-                # one page at a time: an interrupt of the appending thread
-                # per page. Unmapped first, the pages are written back with
-                # no such flush; the kernel keeps their dirty bits and
-                # contents, and a later read maps them again. The last,
-                # partly written page stays mapped for the next append.
-                madvise(self.data + first, whole - first, MADV_DONTNEED)
-            rc = msync(self.data + first, stop - first, MS_SYNC)
-        if rc != 0:
-            raise OSError(errno, f"msync of {self.path} failed: "
-                                 f"{os.strerror(errno)}")
+            error = sync_mapped(self.data, start, stop)
+        if error:
+            raise OSError(error, f"msync of {self.path} failed: "
+                                 f"{os.strerror(error)}")
         return 0
 
     cdef int write_checkpoint(self, size_t length, uint64_t count,

@@ -50,15 +50,19 @@ cdef class SegmentStore:
     # and keeps segments mapped while it syncs them.
     cdef pymq_lock *lock
     cdef pymq_mutex *sync_lock
-    # Group commit: commit_lock guards syncing; threads whose records a
-    # sync under way will cover wait on commit_done rather than sync.
-    cdef pymq_mutex *commit_lock
-    cdef pymq_cond *commit_done
-    cdef bint syncing                # a thread is syncing for sync_to()
-    cdef object sync_failed          # OSError raised by every sync after EIO
+    # Group commit: the thread leading a sync for sync_to() holds it;
+    # threads whose records that sync or the next will cover wait on it.
+    cdef pymq_commit *commit_state
+    cdef bint sync_eio               # a sync failed with EIO; all later fail
+    # Every byte outside the active segment is synced: a sync_to() can then
+    # sync the active segment's tail without the GIL (see sync_tail).
+    cdef bint tail_synced
+    cdef uint64_t installs           # times install() replaced the active
     cdef uint64_t written_bytes      # bytes appended since open
     cdef readonly uint64_t stored_bytes  # bytes of records in the segments
-    cdef uint64_t synced_bytes       # of those, bytes known to be synced
+    # Of those, bytes known to be synced. Read without the store's locks
+    # by threads waiting in sync_to(), so stored with pymq_store_u64.
+    cdef uint64_t synced_bytes
     cdef bint directory_dirty        # a file was created or renamed
     cdef bint events_pending         # a segment has damage to report
     cdef uint64_t deleted_damaged    # damage counted in deleted segments
@@ -100,6 +104,10 @@ cdef class SegmentStore:
                              int64_t timestamp, uint32_t flags,
                              uint64_t *first, uint64_t *written) except -1
     cdef int sync_to(self, uint64_t written) except -1
+    cdef int commit(self, uint64_t written, int64_t *started,
+                    int *error) noexcept nogil
+    cdef int sync_tail(self) noexcept nogil
+    cdef object sync_error(self, int error)
     cdef int forget_first(self) except -1
     cdef Py_ssize_t drop_below(self, uint64_t offset) except -1
     cdef int unlink_dropped(self) except -1

@@ -11,7 +11,6 @@ from libc.string cimport memcpy
 from posix.unistd cimport close as close_fd
 
 import fcntl
-from errno import EIO as errno_EIO
 import logging
 import re
 
@@ -196,9 +195,8 @@ cdef class SegmentStore:
     def __cinit__(self):
         self.lock = pymq_lock_new()
         self.sync_lock = pymq_mutex_new()
-        self.commit_lock = pymq_mutex_new()
-        self.commit_done = pymq_cond_new()
-        if self.commit_lock == NULL or self.commit_done == NULL:
+        self.commit_state = pymq_commit_new()
+        if self.commit_state == NULL:
             raise MemoryError()
         if self.lock == NULL or self.sync_lock == NULL:
             raise MemoryError()
@@ -247,8 +245,7 @@ cdef class SegmentStore:
             pymq_lock_free(self.lock)
         if self.sync_lock != NULL:
             pymq_mutex_free(self.sync_lock)
-        pymq_mutex_free(self.commit_lock)
-        pymq_cond_free(self.commit_done)
+        pymq_commit_free(self.commit_state)
 
     def __enter__(self):
         return self
@@ -795,6 +792,8 @@ cdef class SegmentStore:
             self.pending.append(self.active)
         self.segments.append(seg)
         self.active = seg
+        self.installs += 1
+        self.tail_synced = False
         self.directory_dirty = True
         if self.reserve_ahead:
             self.refill_reserve()
@@ -839,38 +838,34 @@ cdef class SegmentStore:
         """Return once the first written bytes of this session are synced.
 
         Group commit: one thread syncs at a time. Threads that arrive
-        meanwhile wait for it to finish, and all of them are covered by it
-        or by the next sync, which one of them runs.
+        meanwhile wait for it to end, and all of them are covered by it or
+        by the next sync, which one of them leads (see includes/commit.h).
+        Waiting, and a sync of the active segment's tail alone, need no GIL,
+        so a thread that a sync leaves uncovered waits again without it.
         """
+        cdef int error = 0
+        cdef int lead
+        cdef int64_t started
+
         if self.synced_bytes >= written:
             return 0
-        with nogil:
-            pymq_mutex_lock(self.commit_lock)
-        try:
-            # A store closed meanwhile is synced by close(); see below.
-            while self.synced_bytes < written and not self.closed:
-                if self.syncing:
-                    # The sync under way, or the next one, covers these
-                    # bytes: wait for it instead of queueing for the lock.
-                    with nogil:
-                        pymq_cond_wait(self.commit_done, self.commit_lock)
-                    continue
-                self.syncing = True
-                pymq_mutex_unlock(self.commit_lock)
+        while True:
+            with nogil:
+                lead = self.commit(written, &started, &error)
+            if not lead:
+                break
+            try:
+                self.acquire_sync()
                 try:
-                    self.acquire_sync()
-                    try:
-                        if not self.closed:
-                            self.sync_segments(True, False)
-                    finally:
-                        pymq_mutex_unlock(self.sync_lock)
+                    if not self.closed:
+                        self.sync_segments(True, False)
                 finally:
-                    with nogil:
-                        pymq_mutex_lock(self.commit_lock)
-                    self.syncing = False
-                    pymq_cond_broadcast(self.commit_done)
-        finally:
-            pymq_mutex_unlock(self.commit_lock)
+                    pymq_mutex_unlock(self.sync_lock)
+            finally:
+                with nogil:
+                    pymq_commit_end(self.commit_state, started)
+        if error:
+            raise self.sync_error(error)
         if self.synced_bytes < written:
             # Closed meanwhile: close() syncs under sync_lock, so wait for it
             # and report a record it could not sync.
@@ -882,6 +877,95 @@ cdef class SegmentStore:
                     f"was synced; it may or may not be stored")
         return 0
 
+    cdef int commit(self, uint64_t written, int64_t *started,
+                    int *error) noexcept nogil:
+        """Wait for, or lead, a sync covering the first written bytes.
+
+        Returns 0 once they are synced, the store is closed, or a sync this
+        thread led failed (error is then set to its errno). Returns 1 when
+        this thread leads a sync that needs the GIL: the caller runs it and
+        then calls pymq_commit_end() with started.
+        """
+        cdef uint32_t seen
+        cdef int outcome
+
+        pymq_commit_arrive(self.commit_state)
+        while True:
+            seen = pymq_commit_seq(self.commit_state)
+            if (pymq_load_u64(&self.synced_bytes) >= written
+                    or self.closed):
+                return 0
+            if not pymq_commit_lead(self.commit_state):
+                # The sync under way, or the next one, covers these bytes.
+                pymq_commit_wait(self.commit_state, seen)
+                continue
+            started[0] = pymq_commit_gather(self.commit_state)
+            outcome = self.sync_tail()
+            if outcome < 0:
+                return 1
+            pymq_commit_end(self.commit_state, started[0])
+            if outcome > 0:
+                error[0] = outcome
+                return 0
+
+    cdef int sync_tail(self) noexcept nogil:
+        """Sync the active segment's unsynced bytes when nothing else is.
+
+        Returns 0 when synced_bytes now covers every byte appended before
+        the call, the errno when msync failed, and -1 when the sync needs
+        sync_segments: a pending segment or the folder is unsynced, a sync
+        failed with EIO, or the store is closed.
+        """
+        cdef uint8_t *data
+        cdef size_t start, stop
+        cdef uint64_t count, target, installs
+        cdef int error
+
+        pymq_mutex_lock(self.sync_lock)
+        pymq_lock_lock(self.lock)
+        if (self.closed or not self.tail_synced or self.directory_dirty
+                or self.sync_eio):
+            pymq_lock_unlock(self.lock)
+            pymq_mutex_unlock(self.sync_lock)
+            return -1
+        # The active segment stays mapped while sync_lock is held, even if
+        # an append replaces it meanwhile.
+        data = self.active.data
+        start = self.active.synced_length
+        stop = self.active.length
+        count = self.active.count
+        target = self.written_bytes
+        installs = self.installs
+        pymq_lock_unlock(self.lock)
+
+        error = sync_mapped(data, start, stop)
+        if error == 0:
+            pymq_lock_lock(self.lock)
+            # Once replaced, the segment is pending, and the next sync goes
+            # through sync_segments, which syncs it from its older length.
+            if self.installs == installs and stop > self.active.synced_length:
+                self.active.synced_length = stop
+                self.active.synced_count = count
+            pymq_lock_unlock(self.lock)
+            if target > self.synced_bytes:
+                pymq_store_u64(&self.synced_bytes, target)
+        elif error == EIO:
+            self.sync_eio = True
+        pymq_mutex_unlock(self.sync_lock)
+        return error
+
+    cdef object sync_error(self, int error):
+        if error == EIO:
+            # After a failed writeback the kernel may mark the pages clean,
+            # so a later sync would succeed without writing them: every
+            # later sync fails too, until the store is reopened.
+            return OSError(
+                EIO, f"segment store {self.path}: a sync failed with EIO, so "
+                f"records since the last good sync may not be on stable "
+                f"storage; close and reopen the store")
+        return OSError(error, f"msync in segment store {self.path} failed: "
+                              f"{os.strerror(error)}")
+
     cdef int sync_segments(self, bint include_active,
                            bint checkpoint) except -1:
         """Sync the pending segments (and the active one) outside lock.
@@ -891,12 +975,13 @@ cdef class SegmentStore:
         """
         cdef Segment seg
         cdef list work = []
-        cdef uint64_t target
+        cdef uint64_t target, installs
         cdef bint directory_dirty
 
         self.acquire_raw()
         try:
             target = self.written_bytes
+            installs = self.installs
             segments = list(self.pending)
             if include_active:
                 segments.append(self.active)
@@ -907,8 +992,8 @@ cdef class SegmentStore:
         finally:
             self.release()
 
-        if self.sync_failed is not None:
-            raise self.sync_failed
+        if self.sync_eio:
+            raise self.sync_error(EIO)
         try:
             for seg, start, stop, count in work:
                 seg.sync_range(start, stop)
@@ -920,14 +1005,9 @@ cdef class SegmentStore:
                     os.close(fd)
         except OSError as exc:
             self.directory_dirty = self.directory_dirty or directory_dirty
-            if exc.errno == errno_EIO:
-                # After a failed writeback the kernel may mark the pages
-                # clean, so a later sync would succeed without writing them:
-                # every later sync fails too, until the store is reopened.
-                self.sync_failed = OSError(
-                    errno_EIO, f"segment store {self.path}: a sync failed "
-                    f"with EIO, so records since the last good sync may not "
-                    f"be on stable storage; close and reopen the store")
+            if exc.errno == EIO:
+                self.sync_eio = True
+                raise self.sync_error(EIO) from exc
             raise
         except BaseException:
             self.directory_dirty = self.directory_dirty or directory_dirty
@@ -938,7 +1018,14 @@ cdef class SegmentStore:
                 seg.synced_length = stop
                 seg.synced_count = count
         if include_active and target > self.synced_bytes:
-            self.synced_bytes = target
+            pymq_store_u64(&self.synced_bytes, target)
+        if include_active:
+            self.acquire_raw()
+            # The pending segments were synced: unless the active one was
+            # replaced meanwhile, only its tail can be unsynced now.
+            if self.installs == installs:
+                self.tail_synced = True
+            self.release()
         if not checkpoint:
             return 0
 

@@ -1,6 +1,6 @@
 # Extern declarations the Cython packages do not ship.
 
-from libc.stdint cimport int64_t, uint32_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 
 cdef extern from "includes/crc32c.h" nogil:
@@ -83,6 +83,20 @@ cdef extern from "includes/mutex.h" nogil:
     void pymq_lock_lock(pymq_lock *lock)
     void pymq_lock_unlock(pymq_lock *lock)
 
+
+cdef extern from "includes/commit.h" nogil:
+    uint64_t pymq_load_u64(const uint64_t *value)
+    void pymq_store_u64(uint64_t *value, uint64_t new_value)
+    ctypedef struct pymq_commit:
+        pass
+    pymq_commit *pymq_commit_new()
+    void pymq_commit_free(pymq_commit *commit)
+    uint32_t pymq_commit_seq(pymq_commit *commit)
+    void pymq_commit_arrive(pymq_commit *commit)
+    bint pymq_commit_lead(pymq_commit *commit)
+    int64_t pymq_commit_gather(pymq_commit *commit)
+    void pymq_commit_end(pymq_commit *commit, int64_t started)
+    void pymq_commit_wait(pymq_commit *commit, uint32_t seen)
 
 cdef inline void lock_without_gil(pymq_mutex *mutex) noexcept:
     """Lock mutex; when it is taken, wait for it with the GIL released.

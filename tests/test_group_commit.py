@@ -1,11 +1,11 @@
-"""Under fsync="always", acks from many threads share the journal's syncs.
+"""Under fsync="always", puts and acks from many threads share syncs.
 
 An LD_PRELOAD wrapper, built with the C compiler, counts the msync calls on
-the mappings of group journal segments (files under /groups/ ending in
-.log) and makes each one take 2 ms, as a sync to a disk would. While one
-thread syncs, the acks of the others are written to the journal and wait
-for the next sync, which covers all of them; so 8 threads acking at once
-need fewer syncs than acks. A reopen then finds every ack kept.
+the mappings of one kind of segment and makes each one take 2 ms, as a sync
+to a disk would: message segments (files under /log/ ending in .log) or
+group journal segments (under /groups/). While one thread syncs, the others
+append and wait for the next sync, which covers all of them; so 8 threads
+at once need fewer syncs than records. A reopen then finds every record.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from pathlib import Path
 import pytest
 
 THREADS = 8
-ACKS_PER_THREAD = 25
+PER_THREAD = 25
 
 WRAPPER = r"""
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/types.h>
@@ -36,24 +37,28 @@ WRAPPER = r"""
 
 static struct { char *start; size_t length; } ranges[MAX_RANGES];
 static pthread_mutex_t ranges_lock = PTHREAD_MUTEX_INITIALIZER;
-static long journal_syncs;
+static long syncs;
 
-long pymq_test_journal_syncs(void)
+long pymq_test_syncs(void)
 {
-    return __atomic_load_n(&journal_syncs, __ATOMIC_SEQ_CST);
+    return __atomic_load_n(&syncs, __ATOMIC_SEQ_CST);
 }
 
-static int is_journal_segment(int fd)
+/* A segment log whose path contains PYMQ_TEST_SYNC_MATCH. */
+static int is_counted_segment(int fd)
 {
+    const char *match = getenv("PYMQ_TEST_SYNC_MATCH");
     char link[64], path[4096];
     ssize_t length;
 
+    if (match == NULL)
+        return 0;
     snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
     length = readlink(link, path, sizeof(path) - 1);
     if (length < 4)
         return 0;
     path[length] = 0;
-    return strstr(path, "/groups/") != NULL &&
+    return strstr(path, match) != NULL &&
            strcmp(path + length - 4, ".log") == 0;
 }
 
@@ -68,7 +73,7 @@ void *mmap(void *address, size_t length, int prot, int flags, int fd,
         next = (void *(*)(void *, size_t, int, int, int, off_t))dlsym(
             RTLD_NEXT, "mmap");
     mapped = next(address, length, prot, flags, fd, offset);
-    if (mapped == MAP_FAILED || fd < 0 || !is_journal_segment(fd))
+    if (mapped == MAP_FAILED || fd < 0 || !is_counted_segment(fd))
         return mapped;
     pthread_mutex_lock(&ranges_lock);
     for (i = 0; i < MAX_RANGES; i++) {
@@ -125,59 +130,82 @@ int msync(void *address, size_t length, int flags)
     if (next == NULL)
         next = (int (*)(void *, size_t, int))dlsym(RTLD_NEXT, "msync");
     if ((flags & MS_SYNC) && tracked(address, length)) {
-        __atomic_add_fetch(&journal_syncs, 1, __ATOMIC_SEQ_CST);
+        __atomic_add_fetch(&syncs, 1, __ATOMIC_SEQ_CST);
         usleep(2000);
     }
     return next(address, length, flags);
 }
 """
 
-# argv: data folder, wrapper library. Prints one JSON object.
+# argv: data folder, wrapper library, "put" or "ack", threads, records per
+# thread. Prints one JSON object.
 SCRIPT = textwrap.dedent(
     """
     import ctypes, json, sys, threading
     import pymq
 
-    data, library = sys.argv[1], sys.argv[2]
-    threads, per_thread = int(sys.argv[3]), int(sys.argv[4])
-    journal_syncs = ctypes.CDLL(library).pymq_test_journal_syncs
-    journal_syncs.restype = ctypes.c_long
+    data, library, work = sys.argv[1], sys.argv[2], sys.argv[3]
+    threads, per_thread = int(sys.argv[4]), int(sys.argv[5])
+    syncs = ctypes.CDLL(library).pymq_test_syncs
+    syncs.restype = ctypes.c_long
+    total = threads * per_thread
     results = {}
 
     # A long flush interval keeps the background flush out of the count.
     with pymq.open(data, fsync="always", flush_interval=3600) as broker:
         queue = broker.queue("jobs")
-        queue.put_many([b"m%d" % i for i in range(threads * per_thread)])
-        messages = queue.get_many(threads * per_thread)
-        results["delivered"] = len(messages)
+        if work == "put":
+            shares = [
+                [b"t%d-%d" % (i, n) for n in range(per_thread)]
+                for i in range(threads)
+            ]
+            call = queue.put
+        else:
+            queue.put_many([b"m%d" % i for i in range(total)])
+            messages = queue.get_many(total)
+            results["delivered"] = len(messages)
+            shares = [messages[i::threads] for i in range(threads)]
+            call = lambda message: message.ack()
         start = threading.Barrier(threads)
         errors = []
 
-        def ack_share(share):
+        def work_share(share):
             start.wait()
             try:
-                for message in share:
-                    message.ack()
+                for item in share:
+                    call(item)
             except Exception as exc:
                 errors.append(repr(exc))
 
         workers = [
-            threading.Thread(target=ack_share, args=(messages[i::threads],))
-            for i in range(threads)
+            threading.Thread(target=work_share, args=(share,))
+            for share in shares
         ]
-        before = journal_syncs()
+        before = syncs()
         for worker in workers:
             worker.start()
         for worker in workers:
             worker.join()
-        results["syncs"] = journal_syncs() - before
+        results["syncs"] = syncs() - before
         results["errors"] = errors
 
     with pymq.open(data, fsync="always", flush_interval=3600) as broker:
-        results["depth"] = broker.queue("jobs").stats().depth
+        queue = broker.queue("jobs")
+        results["depth"] = queue.stats().depth
+        if work == "put":
+            bodies = [message.body for message in queue.get_many(total + 1)]
+            # Each thread's puts, in the order they were made.
+            results["orders"] = [
+                [body for body in bodies if body.startswith(b"t%d-" % i)]
+                == [b"t%d-%d" % (i, n) for n in range(per_thread)]
+                for i in range(threads)
+            ]
     print(json.dumps(results))
     """
 )
+
+# The wrapper's PYMQ_TEST_SYNC_MATCH for the syncs of each kind of work.
+SEGMENTS = {"put": "/log/", "ack": "/groups/"}
 
 
 @pytest.fixture
@@ -196,8 +224,10 @@ def wrapper(tmp_path: Path) -> Path:
     return library
 
 
-def run_acks(tmp_path: Path, wrapper: Path, threads: int, per_thread: int) -> dict:
-    """Ack threads * per_thread messages from threads threads; return the results."""
+def run_work(
+    tmp_path: Path, wrapper: Path, work: str, threads: int, per_thread: int
+) -> dict:
+    """Put or ack threads * per_thread records from threads threads."""
     result = subprocess.run(
         [
             sys.executable,
@@ -205,10 +235,11 @@ def run_acks(tmp_path: Path, wrapper: Path, threads: int, per_thread: int) -> di
             SCRIPT,
             str(tmp_path / "data"),
             str(wrapper),
+            work,
             str(threads),
             str(per_thread),
         ],
-        env={"LD_PRELOAD": str(wrapper)},
+        env={"LD_PRELOAD": str(wrapper), "PYMQ_TEST_SYNC_MATCH": SEGMENTS[work]},
         capture_output=True,
         text=True,
         timeout=120,
@@ -221,17 +252,40 @@ def run_acks(tmp_path: Path, wrapper: Path, threads: int, per_thread: int) -> di
 def test_single_thread_acks_sync_each(tmp_path: Path, wrapper: Path) -> None:
     # Nothing to share: the count is one sync per ack, which shows that the
     # wrapper counts each sync of the journal once.
-    results = run_acks(tmp_path, wrapper, 1, THREADS * ACKS_PER_THREAD)
+    results = run_work(tmp_path, wrapper, "ack", 1, THREADS * PER_THREAD)
     assert results["errors"] == []
-    assert results["syncs"] == THREADS * ACKS_PER_THREAD
+    assert results["syncs"] == THREADS * PER_THREAD
     assert results["depth"] == 0
 
 
 def test_concurrent_acks_share_journal_syncs(tmp_path: Path, wrapper: Path) -> None:
-    results = run_acks(tmp_path, wrapper, THREADS, ACKS_PER_THREAD)
-    acks = THREADS * ACKS_PER_THREAD
+    results = run_work(tmp_path, wrapper, "ack", THREADS, PER_THREAD)
+    acks = THREADS * PER_THREAD
     assert results["delivered"] == acks
     assert results["errors"] == []
     assert results["syncs"] >= 1
     assert results["syncs"] < acks
     assert results["depth"] == 0
+
+
+def test_single_thread_puts_sync_each(tmp_path: Path, wrapper: Path) -> None:
+    results = run_work(tmp_path, wrapper, "put", 1, THREADS * PER_THREAD)
+    assert results["errors"] == []
+    assert results["syncs"] == THREADS * PER_THREAD
+    assert results["depth"] == THREADS * PER_THREAD
+    assert results["orders"] == [True]
+
+
+def test_concurrent_puts_gather_into_shared_syncs(
+    tmp_path: Path, wrapper: Path
+) -> None:
+    # Without gathering, the threads take turns: half of them append while
+    # the other half wait for a sync, so a sync covers about 4 puts. A
+    # leader that waits for the threads the last sync released makes it
+    # about 8, less a few syncs while the count grows and the threads end.
+    results = run_work(tmp_path, wrapper, "put", THREADS, PER_THREAD)
+    puts = THREADS * PER_THREAD
+    assert results["errors"] == []
+    assert results["depth"] == puts
+    assert results["orders"] == [True] * THREADS
+    assert 1 <= results["syncs"] <= puts // 5
