@@ -114,6 +114,35 @@ cdef inline bint valid_record(const uint8_t *data, size_t capacity,
     return True
 
 
+cdef void store_crcs(uint8_t *record, Py_ssize_t count) noexcept nogil:
+    """Store the CRCs of count records laid out one after another."""
+    cdef const void *heads[3]
+    cdef const void *bodies[3]
+    cdef uint8_t *starts[3]
+    cdef size_t lengths[3]
+    cdef uint32_t crcs[3]
+    cdef size_t length
+    cdef int k
+
+    while count >= 3:
+        for k in range(3):
+            starts[k] = record
+            heads[k] = record
+            bodies[k] = record + REC_HEADER_SIZE
+            lengths[k] = load_u32(record + REC_OFF_LENGTH)
+            record += record_size(lengths[k])
+        pymq_crc32c_pair3(heads, REC_OFF_CRC, bodies, lengths, crcs)
+        for k in range(3):
+            store_u32(starts[k] + REC_OFF_CRC, crcs[k])
+        count -= 3
+    while count > 0:
+        length = load_u32(record + REC_OFF_LENGTH)
+        store_u32(record + REC_OFF_CRC, record_crc(
+            record, record + REC_HEADER_SIZE, length))
+        record += record_size(length)
+        count -= 1
+
+
 cdef size_t find_record(const uint8_t *data, size_t capacity, size_t start,
                         uint64_t min_offset, uint64_t max_offset,
                         size_t *nonzero_end) noexcept nogil:
@@ -658,12 +687,12 @@ cdef class Segment:
             size = record_size(length)
             put_record_header(header, length, size, offset, timestamp, flags)
             memcpy(header + REC_HEADER_SIZE, bodies[i].data, length)
-            # Over the copy in the file, as write_record() does.
-            store_u32(header + REC_OFF_CRC, record_crc(
-                header, header + REC_HEADER_SIZE, length))
             store_u32(self.index_entry(offset), <uint32_t>position)
             position += size
             offset += 1
+        # Over the copies in the file, as write_record() does, in a second
+        # pass that checksums three records at a time.
+        store_crcs(self.data + self.length, count)
         self.length = position
         self.count += count
 

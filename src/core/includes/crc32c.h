@@ -18,6 +18,13 @@ uint32_t pymq_crc32c(uint32_t crc, const void *data, size_t length);
 uint32_t pymq_crc32c_pair(const void *first, size_t first_length,
                           const void *second, size_t second_length);
 
+/* Store in out[k] the CRC of first[k] (first_length bytes) followed by
+ * second[k], as pymq_crc32c_pair() would, for k from 0 to 2.  On x86-64
+ * the three run side by side. */
+void pymq_crc32c_pair3(const void *const first[3], size_t first_length,
+                       const void *const second[3],
+                       const size_t second_length[3], uint32_t out[3]);
+
 /* The portable table path, for tests that compare both implementations. */
 uint32_t pymq_crc32c_portable(uint32_t crc, const void *data, size_t length);
 

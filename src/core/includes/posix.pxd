@@ -7,6 +7,9 @@ cdef extern from "includes/crc32c.h" nogil:
     uint32_t pymq_crc32c(uint32_t crc, const void *data, size_t length)
     uint32_t pymq_crc32c_pair(const void *first, size_t first_length,
                               const void *second, size_t second_length)
+    void pymq_crc32c_pair3(const void **first, size_t first_length,
+                           const void **second, const size_t *second_length,
+                           uint32_t *out)
     uint32_t pymq_crc32c_portable(uint32_t crc, const void *data,
                                   size_t length)
     const char *pymq_crc32c_impl()
