@@ -17,7 +17,7 @@
  * while the next sync runs, which covers only the others.  Each sync then
  * covers about half of the threads.  So before it syncs, a leader waits
  * for as many arrivals as the largest sync since the last miss had, for
- * at most as long as the last sync took.  After a wait that reaches that
+ * at most as long as the last sync took (and 10 ms).  After a wait that reaches that
  * bound, the next sync does not wait and starts the count again.  A lone
  * thread never waits, since its syncs have one record each.  With 8
  * threads putting 100-byte messages under fsync="always" on a 2-core VM,
@@ -87,12 +87,24 @@ static inline int pymq_commit_lead(pymq_commit *commit)
                                        __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
 }
 
+/* The gather waits at most this long, whatever the last sync took, and
+ * yields its CPU for the first GATHER_SPIN_NS of it, then sleeps in steps
+ * of GATHER_NAP_NS.  Yielding reacts within microseconds, but it keeps a
+ * CPU busy, which a slow disk would make last milliseconds. */
+#define GATHER_MAX_NS 10000000
+#define GATHER_SPIN_NS 100000
+#define GATHER_NAP_NS 20000
+
 /* Called by the leader before it syncs: see "Gathering" above.  Returns
  * the time the sync starts, for pymq_commit_end(). */
 static inline int64_t pymq_commit_gather(pymq_commit *commit)
 {
-    int64_t now = pymq_commit_clock();
-    int64_t deadline = now + commit->last_sync_ns;
+    int64_t start = pymq_commit_clock();
+    int64_t now = start;
+    int64_t deadline = start + (commit->last_sync_ns < GATHER_MAX_NS
+                                    ? commit->last_sync_ns
+                                    : GATHER_MAX_NS);
+    struct timespec nap = {0, GATHER_NAP_NS};
     uint32_t arrived;
 
     while (1) {
@@ -106,7 +118,10 @@ static inline int64_t pymq_commit_gather(pymq_commit *commit)
             commit->last_arrivals += arrived;
             return now;
         }
-        sched_yield();
+        if (now - start < GATHER_SPIN_NS)
+            sched_yield();
+        else
+            nanosleep(&nap, NULL);
         now = pymq_commit_clock();
     }
     if (arrived > commit->target)
