@@ -15,6 +15,7 @@ import functools
 import itertools
 import logging
 import math
+import numbers
 import os
 import socket
 import ssl
@@ -236,14 +237,16 @@ def check_busy_poll(busy_poll: object) -> float:
     """
     if busy_poll is None:
         return DEFAULT_BUSY_POLL if len(os.sched_getaffinity(0)) > 1 else 0.0
-    if isinstance(busy_poll, bool) or not isinstance(busy_poll, (int, float)):
+    # numbers.Real also takes numpy's integer scalars, which are not int.
+    if isinstance(busy_poll, bool) or not isinstance(busy_poll, numbers.Real):
         raise TypeError(f"busy_poll must be a number of seconds, not {busy_poll!r}")
+    seconds = float(busy_poll)
     # Written so that NaN fails the check too.
-    if not 0 <= busy_poll <= _MAX_BUSY_POLL:
+    if not 0 <= seconds <= _MAX_BUSY_POLL:
         raise errors.ConfigError(
             f"busy_poll is {busy_poll} seconds; it must be from 0 to {_MAX_BUSY_POLL:g}"
         )
-    return float(busy_poll)
+    return seconds
 
 
 def connect_failed(address: Address, exc: OSError) -> OSError:

@@ -16,8 +16,10 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from fractions import Fraction
 from typing import Any
 
+import numpy
 import pytest
 
 import pymq
@@ -236,6 +238,25 @@ def test_default_busy_poll_depends_on_cpus(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     assert check_busy_poll(None) == DEFAULT_BUSY_POLL
     assert check_busy_poll(0.0005) == 0.0005
+
+
+@pytest.mark.parametrize(
+    "busy_poll",
+    [numpy.int64(0), numpy.float64(0.0005), numpy.float32(0.001), Fraction(1, 1000)],
+)
+def test_busy_poll_takes_any_real(busy_poll: object) -> None:
+    from pymq.client import check_busy_poll
+
+    seconds = check_busy_poll(busy_poll)
+    assert type(seconds) is float
+    assert seconds == float(busy_poll)  # type: ignore[arg-type]
+
+
+def test_busy_poll_rejects_complex() -> None:
+    from pymq.client import check_busy_poll
+
+    with pytest.raises(TypeError, match=r"not \(1\+0j\)"):
+        check_busy_poll(1 + 0j)
 
 
 # Closed and reset sockets, signals, threads and reconnects ---------------
