@@ -26,6 +26,7 @@ WRAPPER = r"""
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,10 +39,27 @@ WRAPPER = r"""
 static struct { char *start; size_t length; } ranges[MAX_RANGES];
 static pthread_mutex_t ranges_lock = PTHREAD_MUTEX_INITIALIZER;
 static long syncs;
+static long yields;
 
 long pymq_test_syncs(void)
 {
     return __atomic_load_n(&syncs, __ATOMIC_SEQ_CST);
+}
+
+long pymq_test_yields(void)
+{
+    return __atomic_load_n(&yields, __ATOMIC_SEQ_CST);
+}
+
+/* A group commit leader yields while it waits for more threads to arrive. */
+int sched_yield(void)
+{
+    static int (*next)(void);
+
+    if (next == NULL)
+        next = (int (*)(void))dlsym(RTLD_NEXT, "sched_yield");
+    __atomic_add_fetch(&yields, 1, __ATOMIC_SEQ_CST);
+    return next();
 }
 
 /* A segment log whose path contains PYMQ_TEST_SYNC_MATCH. */
@@ -204,6 +222,24 @@ SCRIPT = textwrap.dedent(
     """
 )
 
+# argv: store folder, wrapper library, records. One thread appends 100-byte
+# records to 4 KiB segments, so it rolls a segment about every 30 records.
+LONE_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, json, sys
+    from pymq import SegmentStore
+
+    folder, library, records = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    yields = ctypes.CDLL(library).pymq_test_yields
+    yields.restype = ctypes.c_long
+    with SegmentStore(folder, segment_bytes=4096, fsync="always") as store:
+        for _ in range(records):
+            store.append(b"x" * 100)
+        segments = len(store.segment_ranges())
+    print(json.dumps({"yields": yields(), "segments": segments}))
+    """
+)
+
 # The wrapper's PYMQ_TEST_SYNC_MATCH for the syncs of each kind of work.
 SEGMENTS = {"put": "/log/", "ack": "/groups/"}
 
@@ -289,3 +325,27 @@ def test_concurrent_puts_gather_into_shared_syncs(
     assert results["depth"] == puts
     assert results["orders"] == [True] * THREADS
     assert 1 <= results["syncs"] <= puts // 5
+
+
+def test_lone_thread_never_waits_to_gather(tmp_path: Path, wrapper: Path) -> None:
+    # The first sync and the sync after each roll take the GIL, and the
+    # leader then checks its bytes again. A thread alone must still never
+    # wait for others to arrive, and each such wait yields many times.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LONE_SCRIPT,
+            str(tmp_path / "store"),
+            str(wrapper),
+            "100",
+        ],
+        env={"LD_PRELOAD": str(wrapper), "PYMQ_TEST_SYNC_MATCH": "/store/"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout)
+    assert results["segments"] >= 3
+    assert results["yields"] == 0

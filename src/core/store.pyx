@@ -849,6 +849,10 @@ cdef class SegmentStore:
 
         if self.synced_bytes >= written:
             return 0
+        # Counted once per call: a leader that ran a sync with the GIL comes
+        # back to commit(), and a second count would make a lone thread
+        # wait in pymq_commit_gather() for an arrival that never comes.
+        pymq_commit_arrive(self.commit_state)
         while True:
             with nogil:
                 lead = self.commit(written, &started, &error)
@@ -884,12 +888,12 @@ cdef class SegmentStore:
         Returns 0 once they are synced, the store is closed, or a sync this
         thread led failed (error is then set to its errno). Returns 1 when
         this thread leads a sync that needs the GIL: the caller runs it and
-        then calls pymq_commit_end() with started.
+        then calls pymq_commit_end() with started. The caller has counted
+        this thread with pymq_commit_arrive() once, before the first call.
         """
         cdef uint32_t seen
         cdef int outcome
 
-        pymq_commit_arrive(self.commit_state)
         while True:
             seen = pymq_commit_seq(self.commit_state)
             if (pymq_load_u64(&self.synced_bytes) >= written
