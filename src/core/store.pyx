@@ -903,6 +903,11 @@ cdef class SegmentStore:
                 # The sync under way, or the next one, covers these bytes.
                 pymq_commit_wait(self.commit_state, seen)
                 continue
+            if pymq_load_u64(&self.synced_bytes) >= written:
+                # A sync that ended between the check above and the lead
+                # covered them: lead nothing, but wake any waiter.
+                pymq_commit_end(self.commit_state, 0)
+                return 0
             started[0] = pymq_commit_gather(self.commit_state)
             outcome = self.sync_tail()
             if outcome < 0:
