@@ -1466,6 +1466,11 @@ cdef class GroupBase:
                         seg.data, seg.length, pos, offset, offset + 1, &size):
                     break
                 record = seg.data + pos
+                # Records lie one after the other: ask for the cache lines
+                # about 1 KiB ahead now, so they arrive before the CRC of
+                # that record reads them (see PREFETCH_AHEAD).
+                pymq_prefetch(record + PREFETCH_AHEAD)
+                pymq_prefetch(record + PREFETCH_AHEAD + 64)
                 flags = load_u32(record + REC_OFF_FLAGS)
                 header_size = 0
                 if flags & REC_FLAG_TARGETED:

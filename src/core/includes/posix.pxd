@@ -134,3 +134,12 @@ cdef extern from "<sys/socket.h>" nogil:
 
 cdef extern from "<sched.h>" nogil:
     int sched_yield()
+
+
+cdef extern from *:
+    """
+    #define pymq_prefetch(address) __builtin_prefetch((address), 0, 3)
+    #define pymq_prefetch_write(address) __builtin_prefetch((address), 1, 3)
+    """
+    void pymq_prefetch(const void *address) nogil
+    void pymq_prefetch_write(const void *address) nogil
