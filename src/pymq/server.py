@@ -510,6 +510,22 @@ class _TlsListener:
                     )
                     await asyncio.sleep(1.0)
                     continue
+                server = self._server
+                limit = server.limits.max_connections
+                if len(self._handshakes) + server.connection_count >= limit:
+                    # A handshake keeps its socket open for up to
+                    # handshake_timeout, so handshakes count against
+                    # max_connections too. Otherwise clients that never
+                    # finish one could open any number of sockets.
+                    server.handshake_failed(
+                        _address_text(address),
+                        f"refused before it began: the server holds "
+                        f"max_connections ({limit}) connections and handshakes; "
+                        f"try again once others close, or start it with a "
+                        f"higher --max-connections",
+                    )
+                    sock.close()
+                    continue
                 task = asyncio.ensure_future(
                     self._handshake(sock, _address_text(address))
                 )
@@ -832,6 +848,11 @@ class Server:
 
     def unregister(self, connection: _Connection) -> None:
         self._connections.discard(connection)
+
+    @property
+    def connection_count(self) -> int:
+        """Connections open now, past their TLS handshake if any."""
+        return len(self._connections)
 
     @property
     def syncs(self) -> bool:

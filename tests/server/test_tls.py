@@ -759,6 +759,54 @@ def test_stop_during_handshakes(tls_server: TlsServer) -> None:
     assert "Task was destroyed" not in log
 
 
+def test_handshakes_count_against_max_connections(
+    tmp_path: Path, certificates: Certificates
+) -> None:
+    # A long handshake_timeout: the third socket must be closed at once.
+    server = start(
+        tmp_path, certificates, "--max-connections", "2", "--handshake-timeout", "30"
+    )
+    port = port_of(server.url)
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5.0) as first,
+            socket.create_connection(("127.0.0.1", port), timeout=5.0) as second,
+        ):
+            wait_for_log(server, "serving ")
+            with socket.create_connection(("127.0.0.1", port), timeout=5.0) as third:
+                peer = address_of(third)
+                assert closed_by_server(third)
+            wait_for_log(
+                server,
+                handshake_warning(
+                    peer,
+                    "refused before it began: the server holds max_connections "
+                    "(2) connections and handshakes; try again once others "
+                    "close, or start it with a higher --max-connections",
+                ),
+            )
+            # The two silent sockets still wait in their handshakes.
+            first.settimeout(0.2)
+            second.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                first.recv(1)
+            with pytest.raises(TimeoutError):
+                second.recv(1)
+        # With both closed, their handshakes end and a client gets in.
+        deadline = time.monotonic() + LOG_TIMEOUT
+        while True:
+            try:
+                with pymq.connect(server.url, ca_file=str(certificates.ca)) as broker:
+                    assert broker.queue("after").put(b"served") == 0
+                break
+            except (ConnectionError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    finally:
+        assert stop(server) == 0
+
+
 def test_tls_port_in_use_exits_2(tmp_path: Path, certificates: Certificates) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
