@@ -73,9 +73,14 @@ cdef int sync_mapped(uint8_t *data, size_t start, size_t stop) noexcept nogil:
     return 0
 
 
-cdef uint32_t record_crc(const uint8_t *header, const uint8_t *body,
-                         size_t length) noexcept nogil:
-    return pymq_crc32c_pair(header, REC_OFF_CRC, body, length)
+# record_crc() checksums the header fields before the CRC as the fixed head
+# of pymq_crc32c_head().
+assert REC_OFF_CRC == PYMQ_CRC32C_HEAD
+
+
+cdef inline uint32_t record_crc(const uint8_t *header, const uint8_t *body,
+                                size_t length) noexcept nogil:
+    return pymq_crc32c_head(header, body, length)
 
 
 cdef inline void put_record_header(uint8_t *header, size_t length,
@@ -137,7 +142,7 @@ cdef void store_crcs(uint8_t *record, Py_ssize_t count) noexcept nogil:
             bodies[k] = record + REC_HEADER_SIZE
             lengths[k] = load_u32(record + REC_OFF_LENGTH)
             record += record_size(lengths[k])
-        pymq_crc32c_pair3(heads, REC_OFF_CRC, bodies, lengths, crcs)
+        pymq_crc32c_head3(heads, bodies, lengths, crcs)
         for k in range(3):
             store_u32(starts[k] + REC_OFF_CRC, crcs[k])
         count -= 3

@@ -25,6 +25,19 @@ void pymq_crc32c_pair3(const void *const first[3], size_t first_length,
                        const void *const second[3],
                        const size_t second_length[3], uint32_t out[3]);
 
+/* The length of the head of pymq_crc32c_head(): a record's header fields
+ * before its CRC. */
+#define PYMQ_CRC32C_HEAD 28
+
+/* Return pymq_crc32c_pair(head, PYMQ_CRC32C_HEAD, body, length), with the
+ * head's words unrolled. */
+uint32_t pymq_crc32c_head(const void *head, const void *body, size_t length);
+
+/* pymq_crc32c_head() of three records, side by side as pymq_crc32c_pair3()
+ * runs them. */
+void pymq_crc32c_head3(const void *const head[3], const void *const body[3],
+                       const size_t length[3], uint32_t out[3]);
+
 /* The portable table path, for tests that compare both implementations. */
 uint32_t pymq_crc32c_portable(uint32_t crc, const void *data, size_t length);
 
