@@ -20,6 +20,7 @@ import os
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -240,13 +241,34 @@ def check_busy_poll(busy_poll: object) -> float:
     # numbers.Real also takes numpy's integer scalars, which are not int.
     if isinstance(busy_poll, bool) or not isinstance(busy_poll, numbers.Real):
         raise TypeError(f"busy_poll must be a number of seconds, not {busy_poll!r}")
-    seconds = float(busy_poll)
+    try:
+        seconds = float(busy_poll)
+    except OverflowError:
+        # An int or Fraction past the range of a float is out of range here
+        # too, whatever its sign.
+        seconds = math.inf
     # Written so that NaN fails the check too.
     if not 0 <= seconds <= _MAX_BUSY_POLL:
         raise errors.ConfigError(
-            f"busy_poll is {busy_poll} seconds; it must be from 0 to {_MAX_BUSY_POLL:g}"
+            f"busy_poll is {format_number(busy_poll)} seconds; it must be from 0 "
+            f"to {_MAX_BUSY_POLL:g}"
         )
     return seconds
+
+
+def format_number(value: object) -> str:
+    """Return str(value), or a description when str() cannot print it.
+
+    It calls str() because format() prints numpy's longdouble through a
+    float, so 1e4000 would show as inf.
+    """
+    try:
+        return str(value)
+    except ValueError:
+        # An int, or a Fraction's numerator or denominator, has more
+        # digits than sys.get_int_max_str_digits() allows.
+        limit = sys.get_int_max_str_digits()
+        return f"<{type(value).__name__} of more than {limit} digits>"
 
 
 def connect_failed(address: Address, exc: OSError) -> OSError:

@@ -259,6 +259,27 @@ def test_busy_poll_rejects_complex() -> None:
         check_busy_poll(1 + 0j)
 
 
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (10**400, "1" + "0" * 400),
+        (-(10**400), "-1" + "0" * 400),
+        (Fraction(10**400, 3), f"{10**400}/3"),
+        (numpy.longdouble("1e4000"), "1e+4000"),
+        (10**5000, "<int of more than 4300 digits>"),
+        (Fraction(10**5000, 10**5000 + 1), "<Fraction of more than 4300 digits>"),
+    ],
+    ids=["int", "negative int", "Fraction", "longdouble", "long int", "long Fraction"],
+)
+def test_connect_rejects_busy_poll_past_float(shared_server, value, shown):
+    # float() raises OverflowError on these, and format() prints a
+    # longdouble through a float, as inf.
+    expected = f"busy_poll is {shown} seconds; it must be from 0 to 0.01"
+    with pytest.raises(ConfigError) as raised:
+        pymq.connect(shared_server.url, busy_poll=value)
+    assert str(raised.value) == expected
+
+
 # Closed and reset sockets, signals, threads and reconnects ---------------
 
 
