@@ -64,6 +64,7 @@ from pymq.client import (
     reconnect_attempts_failed,
     reconnect_delays,
     take_unconfirmed_error,
+    tls_closed,
     tls_failed,
     visibility_timeout_of,
     wait_ms,
@@ -216,6 +217,12 @@ class AsyncConnection:
             raise
         except ssl.SSLError as exc:
             raise errors.ConnectionLostError(tls_failed(address, exc)) from exc
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            if not address.tls:
+                raise connect_failed(address, exc) from exc
+            # A TCP connect is refused rather than reset, so the reset came
+            # during the TLS handshake.
+            raise errors.ConnectionLostError(tls_closed(address)) from exc
         except OSError as exc:
             raise connect_failed(address, exc) from exc
         try:

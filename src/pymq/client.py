@@ -289,6 +289,15 @@ def connect_failed(address: Address, exc: OSError) -> OSError:
     return type(exc)(exc.errno, message)
 
 
+def tls_closed(address: Address) -> str:
+    """Return the message for a server that closed during the TLS handshake."""
+    return (
+        f"{address} closed the connection during the TLS handshake; a pymq "
+        f"server does this when it holds max_connections connections and "
+        f"handshakes, so try again once others close"
+    )
+
+
 def tls_failed(address: Address, exc: ssl.SSLError) -> str:
     """Return the message for a TLS handshake that failed with exc."""
     reason = str(exc.reason)
@@ -633,7 +642,8 @@ class TlsChannel:
                 self._flush()
                 data = sock.recv(65536)
                 if not data:
-                    raise errors.ConnectionLostError(
+                    # The caller names the server in its message.
+                    raise ConnectionResetError(
                         "the server closed the connection during the TLS handshake"
                     ) from None
                 self._incoming.write(data)
@@ -777,6 +787,11 @@ class Connection:
                 except ssl.SSLError as exc:
                     sock.close()
                     raise errors.ConnectionLostError(tls_failed(address, exc)) from exc
+                except (ConnectionResetError, BrokenPipeError) as exc:
+                    # A server that closes with the ClientHello unread sends
+                    # a reset, not a FIN.
+                    sock.close()
+                    raise errors.ConnectionLostError(tls_closed(address)) from exc
                 except BaseException:
                     sock.close()
                     raise

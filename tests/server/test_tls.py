@@ -807,6 +807,39 @@ def test_handshakes_count_against_max_connections(
         assert stop(server) == 0
 
 
+def test_full_tls_server_names_its_limit(
+    tmp_path: Path, certificates: Certificates
+) -> None:
+    # The server closes a socket past max_connections before its handshake.
+    # The client sees a FIN or a reset, by timing, and raises one error for
+    # both. Ten attempts of each client usually meet both.
+    server = start(
+        tmp_path, certificates, "--max-connections", "1", "--handshake-timeout", "30"
+    )
+    expected = (
+        f"{server.url} closed the connection during the TLS handshake; a pymq "
+        "server does this when it holds max_connections connections and "
+        "handshakes, so try again once others close"
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", port_of(server.url)), 5.0):
+            wait_for_log(server, "serving ")
+            for _ in range(10):
+                with pytest.raises(ConnectionLostError) as raised:
+                    pymq.connect(server.url, ca_file=str(certificates.ca))
+                assert str(raised.value) == expected
+
+            async def connect_async() -> None:
+                await pymq.aio.connect(server.url, ca_file=str(certificates.ca))
+
+            for _ in range(10):
+                with pytest.raises(ConnectionLostError) as raised:
+                    asyncio.run(connect_async())
+                assert str(raised.value) == expected
+    finally:
+        assert stop(server) == 0
+
+
 def test_tls_port_in_use_exits_2(tmp_path: Path, certificates: Certificates) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
