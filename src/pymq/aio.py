@@ -48,6 +48,7 @@ from pymq.client import (
     UnconfirmedSettles,
     _seconds,
     apply_hello,
+    bodies_as_list,
     cancel_frame,
     check_connect_options,
     check_receipt,
@@ -835,7 +836,7 @@ class _AsyncPublisher(_AsyncHandle):
         timeout: float | None = None,
     ) -> int:
         """Append one message and return its offset."""
-        plan_batches([body], headers, self.name, self._connection)
+        plan_batches([body], headers, self.name, self._connection, "put")
         milliseconds = wait_ms(timeout)
         frames = await self._connection.call(
             protocol.PUBLISH,
@@ -854,7 +855,7 @@ class _AsyncPublisher(_AsyncHandle):
         timeout: float | None = None,
     ) -> range | list[int]:
         """Append messages in order; return their offsets (see RemoteQueue)."""
-        items = bodies if isinstance(bodies, list) else list(bodies)
+        items = bodies_as_list(bodies)
         connection = self._connection
         milliseconds = wait_ms(timeout)
         ranges: list[range] = []

@@ -1511,6 +1511,45 @@ def _nbytes(body: Any) -> int:
     return len(body) if type(body) is bytes else memoryview(body).nbytes
 
 
+def body_type_error(body: Any, method: str, index: int | None = None) -> TypeError:
+    """Return the embedded broker's TypeError for a body that is not bytes-like.
+
+    index is the body's place in put_many's bodies, or None for put().
+    """
+    name = type(body).__name__
+    if index is None:
+        return TypeError(f"{method}(): body must be a bytes-like object, not {name}")
+    return TypeError(
+        f"{method}(): item {index} of bodies must be a bytes-like object, not {name}"
+    )
+
+
+def bodies_as_list(bodies: Iterable[Any]) -> list[Any]:
+    """Return put_many's bodies as a list; raise TypeError for a lone body or str."""
+    if isinstance(bodies, list):
+        return bodies
+    if isinstance(bodies, (bytes, bytearray, memoryview, str)):
+        raise TypeError(
+            f"bodies must be an iterable of bytes-like objects (a list of bytes, "
+            f"say), not {type(bodies).__name__}; use put() for one message"
+        )
+    return list(bodies)
+
+
+def measure_checked(items: list[Any], method: str) -> tuple[int, int]:
+    """Return measure_bodies(items); name the first body that is not bytes-like."""
+    try:
+        return measure_bodies(items)
+    except TypeError:
+        for index, body in enumerate(items):
+            try:
+                memoryview(body).release()
+            except TypeError:
+                place = None if method == "put" else index
+                raise body_type_error(body, method, place) from None
+        raise
+
+
 def check_size(size: int, limit: int | None) -> None:
     """Raise MessageTooLargeError, as the broker would, for size over limit."""
     if limit is not None and size > limit:
@@ -1518,19 +1557,24 @@ def check_size(size: int, limit: int | None) -> None:
 
 
 def plan_batches(
-    items: list[Any], headers: dict[str, str] | None, target: str, limits: Any
+    items: list[Any],
+    headers: dict[str, str] | None,
+    target: str,
+    limits: Any,
+    method: str = "put_many",
 ) -> list[tuple[int, int]]:
     """Split items into (start, stop) spans that each fit one PUBLISH frame.
 
     target is the queue or stream put into. limits has the connection's
     max_batch, max_frame_bytes and max_message_bytes. Headers that a put
-    into target would reject, and a message over max_message_bytes, raise
-    first, so nothing is sent.
+    into target would reject, a body that is not bytes-like and a message
+    over max_message_bytes raise first, so nothing is sent. method names
+    the caller in the error for a body.
     """
     block = put_header_bytes(headers, target)
     if not items:
         return []
-    largest, total = measure_bodies(items)
+    largest, total = measure_checked(items, method)
     check_size(largest + block, limits.max_message_bytes)
     count = len(items)
     # Most batches fit one frame; only the others need each record's size.
@@ -1585,7 +1629,13 @@ class _Publisher(_Handle):
     ) -> int:
         """Append one message and return its offset; see Queue.put."""
         connection = self._connection
-        size = len(body) if type(body) is bytes else _nbytes(body)
+        if type(body) is bytes:
+            size = len(body)
+        else:
+            try:
+                size = _nbytes(body)
+            except TypeError:
+                raise body_type_error(body, "put") from None
         if headers:
             size += put_header_bytes(headers, self.name)
         check_size(size, connection.max_message_bytes)
@@ -1610,7 +1660,7 @@ class _Publisher(_Handle):
         not at all. If other puts came between them, the offsets come as a
         list.
         """
-        items = bodies if isinstance(bodies, list) else list(bodies)
+        items = bodies_as_list(bodies)
         milliseconds = wait_ms(timeout)
         connection = self._connection
         ranges: list[range] = []
