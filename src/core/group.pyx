@@ -333,20 +333,22 @@ cdef extern from "Python.h":
 
 
 cdef int reserve_body_bytes(BodyBuffer *buffer, size_t extra,
-                            Py_ssize_t count) except -1:
-    """Make room for extra more bytes, and at first for count 256-byte bodies.
+                            Py_ssize_t more) except -1:
+    """Make room for extra more bytes, and then for more 256-byte bodies.
 
     The bodies are copied straight into the bytes object that becomes the
     batch's data. _PyBytes_Resize grows it in place, and take_body_bytes
-    cuts it to size, so no second copy is made.
+    cuts it to size, so no second copy is made. A batch taken in one run
+    (more is 0) gets its exact size at once, and needs no resize.
     """
     cdef size_t capacity
     cdef object created
 
     if buffer.bytes != NULL and buffer.size + extra <= buffer.capacity:
         return 0
-    capacity = max(2 * buffer.capacity, buffer.size + extra,
-                   <size_t>count * 256)
+    capacity = buffer.size + extra + <size_t>more * 256
+    if buffer.bytes != NULL:
+        capacity = max(2 * buffer.capacity, capacity)
     if buffer.bytes == NULL:
         created = PyBytes_FromStringAndSize(NULL, capacity)
         Py_INCREF(created)
@@ -449,7 +451,7 @@ cdef class BatchSink(TakeSink):
         if headers:
             self.pad_headers(index)
             self.headers.extend(headers)
-        reserve_body_bytes(&self.data, needed, self.count)
+        reserve_body_bytes(&self.data, needed, self.count - index - count)
         for i in range(count):
             record = records[i]
             length = load_u32(record + REC_OFF_LENGTH) - used[i]
@@ -472,7 +474,7 @@ cdef class BatchSink(TakeSink):
         if headers is not None:
             self.pad_headers(index)
             self.headers.append(headers)
-        reserve_body_bytes(&self.data, length, self.count)
+        reserve_body_bytes(&self.data, length, self.count - index - 1)
         memcpy(bytes_pointer(self.data.bytes) + self.data.size,
                record + REC_HEADER_SIZE + used, length)
         self.data.size += length
@@ -1428,7 +1430,7 @@ cdef class GroupBase:
         cdef RingBuffer ring = self.ring
         cdef SegmentStore store = self.stream.store
         cdef Segment seg
-        cdef uint64_t offset, end
+        cdef uint64_t offset, end, seg_first, seg_end
         cdef Py_ssize_t taken = 0
         cdef size_t size, header_size, run_bytes = 0
         cdef uint32_t pos, flags
@@ -1455,12 +1457,18 @@ cdef class GroupBase:
                         FRESH_RUN_RECORDS)
             offset = ring.cursor
             seg = store.last_read
+            # The segment's bounds, kept in locals: the stores to records
+            # and used below could otherwise alias them, and make the
+            # compiler load them again for every record.
+            seg_first, seg_end = 1, 0
+            if seg is not None:
+                seg_first, seg_end = seg.base, seg.base + seg.count
             while taken < limit and run_bytes < FRESH_RUN_BYTES:
-                if (seg is None or offset < seg.base or
-                        offset - seg.base >= seg.count):
+                if offset < seg_first or offset >= seg_end:
                     seg = store.find(offset)
                     if seg is None:
                         break
+                    seg_first, seg_end = seg.base, seg.base + seg.count
                 pos = seg.position(offset)
                 if pos == IDX_MISSING or not valid_record(
                         seg.data, seg.length, pos, offset, offset + 1, &size):
