@@ -231,51 +231,6 @@ static inline uint32_t crc_hw_finish(uint32_t state, const unsigned char *p,
     return ~crc_hw_chain(state, p, length);
 }
 
-/* Three records side by side: each chain of crc32 instructions waits only
- * on itself, so the three chains overlap.  Records of about 100 bytes are
- * too short for the lanes above.  A put_many of 100-byte records took
- * about 15% less time with this (2-core VM). */
-__attribute__((target("sse4.2")))
-static void crc32c_hw_pair3(const void *const first[3], size_t first_length,
-                            const void *const second[3],
-                            const size_t second_length[3], uint32_t out[3])
-{
-    const unsigned char *p0 = first[0], *p1 = first[1], *p2 = first[2];
-    uint64_t a = 0xFFFFFFFFu, b = 0xFFFFFFFFu, c = 0xFFFFFFFFu;
-    size_t i, common, rest;
-
-    for (i = 0; i + 8 <= first_length; i += 8) {
-        a = _mm_crc32_u64(a, load_word(p0 + i));
-        b = _mm_crc32_u64(b, load_word(p1 + i));
-        c = _mm_crc32_u64(c, load_word(p2 + i));
-    }
-    rest = first_length - i;
-    a = crc_hw_chain((uint32_t)a, p0 + i, rest);
-    b = crc_hw_chain((uint32_t)b, p1 + i, rest);
-    c = crc_hw_chain((uint32_t)c, p2 + i, rest);
-
-    common = second_length[0];
-    if (second_length[1] < common)
-        common = second_length[1];
-    if (second_length[2] < common)
-        common = second_length[2];
-    common -= common % 8;
-    p0 = second[0];
-    p1 = second[1];
-    p2 = second[2];
-    for (i = 0; i < common; i += 8) {
-        a = _mm_crc32_u64(a, load_word(p0 + i));
-        b = _mm_crc32_u64(b, load_word(p1 + i));
-        c = _mm_crc32_u64(c, load_word(p2 + i));
-    }
-    out[0] = crc_hw_finish((uint32_t)a, p0 + common,
-                           second_length[0] - common);
-    out[1] = crc_hw_finish((uint32_t)b, p1 + common,
-                           second_length[1] - common);
-    out[2] = crc_hw_finish((uint32_t)c, p2 + common,
-                           second_length[2] - common);
-}
-
 /* The CRC of a PYMQ_CRC32C_HEAD-byte head followed by a body: a record's
  * header fields and its body.  With the head's length fixed, its words go
  * straight through, without the loops and tests for a buffer of any
@@ -304,7 +259,10 @@ static uint32_t crc32c_hw_head(const void *head, const void *body,
                          length);
 }
 
-/* Three records side by side, as crc32c_hw_pair3() runs them. */
+/* Three records side by side: each chain of crc32 instructions waits only
+ * on itself, so the three chains overlap.  Records of about 100 bytes are
+ * too short for the lanes above.  A put_many of 100-byte records took
+ * about 15% less time with this (2-core VM). */
 __attribute__((target("sse4.2")))
 static void crc32c_hw_head3(const void *const head[3],
                             const void *const body[3],
@@ -396,17 +354,6 @@ static uint32_t crc32c_hw_pair(const void *first, size_t first_length,
                      second_length);
 }
 
-static void crc32c_hw_pair3(const void *const first[3], size_t first_length,
-                            const void *const second[3],
-                            const size_t second_length[3], uint32_t out[3])
-{
-    int k;
-
-    for (k = 0; k < 3; k++)
-        out[k] = crc32c_hw_pair(first[k], first_length, second[k],
-                                second_length[k]);
-}
-
 static uint32_t crc32c_hw_head(const void *head, const void *body,
                                size_t length)
 {
@@ -417,22 +364,21 @@ static void crc32c_hw_head3(const void *const head[3],
                             const void *const body[3],
                             const size_t length[3], uint32_t out[3])
 {
-    crc32c_hw_pair3(head, PYMQ_CRC32C_HEAD, body, length, out);
+    int k;
+
+    for (k = 0; k < 3; k++)
+        out[k] = crc32c_hw_head(head[k], body[k], length[k]);
 }
 #endif
 
 typedef uint32_t (*crc_function)(uint32_t, const void *, size_t);
 typedef uint32_t (*crc_pair_function)(const void *, size_t, const void *,
                                       size_t);
-typedef void (*crc_pair3_function)(const void *const[3], size_t,
-                                   const void *const[3], const size_t[3],
-                                   uint32_t[3]);
 
 /* Chosen on first use.  The extension module calls pymq_crc32c_impl() while
  * it is imported, under the GIL, so later calls from any thread only read. */
 static crc_function crc_selected = NULL;
 static crc_pair_function crc_pair_selected = NULL;
-static crc_pair3_function crc_pair3_selected = NULL;
 static const char *crc_selected_name = "table";
 /* 1 once the hardware path is chosen: the fixed-head functions branch on
  * it instead of calling through a pointer. */
@@ -445,32 +391,18 @@ static uint32_t crc_portable_pair(const void *first, size_t first_length,
                                 second, second_length);
 }
 
-static void crc_portable_pair3(const void *const first[3],
-                               size_t first_length,
-                               const void *const second[3],
-                               const size_t second_length[3], uint32_t out[3])
-{
-    int k;
-
-    for (k = 0; k < 3; k++)
-        out[k] = crc_portable_pair(first[k], first_length, second[k],
-                                   second_length[k]);
-}
-
 static void select_impl(void)
 {
     if (PYMQ_CRC32C_HW != NULL && hw_available()) {
         build_lane_tables();
         crc_selected_name = PYMQ_CRC32C_HW;
         crc_pair_selected = crc32c_hw_pair;
-        crc_pair3_selected = crc32c_hw_pair3;
         crc_hw_selected = 1;
         crc_selected = crc32c_hw;
     } else {
         build_table();
         crc_selected_name = "table";
         crc_pair_selected = crc_portable_pair;
-        crc_pair3_selected = crc_portable_pair3;
         crc_selected = pymq_crc32c_portable;
     }
 }
@@ -490,15 +422,6 @@ uint32_t pymq_crc32c_pair(const void *first, size_t first_length,
     return crc_pair_selected(first, first_length, second, second_length);
 }
 
-void pymq_crc32c_pair3(const void *const first[3], size_t first_length,
-                       const void *const second[3],
-                       const size_t second_length[3], uint32_t out[3])
-{
-    if (crc_selected == NULL)
-        select_impl();
-    crc_pair3_selected(first, first_length, second, second_length, out);
-}
-
 uint32_t pymq_crc32c_head(const void *head, const void *body, size_t length)
 {
     if (crc_hw_selected)
@@ -509,10 +432,15 @@ uint32_t pymq_crc32c_head(const void *head, const void *body, size_t length)
 void pymq_crc32c_head3(const void *const head[3], const void *const body[3],
                        const size_t length[3], uint32_t out[3])
 {
-    if (crc_hw_selected)
+    int k;
+
+    if (crc_hw_selected) {
         crc32c_hw_head3(head, body, length, out);
-    else
-        pymq_crc32c_pair3(head, PYMQ_CRC32C_HEAD, body, length, out);
+        return;
+    }
+    for (k = 0; k < 3; k++)
+        out[k] = pymq_crc32c_pair(head[k], PYMQ_CRC32C_HEAD, body[k],
+                                  length[k]);
 }
 
 const char *pymq_crc32c_impl(void)

@@ -18,13 +18,6 @@ uint32_t pymq_crc32c(uint32_t crc, const void *data, size_t length);
 uint32_t pymq_crc32c_pair(const void *first, size_t first_length,
                           const void *second, size_t second_length);
 
-/* Store in out[k] the CRC of first[k] (first_length bytes) followed by
- * second[k], as pymq_crc32c_pair() would, for k from 0 to 2.  On x86-64
- * the three run side by side. */
-void pymq_crc32c_pair3(const void *const first[3], size_t first_length,
-                       const void *const second[3],
-                       const size_t second_length[3], uint32_t out[3]);
-
 /* The length of the head of pymq_crc32c_head(): a record's header fields
  * before its CRC. */
 #define PYMQ_CRC32C_HEAD 28
@@ -33,8 +26,8 @@ void pymq_crc32c_pair3(const void *const first[3], size_t first_length,
  * head's words unrolled. */
 uint32_t pymq_crc32c_head(const void *head, const void *body, size_t length);
 
-/* pymq_crc32c_head() of three records, side by side as pymq_crc32c_pair3()
- * runs them. */
+/* Store in out[k] the pymq_crc32c_head() of record k, for k from 0 to 2.
+ * On x86-64 the three run side by side. */
 void pymq_crc32c_head3(const void *const head[3], const void *const body[3],
                        const size_t length[3], uint32_t out[3]);
 

@@ -13,9 +13,6 @@ cdef extern from "includes/crc32c.h" nogil:
                               size_t length)
     void pymq_crc32c_head3(const void **head, const void **body,
                            const size_t *length, uint32_t *out)
-    void pymq_crc32c_pair3(const void **first, size_t first_length,
-                           const void **second, const size_t *second_length,
-                           uint32_t *out)
     uint32_t pymq_crc32c_portable(uint32_t crc, const void *data,
                                   size_t length)
     const char *pymq_crc32c_impl()
