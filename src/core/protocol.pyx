@@ -279,19 +279,32 @@ cdef Py_ssize_t body_size(object body) except -1:
     return memoryview(body).nbytes
 
 
-def measure_bodies(bodies):
+def measure_bodies(bodies, str method=None):
     """Return (largest, total): the max and the sum of the bodies' sizes.
 
     Sizes are in bytes, as a PUBLISH frame carries them, so a client can
-    check a batch against its limits without a Python call per body.
+    check a batch against its limits without a Python call per body. With
+    method ("put" or "put_many"), a body that is not bytes-like raises the
+    embedded broker's TypeError for that call, naming the item.
     """
-    cdef Py_ssize_t size, largest = 0, total = 0
+    cdef Py_ssize_t size, largest = 0, total = 0, index = 0
 
     for body in bodies:
-        size = body_size(body)
+        try:
+            size = body_size(body)
+        except TypeError:
+            if method is None:
+                raise
+            name = type(body).__name__
+            if method == "put":
+                raise TypeError(f"put(): body must be a bytes-like object, "
+                                f"not {name}") from None
+            raise TypeError(f"{method}(): item {index} of bodies must be a "
+                            f"bytes-like object, not {name}") from None
         total += size
         if size > largest:
             largest = size
+        index += 1
     return largest, total
 
 

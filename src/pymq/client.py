@@ -1511,19 +1511,6 @@ def _nbytes(body: Any) -> int:
     return len(body) if type(body) is bytes else memoryview(body).nbytes
 
 
-def body_type_error(body: Any, method: str, index: int | None = None) -> TypeError:
-    """Return the embedded broker's TypeError for a body that is not bytes-like.
-
-    index is the body's place in put_many's bodies, or None for put().
-    """
-    name = type(body).__name__
-    if index is None:
-        return TypeError(f"{method}(): body must be a bytes-like object, not {name}")
-    return TypeError(
-        f"{method}(): item {index} of bodies must be a bytes-like object, not {name}"
-    )
-
-
 def bodies_as_list(bodies: Iterable[Any]) -> list[Any]:
     """Return put_many's bodies as a list; raise TypeError for a lone body or str."""
     if isinstance(bodies, list):
@@ -1534,20 +1521,6 @@ def bodies_as_list(bodies: Iterable[Any]) -> list[Any]:
             f"say), not {type(bodies).__name__}; use put() for one message"
         )
     return list(bodies)
-
-
-def measure_checked(items: list[Any], method: str) -> tuple[int, int]:
-    """Return measure_bodies(items); name the first body that is not bytes-like."""
-    try:
-        return measure_bodies(items)
-    except TypeError:
-        for index, body in enumerate(items):
-            try:
-                memoryview(body).release()
-            except TypeError:
-                place = None if method == "put" else index
-                raise body_type_error(body, method, place) from None
-        raise
 
 
 def check_size(size: int, limit: int | None) -> None:
@@ -1574,7 +1547,7 @@ def plan_batches(
     block = put_header_bytes(headers, target)
     if not items:
         return []
-    largest, total = measure_checked(items, method)
+    largest, total = measure_bodies(items, method)
     check_size(largest + block, limits.max_message_bytes)
     count = len(items)
     # Most batches fit one frame; only the others need each record's size.
@@ -1629,13 +1602,9 @@ class _Publisher(_Handle):
     ) -> int:
         """Append one message and return its offset; see Queue.put."""
         connection = self._connection
-        if type(body) is bytes:
-            size = len(body)
-        else:
-            try:
-                size = _nbytes(body)
-            except TypeError:
-                raise body_type_error(body, "put") from None
+        # measure_bodies raises the broker's TypeError for a body that is
+        # not bytes-like.
+        size = len(body) if type(body) is bytes else measure_bodies([body], "put")[1]
         if headers:
             size += put_header_bytes(headers, self.name)
         check_size(size, connection.max_message_bytes)

@@ -376,3 +376,16 @@ def test_measure_bodies_counts_bytes() -> None:
 def test_measure_bodies_rejects_non_bytes() -> None:
     with pytest.raises(TypeError, match="bytes-like object is required, not 'int'"):
         measure_bodies([b"ok", 7])
+
+
+def test_measure_bodies_names_bad_item() -> None:
+    with pytest.raises(
+        TypeError,
+        match=r"^put_many\(\): item 1 of bodies must be a bytes-like "
+        r"object, not int$",
+    ):
+        measure_bodies([b"ok", 7], "put_many")
+    with pytest.raises(
+        TypeError, match=r"^put\(\): body must be a bytes-like object, not str$"
+    ):
+        measure_bodies(["text"], "put")
