@@ -49,6 +49,7 @@ typedef struct {
     uint32_t seq;           /* bumped each time a sync ends */
     int leading;            /* 1 while a thread leads a sync */
     uint32_t arrivals;      /* threads that came to wait, ever */
+    int sleepers;           /* threads in pymq_commit_wait() now */
     /* Used by the leader alone. */
     uint32_t last_arrivals; /* arrivals when the last sync began */
     uint32_t target;        /* arrivals to wait for, 0 for none */
@@ -147,23 +148,30 @@ static inline void pymq_commit_free(pymq_commit *commit)
 }
 
 /* End the sync this thread led, which began at started (0 when it was not
- * timed), and wake every waiter. */
+ * timed), and wake every waiter.  A lone thread makes no wake call: the
+ * count is bumped before sleepers is read, and a sleeper is counted
+ * before its futex call compares the count (both sequentially
+ * consistent), so either this call sees the sleeper or the sleeper sees
+ * the new count. */
 static inline void pymq_commit_end(pymq_commit *commit, int64_t started)
 {
     if (started)
         commit->last_sync_ns = pymq_commit_clock() - started;
     __atomic_store_n(&commit->leading, 0, __ATOMIC_RELEASE);
     __atomic_add_fetch(&commit->seq, 1, __ATOMIC_SEQ_CST);
-    syscall(SYS_futex, &commit->seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL,
-            0);
+    if (__atomic_load_n(&commit->sleepers, __ATOMIC_SEQ_CST) > 0)
+        syscall(SYS_futex, &commit->seq, FUTEX_WAKE_PRIVATE, INT_MAX, NULL,
+                NULL, 0);
 }
 
 /* Sleep until the count moves past seen; return at once if it has.  May
  * return early, so the caller checks again. */
 static inline void pymq_commit_wait(pymq_commit *commit, uint32_t seen)
 {
+    __atomic_add_fetch(&commit->sleepers, 1, __ATOMIC_SEQ_CST);
     syscall(SYS_futex, &commit->seq, FUTEX_WAIT_PRIVATE, seen, NULL, NULL,
             0);
+    __atomic_sub_fetch(&commit->sleepers, 1, __ATOMIC_SEQ_CST);
 }
 #else
 static inline pymq_commit *pymq_commit_new(void)
