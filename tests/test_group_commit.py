@@ -1,11 +1,12 @@
 """Under fsync="always", puts and acks from many threads share syncs.
 
 An LD_PRELOAD wrapper, built with the C compiler, counts the msync calls on
-the mappings of one kind of segment and makes each one take 2 ms, as a sync
-to a disk would: message segments (files under /log/ ending in .log) or
-group journal segments (under /groups/). While one thread syncs, the others
-append and wait for the next sync, which covers all of them; so 8 threads
-at once need fewer syncs than records. A reopen then finds every record.
+the mappings of one kind of segment. It makes each one take 2 ms, as a sync
+to a disk would. The kind is message segments (files under /log/ ending in
+.log) or group journal segments (under /groups/). While one thread syncs,
+the others append and wait for the next sync, which covers all of them. So
+8 threads at once need fewer syncs than records. A reopen then finds every
+record.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ static inline int pymq_commit_lead(pymq_commit *commit)
 /* The gather waits at most this long, whatever the last sync took, and
  * yields its CPU for the first GATHER_SPIN_NS of it, then sleeps in steps
  * of GATHER_NAP_NS.  Yielding reacts within microseconds, but it keeps a
- * CPU busy, which a slow disk would make last milliseconds. */
+ * CPU busy, and a slow disk would keep it busy for milliseconds. */
 #define GATHER_MAX_NS 10000000
 #define GATHER_SPIN_NS 100000
 #define GATHER_NAP_NS 20000
@@ -148,11 +148,10 @@ static inline void pymq_commit_free(pymq_commit *commit)
 }
 
 /* End the sync this thread led, which began at started (0 when it was not
- * timed), and wake every waiter.  A lone thread makes no wake call: the
- * count is bumped before sleepers is read, and a sleeper is counted
- * before its futex call compares the count (both sequentially
- * consistent), so either this call sees the sleeper or the sleeper sees
- * the new count. */
+ * timed), and wake every waiter.  A lone thread makes no wake call.  The
+ * count is bumped before sleepers is read, and a sleeper is counted before
+ * its futex call compares the count, both sequentially consistent.  So
+ * either this call reads the sleeper, or the sleeper reads the new count. */
 static inline void pymq_commit_end(pymq_commit *commit, int64_t started)
 {
     if (started)
