@@ -154,8 +154,9 @@ def test_never_journal_drops_segments_at_once(tmp_path, monkeypatch):
 
 
 def test_kill_before_dropped_segments_are_unlinked(tmp_path):
-    """Acked segments are renamed at once and unlinked by a background flush;
-    files that a SIGKILL left in between go at the next open."""
+    """Acked segments are renamed at once: the first becomes the spare, the
+    next is unlinked by a background flush. Files that a SIGKILL left in
+    between go at the next open."""
     data = tmp_path / "data"
     with pymq.open(data, segment_bytes=1 << 20) as broker:
         # 136 bytes per record: segments of 7,710 records, so three.
@@ -167,10 +168,10 @@ def test_kill_before_dropped_segments_are_unlinked(tmp_path):
             "00000000000000015420.idx",
             "00000000000000015420.log",
             "LOCK",
-            "dropped-00000000000000000000.idx",
-            "dropped-00000000000000000000.log",
             "dropped-00000000000000007710.idx",
             "dropped-00000000000000007710.log",
+            "spare.idx",
+            "spare.log",
         ],
     }
     with pymq.open(data, segment_bytes=1 << 20) as broker:

@@ -139,6 +139,8 @@ cdef class Segment:
     cdef int map_files(self) except -1
     cdef int rename_to(self, str directory, uint64_t base) except -1
     cdef int recycle(self, str directory, str name) except -1
+    cdef int reuse(self, str directory, str name) except -1
+    cdef int clear(self, bint sync) except -1
     cdef int start_prefault(self, size_t start, size_t length) except -1
     cdef void prefault_done(self) noexcept
     cdef int ensure_index(self, uint64_t entries) except -1

@@ -179,6 +179,25 @@ cdef size_t find_record(const uint8_t *data, size_t capacity, size_t start,
     return capacity
 
 
+cdef size_t stale_end(const uint8_t *data, size_t capacity, size_t start,
+                      size_t stop, uint64_t base) noexcept nogil:
+    """Return where the first record of an earlier use of the file starts,
+    at or after start and before stop; stop when there is none.
+
+    Such a record is sound but has an offset below base: the segment was
+    reused (see Segment.reuse), and the record is left from before.
+    """
+    cdef size_t pos = start
+    cdef size_t size
+
+    while pos < stop:
+        if (load_u32(data + pos) == REC_MAGIC and
+                valid_record(data, capacity, pos, 0, base, &size)):
+            return pos
+        pos += REC_ALIGN
+    return stop
+
+
 @cython.final
 cdef class Segment:
     """A log file mapped with mmap, and its dense offset index.
@@ -454,6 +473,46 @@ cdef class Segment:
         if entries_end > IDX_HEADER_SIZE:
             memset(self.index + IDX_HEADER_SIZE, 0,
                    entries_end - IDX_HEADER_SIZE)
+        self.clear(True)
+        return 0
+
+    cdef int reuse(self, str directory, str name) except -1:
+        """Rename the files of this segment, whose records are no longer
+        needed, to name, for clear(False) to make it an empty segment.
+
+        Unlike recycle(), the old records stay in the log. Each carries an
+        offset below any base the segment can get next, so no check of a
+        record of the new segment ever accepts one, and recover() stops at
+        them quietly (see stale_end). The pages stay mapped and in the page
+        cache, so appends into them take no page faults that allocate and
+        zero pages. When it raises, the files keep their names, unless
+        renaming the log back failed too (path then says where it is).
+        """
+        cdef str path = os.path.join(directory, name + ".log")
+        cdef str index_path = os.path.join(directory, name + ".idx")
+
+        with nogil:
+            pymq_prefault_stop(&self.prefault)
+        os.rename(self.path, path)
+        try:
+            os.rename(self.index_path, index_path)
+        except OSError:
+            try:
+                os.rename(path, self.path)
+            except OSError:
+                self.path = path
+            raise
+        self.path = path
+        self.index_path = index_path
+        return 0
+
+    cdef int clear(self, bint sync) except -1:
+        """Make a renamed segment empty, with base 0, and write its header.
+
+        With sync the header is synced: recycle() zeroed the log first, and
+        a later open trusts such a spare. reuse() leaves old records, so its
+        header need not reach the disk (the next open deletes spare files).
+        """
         self.base = 0
         self.length = 0
         self.count = 0
@@ -463,7 +522,9 @@ cdef class Segment:
         self.sealed = False
         self.damaged = 0
         self.events.clear()
-        self.write_checkpoint(0, 0, 0, True)
+        self.prefault_base = 0
+        self.prefault_end = 0
+        self.write_checkpoint(0, 0, 0, sync)
         return 0
 
     cdef int start_prefault(self, size_t start, size_t length) except -1:
@@ -644,10 +705,16 @@ cdef class Segment:
                     nonzero_end > 0 or load_u64(self.data + pos) != 0):
                 nonzero_end = max(nonzero_end, pos + REC_ALIGN)
                 nonzero_end = min(nonzero_end, self.capacity)
-                memset(self.data + pos, 0, nonzero_end - pos)
-                self.events.append(
-                    f"segment {name}: cut torn tail at byte {pos} "
-                    f"({nonzero_end - pos} bytes zeroed)")
+                # A reused file holds the records of its earlier use past
+                # the new ones: they end the log, and are left as they are.
+                with nogil:
+                    nonzero_end = stale_end(self.data, self.capacity, pos,
+                                            nonzero_end, self.base)
+                if nonzero_end > pos:
+                    memset(self.data + pos, 0, nonzero_end - pos)
+                    self.events.append(
+                        f"segment {name}: cut torn tail at byte {pos} "
+                        f"({nonzero_end - pos} bytes zeroed)")
             break
 
         self.length = pos

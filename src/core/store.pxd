@@ -110,6 +110,8 @@ cdef class SegmentStore:
     cdef object sync_error(self, int error)
     cdef int forget_first(self) except -1
     cdef Py_ssize_t drop_below(self, uint64_t offset) except -1
+    cdef bint reuse_dropped(self, Segment seg) except -1
+    cdef int warn_not_reused(self, Segment seg, object error) except -1
     cdef int unlink_dropped(self) except -1
     cdef int sync_segments(self, bint include_active,
                            bint checkpoint) except -1

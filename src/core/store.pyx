@@ -772,9 +772,7 @@ cdef class SegmentStore:
         try:
             seg.recycle(self.path, SPARE_NAME)
         except OSError as exc:
-            storage_logger.warning(
-                "segment store %s: could not reuse %s as the spare: %s",
-                self.path, os.path.basename(seg.path), exc)
+            self.warn_not_reused(seg, exc)
             return False
         self.spare = seg
         self.spare_failed = False
@@ -783,6 +781,12 @@ cdef class SegmentStore:
         self.reserve_index(seg)
         self.refill_reserve()
         return True
+
+    cdef int warn_not_reused(self, Segment seg, object error) except -1:
+        storage_logger.warning(
+            "segment store %s: could not reuse %s as the spare: %s",
+            self.path, os.path.basename(seg.path), error)
+        return 0
 
     cdef int install(self, Segment seg) except -1:
         """Make seg the active segment; the previous one is sealed."""
@@ -1402,6 +1406,9 @@ cdef class SegmentStore:
                 if seg.capacity < PREFAULT_MIN_BYTES:
                     small = True
                     break
+                if self.reuse_dropped(seg):
+                    dropped += 1
+                    continue
                 path = os.path.join(
                     self.path, DROPPED_PREFIX + os.path.basename(seg.path))
                 os.rename(seg.path, path)
@@ -1427,6 +1434,37 @@ cdef class SegmentStore:
         if small:
             dropped += self.delete_below(offset)
         return dropped
+
+    cdef bint reuse_dropped(self, Segment seg) except -1:
+        """Make seg, the first segment, the spare rather than drop it.
+
+        Only when there is no spare, seg has the store's segment size and no
+        view of it is out, and no sync is under way: a sync that snapshot
+        seg would otherwise store its old length over the new one. Returns
+        whether seg became the spare; the lock is held.
+        """
+        if (self.spare is not None or seg.exports > 0 or seg.data == NULL or
+                seg.capacity != self.segment_bytes):
+            return False
+        if not pymq_mutex_trylock(self.sync_lock):
+            return False
+        try:
+            try:
+                seg.reuse(self.path, SPARE_NAME)
+            except OSError as exc:
+                self.warn_not_reused(seg, exc)
+                return False
+            self.forget_first()
+            seg.clear(False)
+            self.spare = seg
+            self.spare_warm = True
+            # Touched ahead of the appends that will reuse them: a page that
+            # was synced since is write-protected again, and its first write
+            # would fault in the appending thread.
+            seg.start_prefault(0, OPEN_PREFAULT_BYTES)
+        finally:
+            pymq_mutex_unlock(self.sync_lock)
+        return True
 
     cdef int unlink_dropped(self) except -1:
         """Unmap the segments drop_below() took out and unlink their files.

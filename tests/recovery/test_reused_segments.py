@@ -1,0 +1,225 @@
+"""Acked segments reused as the spare: their old records stay in the file.
+
+A queue whose segments are all acked turns the oldest one into its spare,
+and the next rollover writes over it. The records of its earlier use lie
+past the new ones. These tests check that reads and recovery after a
+SIGKILL never take one of them for a new record, and that a torn record on
+top of them is cut without zeroing them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pymq
+
+SEGMENT_BYTES = 1 << 20
+# A 100-byte body makes a 136-byte record: 7,710 fill a segment.
+PER_SEGMENT = 7_710
+# Acked before the kill: two whole segments and a little of the third, less
+# than half of it, so that no fresh spare is made before the drain.
+ACKED = 16_000
+# Put after the drain: they fill the third segment and roll into the reused
+# one, which then contains PUT_AFTER - (3 * PER_SEGMENT - ACKED) of them.
+PUT_AFTER = 9_000
+REUSED_BASE = 3 * PER_SEGMENT
+RECORD_SIZE = 136
+REC_MAGIC = 0x52514D50
+TIMEOUT = 60.0
+
+# The child fills, drains and refills a queue, prints a JSON report and
+# waits to be killed.
+CHILD = r"""
+import json, os, sys, time
+import pymq
+
+data, segment_bytes, acked, put_after = sys.argv[1], *map(int, sys.argv[2:])
+log = os.path.join(data, "streams", "jobs", "log")
+broker = pymq.open(data, segment_bytes=segment_bytes)
+queue = broker.queue("jobs")
+queue.put_many([b"a%099d" % i for i in range(acked)])
+first_inode = os.stat(os.path.join(log, "%020d.log" % 0)).st_ino
+while True:
+    batch = queue.get_batch(1000, timeout=0)
+    if not len(batch):
+        break
+    queue.ack_many(batch)
+names = sorted(os.listdir(log))
+queue.put_many([b"b%099d" % i for i in range(put_after)])
+inodes = {name: os.stat(os.path.join(log, name)).st_ino
+          for name in os.listdir(log) if name.endswith(".log")}
+print(json.dumps({"first_inode": first_inode, "after_drain": names,
+                  "inodes": inodes}), flush=True)
+time.sleep(60)
+"""
+
+
+def put_drain_put_and_kill(data: Path) -> dict:
+    """Run the child until it reports, then SIGKILL it; return its report."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(data),
+            str(SEGMENT_BYTES),
+            str(ACKED),
+            str(PUT_AFTER),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    assert line, f"the child exited before it reported: {err}"
+    return json.loads(line)
+
+
+def reused_log(data: Path) -> Path:
+    return data / "streams" / "jobs" / "log" / f"{REUSED_BASE:020d}.log"
+
+
+def storage_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "pymq.storage" and record.levelno >= logging.WARNING
+    ]
+
+
+def drain_bodies(queue: pymq.Queue) -> list[tuple[int, bytes]]:
+    got = []
+    while True:
+        messages = queue.get_many(1000, timeout=0)
+        if not messages:
+            return got
+        got += [(message.offset, message.body) for message in messages]
+        queue.ack_many(messages)
+
+
+@pytest.fixture(scope="module")
+def killed_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    data = tmp_path_factory.mktemp("reused") / "data"
+    return data, put_drain_put_and_kill(data)
+
+
+def test_reuse_acked_segment_becomes_next(killed_template):
+    _, report = killed_template
+    # After the drain: the first segment is the spare, the second was
+    # dropped (its files go at the next flush), the third is active.
+    assert f"{2 * PER_SEGMENT:020d}.log" in report["after_drain"]
+    assert "spare.log" in report["after_drain"]
+    assert f"{0:020d}.log" not in report["after_drain"]
+    # The rollover renamed the spare: the same file took the new records.
+    assert report["inodes"][f"{REUSED_BASE:020d}.log"] == report["first_inode"]
+
+
+def test_reuse_old_records_follow_new(killed_template):
+    data, _ = killed_template
+    content = reused_log(data).read_bytes()
+    new_records = ACKED + PUT_AFTER - REUSED_BASE
+    end = new_records * RECORD_SIZE
+    magic, length, offset = struct.unpack_from("<IIQ", content, end - RECORD_SIZE)
+    assert (magic, length, offset) == (REC_MAGIC, 100, REUSED_BASE + new_records - 1)
+    # The next record in the file is the first segment's record of the
+    # same position: offset `new_records`, body b"a..." of that index.
+    magic, length, offset = struct.unpack_from("<IIQ", content, end)
+    assert (magic, length, offset) == (REC_MAGIC, 100, new_records)
+    assert content[end + 32 : end + 132] == b"a%099d" % new_records
+
+
+def test_reuse_sigkill_loses_nothing(killed_template, tmp_path, caplog):
+    template, _ = killed_template
+    data = tmp_path / "data"
+    copy_tree(template, data)
+    caplog.set_level(logging.WARNING, logger="pymq.storage")
+    with pymq.open(data, segment_bytes=SEGMENT_BYTES) as broker:
+        queue = broker.queue("jobs")
+        got = drain_bodies(queue)
+        assert queue.stats().damaged == 0
+    assert storage_warnings(caplog) == []
+    assert got == [(ACKED + i, b"b%099d" % i) for i in range(PUT_AFTER)]
+
+
+def test_reuse_torn_record_zeroes_tear(killed_template, tmp_path, caplog):
+    template, _ = killed_template
+    data = tmp_path / "data"
+    copy_tree(template, data)
+    new_records = ACKED + PUT_AFTER - REUSED_BASE
+    end = new_records * RECORD_SIZE
+    # A record cut by the kill: its header names the next offset, and only
+    # its first 64 bytes reached the file, over the old record there.
+    torn = struct.pack("<IIQqII", REC_MAGIC, 100, ACKED + PUT_AFTER, 1, 0, 12345)
+    with open(reused_log(data), "r+b") as file:
+        file.seek(end)
+        file.write(torn + b"t" * (64 - len(torn)))
+
+    caplog.set_level(logging.WARNING, logger="pymq.storage")
+    with pymq.open(data, segment_bytes=SEGMENT_BYTES) as broker:
+        queue = broker.queue("jobs")
+        got = drain_bodies(queue)
+        assert queue.put(b"next") == ACKED + PUT_AFTER
+    assert got == [(ACKED + i, b"b%099d" % i) for i in range(PUT_AFTER)]
+
+    # The torn record's bytes up to the next old record are zeroed: the
+    # old record it covered, RECORD_SIZE bytes, and no more.
+    assert [w for w in storage_warnings(caplog) if "torn" in w] == [
+        f"segment {REUSED_BASE:020d}.log: cut torn tail at byte {end} "
+        f"({RECORD_SIZE} bytes zeroed)"
+    ]
+    content = reused_log(data).read_bytes()
+    assert struct.unpack_from("<IIQ", content, end + RECORD_SIZE) == (
+        REC_MAGIC,
+        100,
+        new_records + 1,
+    )
+
+    caplog.clear()
+    with pymq.open(data, segment_bytes=SEGMENT_BYTES) as broker:
+        message = broker.queue("jobs").get_nowait()
+        assert message is not None
+        assert (message.offset, message.body) == (ACKED + PUT_AFTER, b"next")
+    assert storage_warnings(caplog) == []
+
+
+def test_reuse_missing_index_rebuilt(killed_template, tmp_path, caplog):
+    """A power cut can leave the index of the segment's earlier use: its base
+    no longer matches, so the index is rebuilt, and the old records, whose
+    offsets are below the new base, are not taken in."""
+    template, _ = killed_template
+    data = tmp_path / "data"
+    copy_tree(template, data)
+    reused_log(data).with_suffix(".idx").unlink()
+    caplog.set_level(logging.WARNING, logger="pymq.storage")
+    with pymq.open(data, segment_bytes=SEGMENT_BYTES) as broker:
+        queue = broker.queue("jobs")
+        got = drain_bodies(queue)
+        assert queue.stats().damaged == 0
+    assert got == [(ACKED + i, b"b%099d" % i) for i in range(PUT_AFTER)]
+    messages = storage_warnings(caplog)
+    assert any("rebuilding it from the log" in message for message in messages)
+    assert not any("torn" in message or "lost" in message for message in messages)
+
+
+def copy_tree(source: Path, target: Path) -> None:
+    for path in sorted(source.rglob("*")):
+        destination = target / path.relative_to(source)
+        if path.is_dir():
+            destination.mkdir(parents=True, exist_ok=True)
+        else:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            destination.write_bytes(path.read_bytes())
