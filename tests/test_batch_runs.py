@@ -421,6 +421,58 @@ def test_ack_many_stale_receipt_settles_none(broker: pymq.Broker) -> None:
     assert jobs.stats().acked == 5
 
 
+def test_ack_many_run_with_old_attempt_settles_none(broker: pymq.Broker) -> None:
+    """Receipts of consecutive offsets, one of them from an earlier attempt."""
+    jobs = broker.queue("jobs")
+    jobs.put_many([b"m%d" % i for i in range(5)])
+    receipts = jobs.get_batch(5, timeout=0).receipts.tolist()
+    jobs.nack(receipts[2])
+    again = jobs.get_batch(5, timeout=0)
+    assert again.offsets.tolist() == [2]
+    assert again.attempts.tolist() == [2]
+    with pytest.raises(StaleReceiptError, match=f"receipt {receipts[2]} of queue jobs"):
+        jobs.ack_many(receipts)
+    assert jobs.stats().in_flight == 5
+    assert jobs.stats().acked == 0
+
+    receipts[2] = int(again.receipts[0])
+    jobs.ack_many(receipts)
+    assert jobs.stats().in_flight == 0
+    assert jobs.stats().acked == 5
+
+
+def test_ack_many_repeated_receipt_settles_none(broker: pymq.Broker) -> None:
+    jobs = broker.queue("jobs")
+    jobs.put_many([b"m%d" % i for i in range(3)])
+    receipts = jobs.get_batch(3, timeout=0).receipts.tolist()
+    with pytest.raises(StaleReceiptError, match="appears twice"):
+        jobs.ack_many([receipts[0], receipts[1], receipts[1]])
+    assert jobs.stats().acked == 0
+    assert jobs.stats().in_flight == 3
+
+
+def test_ack_many_run_inside_window_then_restart(tmp_path: Path) -> None:
+    """A run of acks above the lowest unsettled offset, then one below it."""
+    data = tmp_path / "data"
+    with pymq.open(data) as broker:
+        jobs = broker.queue("jobs")
+        jobs.put_many([b"m%d" % i for i in range(10)])
+        receipts = jobs.get_batch(10, timeout=0).receipts.tolist()
+        jobs.ack_many(receipts[3:7])
+        assert jobs.stats().in_flight == 6
+        jobs.ack_many(receipts[:2])
+        assert jobs.stats().in_flight == 4
+        assert jobs.stats().acked == 6
+    with pymq.open(data) as broker:
+        jobs = broker.queue("jobs")
+        batch = jobs.get_batch(10, timeout=0)
+        assert batch.offsets.tolist() == [2, 7, 8, 9]
+        assert batch.attempts.tolist() == [2, 2, 2, 2]
+        jobs.ack_many(batch)
+        assert jobs.stats().in_flight == 0
+        assert jobs.get_batch(10, timeout=0).offsets.tolist() == []
+
+
 @forms
 def test_close_and_reopen_counts_run_attempts(tmp_path: Path, form: str) -> None:
     data = tmp_path / "data"

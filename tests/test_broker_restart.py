@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +186,61 @@ def test_kill_before_dropped_segments_are_unlinked(tmp_path):
         assert q.get_nowait() is None
         assert q.stats().depth == 0
         assert q.put(b"after") == 20_000
+
+
+# Journal records of runs -------------------------------------------------
+
+REC_MAGIC = 0x52514D50
+REC_HEADER_SIZE = 32
+
+
+def journal_records(folder: Path) -> list[bytes]:
+    """Return the record bodies of every log file in folder, in file order.
+
+    Reads the record layout of docs/storage.md: a 32-byte header whose
+    second field is the body length, then the body padded to 8 bytes.
+    """
+    bodies = []
+    for path in sorted(folder.glob("*.log")):
+        data = path.read_bytes()
+        position = 0
+        while position + REC_HEADER_SIZE <= len(data):
+            magic, length = struct.unpack_from("<II", data, position)
+            if magic != REC_MAGIC:
+                break
+            start = position + REC_HEADER_SIZE
+            bodies.append(data[start : start + length])
+            position = start + (length + 7) // 8 * 8
+    return bodies
+
+
+def test_kill_after_batch_runs_keeps_acks(tmp_path):
+    """A get_batch and an ack_many of consecutive offsets are journaled as
+    runs; after a SIGKILL they give the same acks and attempts as lists."""
+    data = tmp_path / "data"
+    with pymq.open(data) as broker:
+        broker.queue("jobs").put_many([b"m%d" % i for i in range(10)])
+    report = kill_when_ready(start_consumer(data, "runs"))
+    assert report == {"acked": [1, 2, 3, 5], "held": [0, 4]}
+
+    journal = data / "streams" / "jobs" / "groups" / ".queue"
+    records = journal_records(journal)
+    # Op, count and first offset (and attempt), little-endian.
+    deliver_run = struct.pack("<BIQI", 6, 6, 0, 1)
+    ack_run = struct.pack("<BIQ", 7, 3, 1)
+    single_ack = struct.pack("<BIQ", 2, 1, 5)
+    assert records[-3:] == [deliver_run, ack_run, single_ack]
+
+    with pymq.open(data) as broker:
+        messages = broker.queue("jobs").get_many(10, timeout=0)
+    assert [(m.offset, m.attempt) for m in messages] == [
+        (0, 2),
+        (4, 2),
+        (6, 1),
+        (7, 1),
+        (8, 1),
+        (9, 1),
+    ]
 
 
 # Close and reopen -------------------------------------------------------

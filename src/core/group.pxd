@@ -37,6 +37,10 @@ cdef enum:
     JOURNAL_CHECKPOINT = 4
     # A move to the DLQ began; JOURNAL_DEAD follows once it is done.
     JOURNAL_MOVING = 5
+    # JOURNAL_DELIVER of consecutive offsets with one attempt, and
+    # JOURNAL_ACK of consecutive offsets: the first offset, not a list.
+    JOURNAL_DELIVER_RUN = 6
+    JOURNAL_ACK_RUN = 7
 
 
 cdef class GroupBase
@@ -151,6 +155,9 @@ cdef class GroupBase:
     cdef inline int64_t now(self) except? -1
     cdef int write_journal(self, uint8_t op, const uint64_t *offsets,
                            const uint32_t *attempts, Py_ssize_t count) except -1
+    cdef int append_journal(self, const BodyRef *ref) except -1
+    cdef int write_journal_run(self, uint8_t op, uint64_t first,
+                               Py_ssize_t count, uint32_t attempt) except -1
     cdef int finish(self, bint settled) except -1
     cdef int finish_work(self, bint settled) except -1
     cdef inline int expire(self, int64_t now) except -1

@@ -897,6 +897,24 @@ cdef class StreamBase:
         return first
 
 
+cdef inline bint is_run(const uint64_t *offsets, const uint32_t *attempts,
+                        Py_ssize_t count) noexcept:
+    """Return whether offsets are consecutive and attempts (unless NULL)
+    all equal."""
+    cdef Py_ssize_t i
+    cdef uint64_t first = offsets[0]
+
+    if offsets[count - 1] - first != <uint64_t>(count - 1):
+        return False
+    for i in range(1, count):
+        if offsets[i] != first + <uint64_t>i:
+            return False
+    if attempts != NULL:
+        for i in range(1, count):
+            if attempts[i] != attempts[0]:
+                return False
+    return True
+
 
 cdef class GroupBase:
     """A consumer group's deliveries: get, ack, nack, extend, reject.
@@ -964,7 +982,12 @@ cdef class GroupBase:
     cdef int write_journal(self, uint8_t op, const uint64_t *offsets,
                            const uint32_t *attempts,
                            Py_ssize_t count) except -1:
-        """Append one journal record; the caller holds the group lock."""
+        """Append one journal record; the caller holds the group lock.
+
+        A JOURNAL_DELIVER or JOURNAL_ACK of consecutive offsets (and, for a
+        delivery, one attempt) is written as a run: its first offset and
+        its count, 17 or 13 bytes instead of 12 or 8 per offset.
+        """
         cdef size_t entry = DELIVER_ENTRY_BYTES if attempts != NULL else 8
         cdef size_t size = 5 + count * entry
         cdef uint8_t small[64]
@@ -972,9 +995,15 @@ cdef class GroupBase:
         cdef uint8_t *out = small
         cdef Py_ssize_t i
         cdef BodyRef ref
-        cdef uint64_t first
         cdef uint32_t entries = <uint32_t>count
 
+        if (count > 1 and (op == JOURNAL_DELIVER or op == JOURNAL_ACK) and
+                is_run(offsets, attempts, count)):
+            if op == JOURNAL_DELIVER:
+                return self.write_journal_run(JOURNAL_DELIVER_RUN, offsets[0],
+                                              count, attempts[0])
+            return self.write_journal_run(JOURNAL_ACK_RUN, offsets[0], count,
+                                          0)
         if size > sizeof(small):
             record = PyBytes_FromStringAndSize(NULL, size)
             out = <uint8_t *>PyBytes_AS_STRING(record)
@@ -989,13 +1018,35 @@ cdef class GroupBase:
                 memcpy(out + 8, &attempts[i], 4)
             out += entry
         self.journal.check_size(ref.length)
+        return self.append_journal(&ref)
+
+    cdef int append_journal(self, const BodyRef *ref) except -1:
+        """Append one journal record, under the journal's lock."""
+        cdef uint64_t first
+
         self.journal.acquire()
         try:
-            self.journal.append_locked(&ref, 1, 0, 0, &first)
+            self.journal.append_locked(ref, 1, 0, 0, &first)
             self.journal_written = self.journal.written_bytes
         finally:
             self.journal.release()
         return 0
+
+    cdef int write_journal_run(self, uint8_t op, uint64_t first,
+                               Py_ssize_t count, uint32_t attempt) except -1:
+        """Append a JOURNAL_DELIVER_RUN (with attempt) or JOURNAL_ACK_RUN of
+        the count offsets from first on; the caller holds the group lock."""
+        cdef uint8_t out[17]
+        cdef uint32_t entries = <uint32_t>count
+        cdef BodyRef ref
+
+        out[0] = op
+        memcpy(out + 1, &entries, 4)
+        memcpy(out + 5, &first, 8)
+        memcpy(out + 13, &attempt, 4)
+        ref.data = out
+        ref.length = 17 if op == JOURNAL_DELIVER_RUN else 13
+        return self.append_journal(&ref)
 
     cdef int write_checkpoint(self, bint wait) except -1:
         """Append the window's unsettled offsets, then drop older segments.
@@ -1160,7 +1211,7 @@ cdef class GroupBase:
 
     cdef int replay(self, uint64_t start) except -1:
         """Rebuild the ring from the journal; a new group starts at start."""
-        cdef uint64_t low = start, cursor = start, offset
+        cdef uint64_t low = start, cursor = start, offset, first
         cdef uint64_t covered = start   # checkpoint cursor: unlisted below it
         cdef uint32_t count, attempt, i
         cdef dict attempts = {}
@@ -1187,7 +1238,22 @@ cdef class GroupBase:
                         settled.add(offset)
                 continue
             count = load_u32(data + 1)
-            if data[0] == JOURNAL_DELIVER:
+            if data[0] == JOURNAL_DELIVER_RUN and len(body) >= 17:
+                first = load_u64(data + 5)
+                attempt = load_u32(data + 13)
+                for offset in range(first, first + count):
+                    if attempt > attempts.get(offset, 0):
+                        attempts[offset] = attempt
+                if count:
+                    cursor = max(cursor, first + count)
+            elif data[0] == JOURNAL_ACK_RUN and len(body) >= 13:
+                first = load_u64(data + 5)
+                for offset in range(first, first + count):
+                    settled.add(offset)
+                    moving.discard(offset)
+                if count:
+                    cursor = max(cursor, first + count)
+            elif data[0] == JOURNAL_DELIVER:
                 for i in range(min(count, (len(body) - 5) // 12)):
                     offset = load_u64(data + 5 + 12 * i)
                     attempt = load_u32(data + 13 + 12 * i)
@@ -1798,6 +1864,7 @@ cdef class GroupBase:
         cdef Py_ssize_t taken = 0, run, i
         cdef uint64_t first, offset
         cdef uint32_t attempt
+        cdef bint runs_only = True
 
         try:
             # One allocation for the four arrays, 8-byte entries first.
@@ -1837,6 +1904,7 @@ cdef class GroupBase:
                         offsets[taken] = offset
                         attempts[taken] = attempt
                         taken += 1
+                        runs_only = False
                         try:
                             headers = self.taken_headers
                             self.taken_headers = None
@@ -1844,7 +1912,12 @@ cdef class GroupBase:
                                           headers, self.taken_used, taken - 1)
                         finally:
                             store.release()
-                    if taken:
+                    if runs_only and taken > 1:
+                        # Runs follow each other from the cursor on, so
+                        # together they are one run of first attempts.
+                        self.write_journal_run(JOURNAL_DELIVER_RUN, offsets[0],
+                                               taken, 1)
+                    elif taken:
                         self.write_journal(JOURNAL_DELIVER, offsets, attempts,
                                            taken)
                 except BaseException:
@@ -2096,27 +2169,36 @@ cdef class GroupBase:
         """
         cdef Py_ssize_t i
         cdef uint64_t key = self.ring.receipt_key
+        cdef uint64_t first
         cdef bint rising = True
 
-        # Without the key a receipt is its offset and attempt, so the
-        # receipts of one get_many come in strictly rising order, with no
-        # duplicate, and the sort that finds duplicates is only needed for
-        # other batches. XOR with one key keeps equal receipts equal.
-        offsets[0] = receipts[0] ^ key
-        for i in range(1, count):
-            offsets[i] = receipts[i] ^ key
-            if offsets[i] <= offsets[i - 1]:
-                rising = False
-        if not rising:
-            qsort(offsets, count, 8, compare_u64)
-            for i in range(1, count):
-                if offsets[i] == offsets[i - 1]:
-                    raise StaleReceiptError(
-                        f"receipt {offsets[i] ^ key} appears twice in the "
-                        f"batch")
         self.acquire()
         try:
             self.expire(self.now())
+            if count > 1 and self.ring.lookup_run(receipts, count):
+                # A batch taken in one run: consecutive offsets, each once.
+                first = (receipts[0] ^ key) >> RECEIPT_ATTEMPT_BITS
+                self.write_journal_run(JOURNAL_ACK_RUN, first, count, 0)
+                self.ring.settle_run(first, count)
+                self.acked += count
+                return 0
+            # Without the key a receipt is its offset and attempt, so the
+            # receipts of one get_many come in strictly rising order, with
+            # no duplicate, and the sort that finds duplicates is only
+            # needed for other batches. XOR with one key keeps equal
+            # receipts equal.
+            offsets[0] = receipts[0] ^ key
+            for i in range(1, count):
+                offsets[i] = receipts[i] ^ key
+                if offsets[i] <= offsets[i - 1]:
+                    rising = False
+            if not rising:
+                qsort(offsets, count, 8, compare_u64)
+                for i in range(1, count):
+                    if offsets[i] == offsets[i - 1]:
+                        raise StaleReceiptError(
+                            f"receipt {offsets[i] ^ key} appears twice in "
+                            f"the batch")
             i = self.ring.lookup_many(receipts, offsets, count)
             if i >= 0:
                 self.check_receipt(receipts[i])

@@ -111,6 +111,9 @@ cdef class RingBuffer:
     cdef int settle(self, uint64_t offset) except -1
     cdef int settle_many(self, const uint64_t *offsets,
                          Py_ssize_t count) except -1
+    cdef bint lookup_run(self, const uint64_t *receipts,
+                         Py_ssize_t count) noexcept
+    cdef int settle_run(self, uint64_t first, uint64_t count) except -1
     cdef int make_available(self, uint64_t offset, int64_t not_before) except -1
     cdef int untake(self, uint64_t offset) except -1
     cdef int set_deadline(self, uint64_t offset, int64_t deadline) except -1

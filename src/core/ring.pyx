@@ -430,6 +430,50 @@ cdef class RingBuffer:
         self.advance_low()
         return 0
 
+    cdef bint lookup_run(self, const uint64_t *receipts,
+                         Py_ssize_t count) noexcept:
+        """Return whether the receipts are of deliveries in flight of the
+        consecutive offsets from the first one's on, in that order.
+
+        That is what the receipts of a batch taken in one run look like.
+        False says nothing about them: lookup_many() tells which is stale.
+        """
+        cdef uint64_t value = receipts[0] ^ self.receipt_key
+        cdef uint64_t first = value >> RECEIPT_ATTEMPT_BITS
+        cdef uint64_t offset
+        cdef Py_ssize_t i
+        cdef Slot *slot
+
+        if (first < self.low or first > self.cursor or
+                <uint64_t>count > self.cursor - first):
+            return False
+        for i in range(count):
+            value = receipts[i] ^ self.receipt_key
+            offset = first + <uint64_t>i
+            slot = self.slot(offset)
+            if (value >> RECEIPT_ATTEMPT_BITS != offset or
+                    slot.state != SLOT_DELIVERED or
+                    (slot.attempt & RECEIPT_ATTEMPT_MASK) !=
+                    (value & RECEIPT_ATTEMPT_MASK)):
+                return False
+        return True
+
+    cdef int settle_run(self, uint64_t first, uint64_t count) except -1:
+        """Settle the count offsets from first on, all of them delivered.
+
+        The caller found every one in flight (lookup_run), so this is
+        settle_many() without its checks of the window and the state.
+        """
+        cdef uint64_t offset
+
+        for offset in range(first, first + count):
+            self.slot(offset).state = SLOT_SETTLED
+        self.delivered -= count
+        if first == self.low:
+            self.low = first + count
+        self.advance_low()
+        return 0
+
     cdef int make_available(self, uint64_t offset,
                             int64_t not_before) except -1:
         """Return a delivered offset to the window, due at not_before.

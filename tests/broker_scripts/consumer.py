@@ -8,6 +8,10 @@ a JSON line {"acked": [...], "held": [...]}, then sleep until killed.
 MODE "hold-batch": like "hold", with get_batch and ack_many of the first 3
 receipts; both lists of its report hold [offset, attempt] pairs.
 
+MODE "runs": take the first 6 messages with get_batch, ack receipts 1 to 3
+with one ack_many and receipt 5 alone, print a JSON line {"acked": [...],
+"held": [...]} of offsets, then sleep until killed.
+
 MODE "drain": with 1 MiB segments and no background flush in an hour, get
 and ack every message of queue jobs one at a time, print a JSON line
 {"acked": N, "log": [names of the files in the queue's log folder]}, then
@@ -58,6 +62,22 @@ def hold_batch(broker: pymq.Broker) -> None:
     time.sleep(60)
 
 
+def runs(broker: pymq.Broker) -> None:
+    q = broker.queue("jobs")
+    batch = q.get_batch(6, timeout=5.0)
+    receipts = batch.receipts.tolist()
+    q.ack_many(receipts[1:4])
+    q.ack(receipts[5])
+    offsets = batch.offsets.tolist()
+    report = {
+        "acked": offsets[1:4] + offsets[5:],
+        "held": [offsets[0], offsets[4]],
+    }
+    print(json.dumps(report), flush=True)
+    # The test kills this process by its pid; the bound only ends an orphan.
+    time.sleep(60)
+
+
 def drain(broker: pymq.Broker) -> None:
     q = broker.queue("jobs")
     acked = 0
@@ -88,7 +108,13 @@ def main() -> None:
         {"segment_bytes": 1 << 20, "flush_interval": 3600} if mode == "drain" else {}
     )
     with pymq.open(data, **options) as broker:
-        modes = {"hold": hold, "hold-batch": hold_batch, "drain": drain, "once": once}
+        modes = {
+            "hold": hold,
+            "hold-batch": hold_batch,
+            "runs": runs,
+            "drain": drain,
+            "once": once,
+        }
         modes[mode](broker)
 
 
