@@ -442,25 +442,34 @@ cdef class BatchSink(TakeSink):
         cdef Py_ssize_t i
         cdef size_t needed = 0, length
         cdef const uint8_t *record
+        cdef uint8_t *target
+        cdef uint64_t key = group.ring.receipt_key
+        # Columns and pointers in locals: the stores below could alias the
+        # fields of self, so the compiler would load them for every record.
+        cdef uint64_t *offsets = self.offsets + index
+        cdef uint64_t *receipts = self.receipts + index
+        cdef uint32_t *attempts = self.attempts + index
+        cdef uint64_t *lengths = self.lengths + index
+        cdef int64_t *timestamps = self.timestamps + index
 
         for i in range(count):
-            self.offsets[index + i] = first + i
-            self.attempts[index + i] = 1
-            self.receipts[index + i] = group.ring.receipt(first + i, 1)
+            offsets[i] = first + i
+            attempts[i] = 1
+            receipts[i] = make_receipt(first + i, 1) ^ key
             needed += load_u32(records[i] + REC_OFF_LENGTH) - used[i]
         if headers:
             self.pad_headers(index)
             self.headers.extend(headers)
         reserve_body_bytes(&self.data, needed, self.count - index - count)
+        target = <uint8_t *>bytes_pointer(self.data.bytes) + self.data.size
         for i in range(count):
             record = records[i]
             length = load_u32(record + REC_OFF_LENGTH) - used[i]
-            memcpy(bytes_pointer(self.data.bytes) + self.data.size,
-                   record + REC_HEADER_SIZE + used[i], length)
-            self.data.size += length
-            self.lengths[index + i] = length
-            self.timestamps[index + i] = <int64_t>load_u64(
-                record + REC_OFF_TIMESTAMP)
+            pymq_copy_body(target, record + REC_HEADER_SIZE + used[i], length)
+            target += length
+            lengths[i] = length
+            timestamps[i] = <int64_t>load_u64(record + REC_OFF_TIMESTAMP)
+        self.data.size += needed
         return 0
 
     cdef int take_one(self, GroupBase group, const uint8_t *record,
@@ -1501,7 +1510,9 @@ cdef class GroupBase:
         cdef size_t size, header_size, run_bytes = 0
         cdef uint32_t pos, flags
         cdef const uint8_t *record
-        cdef bint keep_lock = False
+        cdef const uint8_t *data = NULL
+        cdef size_t data_length = 0
+        cdef bint keep_lock = False, chained = False
 
         if ring.ready_due(now):
             return 0
@@ -1523,23 +1534,36 @@ cdef class GroupBase:
                         FRESH_RUN_RECORDS)
             offset = ring.cursor
             seg = store.last_read
-            # The segment's bounds, kept in locals: the stores to records
-            # and used below could otherwise alias them, and make the
-            # compiler load them again for every record.
+            # The segment's bounds and mapping, kept in locals: the stores
+            # to records and used below could otherwise alias them, and make
+            # the compiler load them again for every record.
             seg_first, seg_end = 1, 0
             if seg is not None:
                 seg_first, seg_end = seg.base, seg.base + seg.count
+                data, data_length = seg.data, seg.length
             while taken < limit and run_bytes < FRESH_RUN_BYTES:
                 if offset < seg_first or offset >= seg_end:
                     seg = store.find(offset)
                     if seg is None:
                         break
                     seg_first, seg_end = seg.base, seg.base + seg.count
-                pos = seg.position(offset)
-                if pos == IDX_MISSING or not valid_record(
-                        seg.data, seg.length, pos, offset, offset + 1, &size):
+                    data, data_length = seg.data, seg.length
+                    chained = False
+                if chained:
+                    # Records lie one after the other, so the next one
+                    # starts where this one ends. A gap or damage there
+                    # fails the check below, and take_record() goes by the
+                    # index.
+                    pos = <uint32_t>(pos + size)
+                else:
+                    pos = seg.position(offset)
+                    if pos == IDX_MISSING:
+                        break
+                    chained = True
+                if not valid_record(data, data_length, pos, offset,
+                                    offset + 1, &size):
                     break
-                record = seg.data + pos
+                record = data + pos
                 # Records lie one after the other: ask for the cache lines
                 # about 1 KiB ahead now, so they arrive before the CRC of
                 # that record reads them (see PREFETCH_AHEAD).

@@ -766,7 +766,7 @@ cdef class Segment:
             pymq_prefetch_write(header + PREFETCH_AHEAD + 64)
             size = record_size(length)
             put_record_header(header, length, size, offset, timestamp, flags)
-            memcpy(header + REC_HEADER_SIZE, bodies[i].data, length)
+            pymq_copy_body(header + REC_HEADER_SIZE, bodies[i].data, length)
             store_u32(self.index_entry(offset), <uint32_t>position)
             position += size
             offset += 1

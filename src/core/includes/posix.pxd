@@ -141,8 +141,32 @@ cdef extern from "<sched.h>" nogil:
 
 cdef extern from *:
     """
+    #include <string.h>
     #define pymq_prefetch(address) __builtin_prefetch((address), 0, 3)
     #define pymq_prefetch_write(address) __builtin_prefetch((address), 1, 3)
+
+    /* memcpy, inline for 32 to 128 bytes: blocks of 32 from the start and
+     * one that ends at the end, overlapping the one before it. A body of
+     * that size then costs no call and no size dispatch. */
+    static inline void pymq_copy_body(void *target, const void *source,
+                                      size_t length)
+    {
+        unsigned char *to = (unsigned char *)target;
+        const unsigned char *from = (const unsigned char *)source;
+
+        if (length - 32 > 96) {
+            memcpy(to, from, length);
+            return;
+        }
+        memcpy(to, from, 32);
+        if (length > 64)
+            memcpy(to + 32, from + 32, 32);
+        if (length > 96)
+            memcpy(to + 64, from + 64, 32);
+        memcpy(to + length - 32, from + length - 32, 32);
+    }
     """
     void pymq_prefetch(const void *address) nogil
     void pymq_prefetch_write(const void *address) nogil
+    void pymq_copy_body(void *target, const void *source,
+                        size_t length) nogil
