@@ -906,6 +906,46 @@ cdef class StreamBase:
         return first
 
 
+cdef Py_ssize_t scan_plain(const uint8_t *data, size_t length,
+                           size_t *position, uint64_t offset,
+                           uint64_t limit, size_t *run_bytes,
+                           const uint8_t **records, size_t *used) noexcept:
+    """Take up to limit sound records from position on, of the offsets
+    from offset on, while they have neither headers nor a target group.
+
+    Stops before the first record that is not such, and once run_bytes
+    reaches FRESH_RUN_BYTES. Fills records and used (0) for each record
+    taken, moves position and run_bytes past them, and returns how many.
+    GroupBase.take_fresh() does the rest; this is its loop for the common
+    case, with every value in a local.
+    """
+    cdef uint64_t count = 0
+    cdef size_t at = position[0], total = run_bytes[0], size
+    cdef const uint8_t *record
+
+    while count < limit and total < FRESH_RUN_BYTES:
+        if not valid_record(data, length, at, offset + count,
+                            offset + count + 1, &size):
+            break
+        record = data + at
+        if load_u32(record + REC_OFF_FLAGS) & (REC_FLAG_HEADERS |
+                                               REC_FLAG_TARGETED):
+            break
+        # Records lie one after the other: ask for the cache lines about
+        # 1 KiB ahead now, so they arrive before the CRC of that record
+        # reads them (see PREFETCH_AHEAD).
+        pymq_prefetch(record + PREFETCH_AHEAD)
+        pymq_prefetch(record + PREFETCH_AHEAD + 64)
+        records[count] = record
+        used[count] = 0
+        total += size
+        at += size
+        count += 1
+    position[0] = at
+    run_bytes[0] = total
+    return <Py_ssize_t>count
+
+
 cdef inline bint is_run(const uint64_t *offsets, const uint32_t *attempts,
                         Py_ssize_t count) noexcept:
     """Return whether offsets are consecutive and attempts (unless NULL)
@@ -1511,7 +1551,8 @@ cdef class GroupBase:
         cdef uint32_t pos, flags
         cdef const uint8_t *record
         cdef const uint8_t *data = NULL
-        cdef size_t data_length = 0
+        cdef size_t data_length = 0, position = 0
+        cdef Py_ssize_t run
         cdef bint keep_lock = False, chained = False
 
         if ring.ready_due(now):
@@ -1549,24 +1590,34 @@ cdef class GroupBase:
                     seg_first, seg_end = seg.base, seg.base + seg.count
                     data, data_length = seg.data, seg.length
                     chained = False
-                if chained:
-                    # Records lie one after the other, so the next one
-                    # starts where this one ends. A gap or damage there
-                    # fails the check below, and take_record() goes by the
-                    # index.
-                    pos = <uint32_t>(pos + size)
-                else:
+                if not chained:
+                    # The first record of a segment comes from the index.
+                    # Records lie one after the other, so each next one
+                    # starts where the last one ends. A gap or damage there
+                    # fails the checks, and take_record() goes by the index.
                     pos = seg.position(offset)
                     if pos == IDX_MISSING:
                         break
+                    position = pos
                     chained = True
-                if not valid_record(data, data_length, pos, offset,
+                if not headers:
+                    # No header entries to keep in step: plain records go
+                    # through the tight loop, and the one it stops at (if
+                    # any) through the checks below.
+                    run = scan_plain(data, data_length, &position, offset,
+                                     min(<uint64_t>(limit - taken),
+                                         seg_end - offset),
+                                     &run_bytes, records + taken,
+                                     used + taken)
+                    taken += run
+                    offset += run
+                    if run and (offset == seg_end or taken == limit or
+                                run_bytes >= FRESH_RUN_BYTES):
+                        continue
+                if not valid_record(data, data_length, position, offset,
                                     offset + 1, &size):
                     break
-                record = data + pos
-                # Records lie one after the other: ask for the cache lines
-                # about 1 KiB ahead now, so they arrive before the CRC of
-                # that record reads them (see PREFETCH_AHEAD).
+                record = data + position
                 pymq_prefetch(record + PREFETCH_AHEAD)
                 pymq_prefetch(record + PREFETCH_AHEAD + 64)
                 flags = load_u32(record + REC_OFF_FLAGS)
@@ -1591,6 +1642,7 @@ cdef class GroupBase:
                 records[taken] = record
                 used[taken] = header_size
                 run_bytes += size
+                position += size
                 taken += 1
                 offset += 1
             if taken:
