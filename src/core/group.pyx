@@ -1941,13 +1941,17 @@ cdef class GroupBase:
         cdef uint64_t first, offset
         cdef uint32_t attempt
         cdef bint runs_only = True
+        cdef uint64_t small[SMALL_BATCH * 4]
 
         try:
-            # One allocation for the four arrays, 8-byte entries first.
-            offsets = <uint64_t *>PyMem_Malloc(
-                count * (8 + sizeof(const uint8_t *) + sizeof(size_t) + 4))
-            if offsets == NULL:
-                raise MemoryError()
+            # One block for the four arrays, 8-byte entries first: on the
+            # stack for a small batch, else allocated.
+            offsets = small
+            if count > SMALL_BATCH:
+                offsets = <uint64_t *>PyMem_Malloc(count * (
+                    8 + sizeof(const uint8_t *) + sizeof(size_t) + 4))
+                if offsets == NULL:
+                    raise MemoryError()
             records = <const uint8_t **>(offsets + count)
             used = <size_t *>(records + count)
             attempts = <uint32_t *>(used + count)
@@ -2005,7 +2009,8 @@ cdef class GroupBase:
             finally:
                 self.release()
         finally:
-            PyMem_Free(offsets)
+            if offsets != small:
+                PyMem_Free(offsets)
         if store.events_pending:
             store.report()
         return taken
@@ -2188,6 +2193,7 @@ cdef class GroupBase:
         cdef Py_ssize_t count, i
         cdef uint64_t *receipts = NULL
         cdef uint64_t *offsets = NULL
+        cdef uint64_t small[SMALL_BATCH * 2]
         cdef list listed
         cdef object item
 
@@ -2203,10 +2209,13 @@ cdef class GroupBase:
             count = len(listed)
         if count == 0:
             return
-        # One allocation: receipts, then offsets (scratch of settle_receipts).
-        receipts = <uint64_t *>PyMem_Malloc(count * 16)
-        if receipts == NULL:
-            raise MemoryError()
+        # One block: receipts, then offsets (scratch of settle_receipts), on
+        # the stack for a small batch.
+        receipts = small
+        if count > SMALL_BATCH:
+            receipts = <uint64_t *>PyMem_Malloc(count * 16)
+            if receipts == NULL:
+                raise MemoryError()
         offsets = receipts + count
         try:
             if listed is None:
@@ -2233,7 +2242,8 @@ cdef class GroupBase:
                                 f"{type(item).__name__}") from None
             self.settle_receipts(receipts, offsets, count)
         finally:
-            PyMem_Free(receipts)
+            if receipts != small:
+                PyMem_Free(receipts)
         self.finish(True)
 
     cdef int settle_receipts(self, const uint64_t *receipts,

@@ -100,6 +100,12 @@ cdef struct BodyRef:
     size_t length
 
 
+cdef enum:
+    # Batches of up to this many messages keep their scratch arrays on the
+    # stack instead of allocating them.
+    SMALL_BATCH = 128
+
+
 @cython.final
 cdef class Segment:
     cdef readonly uint64_t base      # offset of the first record

@@ -423,14 +423,16 @@ cdef class SegmentStore:
         """append_many() of a list of one or more bytes-like bodies."""
         cdef Py_ssize_t count = PyList_GET_SIZE(items)
         cdef Py_ssize_t i
-        cdef BodyRef *refs
+        cdef BodyRef small[SMALL_BATCH]
+        cdef BodyRef *refs = small
         cdef list views = None
         cdef object item
         cdef const uint8_t[::1] buffer
 
-        refs = <BodyRef *>PyMem_Malloc(count * sizeof(BodyRef))
-        if refs == NULL:
-            raise MemoryError()
+        if count > SMALL_BATCH:
+            refs = <BodyRef *>PyMem_Malloc(count * sizeof(BodyRef))
+            if refs == NULL:
+                raise MemoryError()
         try:
             for i in range(count):
                 item = <object>PyList_GET_ITEM(items, i)
@@ -446,7 +448,8 @@ cdef class SegmentStore:
                     refs[i].length = buffer.shape[0]
             self.append_refs(refs, count, timestamp, flags, first)
         finally:
-            PyMem_Free(refs)
+            if refs != small:
+                PyMem_Free(refs)
         return 0
 
     def append_buffer(self, buffer, lengths, *, int64_t timestamp=0,
