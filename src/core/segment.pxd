@@ -58,6 +58,9 @@ cdef enum:
     IDX_ENTRY_SIZE = 4
     IDX_SEALED = 1
     IDX_CLEAN = 2
+    # The log file was used before and was not zeroed (Segment.reuse):
+    # records of its earlier use may follow the new ones.
+    IDX_REUSED = 4
     # Index files grow in steps of at least this many bytes.
     IDX_GROW_BYTES = 4096
 
@@ -133,6 +136,7 @@ cdef class Segment:
     cdef pymq_prefault prefault      # thread touching pages ahead of writes
     cdef size_t prefault_base        # where its first prefault started
     cdef size_t prefault_end         # end of the pages given to it, or 0
+    cdef bint reused                 # IDX_REUSED: old records past the new
 
     @staticmethod
     cdef Segment create(str directory, str name, uint64_t base,
@@ -146,13 +150,15 @@ cdef class Segment:
     cdef int rename_to(self, str directory, uint64_t base) except -1
     cdef int recycle(self, str directory, str name) except -1
     cdef int reuse(self, str directory, str name) except -1
-    cdef int clear(self, bint sync) except -1
+    cdef int clear(self, bint zeroed) except -1
     cdef int start_prefault(self, size_t start, size_t length) except -1
     cdef void prefault_done(self) noexcept
     cdef int ensure_index(self, uint64_t entries) except -1
     cdef int load_checkpoint(self) except -1
     cdef int recover(self, size_t start, uint64_t start_count) except -1
     cdef int rebuild_index(self) except -1
+    cdef int end_reused(self, size_t pos, uint64_t expect,
+                        uint64_t max_offset) except -1
     cdef uint8_t *index_entry(self, uint64_t offset) noexcept
     cdef uint32_t position(self, uint64_t offset) noexcept
     cdef int check_at(self, uint64_t offset, uint32_t pos) except -1

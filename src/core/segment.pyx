@@ -179,23 +179,19 @@ cdef size_t find_record(const uint8_t *data, size_t capacity, size_t start,
     return capacity
 
 
-cdef size_t stale_end(const uint8_t *data, size_t capacity, size_t start,
-                      size_t stop, uint64_t base) noexcept nogil:
-    """Return where the first record of an earlier use of the file starts,
-    at or after start and before stop; stop when there is none.
-
-    Such a record is sound but has an offset below base: the segment was
-    reused (see Segment.reuse), and the record is left from before.
-    """
-    cdef size_t pos = start
+cdef bint holds_older_record(const uint8_t *data, size_t capacity,
+                             uint64_t base) noexcept nogil:
+    """Return whether a sound record of an offset below base lies anywhere
+    in the log: a record of the file's earlier use (see Segment.reuse)."""
+    cdef size_t pos = 0
     cdef size_t size
 
-    while pos < stop:
+    while pos + REC_HEADER_SIZE <= capacity:
         if (load_u32(data + pos) == REC_MAGIC and
                 valid_record(data, capacity, pos, 0, base, &size)):
-            return pos
+            return True
         pos += REC_ALIGN
-    return stop
+    return False
 
 
 @cython.final
@@ -482,11 +478,13 @@ cdef class Segment:
 
         Unlike recycle(), the old records stay in the log. Each carries an
         offset below any base the segment can get next, so no check of a
-        record of the new segment ever accepts one, and recover() stops at
-        them quietly (see stale_end). The pages stay mapped and in the page
-        cache, so appends into them take no page faults that allocate and
-        zero pages. When it raises, the files keep their names, unless
-        renaming the log back failed too (path then says where it is).
+        record of the new segment accepts one. Their bodies may contain
+        anything, even the image of a sound record of a new offset, so
+        recover() never looks past the new records of a reused segment.
+        The pages stay mapped and in the page cache, so appends into them
+        take no page faults that allocate and zero pages. When it raises,
+        the files keep their names, unless renaming the log back failed too
+        (path then says where it is).
         """
         cdef str path = os.path.join(directory, name + ".log")
         cdef str index_path = os.path.join(directory, name + ".idx")
@@ -506,12 +504,14 @@ cdef class Segment:
         self.index_path = index_path
         return 0
 
-    cdef int clear(self, bint sync) except -1:
+    cdef int clear(self, bint zeroed) except -1:
         """Make a renamed segment empty, with base 0, and write its header.
 
-        With sync the header is synced: recycle() zeroed the log first, and
-        a later open trusts such a spare. reuse() leaves old records, so its
-        header need not reach the disk (the next open deletes spare files).
+        recycle() zeroed the log first: the header is synced, and a later
+        open trusts such a spare. reuse() leaves the old records, so the
+        header and every later one carry IDX_REUSED, which open_spare()
+        does not trust and which makes recover() stop at the first bytes
+        that are not a new record.
         """
         self.base = 0
         self.length = 0
@@ -524,7 +524,8 @@ cdef class Segment:
         self.events.clear()
         self.prefault_base = 0
         self.prefault_end = 0
-        self.write_checkpoint(0, 0, 0, sync)
+        self.reused = not zeroed
+        self.write_checkpoint(0, 0, 0, zeroed)
         return 0
 
     cdef int start_prefault(self, size_t start, size_t length) except -1:
@@ -593,8 +594,15 @@ cdef class Segment:
                  load_u32(header + IDX_OFF_VERSION) == IDX_VERSION and
                  pymq_crc32c(0, header, IDX_OFF_CRC) ==
                  load_u32(header + IDX_OFF_CRC) and
-                 load_u64(header + IDX_OFF_BASE) == self.base and
                  load_u32(header + IDX_OFF_CAPACITY) == self.capacity)
+        if valid:
+            # A sound header of another base is the last one of the file's
+            # earlier use: it was reused, and a crash (a power cut) came
+            # before its new header reached the disk.
+            self.reused = (
+                load_u64(header + IDX_OFF_BASE) != self.base or
+                (load_u32(header + IDX_OFF_FLAGS) & IDX_REUSED) != 0)
+            valid = load_u64(header + IDX_OFF_BASE) == self.base
         if valid:
             count = load_u64(header + IDX_OFF_COUNT)
             length = load_u64(header + IDX_OFF_LENGTH)
@@ -624,7 +632,8 @@ cdef class Segment:
 
         self.checkpoint_count = self.synced_count = count
         self.checkpoint_length = self.synced_length = length
-        self.checkpoint_flags = load_u32(header + IDX_OFF_FLAGS)
+        self.checkpoint_flags = (load_u32(header + IDX_OFF_FLAGS) &
+                                 ~(<uint32_t>IDX_REUSED))
         if self.checkpoint_flags & (IDX_SEALED | IDX_CLEAN):
             # Nothing was appended past the checkpoint: no scan needed.
             self.sealed = (self.checkpoint_flags & IDX_SEALED) != 0
@@ -645,6 +654,12 @@ cdef class Segment:
         self.checkpoint_length = self.synced_length = 0
         self.checkpoint_flags = 0
         self.sealed = False
+        if not self.reused and self.base > 0:
+            # No sound header says whether the file was reused: its content
+            # does.
+            with nogil:
+                self.reused = holds_older_record(self.data, self.capacity,
+                                                 self.base)
         self.ensure_index(0)
         self.recover(0, 0)
         if self.count < covered:
@@ -691,6 +706,9 @@ cdef class Segment:
                 pos += size
                 continue
 
+            if self.reused:
+                self.end_reused(pos, expect, max_offset)
+                break
             with nogil:
                 found = find_record(self.data, self.capacity,
                                     pos + REC_ALIGN, expect, max_offset,
@@ -705,20 +723,46 @@ cdef class Segment:
                     nonzero_end > 0 or load_u64(self.data + pos) != 0):
                 nonzero_end = max(nonzero_end, pos + REC_ALIGN)
                 nonzero_end = min(nonzero_end, self.capacity)
-                # A reused file holds the records of its earlier use past
-                # the new ones: they end the log, and are left as they are.
-                with nogil:
-                    nonzero_end = stale_end(self.data, self.capacity, pos,
-                                            nonzero_end, self.base)
-                if nonzero_end > pos:
-                    memset(self.data + pos, 0, nonzero_end - pos)
-                    self.events.append(
-                        f"segment {name}: cut torn tail at byte {pos} "
-                        f"({nonzero_end - pos} bytes zeroed)")
+                memset(self.data + pos, 0, nonzero_end - pos)
+                self.events.append(
+                    f"segment {name}: cut torn tail at byte {pos} "
+                    f"({nonzero_end - pos} bytes zeroed)")
             break
 
         self.length = pos
         self.count = expect - self.base
+        return 0
+
+    cdef int end_reused(self, size_t pos, uint64_t expect,
+                        uint64_t max_offset) except -1:
+        """End the scan of a reused segment at pos, the end of its last
+        sound new record.
+
+        What follows is the earlier use's records and bodies, which a scan
+        for later records could misread, so none is made: records past a
+        damaged one are lost, not skipped to. Only a record header of a new
+        offset at pos (a record torn by the crash) is cut and logged: the
+        bytes it claims are zeroed.
+        """
+        cdef const uint8_t *header = self.data + pos
+        cdef uint64_t offset
+        cdef size_t stop
+
+        if pos > self.capacity or self.capacity - pos < REC_HEADER_SIZE:
+            return 0
+        if load_u32(header + REC_OFF_MAGIC) != REC_MAGIC:
+            return 0
+        offset = load_u64(header + REC_OFF_OFFSET)
+        if offset < expect or offset >= max_offset:
+            # An old record, or bytes of an old body.
+            return 0
+        stop = self.capacity
+        if record_size(load_u32(header + REC_OFF_LENGTH)) < stop - pos:
+            stop = pos + record_size(load_u32(header + REC_OFF_LENGTH))
+        memset(self.data + pos, 0, stop - pos)
+        self.events.append(
+            f"segment {os.path.basename(self.path)}: cut torn tail at byte "
+            f"{pos} ({stop - pos} bytes zeroed)")
         return 0
 
     cdef uint8_t *index_entry(self, uint64_t offset) noexcept:
@@ -840,7 +884,8 @@ cdef class Segment:
             store_u64(header + IDX_OFF_BASE, self.base)
             store_u64(header + IDX_OFF_COUNT, count)
             store_u64(header + IDX_OFF_LENGTH, length)
-            store_u32(header + IDX_OFF_FLAGS, flags)
+            store_u32(header + IDX_OFF_FLAGS,
+                      flags | (IDX_REUSED if self.reused else 0))
             store_u32(header + IDX_OFF_CAPACITY, <uint32_t>self.capacity)
             memset(header + IDX_OFF_CAPACITY + 4, 0,
                    IDX_OFF_CRC - IDX_OFF_CAPACITY - 4)

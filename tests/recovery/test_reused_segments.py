@@ -42,11 +42,12 @@ CHILD = r"""
 import json, os, sys, time
 import pymq
 
-data, segment_bytes, acked, put_after = sys.argv[1], *map(int, sys.argv[2:])
+data = sys.argv[1]
+segment_bytes, acked, put_after, first_size = map(int, sys.argv[2:])
 log = os.path.join(data, "streams", "jobs", "log")
 broker = pymq.open(data, segment_bytes=segment_bytes)
 queue = broker.queue("jobs")
-queue.put_many([b"a%099d" % i for i in range(acked)])
+queue.put_many([(b"a%d-" % i).ljust(first_size, b"a") for i in range(acked)])
 first_inode = os.stat(os.path.join(log, "%020d.log" % 0)).st_ino
 while True:
     batch = queue.get_batch(1000, timeout=0)
@@ -63,8 +64,14 @@ time.sleep(60)
 """
 
 
-def put_drain_put_and_kill(data: Path) -> dict:
-    """Run the child until it reports, then SIGKILL it; return its report."""
+def put_drain_put_and_kill(
+    data: Path, acked: int = ACKED, put_after: int = PUT_AFTER, first_size: int = 100
+) -> dict:
+    """Run the child until it reports, then SIGKILL it; return its report.
+
+    The child puts acked bodies of first_size bytes, drains them, and puts
+    put_after bodies of 100 bytes.
+    """
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -72,8 +79,9 @@ def put_drain_put_and_kill(data: Path) -> dict:
             CHILD,
             str(data),
             str(SEGMENT_BYTES),
-            str(ACKED),
-            str(PUT_AFTER),
+            str(acked),
+            str(put_after),
+            str(first_size),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -111,6 +119,19 @@ def drain_bodies(queue: pymq.Queue) -> list[tuple[int, bytes]]:
         queue.ack_many(messages)
 
 
+def check_quiet_recovery(
+    data: Path, caplog: pytest.LogCaptureFixture, acked: int, put_after: int
+) -> None:
+    """Open data: the put_after new messages, no damage, no warning."""
+    caplog.set_level(logging.WARNING, logger="pymq.storage")
+    with pymq.open(data, segment_bytes=SEGMENT_BYTES) as broker:
+        queue = broker.queue("jobs")
+        got = drain_bodies(queue)
+        assert queue.stats().damaged == 0
+    assert storage_warnings(caplog) == []
+    assert got == [(acked + i, b"b%099d" % i) for i in range(put_after)]
+
+
 @pytest.fixture(scope="module")
 def killed_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     data = tmp_path_factory.mktemp("reused") / "data"
@@ -139,20 +160,14 @@ def test_reuse_old_records_follow_new(killed_template):
     # same position: offset `new_records`, body b"a..." of that index.
     magic, length, offset = struct.unpack_from("<IIQ", content, end)
     assert (magic, length, offset) == (REC_MAGIC, 100, new_records)
-    assert content[end + 32 : end + 132] == b"a%099d" % new_records
+    assert content[end + 32 : end + 132] == (b"a%d-" % new_records).ljust(100, b"a")
 
 
 def test_reuse_sigkill_loses_nothing(killed_template, tmp_path, caplog):
     template, _ = killed_template
     data = tmp_path / "data"
     copy_tree(template, data)
-    caplog.set_level(logging.WARNING, logger="pymq.storage")
-    with pymq.open(data, segment_bytes=SEGMENT_BYTES) as broker:
-        queue = broker.queue("jobs")
-        got = drain_bodies(queue)
-        assert queue.stats().damaged == 0
-    assert storage_warnings(caplog) == []
-    assert got == [(ACKED + i, b"b%099d" % i) for i in range(PUT_AFTER)]
+    check_quiet_recovery(data, caplog, ACKED, PUT_AFTER)
 
 
 def test_reuse_torn_record_zeroes_tear(killed_template, tmp_path, caplog):
@@ -223,3 +238,25 @@ def copy_tree(source: Path, target: Path) -> None:
         else:
             destination.parent.mkdir(parents=True, exist_ok=True)
             destination.write_bytes(path.read_bytes())
+
+
+def test_reuse_new_records_end_inside_old_body(tmp_path, caplog):
+    """Old records of 300 bytes, new ones of 100: the last new record ends
+    inside an old body, and recovery stops there without a warning."""
+    # 336-byte records: 3,120 fill a segment. Two segments and 1,000
+    # records are acked, then 100-byte records fill the third segment
+    # (5,239 fit) and 761 go into the reused first one.
+    per_segment = SEGMENT_BYTES // 336
+    acked = 2 * per_segment + 1_000
+    put_after = 6_000
+    in_third = (SEGMENT_BYTES - 1_000 * 336) // RECORD_SIZE
+    data = tmp_path / "data"
+    report = put_drain_put_and_kill(data, acked, put_after, first_size=300)
+    name = f"{acked + in_third:020d}.log"
+    assert report["inodes"][name] == report["first_inode"]
+    reused = data / "streams" / "jobs" / "log" / name
+    end = (put_after - in_third) * RECORD_SIZE
+    assert end % 336 != 0
+    assert struct.unpack_from("<I", reused.read_bytes(), end)[0] != REC_MAGIC
+
+    check_quiet_recovery(data, caplog, acked, put_after)

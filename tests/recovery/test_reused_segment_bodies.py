@@ -1,0 +1,98 @@
+"""Bodies of acked messages left in a reused segment, read again by recovery.
+
+A reused segment keeps the records of its earlier use past the new ones,
+and a body may contain the bytes of a whole record. A producer chooses
+those bytes, so such a record must never become a message: recovery of a
+reused segment does not scan past its new records for later ones.
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pymq
+from pymq._core import crc32c
+from tests.test_broker_restart import kill_when_ready
+
+SEGMENT_BYTES = 1 << 20
+# A 100-byte body makes a 136-byte record: 7,710 fill a segment.
+RECORD_SIZE = 136
+PER_SEGMENT = 7_710
+# Put and acked before the refill: two whole segments and part of a third.
+ACKED = 16_000
+# Put after the drain: the third segment fills, and the rest goes into the
+# reused first segment from its start.
+PUT_AFTER = 9_000
+REUSED_BASE = 3 * PER_SEGMENT
+NEW_RECORDS = ACKED + PUT_AFTER - REUSED_BASE
+# The acked message whose body contains a record image. Its body starts at
+# byte FORGED_INDEX * RECORD_SIZE + 32 of the first segment's file, past the
+# NEW_RECORDS records that the reused file takes.
+FORGED_INDEX = 3_000
+REC_MAGIC = 0x52514D50
+
+# The child puts, drains and refills a queue, prints a line and waits to
+# be killed. argv: data folder, body of message FORGED_INDEX in hex.
+CHILD = r"""
+import sys, time
+import pymq
+
+data, forged = sys.argv[1], bytes.fromhex(sys.argv[2])
+broker = pymq.open(data, segment_bytes=1 << 20)
+queue = broker.queue("jobs")
+bodies = [b"a%099d" % i for i in range(16_000)]
+bodies[3_000] = forged
+queue.put_many(bodies)
+for _ in range(100):
+    batch = queue.get_batch(1000, timeout=0)
+    if not len(batch):
+        break
+    queue.ack_many(batch)
+queue.put_many([b"b%099d" % i for i in range(9_000)])
+print('{"ready": true}', flush=True)
+time.sleep(60)
+"""
+
+
+def record_image(offset: int, body: bytes) -> bytes:
+    """Return the bytes of a sound record of body at offset (segment.pxd)."""
+    head = struct.pack("<IIQqI", REC_MAGIC, len(body), offset, 1, 0)
+    padding = b"\0" * (-len(body) % 8)
+    return head + struct.pack("<I", crc32c(head + body)) + body + padding
+
+
+def run_and_kill(data: Path, forged: bytes) -> None:
+    """Run the child until it is ready, then SIGKILL it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(data), forged.hex()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert kill_when_ready(proc) == {"ready": True}
+
+
+def test_reuse_old_body_never_becomes_message(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    # The image names the offset that the next put would take.
+    image = record_image(ACKED + PUT_AFTER, b"F" * 60)
+    forged = image + b"x" * (100 - len(image))
+    assert FORGED_INDEX * RECORD_SIZE > NEW_RECORDS * RECORD_SIZE
+    run_and_kill(data, forged)
+
+    got = []
+    with pymq.open(data, segment_bytes=SEGMENT_BYTES) as broker:
+        queue = broker.queue("jobs")
+        for _ in range(100):
+            messages = queue.get_many(1000, timeout=0)
+            if not messages:
+                break
+            got += [(message.offset, message.body) for message in messages]
+            queue.ack_many(messages)
+        damaged = queue.stats().damaged
+    assert got[-1][1] != b"F" * 60
+    assert got == [(ACKED + i, b"b%099d" % i) for i in range(PUT_AFTER)]
+    assert damaged == 0
