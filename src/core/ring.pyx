@@ -333,16 +333,20 @@ cdef class RingBuffer:
         take() would hand out these offsets one by one, in this order. Each
         slot's deadline becomes deadline.
         """
-        cdef uint64_t offset
-        cdef Slot *slot
+        cdef uint64_t offset, mask
+        cdef Slot *slots
+        cdef Slot fresh
 
         while self.cursor + count - self.low > self.capacity:
             self.grow()
+        memset(&fresh, 0, sizeof(Slot))
+        fresh.state = SLOT_DELIVERED
+        fresh.attempt = 1
+        fresh.time = deadline
+        slots = self.slots
+        mask = self.capacity - 1
         for offset in range(self.cursor, self.cursor + count):
-            slot = self.slot(offset)
-            slot.state = SLOT_DELIVERED
-            slot.attempt = 1
-            slot.time = deadline
+            slots[offset & mask] = fresh
         if self.deadlines.size >= 2 * self.delivered + HEAP_INITIAL_ENTRIES:
             self.compact()
         if count <= 0xFFFFFFFF:
@@ -438,19 +442,21 @@ cdef class RingBuffer:
         That is what the receipts of a batch taken in one run look like.
         False says nothing about them: lookup_many() tells which is stale.
         """
-        cdef uint64_t value = receipts[0] ^ self.receipt_key
+        cdef uint64_t key = self.receipt_key
+        cdef uint64_t value = receipts[0] ^ key
         cdef uint64_t first = value >> RECEIPT_ATTEMPT_BITS
-        cdef uint64_t offset
+        cdef uint64_t offset, mask = self.capacity - 1
         cdef Py_ssize_t i
+        cdef Slot *slots = self.slots
         cdef Slot *slot
 
         if (first < self.low or first > self.cursor or
                 <uint64_t>count > self.cursor - first):
             return False
         for i in range(count):
-            value = receipts[i] ^ self.receipt_key
+            value = receipts[i] ^ key
             offset = first + <uint64_t>i
-            slot = self.slot(offset)
+            slot = &slots[offset & mask]
             if (value >> RECEIPT_ATTEMPT_BITS != offset or
                     slot.state != SLOT_DELIVERED or
                     (slot.attempt & RECEIPT_ATTEMPT_MASK) !=

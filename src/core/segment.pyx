@@ -802,16 +802,21 @@ cdef class Segment:
         cdef uint64_t offset = self.base + self.count
         cdef uint8_t *header
         cdef Py_ssize_t i
+        # In locals: the stores below could alias the fields of self, so the
+        # compiler would load them again for every record.
+        cdef uint8_t *data = self.data
+        cdef uint8_t *entry = self.index_entry(offset)
 
         for i in range(count):
             length = bodies[i].length
-            header = self.data + position
+            header = data + position
             pymq_prefetch_write(header + PREFETCH_AHEAD)
             pymq_prefetch_write(header + PREFETCH_AHEAD + 64)
             size = record_size(length)
             put_record_header(header, length, size, offset, timestamp, flags)
             pymq_copy_body(header + REC_HEADER_SIZE, bodies[i].data, length)
-            store_u32(self.index_entry(offset), <uint32_t>position)
+            store_u32(entry, <uint32_t>position)
+            entry += IDX_ENTRY_SIZE
             position += size
             offset += 1
         # Over the copies in the file, as write_record() does, in a second
