@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import pymq
 from pymq._core import crc32c
 from tests.test_broker_restart import kill_when_ready
@@ -64,10 +66,10 @@ def record_image(offset: int, body: bytes) -> bytes:
     return head + struct.pack("<I", crc32c(head + body)) + body + padding
 
 
-def run_and_kill(data: Path, forged: bytes) -> None:
-    """Run the child until it is ready, then SIGKILL it."""
+def run_and_kill(data: Path, forged: bytes, child: str = CHILD) -> None:
+    """Run child until it is ready, then SIGKILL it."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(data), forged.hex()],
+        [sys.executable, "-c", child, str(data), forged.hex()],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -96,3 +98,69 @@ def test_reuse_old_body_never_becomes_message(tmp_path: Path) -> None:
     assert got[-1][1] != b"F" * 60
     assert got == [(ACKED + i, b"b%099d" % i) for i in range(PUT_AFTER)]
     assert damaged == 0
+
+
+# The child puts one large message alone in the first segment, with a
+# record image inside its body, moves to a third segment, drains the queue
+# and puts again. The first new record in the reused file overwrites the
+# only old record header, and ten small ones follow. argv: data folder,
+# record image in hex.
+COVERING_CHILD = r"""
+import sys, time
+import pymq
+
+data, image = sys.argv[1], bytes.fromhex(sys.argv[2])
+broker = pymq.open(data, segment_bytes=1 << 20)
+queue = broker.queue("jobs")
+large = bytearray(b"o" * 900_000)
+large[100_000 : 100_000 + len(image)] = image
+queue.put(bytes(large))
+queue.put(b"p" * 600_000)
+# Less than half of the third segment: no fresh spare is made, so the
+# drain turns the first segment into the spare.
+queue.put(b"q" * 500_000)
+for _ in range(10):
+    batch = queue.get_batch(10, timeout=0)
+    if not len(batch):
+        break
+    queue.ack_many(batch)
+queue.put(b"r" * 500_000)
+queue.put(b"s" * 60_000)
+queue.put_many([b"t%099d" % i for i in range(10)])
+print('{"ready": true}', flush=True)
+time.sleep(60)
+"""
+# Offset of the record that rolls into the reused file, and the offset
+# after the last one put.
+COVERING_BASE = 4
+COVERING_END = 15
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="with its index lost, a reused segment whose new records cover "
+    "every old record header is recovered as a fresh one, and the scan "
+    "past damage takes the record image in the old body",
+)
+def test_reuse_lost_index_old_headers_covered(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    image = record_image(COVERING_END, b"F" * 60)
+    run_and_kill(data, image, COVERING_CHILD)
+    log = data / "streams" / "jobs" / "log"
+    reused = log / f"{COVERING_BASE:020d}.log"
+    content = reused.read_bytes()
+    # The image lies in the old body, past the new records.
+    assert content.find(image) == 100_032
+    # A power cut can lose the index, and with it the reused flag.
+    reused.with_suffix(".idx").unlink()
+
+    got = []
+    with pymq.open(data, segment_bytes=SEGMENT_BYTES) as broker:
+        queue = broker.queue("jobs")
+        for _ in range(10):
+            messages = queue.get_many(100, timeout=0)
+            if not messages:
+                break
+            got += [message.offset for message in messages]
+            queue.ack_many(messages)
+    assert got == list(range(3, COVERING_END))

@@ -16,6 +16,7 @@ import signal
 import struct
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -260,3 +261,56 @@ def test_reuse_new_records_end_inside_old_body(tmp_path, caplog):
     assert struct.unpack_from("<I", reused.read_bytes(), end)[0] != REC_MAGIC
 
     check_quiet_recovery(data, caplog, acked, put_after)
+
+
+# The child opens the log of a queue as a store with reserve_ahead, the mode
+# of group journals, and keeps the disk from giving it a spare: RLIMIT_FSIZE
+# makes posix_fallocate of a 1 MiB file fail with EFBIG. It deletes the
+# segment before the reused one while it still has its spare, rolls into
+# the spare, and drops the reused segment, which delete_below() then
+# recycles as the new spare. close() keeps that spare for the next open.
+RECYCLE_CHILD = textwrap.dedent(
+    """
+    import resource, signal, sys
+    from pymq._core import SegmentStore
+
+    folder = sys.argv[1]
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    store = SegmentStore(folder, segment_bytes=1 << 20, reserve_ahead=True)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 19, limit[1]))
+    store.delete_below(store.segment_ranges()[-1][0])
+    for _ in range(10_000):
+        if store.stats()["segments"] > 1:
+            break
+        store.append(b"c" * 1000)
+    assert not store.reserved
+    store.delete_below(store.segment_ranges()[-1][0])
+    assert store.reserved
+    resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    store.close()
+    """
+)
+
+
+def test_reuse_recycled_spare_is_zeroed(killed_template, tmp_path):
+    """A reused segment that a store with reserve_ahead recycles is zeroed
+    whole, so the spare that close() keeps contains no earlier record."""
+    template, _ = killed_template
+    data = tmp_path / "data"
+    copy_tree(template, data)
+    log = data / "streams" / "jobs" / "log"
+    result = subprocess.run(
+        [sys.executable, "-c", RECYCLE_CHILD, str(log)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr
+    # The header of the kept spare stores "empty, base 0", which the next
+    # open with reserve_ahead trusts.
+    header = (log / "spare.idx").read_bytes()[:40]
+    assert struct.unpack_from("<QQQI", header, 8) == (0, 0, 0, 0)
+    content = (log / "spare.log").read_bytes()
+    assert content.find(struct.pack("<I", REC_MAGIC)) == -1
+    assert content.count(0) == len(content)
