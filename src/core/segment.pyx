@@ -179,21 +179,6 @@ cdef size_t find_record(const uint8_t *data, size_t capacity, size_t start,
     return capacity
 
 
-cdef bint holds_older_record(const uint8_t *data, size_t capacity,
-                             uint64_t base) noexcept nogil:
-    """Return whether a sound record of an offset below base lies anywhere
-    in the log: a record of the file's earlier use (see Segment.reuse)."""
-    cdef size_t pos = 0
-    cdef size_t size
-
-    while pos + REC_HEADER_SIZE <= capacity:
-        if (load_u32(data + pos) == REC_MAGIC and
-                valid_record(data, capacity, pos, 0, base, &size)):
-            return True
-        pos += REC_ALIGN
-    return False
-
-
 @cython.final
 cdef class Segment:
     """A log file mapped with mmap, and its dense offset index.
@@ -605,6 +590,11 @@ cdef class Segment:
                 load_u64(header + IDX_OFF_BASE) != self.base or
                 (load_u32(header + IDX_OFF_FLAGS) & IDX_REUSED) != 0)
             valid = load_u64(header + IDX_OFF_BASE) == self.base
+        else:
+            # Nothing tells whether the file was used before, and its new
+            # records may have overwritten every old record header. So it
+            # is scanned as a reused one, which never looks past damage.
+            self.reused = True
         if valid:
             count = load_u64(header + IDX_OFF_COUNT)
             length = load_u64(header + IDX_OFF_LENGTH)
@@ -656,15 +646,6 @@ cdef class Segment:
         self.checkpoint_length = self.synced_length = 0
         self.checkpoint_flags = 0
         self.sealed = False
-        if not self.reused and self.base > 0:
-            # No sound header says whether the file was reused: its content
-            # does.
-            # NOTE: new records that cover every old record header hide the
-            # reuse, and the scan may then take a record image in an old
-            # body (test_reuse_lost_index_old_headers_covered).
-            with nogil:
-                self.reused = holds_older_record(self.data, self.capacity,
-                                                 self.base)
         self.ensure_index(0)
         self.recover(0, 0)
         if self.count < covered:

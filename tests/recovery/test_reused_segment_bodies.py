@@ -13,8 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import pymq
 from pymq._core import crc32c
 from tests.test_broker_restart import kill_when_ready
@@ -136,12 +134,6 @@ COVERING_BASE = 4
 COVERING_END = 15
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with its index lost, a reused segment whose new records cover "
-    "every old record header is recovered as a fresh one, and the scan "
-    "past damage takes the record image in the old body",
-)
 def test_reuse_lost_index_old_headers_covered(tmp_path: Path) -> None:
     data = tmp_path / "data"
     image = record_image(COVERING_END, b"F" * 60)
