@@ -328,10 +328,6 @@ cdef struct BodyBuffer:
     size_t capacity        # the size of bytes
 
 
-cdef extern from "Python.h":
-    char *bytes_pointer "PyBytes_AS_STRING" (PyObject *bytes)
-
-
 cdef int reserve_body_bytes(BodyBuffer *buffer, size_t extra,
                             Py_ssize_t more) except -1:
     """Make room for extra more bytes, and then for more 256-byte bodies.
@@ -1084,7 +1080,7 @@ cdef class GroupBase:
     cdef int write_journal_run(self, uint8_t op, uint64_t first,
                                Py_ssize_t count, uint32_t attempt) except -1:
         """Append a JOURNAL_DELIVER_RUN (with attempt) or JOURNAL_ACK_RUN of
-        the count offsets from first on; the caller holds the group lock."""
+        the count offsets from first on. The caller holds the group lock."""
         cdef uint8_t out[17]
         cdef uint32_t entries = <uint32_t>count
         cdef BodyRef ref

@@ -59,6 +59,15 @@ cdef struct OffsetHeap:
     size_t capacity
 
 
+cdef inline bint matches_delivery(const Slot *slot,
+                                  uint64_t value) noexcept nogil:
+    """Return whether slot is in flight with the attempt of value, a
+    receipt already XORed with the receipt key."""
+    return (slot.state == SLOT_DELIVERED and
+            (slot.attempt & RECEIPT_ATTEMPT_MASK) ==
+            (value & RECEIPT_ATTEMPT_MASK))
+
+
 cdef inline uint64_t make_receipt(uint64_t offset,
                                   uint32_t attempt) noexcept nogil:
     return (offset << RECEIPT_ATTEMPT_BITS) | (attempt & RECEIPT_ATTEMPT_MASK)

@@ -363,17 +363,13 @@ cdef class RingBuffer:
     cdef int lookup(self, uint64_t receipt, uint64_t *offset) except -1:
         """Set offset for a receipt of a delivery in flight; else return 1."""
         cdef uint64_t candidate
-        cdef Slot *slot
 
         receipt ^= self.receipt_key
         candidate = receipt >> RECEIPT_ATTEMPT_BITS
 
         if candidate < self.low or candidate >= self.cursor:
             return 1
-        slot = self.slot(candidate)
-        if slot.state != SLOT_DELIVERED or (
-                slot.attempt & RECEIPT_ATTEMPT_MASK) != (
-                receipt & RECEIPT_ATTEMPT_MASK):
+        if not matches_delivery(self.slot(candidate), receipt):
             return 1
         offset[0] = candidate
         return 0
@@ -448,7 +444,6 @@ cdef class RingBuffer:
         cdef uint64_t offset, mask = self.capacity - 1
         cdef Py_ssize_t i
         cdef Slot *slots = self.slots
-        cdef Slot *slot
 
         if (first < self.low or first > self.cursor or
                 <uint64_t>count > self.cursor - first):
@@ -456,11 +451,8 @@ cdef class RingBuffer:
         for i in range(count):
             value = receipts[i] ^ key
             offset = first + <uint64_t>i
-            slot = &slots[offset & mask]
             if (value >> RECEIPT_ATTEMPT_BITS != offset or
-                    slot.state != SLOT_DELIVERED or
-                    (slot.attempt & RECEIPT_ATTEMPT_MASK) !=
-                    (value & RECEIPT_ATTEMPT_MASK)):
+                    not matches_delivery(&slots[offset & mask], value)):
                 return False
         return True
 

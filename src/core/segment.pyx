@@ -471,7 +471,7 @@ cdef class Segment:
         The pages stay mapped and in the page cache, so appends into them
         take no page faults that allocate and zero pages. When it raises,
         the files keep their names, unless renaming the log back failed too
-        (path then says where it is).
+        (path then names where it is).
         """
         cdef str path = os.path.join(directory, name + ".log")
         cdef str index_path = os.path.join(directory, name + ".idx")
@@ -693,6 +693,8 @@ cdef class Segment:
                 continue
 
             if self.reused:
+                # NOTE: sound records past damage here are dropped without
+                # being counted in damaged, unlike in a fresh segment.
                 self.end_reused(pos, expect, max_offset)
                 break
             with nogil:

@@ -17,10 +17,11 @@ import re
 
 
 cdef extern from "Python.h":
-    # For a list's borrowed items, which need no reference to be looked at.
-    bint borrowed_is_bytes "PyBytes_CheckExact" (PyObject *item)
-    char *borrowed_bytes_data "PyBytes_AS_STRING" (PyObject *item)
-    Py_ssize_t borrowed_bytes_size "PyBytes_GET_SIZE" (PyObject *item)
+    # Bytes objects behind a PyObject pointer: a list's borrowed item, or a
+    # buffer being filled, looked at without taking a reference.
+    bint is_exact_bytes "PyBytes_CheckExact" (PyObject *bytes)
+    char *bytes_pointer "PyBytes_AS_STRING" (PyObject *bytes)
+    Py_ssize_t bytes_length "PyBytes_GET_SIZE" (PyObject *bytes)
 
 
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
@@ -448,10 +449,9 @@ cdef class SegmentStore:
                 # Borrowed, and looked at without a new reference first: a
                 # bytes body, the common case, costs no reference count.
                 borrowed = PyList_GET_ITEM(items, i)
-                if borrowed_is_bytes(borrowed):
-                    refs[i].data = <const uint8_t *>borrowed_bytes_data(
-                        borrowed)
-                    refs[i].length = borrowed_bytes_size(borrowed)
+                if is_exact_bytes(borrowed):
+                    refs[i].data = <const uint8_t *>bytes_pointer(borrowed)
+                    refs[i].length = bytes_length(borrowed)
                 else:
                     item = <object>borrowed
                     buffer = memoryview(item).cast("B")
@@ -1456,9 +1456,9 @@ cdef class SegmentStore:
         """Make seg, the first segment, the spare rather than drop it.
 
         Only when there is no spare, seg has the store's segment size and no
-        view of it is out, and no sync is under way: a sync that snapshot
-        seg would otherwise store its old length over the new one. Returns
-        whether seg became the spare; the lock is held.
+        view of it is out, and no sync is under way, because a sync that
+        took seg in its snapshot would store its old length over the new
+        one. Returns whether seg became the spare. The caller holds the lock.
         """
         if (self.spare is not None or seg.exports > 0 or seg.data == NULL or
                 seg.capacity != self.segment_bytes):
