@@ -108,7 +108,7 @@ def test_batch_redelivery_counts_attempts(broker: pymq.Broker) -> None:
     assert jobs.stats().acked == 3
 
 
-def test_batch_bodies_of_every_small_length(tmp_path: Path) -> None:
+def test_batch_small_body_lengths(tmp_path: Path) -> None:
     """Bodies of 0 to 300 bytes come back byte for byte, from get_batch and
     get_many, after a restart too. The copies of 32 to 128 bytes take
     overlapping blocks of 32, so every length near a block edge counts."""

@@ -421,7 +421,7 @@ def test_ack_many_stale_receipt_settles_none(broker: pymq.Broker) -> None:
     assert jobs.stats().acked == 5
 
 
-def test_ack_many_run_with_old_attempt_settles_none(broker: pymq.Broker) -> None:
+def test_ack_many_old_attempt_in_run(broker: pymq.Broker) -> None:
     """Receipts of consecutive offsets, one of them from an earlier attempt."""
     jobs = broker.queue("jobs")
     jobs.put_many([b"m%d" % i for i in range(5)])
@@ -451,7 +451,7 @@ def test_ack_many_repeated_receipt_settles_none(broker: pymq.Broker) -> None:
     assert jobs.stats().in_flight == 3
 
 
-def test_ack_many_run_inside_window_then_restart(tmp_path: Path) -> None:
+def test_ack_many_run_inside_window(tmp_path: Path) -> None:
     """A run of acks above the lowest unsettled offset, then one below it."""
     data = tmp_path / "data"
     with pymq.open(data) as broker:

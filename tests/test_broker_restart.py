@@ -216,7 +216,7 @@ def journal_records(folder: Path) -> list[bytes]:
 
 def test_kill_after_batch_runs_keeps_acks(tmp_path):
     """A get_batch and an ack_many of consecutive offsets are journaled as
-    runs; after a SIGKILL they give the same acks and attempts as lists."""
+    runs. After a SIGKILL they give the same acks and attempts as lists."""
     data = tmp_path / "data"
     with pymq.open(data) as broker:
         broker.queue("jobs").put_many([b"m%d" % i for i in range(10)])

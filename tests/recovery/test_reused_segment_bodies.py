@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pymq
 from pymq._core import crc32c
+from tests.recovery.test_reused_segments import drain_bodies
 from tests.test_broker_restart import kill_when_ready
 
 SEGMENT_BYTES = 1 << 20
@@ -65,7 +66,7 @@ def record_image(offset: int, body: bytes) -> bytes:
 
 
 def run_and_kill(data: Path, forged: bytes, child: str = CHILD) -> None:
-    """Run child until it is ready, then SIGKILL it."""
+    """Run the child script until it reports ready, then SIGKILL it."""
     proc = subprocess.Popen(
         [sys.executable, "-c", child, str(data), forged.hex()],
         stdout=subprocess.PIPE,
@@ -83,15 +84,9 @@ def test_reuse_old_body_never_becomes_message(tmp_path: Path) -> None:
     assert FORGED_INDEX * RECORD_SIZE > NEW_RECORDS * RECORD_SIZE
     run_and_kill(data, forged)
 
-    got = []
     with pymq.open(data, segment_bytes=SEGMENT_BYTES) as broker:
         queue = broker.queue("jobs")
-        for _ in range(100):
-            messages = queue.get_many(1000, timeout=0)
-            if not messages:
-                break
-            got += [(message.offset, message.body) for message in messages]
-            queue.ack_many(messages)
+        got = drain_bodies(queue)
         damaged = queue.stats().damaged
     assert got[-1][1] != b"F" * 60
     assert got == [(ACKED + i, b"b%099d" % i) for i in range(PUT_AFTER)]
@@ -146,13 +141,6 @@ def test_reuse_lost_index_old_headers_covered(tmp_path: Path) -> None:
     # A power cut can lose the index, and with it the reused flag.
     reused.with_suffix(".idx").unlink()
 
-    got = []
     with pymq.open(data, segment_bytes=SEGMENT_BYTES) as broker:
-        queue = broker.queue("jobs")
-        for _ in range(10):
-            messages = queue.get_many(100, timeout=0)
-            if not messages:
-                break
-            got += [message.offset for message in messages]
-            queue.ack_many(messages)
-    assert got == list(range(3, COVERING_END))
+        got = drain_bodies(broker.queue("jobs"))
+    assert [offset for offset, _ in got] == list(range(3, COVERING_END))

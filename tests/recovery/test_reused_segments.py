@@ -68,7 +68,7 @@ time.sleep(60)
 def put_drain_put_and_kill(
     data: Path, acked: int = ACKED, put_after: int = PUT_AFTER, first_size: int = 100
 ) -> dict:
-    """Run the child until it reports, then SIGKILL it; return its report.
+    """Run the child until it reports, SIGKILL it, and return the report.
 
     The child puts acked bodies of first_size bytes, drains them, and puts
     put_after bodies of 100 bytes.
@@ -111,13 +111,18 @@ def storage_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def drain_bodies(queue: pymq.Queue) -> list[tuple[int, bytes]]:
+    """Get and ack every message of queue, and return (offset, body) pairs.
+
+    Stops after 100 gets of 1,000, more than any test here puts.
+    """
     got = []
-    while True:
+    for _ in range(100):
         messages = queue.get_many(1000, timeout=0)
         if not messages:
-            return got
+            break
         got += [(message.offset, message.body) for message in messages]
         queue.ack_many(messages)
+    return got
 
 
 def check_quiet_recovery(
@@ -191,8 +196,8 @@ def test_reuse_torn_record_zeroes_tear(killed_template, tmp_path, caplog):
         assert queue.put(b"next") == ACKED + PUT_AFTER
     assert got == [(ACKED + i, b"b%099d" % i) for i in range(PUT_AFTER)]
 
-    # The torn record's bytes up to the next old record are zeroed: the
-    # old record it covered, RECORD_SIZE bytes, and no more.
+    # The bytes that the torn header claims are zeroed, RECORD_SIZE of them,
+    # and the old record after them is left as it is.
     assert [w for w in storage_warnings(caplog) if "torn" in w] == [
         f"segment {REUSED_BASE:020d}.log: cut torn tail at byte {end} "
         f"({RECORD_SIZE} bytes zeroed)"
@@ -213,9 +218,9 @@ def test_reuse_torn_record_zeroes_tear(killed_template, tmp_path, caplog):
 
 
 def test_reuse_missing_index_rebuilt(killed_template, tmp_path, caplog):
-    """A power cut can leave the index of the segment's earlier use: its base
-    no longer matches, so the index is rebuilt, and the old records, whose
-    offsets are below the new base, are not taken in."""
+    """With its index lost, the reused segment is rebuilt from the log. It
+    is scanned as a reused one, so the old records past the new ones are
+    neither taken in nor cut."""
     template, _ = killed_template
     data = tmp_path / "data"
     copy_tree(template, data)
@@ -241,7 +246,7 @@ def copy_tree(source: Path, target: Path) -> None:
             destination.write_bytes(path.read_bytes())
 
 
-def test_reuse_new_records_end_inside_old_body(tmp_path, caplog):
+def test_reuse_end_inside_old_body(tmp_path, caplog):
     """Old records of 300 bytes, new ones of 100: the last new record ends
     inside an old body, and recovery stops there without a warning."""
     # 336-byte records: 3,120 fill a segment. Two segments and 1,000
